@@ -1,0 +1,481 @@
+"""Typed, validated view of params.yaml.
+
+params.yaml is read once, into frozen dataclasses (one per top-level section). Every key is
+checked: an unknown key, a wrong type or an out-of-range value raises `ConfigError` with a short
+message that names the key and the allowed values. Library code takes one section (or an
+`ExperimentConfig`, the resolved view of one row of the study), never the raw mapping.
+
+Experiments (the rows of the paper's Table 2) are entries of the `experiments` mapping; each
+entry overrides fields of the `diffusion` section, and optionally of `train` under a nested
+`train:` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid", "constant", "jsd")
+MEAN_TYPES = ("eps", "x0", "mu")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
+LOSSES = ("simple", "vlb", "hybrid")
+WEIGHTINGS = ("uniform", "vlb", "p2", "min_snr")
+DATASETS = ("digits", "cifar10", "folder")
+SAMPLERS = ("ancestral", "ddim")
+NLL_METHODS = ("exact", "stratified")
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, phrased for the user: which key, what is wrong, what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Identity of the study: its name (the MLflow experiment) and the master seed."""
+
+    name: str = "ddpm-digits"
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.name.strip()), f"{where}.name", "must be a non-empty string")
+        _require(self.seed >= 0, f"{where}.seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and where its raw files live."""
+
+    dataset: Literal["digits", "cifar10", "folder"] = "digits"
+    cifar10_archive: str = "data/raw/cifar-10-python.tar.gz"
+    download: bool = False
+    folder: str = "data/raw/images"
+    image_size: int = 32
+    channels: int = 3
+    test_fraction: float = 0.2
+    hflip: Optional[bool] = None  # None: the dataset's default (cifar10/folder yes, digits no)
+
+    def validate(self, where: str) -> None:
+        _require(self.image_size >= 4, f"{where}.image_size", "must be >= 4")
+        _require(self.channels in (1, 3), f"{where}.channels", "must be 1 or 3")
+        _require(0.0 < self.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process (schedule) and the reverse-process parameterization and objective.
+
+    mean_type: eps | x0 | mu (the paper's "mu-tilde prediction");
+    var_type: fixed_large (sigma^2 = beta) | fixed_small (beta-tilde) | learned | learned_range;
+    loss: simple | vlb (the paper's "L") | hybrid (simple + hybrid_lambda * L_vlb);
+    weighting (of the simple loss): uniform | vlb | p2 | min_snr.
+    """
+
+    num_timesteps: int = 1000
+    schedule: Literal["linear", "cosine", "quadratic", "sigmoid", "constant", "jsd"] = "linear"
+    beta_start: Optional[float] = None  # None: the schedule's default
+    beta_end: Optional[float] = None
+    mean_type: Literal["eps", "x0", "mu"] = "eps"
+    var_type: Literal["fixed_large", "fixed_small", "learned", "learned_range"] = "fixed_large"
+    loss: Literal["simple", "vlb", "hybrid"] = "simple"
+    weighting: Literal["uniform", "vlb", "p2", "min_snr"] = "uniform"
+    hybrid_lambda: float = 0.001
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    min_snr_gamma: float = 5.0
+    importance_sampling: bool = False
+    clip_denoised: bool = True
+
+    def validate(self, where: str) -> None:
+        _require(self.num_timesteps >= 1, f"{where}.num_timesteps", "must be a positive integer")
+        for key in ("beta_start", "beta_end"):
+            value = getattr(self, key)
+            _require(value is None or 0.0 < value < 1.0, f"{where}.{key}",
+                     f"must be in (0, 1), got {value}")
+        if self.beta_start is not None and self.beta_end is not None:
+            _require(self.beta_start <= self.beta_end, f"{where}.beta_start",
+                     f"must be <= beta_end ({self.beta_end})")
+        if self.var_type in ("learned", "learned_range"):
+            _require(self.loss in ("vlb", "hybrid"), f"{where}.loss",
+                     f"'{self.loss}' cannot train a learned variance (var_type '{self.var_type}'); "
+                     "use loss 'vlb' or 'hybrid', or a fixed var_type")
+        if self.weighting != "uniform":
+            _require(self.loss in ("simple", "hybrid"), f"{where}.weighting",
+                     f"weights the simple loss; loss '{self.loss}' has none (use 'uniform')")
+        if self.importance_sampling:
+            _require(self.loss == "vlb", f"{where}.importance_sampling",
+                     "resamples t for loss 'vlb' only")
+        _require(self.hybrid_lambda >= 0.0, f"{where}.hybrid_lambda", "must be >= 0")
+        _require(self.p2_k > 0.0, f"{where}.p2_k", "must be > 0")
+        _require(self.p2_gamma >= 0.0, f"{where}.p2_gamma", "must be >= 0")
+        _require(self.min_snr_gamma > 0.0, f"{where}.min_snr_gamma", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DDPM U-Net (Ho et al. 2020, App. B)."""
+
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (4,)
+    dropout: float = 0.1
+
+    def validate(self, where: str) -> None:
+        _require(self.ch >= 8 and self.ch % 8 == 0, f"{where}.ch",
+                 f"must be a positive multiple of 8 (GroupNorm groups), got {self.ch}")
+        _require(len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult),
+                 f"{where}.ch_mult", "must be a non-empty list of positive integers")
+        _require(self.num_res_blocks >= 1, f"{where}.num_res_blocks", "must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization (Adam with linear warmup and gradient clipping), EMA, checkpoints, Ray."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    checkpoint_every: int = 500
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    compile: bool = False
+
+    def validate(self, where: str) -> None:
+        _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        _require(self.lr > 0.0 and math.isfinite(self.lr), f"{where}.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        _require(self.grad_clip > 0.0, f"{where}.grad_clip", "must be > 0")
+        _require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay", "must be in [0, 1)")
+        _require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
+        _require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+        _require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+        _require(self.batch_size % self.num_workers == 0, f"{where}.batch_size",
+                 f"({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        _require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+        _require(self.max_failures >= -1, f"{where}.max_failures", "must be >= -1 (-1: no limit)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling: ancestral (Algorithm 2, all T steps) or strided DDIM (`steps`, `eta`)."""
+
+    num_samples: int = 1000
+    batch_size: int = 500
+    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    steps: Optional[int] = None  # None: all T steps
+    eta: float = 0.0
+    grid_size: int = 10
+
+    def validate(self, where: str) -> None:
+        _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
+        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        _require(self.steps is None or self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _require(self.eta >= 0.0, f"{where}.eta", "must be >= 0")
+        _require(self.grid_size >= 1, f"{where}.grid_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Metrics: FID / IS / KID through torch-fidelity, NLL (bits/dim) on the test split."""
+
+    nll: Literal["exact", "stratified"] = "exact"
+    nll_num_images: int = 200
+    nll_strata: int = 50
+    nll_batch_size: int = 200
+    is_splits: int = 10
+    kid_subset_size: int = 100
+    inception_weights: Optional[str] = None  # local inception-v3-compat weights (cifar10, offline)
+    classifier_steps: int = 1500
+
+    def validate(self, where: str) -> None:
+        _require(self.nll_num_images >= 1, f"{where}.nll_num_images", "must be >= 1")
+        _require(self.nll_strata >= 1, f"{where}.nll_strata", "must be >= 1")
+        _require(self.nll_batch_size >= 1, f"{where}.nll_batch_size", "must be >= 1")
+        _require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
+        _require(self.kid_subset_size >= 2, f"{where}.kid_subset_size", "must be >= 2")
+        _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: tracking URI (MLFLOW_TRACKING_URI overrides it) and artifact root."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.tracking_uri), f"{where}.tracking_uri", "must be non-empty")
+
+
+SECTIONS: dict[str, type] = {
+    "study": StudyConfig,
+    "data": DataConfig,
+    "diffusion": DiffusionConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One row of the study, fully resolved: the base sections with the row's overrides."""
+
+    name: str
+    study: StudyConfig
+    data: DataConfig
+    diffusion: DiffusionConfig
+    model: ModelConfig
+    train: TrainConfig
+    sample: SampleConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml: base sections plus the `experiments` mapping of overrides."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules
+
+    def experiment(self, name: str) -> ExperimentConfig:
+        if name not in self.experiments:
+            raise ConfigError(f"experiments: no experiment named '{name}'; "
+                              f"defined: {', '.join(self.experiments) or '(none)'}")
+        return self.experiments[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        out.update(self.extra)
+        return out
+
+
+# Sections that other modules validate themselves (e.g. the sweep); registered by name.
+EXTRA_SECTIONS: tuple[str, ...] = ("sweep",)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError naming the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; it needs at least an 'experiments' mapping")
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as loaded from YAML) into `Params`."""
+    try:
+        return _parse_params(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse_params(raw: Any) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping of sections, got {_kind(raw)}")
+    allowed = (*SECTIONS, "experiments", *EXTRA_SECTIONS)
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"unknown section '{key}'; allowed: {', '.join(allowed)}")
+    sections = {name: build_section(cls, raw.get(name) or {}, name)
+                for name, cls in SECTIONS.items()}
+    for name, section in sections.items():
+        section.validate(name)
+
+    experiments_raw = raw.get("experiments")
+    if experiments_raw is None:
+        experiments_raw = {}
+    if not isinstance(experiments_raw, dict):
+        raise ConfigError(f"experiments must be a mapping of name -> overrides, "
+                          f"got {_kind(experiments_raw)}")
+    experiments = {}
+    for name, overrides in experiments_raw.items():
+        experiments[str(name)] = _resolve_experiment(str(name), overrides, sections)
+    extra = {name: raw[name] for name in EXTRA_SECTIONS if name in raw}
+    return Params(**sections, experiments=experiments, extra=extra)
+
+
+_EXPERIMENT_NESTED = ("train", "sample")
+
+
+def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> ExperimentConfig:
+    where = f"experiments.{name}"
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where}: experiment names may use letters, digits, '_' and '-' only")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where} must be a mapping of diffusion overrides, got {_kind(overrides)}")
+    diffusion_keys = [f.name for f in fields(DiffusionConfig)]
+    resolved = dict(sections)
+    diffusion_overrides = {}
+    for key, value in overrides.items():
+        if key in _EXPERIMENT_NESTED:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a mapping, got {_kind(value)}")
+            base = sections[key]
+            merged = {**_plain(dataclasses.asdict(base)), **value}
+            _check_unknown(type(base), value, f"{where}.{key}")
+            resolved[key] = build_section(type(base), merged, f"{where}.{key}")
+            resolved[key].validate(f"{where}.{key}")
+        elif key in diffusion_keys:
+            diffusion_overrides[key] = value
+        else:
+            allowed = diffusion_keys + list(_EXPERIMENT_NESTED)
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+    merged = {**_plain(dataclasses.asdict(sections["diffusion"])), **diffusion_overrides}
+    resolved["diffusion"] = build_section(DiffusionConfig, merged, where)
+    resolved["diffusion"].validate(where)
+    if resolved["sample"].steps is not None and resolved["sample"].sampler == "ancestral":
+        _require(resolved["sample"].steps == resolved["diffusion"].num_timesteps,
+                 "sample.steps", "the ancestral sampler runs all num_timesteps steps; "
+                 "leave steps empty or use sampler 'ddim' for fewer")
+    if resolved["sample"].steps is not None:
+        _require(resolved["sample"].steps <= resolved["diffusion"].num_timesteps, "sample.steps",
+                 f"must be <= diffusion.num_timesteps ({resolved['diffusion'].num_timesteps})")
+    return ExperimentConfig(name=name, **resolved)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic typed construction
+# --------------------------------------------------------------------------------------------
+
+
+def build_section(cls: type, raw: Any, where: str):
+    """Build dataclass `cls` from a mapping, checking unknown keys and each value's type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {_kind(raw)}")
+    _check_unknown(cls, raw, where)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _check_unknown(cls: type, raw: dict, where: str) -> None:
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(str(key), names)}; "
+                              f"allowed: {', '.join(names)}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: '{value}' is not allowed; choose one of: "
+                              f"{', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {_kind(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_kind(value)}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
+
+
+def _require(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the result round-trips through YAML/JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

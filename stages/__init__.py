@@ -1,0 +1,1 @@
+"""One thin `main()` per DVC stage: parse paths, load params, call the pipeline."""
