@@ -205,6 +205,9 @@ class EvaluateConfig:
     is_splits: int = 10
     kid_subset_size: int = 100
     inception_weights: Optional[str] = None  # local inception-v3-compat weights (cifar10, offline)
+    # null: by dataset (digits-classifier / inception-v3-compat); or "package.module:Class", a
+    # torch-fidelity FeatureExtractorBase subclass with `feat` and `logits_unbiased` outputs
+    feature_extractor: Optional[str] = None
     classifier_steps: int = 1500
 
     def validate(self, where: str) -> None:
@@ -214,6 +217,11 @@ class EvaluateConfig:
         _require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
         _require(self.kid_subset_size >= 2, f"{where}.kid_subset_size", "must be >= 2")
         _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
+        fx = self.feature_extractor
+        _require(fx is None or fx in ("digits-classifier", "inception-v3-compat") or
+                 (":" in fx and all(fx.split(":", 1))), f"{where}.feature_extractor",
+                 f"'{fx}' is not allowed; use null, digits-classifier, inception-v3-compat or "
+                 "'package.module:ClassName'")
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,25 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
+        """Rebuild from `to_dict()` output (e.g. inside a Ray worker), validating it again."""
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            sections[name] = build_section(section_cls, dict(raw.get(name) or {}), name)
+            sections[name].validate(name)
+        return cls(name=str(raw["name"]), **sections)
+
+    def config_hash(self, sections: tuple[str, ...] = ("study", "data", "diffusion", "model",
+                                                          "train")) -> str:
+        """Short hash of the sections that determine a trained model (names a training run)."""
+        import hashlib
+        import json
+
+        payload = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in sections}
+        blob = json.dumps([self.name, payload], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
 
 @dataclass(frozen=True)
 class Params:
@@ -277,6 +304,10 @@ class Params:
             raise ConfigError(f"experiments: no experiment named '{name}'; "
                               f"defined: {', '.join(self.experiments) or '(none)'}")
         return self.experiments[name]
+
+    def base_experiment(self, name: str) -> ExperimentConfig:
+        """The base sections without any experiment's overrides (e.g. reference rows)."""
+        return ExperimentConfig(name=name, **{s: getattr(self, s) for s in SECTIONS})
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}

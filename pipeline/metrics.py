@@ -211,8 +211,8 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, not a torch file at all
-        raise MetricsError(f"{path}: cannot read the digits classifier weights (truncated or corrupt: "
-                           f"{type(exc).__name__}: {exc}); remake them with {CLASSIFIER_REMAKE}") from None
+        raise MetricsError(f"{path}: cannot read the digits classifier weights (truncated or "
+                           f"corrupt: {type(exc).__name__}); remake them with {CLASSIFIER_REMAKE}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
         raise MetricsError(f"{path}: not a digits classifier checkpoint; remake it with "
                            f"{CLASSIFIER_REMAKE}")
@@ -418,3 +418,73 @@ def compute_fidelity(samples_uint8: Any, reference_uint8: Any, *, extractor: str
         "kid_mean": float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]),
         "kid_std": float(metrics[torch_fidelity.KEY_METRIC_KID_STD]),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# NLL in bits/dim (the variational bound of Ho et al. 2020 Eq. 5)
+# --------------------------------------------------------------------------------------------
+
+
+def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exact",
+            num_strata: int = 50, batch_size: int = 200, seed: int = 0,
+            device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
+    """Mean negative log-likelihood bound in bits/dim over `images_uint8`, with its standard
+    error (over images, plus the timestep draws for the stratified estimator).
+
+    method `exact` evaluates every one of the T terms per image; `stratified` the unbiased
+    K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`).
+    """
+    from pipeline.data import to_model_range
+    from pipeline.diffusion import summarize_nll
+
+    if method not in ("exact", "stratified"):
+        raise ValueError(f"unknown NLL method '{method}'; choose exact or stratified")
+    images = _uint8_images(images_uint8)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    per_image = []
+    for first in range(0, len(images), batch_size):
+        x0 = to_model_range(images[first:first + batch_size].to(device))
+        if method == "exact":
+            bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress)
+        else:
+            bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator)
+        per_image.append(bpd.double().cpu())
+    mean, stderr = summarize_nll(torch.cat(per_image))
+    return {"nll_bpd": mean, "nll_bpd_stderr": stderr}
+
+
+def check_inception_weights(weights_path: str | None, download: bool) -> str:
+    """The inception-v3-compat weights file to use, or MetricsError saying where to put it."""
+    found = _inception_weights(weights_path, download)
+    return found if found is not None else "(downloaded by torch-fidelity)"
+
+
+def register_extractor_path(spec: str) -> str:
+    """Import 'package.module:ClassName' (a FeatureExtractorBase subclass) and register it with
+    torch-fidelity under `spec`; returns the name."""
+    import importlib
+
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise MetricsError(f"evaluate.feature_extractor: cannot import '{spec}' ({exc}); give "
+                           "'package.module:ClassName' of a module on the Python path") from None
+    if not (isinstance(cls, type) and issubclass(cls, FeatureExtractorBase)):
+        raise MetricsError(f"evaluate.feature_extractor: '{spec}' is not a torch-fidelity "
+                           "FeatureExtractorBase subclass")
+    register_extractor(spec, cls)
+    return spec
+
+
+def study_extractor(dataset: str, inception_weights: str | None, classifier_path: str | Path,
+                    feature_extractor: str | None = None) -> tuple[str, str | None]:
+    """(torch-fidelity extractor name, weights path) for a study: evaluate.feature_extractor if
+    set, else the digits classifier (made by the `classifier` stage) for digits and
+    inception-v3-compat otherwise."""
+    extractor = feature_extractor or fidelity_extractor_for(dataset)
+    if extractor == DIGITS_EXTRACTOR:
+        return extractor, str(classifier_path)
+    if extractor == INCEPTION_EXTRACTOR:
+        return extractor, inception_weights
+    return register_extractor_path(extractor), None

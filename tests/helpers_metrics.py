@@ -22,7 +22,10 @@ STANDIN_EXTRACTOR = "test-tiny-conv"
 
 
 class TinyConvExtractor(FeatureExtractorBase):
-    """Random-but-fixed conv features: conv(3->16, s2) -> conv(16->32, s2) -> mean pool -> 10 logits."""
+    """Random-but-fixed conv features: conv(3->16, s2) -> conv(16->32, s2) -> 2x2 mean pool.
+
+    `feat` has 128 dimensions (32 channels x 2 x 2 regions); `logits_unbiased` are 10 logits.
+    """
 
     def __init__(self, name, features_list, seed: int = 0, **kwargs):
         super().__init__(name, list(features_list))
@@ -30,7 +33,7 @@ class TinyConvExtractor(FeatureExtractorBase):
             torch.manual_seed(seed)
             self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
             self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-            self.head = nn.Linear(32, 10, bias=False)
+            self.head = nn.Linear(128, 10, bias=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -54,7 +57,7 @@ class TinyConvExtractor(FeatureExtractorBase):
         assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, x.shape)
         h = x.float() / 127.5 - 1.0
         h = F.relu(self.conv2(F.relu(self.conv1(h))))
-        feat = h.mean(dim=(2, 3))
+        feat = F.adaptive_avg_pool2d(h, 2).flatten(1)
         computed = {"feat": feat, "logits_unbiased": 4.0 * self.head(feat)}
         return tuple(computed[name] for name in self.features_list)
 

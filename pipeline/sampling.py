@@ -1,0 +1,144 @@
+"""Trained models in and out of `models/<E>/`, and batched sample generation.
+
+`models/<E>/` (written by the train stage) holds `ema.pt` and `model.pt` (U-Net state dicts),
+`optimizer.pt`, `state.json` (step, status, timings, run name) and `config.yaml` (the resolved
+experiment config). Sampling uses the EMA weights (Ho et al. 2020 App. B).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.config import ExperimentConfig
+from pipeline.data import to_uint8
+from pipeline.diffusion import GaussianDiffusion
+from pipeline.io import atomic_dir
+from pipeline.training import STATUS_OK, build_model
+
+TRAIN_COMMAND = "`dvc repro train@{name}` (or `python -m stages.train --experiment {name}`)"
+
+
+class ModelError(RuntimeError):
+    """A trained model folder that is missing or unreadable: names the file and the fix."""
+
+
+def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Write `models/<E>/` atomically from a final training state (see `pipeline.training`)."""
+    with atomic_dir(out) as tmp:
+        ema_state = {k[len("module."):]: v for k, v in state["ema"].items()
+                     if k.startswith("module.")}
+        torch.save(ema_state, tmp / "ema.pt")
+        torch.save(state["model"], tmp / "model.pt")
+        torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]},
+                   tmp / "optimizer.pt")
+        info = {"step": state["step"], "status": state["status"],
+                "image_shape": state["image_shape"], "wall_s": state.get("wall_s"), **extra}
+        (tmp / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
+
+
+def read_model_info(model_dir: Path, name: str) -> dict[str, Any]:
+    path = Path(model_dir) / "state.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: trained model not found; make it with "
+                         + TRAIN_COMMAND.format(name=name))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: corrupt ({exc}); rerun " + TRAIN_COMMAND.format(name=name)) \
+            from None
+
+
+def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The experiment's U-Net with the saved `ema` (default) or raw `model` weights, eval mode."""
+    info = read_model_info(model_dir, exp.name)
+    path = Path(model_dir) / f"{weights}.pt"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: weights not found; rerun "
+                         + TRAIN_COMMAND.format(name=exp.name)) from None
+    except Exception as exc:
+        raise ModelError(f"{path}: corrupt or truncated weights ({type(exc).__name__}); rerun "
+                         + TRAIN_COMMAND.format(name=exp.name)) from None
+    model = build_model(exp, tuple(info["image_shape"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit the model of params.yaml "
+                         f"({str(exc).splitlines()[0]}); rerun "
+                         + TRAIN_COMMAND.format(name=exp.name)) from None
+    return model.to(device).eval()
+
+
+def is_ok(info: dict[str, Any]) -> bool:
+    return info.get("status") == STATUS_OK
+
+
+@dataclass
+class SampleRun:
+    images: np.ndarray  # uint8 N x C x H x W
+    progressive: np.ndarray  # uint8 K x S x C x H x W: predicted x0 of K samples at S times
+    progressive_t: list[int]
+    wall_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.images) / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: ExperimentConfig,
+             image_shape: tuple[int, int, int], *, seed: int, device: str | torch.device = "cpu",
+             num_samples: Optional[int] = None, progress: bool = True,
+             num_progressive: int = 8, progressive_steps: int = 10) -> SampleRun:
+    """Draw `num_samples` (default sample.num_samples) images with the configured sampler, in
+    batches of sample.batch_size, from one seeded generator; keep the predicted x0 of the first
+    `num_progressive` samples at `progressive_steps` times (the paper's Fig. 6)."""
+    cfg = exp.sample
+    total = cfg.num_samples if num_samples is None else num_samples
+    generator = torch.Generator(device=device).manual_seed(seed)
+    steps = cfg.steps or diffusion.num_timesteps
+    kept_steps = set(np.linspace(0, steps - 1, progressive_steps).round().astype(int).tolist())
+    snapshots: list[torch.Tensor] = []
+    snapshot_t: list[int] = []
+    out = []
+    start = time.monotonic()
+    for first in range(0, total, cfg.batch_size):
+        n = min(cfg.batch_size, total - first)
+
+        def callback(step, t, x, pred_x0, _first=first):
+            if _first == 0 and step in kept_steps:
+                snapshots.append(to_uint8(pred_x0[:num_progressive].clamp(-1, 1)).cpu())
+                snapshot_t.append(int(t))
+
+        kwargs = {"steps": cfg.steps, "eta": cfg.eta} if cfg.sampler == "ddim" else {}
+        x = diffusion.sample(model, (n, *image_shape), generator, sampler=cfg.sampler,
+                             device=device, callback=callback, progress=progress, **kwargs)
+        out.append(to_uint8(x.clamp(-1, 1)).cpu())
+    wall = time.monotonic() - start
+    images = torch.cat(out).numpy()
+    prog = torch.stack(snapshots, dim=1).numpy() if snapshots else \
+        np.zeros((0, 0, *image_shape), np.uint8)
+    return SampleRun(images=images, progressive=prog, progressive_t=snapshot_t, wall_s=wall)
+
+
+def grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """Tile uint8 N x C x H x W images into one H' x W' x C array, `nrow` per row, 1px gaps."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = \
+            images[i].transpose(1, 2, 0)
+    return canvas

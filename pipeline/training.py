@@ -1,0 +1,298 @@
+"""The per-worker training function (Algorithm 1), shared by Ray Train and Ray Tune.
+
+`train_worker` runs on every data-parallel worker. It knows nothing about Ray: a `Session`
+(implemented with Ray Train in `pipeline.distributed`, and in-process by `LocalSession` here)
+gives it its rank, device, DDP wrapping, the checkpoint to resume from, and a `report` call.
+
+Training state (model, EMA, Adam, LR schedule, timestep sampler, data order, random generators,
+the loss curve so far) is saved as one checkpoint folder every `checkpoint_every` steps and at the
+end; a restarted worker resumes from it with the step counter, optimizer and EMA continuous.
+A non-finite loss stops training and is reported as status `unstable`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.config import ExperimentConfig
+from pipeline.data import ImageBatches, default_hflip, load_prepared, to_model_range
+from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+from pipeline.unet import UNet, build_unet
+
+STATE_FILE = "state.pt"
+STATUS_OK = "ok"
+STATUS_UNSTABLE = "unstable"
+
+
+class Session(Protocol):
+    """What a training worker needs from its runtime (Ray Train, or a plain process)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def latest_checkpoint(self) -> Optional[Path]: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None: ...
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights, theta_ema <- decay theta_ema + (1-decay) theta
+    (Ho et al. 2020 App. B uses decay 0.9999), via torch's AveragedModel."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def build_model(exp: ExperimentConfig, image_shape: tuple[int, int, int]) -> UNet:
+    """The experiment's U-Net for images of shape (C, H, W)."""
+    channels, height, width = image_shape
+    if height != width:
+        raise ValueError(f"square images expected, got {height}x{width}")
+    return build_unet(exp.model, image_size=height, channels=channels,
+                      learned_variance=exp.diffusion.var_type in ("learned", "learned_range"))
+
+
+def make_optimizer(model: torch.nn.Module, exp: ExperimentConfig):
+    """Adam (Ho et al. App. B) with a linear learning-rate warmup over `warmup_steps`."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr)
+    warmup = max(exp.train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    return optimizer, scheduler
+
+
+def seed_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
+    """Independent generators: `data` (same on every rank: the global batch order and flips),
+    `noise` and `timesteps` (per rank)."""
+    data = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    noise = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 1000 + rank)
+    steps = torch.Generator().manual_seed(seed * 1_000_003 + 2000 + rank)
+    return {"data": data, "noise": noise, "timesteps": steps}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) training run hands back."""
+
+    status: str
+    step: int
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint_dir: Optional[Path] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------------------------
+
+
+def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
+                 checkpoint_root: str | Path,
+                 on_log: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None) -> None:
+    """Train experiment `exp` on the prepared train split `train_data` (Algorithm 1).
+
+    Reports `{"step", "loss", "lr", "images_per_s", "status"}` every `log_every` steps through
+    `session.report`, with a checkpoint folder every `checkpoint_every` steps and at the end.
+    `on_log(step, metrics)` may add metrics (e.g. a validation NLL for Ray Tune) on rank 0.
+    """
+    torch.manual_seed(exp.study.seed)
+    device = session.device
+    images, _ = load_prepared(train_data)
+    images_t = torch.from_numpy(images).to(device)
+    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    model = build_model(exp, tuple(images.shape[1:])).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, exp.train.ema_decay)
+    optimizer, scheduler = make_optimizer(model, exp)
+    gens = seed_generators(exp.study.seed, session.rank, device)
+    batches = ImageBatches(images_t, exp.train.batch_size, gens["data"],
+                           hflip=default_hflip(exp.data), rank=session.rank,
+                           world_size=session.world_size)
+    t_sampler = timestep_sampler(exp.diffusion, diffusion.num_timesteps)
+    step, loss_history, wall_before = 0, [], 0.0
+
+    resume = session.latest_checkpoint()
+    if resume is not None:
+        state = load_training_state(resume / STATE_FILE, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        t_sampler.load_state_dict(state["timestep_sampler"])
+        batches.load_state_dict(state["batches"])
+        for name, gen in gens.items():
+            if name in state["generators"]:
+                gen.set_state(state["generators"][name])
+        step, loss_history = state["step"], [tuple(x) for x in state["loss_history"]]
+        wall_before = state.get("wall_s", 0.0)
+        if state.get("status") == STATUS_UNSTABLE:
+            session.report({"step": step, "status": STATUS_UNSTABLE}, None)
+            return
+
+    train_model = session.prepare_model(model)
+    train_model.train()
+    start = time.monotonic()
+    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    window_count = 0
+    window_start = time.monotonic()
+    status = STATUS_OK
+    log_every, ckpt_every, total = exp.train.log_every, exp.train.checkpoint_every, exp.train.steps
+    last_checkpoint_step = step
+
+    while step < total:
+        x0 = to_model_range(next(batches))
+        if device.type == "cpu":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], device)
+        noise = torch.randn(x0.shape, generator=gens["noise"], device=device)
+        terms = diffusion.training_losses(train_model, x0, t, noise)
+        loss = (terms["loss"] * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+        t_sampler.update(t, terms["loss"])
+        window_loss += loss.detach().double()
+        window_count += 1
+        step += 1
+
+        if step % log_every == 0 or step == total:
+            mean_loss = float(session.all_reduce_mean(window_loss / window_count))
+            elapsed = time.monotonic() - window_start
+            metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                       "images_per_s": window_count * exp.train.batch_size / max(elapsed, 1e-9),
+                       "status": STATUS_OK}
+            window_loss.zero_()
+            window_count, window_start = 0, time.monotonic()
+            if not math.isfinite(mean_loss):
+                status = STATUS_UNSTABLE
+                metrics["status"] = status
+            loss_history.append((step, mean_loss))
+            if on_log is not None and status == STATUS_OK and session.rank == 0:
+                metrics.update(on_log(step, {"ema": ema.module, "diffusion": diffusion}))
+            checkpoint = None
+            if status != STATUS_OK or step % ckpt_every == 0 or step == total:
+                checkpoint = _save_checkpoint(
+                    session, checkpoint_root, step, status=status, model=model, ema=ema,
+                    optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler,
+                    batches=batches, gens=gens, loss_history=loss_history,
+                    wall_s=wall_before + time.monotonic() - start, exp=exp,
+                    image_shape=tuple(images.shape[1:]))
+                last_checkpoint_step = step
+            session.report(metrics, checkpoint)
+            if status != STATUS_OK:
+                break
+    if last_checkpoint_step != step:  # resumed at the end: report the final state once more
+        checkpoint = _save_checkpoint(
+            session, checkpoint_root, step, status=status, model=model, ema=ema,
+            optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler, batches=batches,
+            gens=gens, loss_history=loss_history, wall_s=wall_before, exp=exp,
+            image_shape=tuple(images.shape[1:]))
+        session.report({"step": step, "status": status}, checkpoint)
+
+
+def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,
+                     optimizer, scheduler, t_sampler, batches, gens, loss_history, wall_s, exp,
+                     image_shape) -> Optional[Path]:
+    """Rank 0 writes the full training state into a fresh folder; other ranks write nothing."""
+    if session.rank != 0:
+        return None
+    folder = Path(root) / f"step_{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": "ddpm-train-state/1",
+        "step": step,
+        "status": status,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "timestep_sampler": t_sampler.state_dict(),
+        "batches": batches.state_dict(),
+        "generators": {name: gen.get_state() for name, gen in gens.items()},
+        "loss_history": list(loss_history),
+        "wall_s": wall_s,
+        "config": exp.to_dict(),
+        "image_shape": list(image_shape),
+    }
+    tmp = folder / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(folder / STATE_FILE)
+    return folder
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be read: names the file and what to do."""
+
+
+def load_training_state(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Read a `state.pt` written by `train_worker`, with a clear error if it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the train stage first "
+                              "(`dvc repro train@<experiment>`)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated zip, unpickling error, ...
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc}); delete it "
+            "and rerun the train stage to retrain (or resume from an earlier checkpoint)") from None
+    if not isinstance(state, dict) or state.get("format") != "ddpm-train-state/1":
+        raise CheckpointError(f"{path}: not a training checkpoint of this project; delete it and "
+                              "rerun the train stage")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Running without Ray (tests, debugging)
+# --------------------------------------------------------------------------------------------
+
+
+class LocalSession:
+    """A single-process Session: rank 0 of 1, checkpoints kept in `checkpoint_root`."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_root: str | Path, device: str = "cpu",
+                 stop_after_reports: Optional[int] = None):
+        self.device = torch.device(device)
+        self.checkpoint_root = Path(checkpoint_root)
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+        self._stop_after = stop_after_reports
+
+    def prepare_model(self, model):
+        return model
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        found = sorted(self.checkpoint_root.glob("step_*/" + STATE_FILE))
+        return found[-1].parent if found else None
+
+    def report(self, metrics, checkpoint_dir=None):
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            self.checkpoints.append(Path(checkpoint_dir))
+        if self._stop_after is not None and len(self.reports) >= self._stop_after:
+            raise KeyboardInterrupt("stopped by LocalSession (simulated crash)")
+
+    def all_reduce_mean(self, value):
+        return value

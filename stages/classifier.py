@@ -1,0 +1,67 @@
+"""Stage `classifier`: the feature extractor that FID / IS / KID use for this study's dataset.
+
+    python -m stages.classifier [--params params.yaml]
+
+digits: trains the small CNN classifier on the prepared digits train split (seeded), reports its
+test accuracy, and saves models/classifier/classifier.pt, registered with torch-fidelity at
+evaluation time (penultimate features for FID / KID, logits for IS).
+cifar10 / folder: checks that torch-fidelity's inception-v3-compat weights are available
+(evaluate.inception_weights when offline), so a missing file stops the study before training.
+Writes models/classifier/info.json either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import _common
+
+MIN_ACCURACY = 0.95
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _common.parser("classifier", "Train (digits) or check (cifar10) the FID / IS feature "
+                       "extractor.")
+    p.add_argument("--data", default="data/prepared", type=Path,
+                   help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", default="models/classifier", type=Path,
+                   help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    def body(params) -> int:
+        from pipeline import metrics
+        from pipeline.data import load_prepared, prepared_path
+        from pipeline.io import write_json
+
+        dataset = params.data.dataset
+        extractor = params.evaluate.feature_extractor or metrics.fidelity_extractor_for(dataset)
+        info = {"dataset": dataset, "extractor": extractor}
+        if extractor == metrics.DIGITS_EXTRACTOR:
+            train_x, train_y = load_prepared(prepared_path(args.data, dataset, "train"))
+            test_x, test_y = load_prepared(prepared_path(args.data, dataset, "test"))
+            model = metrics.train_digits_classifier(train_x, train_y,
+                                                    steps=params.evaluate.classifier_steps,
+                                                    seed=params.study.seed)
+            accuracy = metrics.classifier_accuracy(model, test_x, test_y)
+            metrics.save_classifier(model, args.out / "classifier.pt")
+            info["test_accuracy"] = accuracy
+            print(f"digits classifier: test accuracy {accuracy:.4f} "
+                  f"({len(test_y)} images) -> {args.out / 'classifier.pt'}")
+            if accuracy < MIN_ACCURACY:
+                print(f"warning: accuracy below {MIN_ACCURACY:.0%}; FID / IS on digits will be "
+                      "noisy (raise evaluate.classifier_steps)")
+        elif extractor != metrics.INCEPTION_EXTRACTOR:
+            metrics.register_extractor_path(extractor)  # fails now if it cannot be imported
+            print(f"{dataset}: FID / IS use the feature extractor {extractor}")
+        else:
+            info["weights"] = metrics.check_inception_weights(params.evaluate.inception_weights,
+                                                              params.data.download)
+            print(f"{dataset}: FID / IS use {extractor} with weights {info['weights']}")
+        write_json(args.out / "info.json", info)
+        return 0
+
+    return _common.run(body, args.params)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Stage `tabulate`: metrics/*.json (+ the sweep's trials) -> the paper's Tables 1 and 2.
+
+    python -m stages.tabulate [--params params.yaml] [--metrics metrics] [--results results]
+                              [--sweep results/sweep/trials.csv]
+
+Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex} and, when the sweep's trials csv
+exists, sweep.{md,csv}; prints Table 1 and Table 2 as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.tables import (TablesError, build_tables, check_dataset, load_metrics,
+                             load_reference, load_sweep_trials, to_markdown, write_tables)
+
+
+def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Path,
+                 sweep_csv: str | Path | None = None) -> dict[str, Any]:
+    """Build and write the tables for the experiments of `params`; return what was made.
+
+    Keys: dataset; metrics (one row per experiment, as loaded); reference (dict or None);
+    table1, table2, sweep (formatted frames; sweep None without a trials csv); *_tex (the
+    LaTeX-formatted frames); table1_raw, table2_raw, sweep_raw (numbers); paths (the files
+    written). The sweep csv is optional: absent, the sweep table is skipped.
+    """
+    dataset = params.data.dataset
+    metrics = load_metrics(metrics_dir, list(params.experiments))
+    check_dataset(metrics, dataset)
+    reference = load_reference(metrics_dir)
+    trials = None
+    if sweep_csv is not None and Path(sweep_csv).is_file():
+        trials = load_sweep_trials(sweep_csv)
+    tables = build_tables(metrics, dataset, reference=reference, trials=trials)
+    paths = write_tables(results_dir, tables)
+    return {**tables, "metrics": metrics, "reference": reference, "paths": paths}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.tabulate",
+        description="Collect metrics/<experiment>.json of every experiment in params.yaml into "
+                    "the paper's Table 1 and Table 2 (and the sweep's schedule x weighting "
+                    "table when its trials csv exists): <results>/table1.{md,csv,tex}, "
+                    "table2.{md,csv,tex}, sweep.{md,csv}.")
+    parser.add_argument("--params", default="params.yaml", type=Path,
+                        help="the study's params file (default: %(default)s)")
+    parser.add_argument("--metrics", default="metrics", type=Path,
+                        help="folder of <experiment>.json metrics (default: %(default)s)")
+    parser.add_argument("--results", default="results", type=Path,
+                        help="folder for the tables (default: %(default)s)")
+    parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
+                        help="the sweep's trials csv; skipped if absent (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        made = run_tabulate(params, args.metrics, args.results, args.sweep)
+    except (ConfigError, TablesError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("Table 1\n")
+    print(to_markdown(made["table1"]))
+    print("Table 2\n")
+    print(to_markdown(made["table2"]))
+    if made["sweep"] is not None:
+        print("Sweep\n")
+        print(to_markdown(made["sweep"]))
+    print(f"wrote {len(made['paths'])} files to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""pipeline.tracking against real MLflow sqlite stores in temp dirs.
+
+Creating a fresh MLflow sqlite database runs ~50 schema migrations (seconds), so one database is
+migrated once per session and copied into each test's root as `mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import tracking
+from pipeline.config import StudyConfig, TrackingConfig
+from pipeline.tracking import Tracker, TrackingError, resolve_artifact_root, resolve_tracking_uri
+
+STUDY = StudyConfig(name="ddpm-test", seed=0)
+CONFIG = {"name": "eps_simple", "diffusion": {"mean_type": "eps", "loss": "simple"},
+          "train": {"lr": 0.0002, "steps": 10}}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path, migrated_db) -> Path:
+    shutil.copy(migrated_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def _tracker(root: Path) -> Tracker:
+    return Tracker(TrackingConfig(), STUDY, root)
+
+
+def _client(tracker: Tracker):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.tracking_uri)
+
+
+# -- URIs -------------------------------------------------------------------------------------
+
+
+def test_relative_sqlite_uri_is_resolved_against_root(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = TrackingConfig(tracking_uri="sqlite:///db/mlflow.db", artifact_root="art")
+    assert resolve_tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path.resolve()}/db/mlflow.db"
+    assert resolve_artifact_root(cfg, tmp_path) == (tmp_path.resolve() / "art").as_uri()
+    absolute = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/x.db")  # sqlite:////tmp/...
+    assert resolve_tracking_uri(absolute, Path("/elsewhere")) == absolute.tracking_uri
+    http = TrackingConfig(tracking_uri="http://127.0.0.1:5000", artifact_root="s3://bucket/a")
+    assert resolve_tracking_uri(http, tmp_path) == "http://127.0.0.1:5000"
+    assert resolve_artifact_root(http, tmp_path) == "s3://bucket/a"
+
+
+def test_env_var_overrides_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    expected = f"sqlite:///{tmp_path.resolve()}/other.db"
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://tracking.example:5000"
+
+
+def test_config_hash_is_stable_and_order_free():
+    reordered = {"train": {"steps": 10, "lr": 0.0002}, "diffusion": CONFIG["diffusion"],
+                 "name": "eps_simple"}
+    assert tracking.config_hash(CONFIG) == tracking.config_hash(reordered)
+    assert tracking.config_hash(CONFIG) != tracking.config_hash({**CONFIG, "name": "other"})
+    assert len(tracking.config_hash(CONFIG)) == 12
+
+
+def test_git_commit_outside_a_repository_is_none(tmp_path):
+    assert tracking.git_commit(tmp_path) is None
+
+
+# -- reachability -----------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = _tracker(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
+        tracker.check_reachable(timeout_s=2)
+    assert time.monotonic() - start < 10
+
+
+def test_sqlite_folder_that_cannot_be_created_fails(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path}/a_file/sub/mlflow.db"
+    tracker = Tracker(TrackingConfig(tracking_uri=uri), STUDY, tmp_path)
+    with pytest.raises(TrackingError, match="a_file/sub"):
+        tracker.check_reachable()
+
+
+def test_sqlite_folder_is_created(tmp_path):
+    tracker = Tracker(TrackingConfig(tracking_uri="sqlite:///new/dir/mlflow.db"), STUDY, tmp_path)
+    tracker.check_reachable()
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def test_run_for_is_shared_between_stage_processes(root, monkeypatch):
+    monkeypatch.setattr(tracking, "git_commit", lambda _root: "0123abcd")
+    train, sample = _tracker(root), _tracker(root)  # two stages, two Tracker instances
+    run_id = train.run_for("eps_simple", CONFIG)
+    assert sample.run_for("eps_simple", CONFIG) == run_id
+    assert sample.run_for("x0_simple", CONFIG) != run_id
+
+    run = _client(train).get_run(run_id)
+    experiment = _client(train).get_experiment(run.info.experiment_id)
+    assert experiment.name == STUDY.name
+    assert experiment.artifact_location == (root.resolve() / "mlartifacts" / "ddpm-test").as_uri()
+    assert run.info.run_name == "eps_simple"
+    assert run.data.tags["ddpm.experiment"] == "eps_simple"
+    assert run.data.tags["ddpm.config_hash"] == tracking.config_hash(CONFIG)
+    assert run.data.tags["git.commit"] == run.data.tags["mlflow.source.git.commit"] == "0123abcd"
+
+
+def test_changed_config_starts_a_new_run_and_keeps_the_old(root):
+    tracker = _tracker(root)
+    old = tracker.run_for("eps_simple", CONFIG)
+    changed = {**CONFIG, "train": {"lr": 0.001, "steps": 10}}
+    new = _tracker(root).run_for("eps_simple", changed)
+    assert new != old
+    assert _tracker(root).run_for("eps_simple", changed) == new
+    assert _client(tracker).get_run(old).info.lifecycle_stage == "active"
+
+
+def test_deleted_run_is_not_reused(root):
+    tracker = _tracker(root)
+    old = tracker.run_for("eps_simple", CONFIG)
+    _client(tracker).delete_run(old)
+    assert tracker.run_for("eps_simple", CONFIG) != old
+
+
+def test_study_run_and_nested_runs(root):
+    tracker = _tracker(root)
+    study = tracker.study_run()
+    assert _tracker(root).study_run() == study
+    assert _client(tracker).get_run(study).info.run_name == "tables"
+
+    sweep = tracker.run_for("sweep", {"sweep": 1})
+    trial = tracker.nested_run(sweep, "trial_0", {"schedule": "cosine"})
+    run = _client(tracker).get_run(trial)
+    assert run.data.tags["mlflow.parentRunId"] == sweep
+    assert run.data.tags["schedule"] == "cosine"
+    assert run.info.run_name == "trial_0"
+    assert tracker.run_for("sweep", {"sweep": 1}) == sweep  # trials never match run_for
+
+
+# -- logging ----------------------------------------------------------------------------------
+
+
+def test_params_are_flattened_and_relogging_is_idempotent(root, caplog):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    tracker.log_params(run_id, CONFIG)
+    tracker.log_params(run_id, CONFIG)  # same values again: no error, no change
+    params = _client(tracker).get_run(run_id).data.params
+    assert params == {"name": "eps_simple", "diffusion.mean_type": "eps",
+                      "diffusion.loss": "simple", "train.lr": "0.0002", "train.steps": "10"}
+
+    tracker.log_params(run_id, {"train": {"lr": 0.001}, "x" * 3: "y" * 7000})
+    run = _client(tracker).get_run(run_id)
+    assert run.data.params["train.lr"] == "0.0002"  # the first value stays
+    assert run.data.tags["ddpm.param_changed.train.lr"] == "0.001"
+    assert run.data.params["xxx"] == "y" * 6000
+    assert "train.lr" in caplog.text
+
+
+def test_metric_history_round_trips(root):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    steps = list(range(0, 2500, 1))  # more than one batch of 1000
+    values = [1.0 / (1 + s) for s in steps]
+    tracker.log_metric_history(run_id, "train/loss", steps, values)
+    tracker.log_metric_history(run_id, "train/loss", steps[:10], values[:10])  # already there
+    history = sorted(_client(tracker).get_metric_history(run_id, "train/loss"),
+                     key=lambda m: m.step)
+    assert [m.step for m in history] == steps
+    assert [m.value for m in history] == pytest.approx(values)
+
+    tracker.log_metrics(run_id, {"fid": 12.5, "is_mean": 3.0, "kid": None}, step=7)
+    metrics = _client(tracker).get_run(run_id).data.metrics
+    assert metrics["fid"] == 12.5 and metrics["is_mean"] == 3.0 and "kid" not in metrics
+
+
+def test_tags_and_termination(root):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    tracker.set_tags(run_id, {"status": "unstable", "step": 12})
+    tracker.set_terminated(run_id, "FAILED")
+    run = _client(tracker).get_run(run_id)
+    assert run.data.tags["status"] == "unstable" and run.data.tags["step"] == "12"
+    assert run.info.status == "FAILED"
+    tracker.log_metrics(run_id, {"late": 1.0})  # a later stage may still log into it
+
+
+def test_artifacts_and_tables_land_under_the_artifact_root(root, monkeypatch):
+    monkeypatch.chdir("/")  # artifacts follow the root, not the cwd
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    artifacts = root / "mlartifacts" / STUDY.name / run_id / "artifacts"
+
+    grid = root / "grid.png"
+    grid.write_bytes(b"\x89PNG fake")
+    tracker.log_artifact(run_id, grid, "samples")
+    assert (artifacts / "samples" / "grid.png").read_bytes() == b"\x89PNG fake"
+    folder = root / "models"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("a: 1\n")
+    tracker.log_artifact(run_id, folder, "models")
+    assert (artifacts / "models" / "config.yaml").read_text() == "a: 1\n"
+
+    study = tracker.study_run()
+    table = pd.DataFrame({"model": ["eps_simple", "x0_simple"], "fid": [12.5, 30.1]})
+    tracker.log_table(study, table, "tables/table2.json")
+    tracker.log_table(study, table, "tables/table2.json")  # a re-run replaces, never appends
+    stored = json.loads((root / "mlartifacts" / STUDY.name / study / "artifacts" / "tables"
+                         / "table2.json").read_text())
+    assert stored["columns"] == ["model", "fid"]
+    assert stored["data"] == [["eps_simple", 12.5], ["x0_simple", 30.1]]
+
+
+def test_run_for_finds_names_with_quotes(root):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("it's", CONFIG)
+    assert tracker.run_for("it's", CONFIG) == run_id
+
+
+def test_database_is_locked_is_retried_then_raised(monkeypatch):
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda _s: None)
+    locked = sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database is locked"))
+    calls = []
+
+    def flaky(value):
+        calls.append(value)
+        if len(calls) < 3:  # as MLflow raises it: an MlflowException from the OperationalError
+            raise MlflowException(message=locked) from locked
+        return value
+
+    assert tracking._retry_if_locked(flaky, 7) == 7 and len(calls) == 3
+
+    def always_locked():
+        calls.append(None)
+        raise MlflowException(message=locked) from locked
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="database is locked"):
+        tracking._retry_if_locked(always_locked)
+    assert len(calls) == tracking.LOCK_RETRIES
+
+    def other_error():
+        calls.append(None)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST")
+
+    calls.clear()
+    with pytest.raises(MlflowException):
+        tracking._retry_if_locked(other_error)
+    assert len(calls) == 1
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def _trial_worker(args: tuple[str, int]) -> tuple[str, str]:
+    root, index = args
+    tracker = _tracker(Path(root))
+    parent_run_id = tracker.run_for("sweep", {"sweep": 1})  # all four race to find-or-create it
+    run_id = tracker.nested_run(parent_run_id, f"trial_{index}", {"trial": index})
+    for step in range(50):
+        tracker.log_metrics(run_id, {"loss": 1.0 / (step + 1)}, step=step)
+    tracker.set_terminated(run_id)
+    return parent_run_id, run_id
+
+
+def test_concurrent_processes_log_into_one_store(tmp_path):
+    """Four sweep trials open a *new* sqlite store at once (one migrates it, under the lock),
+    agree on one parent run, and each log a nested run with 50 metrics."""
+    from mlflow.entities import ViewType
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        results = pool.map(_trial_worker, [(str(tmp_path), i) for i in range(4)])
+
+    parents = {parent for parent, _ in results}
+    run_ids = [run_id for _, run_id in results]
+    assert len(parents) == 1 and len(set(run_ids)) == 4
+    tracker = _tracker(tmp_path)
+    client = _client(tracker)
+    parent = parents.pop()
+    assert [r.info.run_id for r in client.search_runs([tracker.experiment_id],
+                                                      run_view_type=ViewType.ALL)
+            if r.info.run_name == "sweep"] == [parent]
+    children = client.search_runs([tracker.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  run_view_type=ViewType.ALL)
+    assert sorted(r.info.run_id for r in children) == sorted(run_ids)
+    for run_id in run_ids:
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(50))
+        assert client.get_run(run_id).info.status == "FINISHED"
