@@ -17,13 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 study: install
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -136,10 +136,22 @@ class FitOutcome:
     run_path: Path
 
 
+def code_digest() -> str:
+    """Short hash of the source of every module that shapes a trained model."""
+    import hashlib
+
+    from pipeline import data, diffusion, schedules, training, unet
+
+    digest = hashlib.sha256()
+    for module in (data, diffusion, schedules, training, unet):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def run_name(exp: ExperimentConfig) -> str:
-    """Fixed per (study, experiment, training config): a rerun finds and resumes its checkpoints;
-    a changed config trains afresh under a new name."""
-    return f"{exp.study.name}-{exp.name}-{exp.config_hash()}"
+    """Fixed per (study, experiment, training config, training code): a rerun finds and resumes
+    its checkpoints; a changed config or changed code trains afresh under a new name."""
+    return f"{exp.study.name}-{exp.name}-{exp.config_hash()}-{code_digest()}"
 
 
 def scaling_config(exp: ExperimentConfig):

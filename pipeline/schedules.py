@@ -15,6 +15,7 @@ import torch
 PAPER_BETA_START = 1e-4
 PAPER_BETA_END = 0.02
 PAPER_NUM_TIMESTEPS = 1000
+MAX_BETA = 0.999  # as Nichol & Dhariwal clip the cosine schedule
 
 
 def _paper_range(num_timesteps: int, beta_start: Optional[float], beta_end: Optional[float]):
@@ -22,10 +23,11 @@ def _paper_range(num_timesteps: int, beta_start: Optional[float], beta_end: Opti
 
     At T = 1000 this is exactly the paper's range; for smaller T the scaling keeps the product
     of (1 - beta_t), hence the prior mismatch L_T, about the same (improved-diffusion's rule).
+    Scaled values are capped at MAX_BETA (T < 21 would otherwise reach beta = 1, alpha_bar = 0).
     """
     scale = PAPER_NUM_TIMESTEPS / num_timesteps
-    start = PAPER_BETA_START * scale if beta_start is None else beta_start
-    end = PAPER_BETA_END * scale if beta_end is None else beta_end
+    start = min(PAPER_BETA_START * scale, MAX_BETA) if beta_start is None else beta_start
+    end = min(PAPER_BETA_END * scale, MAX_BETA) if beta_end is None else beta_end
     return start, end
 
 

@@ -30,6 +30,9 @@ def test_linear_default_range_scales_with_T():
     assert betas[0].item() == pytest.approx(1e-3) and betas[-1].item() == pytest.approx(0.2)
     explicit = beta_schedule("linear", 100, beta_start=1e-4, beta_end=0.02)
     assert explicit[-1].item() == pytest.approx(0.02)
+    short = beta_schedule("linear", 10)  # 0.02 * 100 would be 2: capped below 1
+    assert short[-1].item() == pytest.approx(0.999)
+    assert torch.cumprod(1 - short, 0)[-1].item() > 0
 
 
 def test_cosine_follows_its_alpha_bar_until_the_clip():
