@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, Params, load_params
-from pipeline.tables import (TablesError, build_tables, check_dataset, load_metrics,
-                             load_reference, load_sweep_trials, to_markdown, write_tables)
+from pipeline.config import Params, load_params
+from pipeline.tables import (build_tables, check_dataset, load_metrics, load_reference,
+                             load_sweep_trials, to_markdown, write_tables)
 
 
 def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Path,
@@ -40,6 +40,49 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     return {**tables, "metrics": metrics, "reference": reference, "paths": paths}
 
 
+def loss_figure(plots_dir: Path, experiments: list[str], out: Path) -> Path:
+    """All experiments' training loss curves in one figure (results/loss_curves.png)."""
+    import pandas as pd
+
+    from pipeline.figures import save_loss_curves
+
+    curves = {}
+    for name in experiments:
+        path = Path(plots_dir) / f"{name}.csv"
+        if path.is_file():
+            frame = pd.read_csv(path)
+            frame = frame[frame["loss"].apply(lambda v: v == v and abs(v) != float("inf"))]
+            if len(frame):
+                curves[name] = (frame["step"].tolist(), frame["loss"].tolist())
+    save_loss_curves(curves, out, "training loss by experiment")
+    return out
+
+
+def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> None:
+    """The tables on the study's MLflow run; dvc.lock stage hashes on each experiment's run."""
+    import yaml
+
+    run_id = tracker.study_run()
+    for name in ("table1", "table2", "sweep"):
+        raw = made.get(f"{name}_raw")
+        if raw is not None:
+            tracker.log_table(run_id, raw.reset_index(drop=True), f"tables/{name}.json")
+    for path in made["paths"]:
+        tracker.log_artifact(run_id, path, "tables")
+    stages = {}
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for name, exp in params.experiments.items():
+        tags = {}
+        for stage in ("train", "sample", "evaluate"):
+            entry = stages.get(f"{stage}@{name}") or {}
+            outs = entry.get("outs") or []
+            if outs and outs[0].get("md5"):
+                tags[f"dvc.{stage}.md5"] = outs[0]["md5"]
+        if tags:
+            tracker.set_tags(tracker.run_for(name, {"config_hash": exp.config_hash()}), tags)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stages.tabulate",
@@ -55,11 +98,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the tables (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
+    parser.add_argument("--plots", default="plots/loss", type=Path,
+                        help="folder of the training loss curves <experiment>.csv "
+                             "(default: %(default)s)")
+    parser.add_argument("--lock", default="dvc.lock", type=Path,
+                        help="dvc.lock, whose stage hashes are tagged on each MLflow run "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
+    from stages import _common
+
     try:
         params = load_params(args.params)
+        tracker = _common.tracker_for(params)
         made = run_tabulate(params, args.metrics, args.results, args.sweep)
-    except (ConfigError, TablesError) as exc:
+        made["paths"].append(loss_figure(args.plots, list(params.experiments),
+                                         args.results / "loss_curves.png"))
+        log_to_mlflow(tracker, params, made, Path(args.lock))
+    except _common.user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("Table 1\n")

@@ -1,0 +1,221 @@
+"""The stages as users run them: `dvc repro` of tiny study variants in a fresh git repo, and the
+stages' command-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+COPIED = ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".gitignore", "params.yaml")
+
+
+def env_for(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), str(TESTS)])
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "study"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "study@example.invalid"
+    return env
+
+
+def sh(args, repo: Path, check=True, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=repo, env=env_for(repo), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_study_repo(root: Path, edit) -> Path:
+    """A fresh git repo holding the project's pipeline with a params.yaml changed by `edit`."""
+    repo = root / "study"
+    repo.mkdir()
+    for name in COPIED:
+        src = PROJECT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy2(PROJECT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "study"], repo)
+    return repo
+
+
+def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
+    params["diffusion"]["num_timesteps"] = 20
+    params["train"].update(steps=40, batch_size=32, log_every=10, checkpoint_every=20,
+                           warmup_steps=5)
+    params["sample"].update(num_samples=60, batch_size=60, grid_size=6)
+    params["evaluate"].update(nll_num_images=20, classifier_steps=300, kid_subset_size=20,
+                              is_splits=2)
+    params["experiments"] = {k: params["experiments"][k] for k in experiments}
+
+
+def mlflow_runs(repo: Path) -> pd.DataFrame:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm-digits")
+    assert experiment is not None, "the study's MLflow experiment was not created"
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_a_tiny_digits_study(tmp_path):
+    repo = make_study_repo(tmp_path, tiny)
+    start = time.monotonic()
+    sh(["dvc", "repro"], repo)
+    first_run = time.monotonic() - start
+    experiments = ["eps_simple", "mu_vlb_fixed"]
+
+    # outputs of every stage
+    for name in experiments:
+        assert (repo / "models" / name / "ema.pt").is_file()
+        assert (repo / "samples" / name / "grid.png").is_file()
+        assert (repo / "samples" / name / "progressive.png").is_file()
+        curve = pd.read_csv(repo / "plots" / "loss" / f"{name}.csv")
+        assert curve["step"].tolist() == [10, 20, 30, 40]
+    assert (repo / "models" / "classifier" / "classifier.pt").is_file()
+    reference = json.loads((repo / "metrics" / "reference.json").read_text())
+    assert reference["real_data"]["fid"] < reference["untrained"]["fid"]
+
+    # the metrics and the tables agree
+    metrics = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in experiments}
+    for name, m in metrics.items():
+        assert m["status"] == "ok" and m["train_steps"] == 40
+        for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train"):
+            assert isinstance(m[key], float), (name, key)
+        assert m["nll_bpd"] > 0
+    table2 = pd.read_csv(repo / "results" / "table2.csv")
+    fids = sorted(v for v in table2["fid"].tolist() if v == v)
+    assert fids == pytest.approx(sorted(m["fid"] for m in metrics.values()))
+    table1 = (repo / "results" / "table1.md").read_text()
+    assert "Real data" in table1 and "Untrained" in table1 and "L_simple" in table1
+    assert (repo / "results" / "table1.tex").read_text().count("\\begin{tabular}") == 1
+    assert (repo / "results" / "loss_curves.png").is_file()
+
+    # MLflow: one run per experiment with the same numbers, artifacts, and the tables run
+    client, runs = mlflow_runs(repo)
+    by_name = {r.info.run_name: r for r in runs}
+    for name in experiments:
+        run = by_name[name]
+        assert run.data.metrics["fid"] == pytest.approx(metrics[name]["fid"])
+        assert run.data.metrics["nll_bpd"] == pytest.approx(metrics[name]["nll_bpd"])
+        assert run.data.params["diffusion.num_timesteps"] == "20"
+        assert run.data.tags["ddpm.status"] == "ok"
+        assert "dvc.train.md5" in run.data.tags
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [10, 20, 30, 40]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+        assert "samples/grid.png" in artifacts
+    assert "tables" in by_name
+
+    # DVC behaves as users expect
+    shown = sh(["dvc", "metrics", "show"], repo).stdout
+    assert "eps_simple" in shown and "mu_vlb_fixed" in shown and "fid" in shown
+    plots = sh(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
+    start = time.monotonic()
+    again = sh(["dvc", "repro"], repo)
+    assert time.monotonic() - start < 15
+    assert "Running stage" not in again.stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["diffusion"]["schedule"] = "cosine"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    diff = sh(["dvc", "params", "diff"], repo).stdout
+    assert "diffusion.schedule" in diff and "cosine" in diff
+    status = sh(["dvc", "status"], repo).stdout
+    assert "train@eps_simple" in status and "prepare" not in status
+    print(f"tiny study: first dvc repro {first_run:.0f}s")
+
+
+@pytest.mark.slow
+def test_cifar10_study_from_a_local_archive(tmp_path):
+    from helpers import make_cifar10_archive
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar10_archive(archive, n_train=200, n_test=50, seed=0)
+
+    def edit(params):
+        tiny(params, experiments=("eps_simple",))
+        params["study"]["name"] = "ddpm-cifar10-tiny"
+        params["data"].update(dataset="cifar10", cifar10_archive=str(archive))
+        params["model"].update(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1,
+                               attn_resolutions=[8])
+        params["train"].update(steps=20, checkpoint_every=10)
+        params["sample"].update(num_samples=40, batch_size=40)
+        params["evaluate"].update(feature_extractor="helpers_metrics:TinyConvExtractor",
+                                  nll_num_images=10)
+
+    repo = make_study_repo(tmp_path, edit)
+    sh(["dvc", "repro"], repo)
+    train = __import__("numpy").load(repo / "data" / "prepared" / "cifar10" / "train.npz")
+    assert train["images"].shape == (200, 3, 32, 32)
+    m = json.loads((repo / "metrics" / "eps_simple.json").read_text())
+    assert m["status"] == "ok" and m["dataset"] == "cifar10"
+    assert all(isinstance(m[k], float) for k in ("fid", "is_mean", "nll_bpd"))
+    table1 = (repo / "results" / "table1.md").read_text()
+    assert "Paper" in table1 and "3.17" in table1  # the published numbers beside ours
+
+
+def test_stage_errors_are_short_and_name_the_problem(tmp_path):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["diffusion"]["schedule"] = "cosin"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    for stage in ("prepare", "classifier", "train", "sample", "evaluate", "reference",
+                  "tabulate"):
+        args = [sys.executable, "-m", f"stages.{stage}", "--params", str(bad)]
+        if stage in ("train", "sample", "evaluate"):
+            args += ["--experiment", "eps_simple"]
+        start = time.monotonic()
+        proc = subprocess.run(args, cwd=tmp_path, env=env_for(PROJECT), capture_output=True,
+                              text=True, timeout=60)
+        assert time.monotonic() - start < 15
+        assert proc.returncode == 2, (stage, proc.stderr)
+        assert "diffusion.schedule" in proc.stderr and "cosine" in proc.stderr, stage
+        assert "Traceback" not in proc.stderr, stage
+
+
+def test_unknown_experiment_lists_the_defined_ones(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--experiment", "eps_smple",
+                           "--params", str(PROJECT / "params.yaml")], cwd=tmp_path,
+                          env=env_for(PROJECT), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "eps_smple" in proc.stderr and "eps_simple" in proc.stderr
+
+
+def test_sample_before_train_names_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--experiment", "eps_simple",
+                           "--params", str(PROJECT / "params.yaml"), "--models",
+                           str(tmp_path / "models")], cwd=tmp_path, env=env_for(PROJECT),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "dvc repro train@eps_simple" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["prepare", "classifier", "train", "sample", "evaluate",
+                                   "reference", "tabulate"])
+def test_every_stage_documents_its_arguments(stage):
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"],
+                          env=env_for(PROJECT), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--params" in proc.stdout

@@ -1,0 +1,118 @@
+"""The shared per-worker training function, run in-process (no Ray): resume, divergence, EMA."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import parse_params
+from pipeline.data import prepare_dataset, prepared_path
+from pipeline.training import (STATE_FILE, CheckpointError, LocalSession, load_training_state,
+                               make_ema, train_worker)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    params = parse_params({})
+    prepare_dataset(params.data, root, seed=0)
+    return prepared_path(root, "digits", "train")
+
+
+def tiny_experiment(**train):
+    raw = {
+        "diffusion": {"num_timesteps": 50},
+        "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
+                  "dropout": 0.1},
+        "train": {"steps": 12, "batch_size": 16, "log_every": 3, "checkpoint_every": 6,
+                  "warmup_steps": 2, "lr": 1e-3, **train},
+        "experiments": {"eps_simple": {}, "mu_vlb": {"mean_type": "mu", "loss": "vlb"}},
+    }
+    return parse_params(raw)
+
+
+def run(exp, data, root, **kw):
+    session = LocalSession(root, **kw)
+    train_worker(exp, data, session, checkpoint_root=root)
+    return session
+
+
+def final_state(session):
+    return load_training_state(session.latest_checkpoint() / STATE_FILE)
+
+
+@pytest.mark.parametrize("name", ["eps_simple", "mu_vlb"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(digits, tmp_path, name):
+    exp = tiny_experiment().experiment(name)
+    full = final_state(run(exp, digits, tmp_path / "full"))
+    # crash right after the report at step 9 (the last checkpoint is at step 6)
+    with pytest.raises(KeyboardInterrupt):
+        run(exp, digits, tmp_path / "crash", stop_after_reports=3)
+    crashed = LocalSession(tmp_path / "crash")
+    assert load_training_state(crashed.latest_checkpoint() / STATE_FILE)["step"] == 6
+    resumed = final_state(run(exp, digits, tmp_path / "crash"))
+    assert resumed["step"] == full["step"] == 12
+    steps = [s for s, _ in resumed["loss_history"]]
+    assert steps == [3, 6, 9, 12]  # continuous, no step logged twice
+    assert resumed["loss_history"] == full["loss_history"]
+    for key in ("model", "ema"):
+        for k, v in full[key].items():
+            assert torch.equal(v, resumed[key][k]), (key, k)
+    assert resumed["optimizer"]["state"][0]["step"] == full["optimizer"]["state"][0]["step"]
+
+
+def test_same_seed_is_bitwise_reproducible_and_another_seed_is_not(digits, tmp_path):
+    params = tiny_experiment()
+    exp = params.experiment("eps_simple")
+    a = final_state(run(exp, digits, tmp_path / "a"))
+    b = final_state(run(exp, digits, tmp_path / "b"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    other = dataclasses.replace(exp, study=dataclasses.replace(exp.study, seed=1))
+    c = final_state(run(other, digits, tmp_path / "c"))
+    assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
+
+
+def test_divergence_is_recorded_as_unstable(digits, tmp_path):
+    exp = tiny_experiment(lr=1e6, grad_clip=1e12, steps=30).experiment("mu_vlb")
+    session = run(exp, digits, tmp_path)
+    state = final_state(session)
+    assert state["status"] == "unstable"
+    assert state["step"] < 30  # stopped early
+    assert session.reports[-1]["status"] == "unstable"
+    assert not math.isfinite(state["loss_history"][-1][1])
+    # resuming an unstable run does not train on
+    again = run(exp, digits, tmp_path)
+    assert again.reports == [{"step": state["step"], "status": "unstable"}]
+
+
+def test_ema_tracks_the_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = make_ema(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 2.0))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(digits, tmp_path):
+    exp = tiny_experiment().experiment("eps_simple")
+    session = run(exp, digits, tmp_path)
+    path = session.latest_checkpoint() / STATE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_training_state(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_training_state(tmp_path / "missing" / STATE_FILE)
+
+
+def test_loss_decreases_on_digits(digits, tmp_path):
+    exp = tiny_experiment(steps=60, log_every=10, checkpoint_every=60,
+                          batch_size=64).experiment("eps_simple")
+    losses = [v for _, v in final_state(run(exp, digits, tmp_path))["loss_history"]]
+    assert np.mean(losses[-2:]) < 0.7 * losses[0]
