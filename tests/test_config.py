@@ -1,0 +1,130 @@
+"""params.yaml -> typed sections: defaults, overrides, and a catalogue of broken variants."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (ConfigError, DiffusionConfig, ExperimentConfig, load_params,
+                             parse_params)
+
+PROJECT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def test_default_params_load():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.data.dataset == "digits"
+    assert list(params.experiments) == ["mu_vlb_learned", "mu_vlb_fixed", "mu_simple",
+                                        "eps_vlb_learned", "eps_vlb_fixed", "eps_simple"]
+    learned = params.experiment("eps_vlb_learned").diffusion
+    assert (learned.mean_type, learned.var_type, learned.loss) == ("eps", "learned", "vlb")
+    # an override touches only its own row
+    assert params.experiment("eps_simple").diffusion.loss == "simple"
+    assert params.diffusion.num_timesteps == params.experiment("mu_simple").diffusion.num_timesteps
+
+
+def test_experiment_round_trips_through_a_dict():
+    params = load_params(PROJECT / "params.yaml")
+    exp = params.experiment("mu_vlb_fixed")
+    again = ExperimentConfig.from_dict(exp.to_dict())
+    assert again == exp
+    assert again.config_hash() == exp.config_hash()
+    other = params.experiment("eps_vlb_fixed")
+    assert other.config_hash() != exp.config_hash()
+
+
+def test_nested_train_override_and_yaml_float_strings():
+    raw = copy.deepcopy(DEFAULT)
+    raw["train"]["lr"] = "2e-4"  # YAML 1.1 reads this as a string; accept it as a number
+    raw["experiments"]["eps_simple"]["train"] = {"steps": 7}
+    params = parse_params(raw)
+    assert params.train.lr == pytest.approx(2e-4)
+    assert params.experiment("eps_simple").train.steps == 7
+    assert params.experiment("mu_simple").train.steps == DEFAULT["train"]["steps"]
+
+
+def broken(path, value):
+    """DEFAULT with the key at dotted `path` set to `value` (or deleted for ...)."""
+    raw = copy.deepcopy(DEFAULT)
+    node = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return raw
+
+
+# (params, text that must appear in the error: the key, and the allowed values where they exist)
+CATALOGUE = [
+    (broken("colour", 1), ["colour", "diffusion"]),
+    (broken("study.nme", "x"), ["study", "nme", "name"]),
+    (broken("data.datset", "digits"), ["datset", "did you mean 'dataset'"]),
+    (broken("diffusion.shedule", "linear"), ["shedule", "schedule"]),
+    (broken("model.channels", 32), ["model", "channels", "allowed"]),
+    (broken("train.epochs", 3), ["train", "epochs", "allowed"]),
+    (broken("sample.smapler", "ddim"), ["smapler", "sampler"]),
+    (broken("evaluate.fid", True), ["evaluate", "fid"]),
+    (broken("tracking.uri", "x"), ["tracking", "uri"]),
+    (broken("experiments.eps_simple.mean_typ", "eps"), ["experiments.eps_simple", "mean_typ",
+                                                        "mean_type"]),
+    (broken("experiments.eps_simple.train", {"stepz": 3}), ["stepz", "steps"]),
+    (broken("train.steps", "many"), ["train.steps", "integer"]),
+    (broken("train.batch_size", 12.5), ["train.batch_size", "integer"]),
+    (broken("train.use_gpu", "yes"), ["train.use_gpu", "true or false"]),
+    (broken("model.ch_mult", 2), ["model.ch_mult", "list"]),
+    (broken("diffusion.num_timesteps", 0), ["diffusion.num_timesteps", "positive"]),
+    (broken("diffusion.num_timesteps", -5), ["diffusion.num_timesteps", "positive"]),
+    (broken("diffusion.beta_end", 1.5), ["beta_end", "(0, 1)"]),
+    (broken("diffusion.beta_start", 0.0), ["beta_start", "(0, 1)"]),
+    (broken("diffusion.schedule", "cosin"), ["diffusion.schedule", "cosin", "linear, cosine"]),
+    (broken("diffusion.mean_type", "v"), ["mean_type", "eps, x0, mu"]),
+    (broken("experiments.mu_simple.var_type", "fixed"), ["var_type", "fixed_large"]),
+    (broken("diffusion.loss", "l1"), ["loss", "simple, vlb, hybrid"]),
+    (broken("diffusion.weighting", "snr"), ["weighting", "min_snr"]),
+    (broken("data.dataset", "mnist"), ["data.dataset", "digits, cifar10, folder"]),
+    (broken("sample.sampler", "euler"), ["sample.sampler", "ancestral, ddim"]),
+    (broken("experiments.eps_simple.var_type", "learned"), ["loss", "'simple' cannot train",
+                                                            "vlb", "hybrid"]),
+    (broken("train.num_workers", 3), ["batch_size", "divisible by num_workers"]),
+    (broken("experiments.eps_simple.weighting", "p2"), []),  # valid: p2 weights the simple loss
+    (broken("experiments.eps_vlb_fixed.weighting", "p2"), ["weighting", "simple loss"]),
+    (broken("train.lr", -1.0), ["train.lr", "> 0"]),
+    (broken("sample.steps", 50), ["sample.steps", "ancestral"]),
+    (broken("evaluate.feature_extractor", "nonsense"), ["feature_extractor", "module:Class"]),
+    (broken("experiments", ["eps"]), ["experiments", "mapping"]),
+    ([1, 2], ["top level", "mapping"]),
+]
+
+
+@pytest.mark.parametrize("raw,needles", CATALOGUE, ids=[str(i) for i in range(len(CATALOGUE))])
+def test_broken_params_are_refused_with_a_message_naming_the_key(raw, needles):
+    if not needles:
+        parse_params(raw)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_yaml_syntax_error_and_empty_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error \(line \d+"):
+        load_params(bad)
+    bad.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_sections_are_frozen():
+    params = load_params(PROJECT / "params.yaml")
+    with pytest.raises(Exception):
+        params.train.steps = 5  # type: ignore[misc]
+    assert DiffusionConfig().num_timesteps == 1000  # the paper's T is the library default
