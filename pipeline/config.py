@@ -7,7 +7,8 @@ message that names the key and the allowed values. Library code takes one sectio
 
 Experiments (the rows of the paper's Table 2) are entries of the `experiments` mapping; each
 entry overrides fields of the `diffusion` section, and optionally of `train` under a nested
-`train:` key.
+`train:` key. The `sweep` section (Ray Tune over noise schedule x loss weighting) names one of
+them as the base of every trial.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ WEIGHTINGS = ("uniform", "vlb", "p2", "min_snr")
 DATASETS = ("digits", "cifar10", "folder")
 SAMPLERS = ("ancestral", "ddim")
 NLL_METHODS = ("exact", "stratified")
+SWEEP_SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+# A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
+# hybrid loss (Nichol & Dhariwal) with the uniform weighting. Name -> (diffusion.loss, weighting).
+SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
+    "uniform": ("simple", "uniform"),  # L_simple (Ho et al. 2020 Eq. 14)
+    "vlb": ("simple", "vlb"),          # the simple loss weighted as the true bound
+    "p2": ("simple", "p2"),            # Choi et al. 2022
+    "min_snr": ("simple", "min_snr"),  # Hang et al. 2023
+    "hybrid": ("hybrid", "uniform"),   # L_simple + lambda L_vlb
+}
+SWEEP_WEIGHTINGS = tuple(SWEEP_OBJECTIVES)
+SWEEP_SEARCHES = ("grid", "random")
 
 
 class ConfigError(ValueError):
@@ -285,6 +298,98 @@ class ExperimentConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune sweep over noise schedule x loss weighting (the `sweep` stage).
+
+    Every trial trains `base_experiment` (an entry of `experiments`) with one schedule and one
+    weighting (see SWEEP_OBJECTIVES) for `steps` steps with the same per-worker function as the
+    train stage, reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) on the
+    first `val_images` test images every `report_every` steps. ASHA stops the trials whose NLL
+    is in the worst 1 - 1/asha_reduction_factor at rungs asha_grace_period * rf^k steps; a trial
+    that runs to the end measures a quick FID on `fid_num_samples` DDIM samples (`fid_steps`).
+    Resources per trial: `num_workers` workers of `cpus_per_worker` CPUs (and one GPU each with
+    `use_gpu`); at most `max_concurrent_trials` trials at once (0: as many as resources allow).
+    """
+
+    base_experiment: str = "eps_simple"
+    schedules: tuple[Literal["linear", "cosine", "quadratic", "sigmoid"], ...] = (
+        "linear", "cosine", "quadratic", "sigmoid")
+    weightings: tuple[Literal["uniform", "vlb", "p2", "min_snr", "hybrid"], ...] = (
+        "uniform", "vlb", "p2", "min_snr", "hybrid")
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = 1  # random search: trials drawn; grid: must be 1
+    steps: int = 300
+    report_every: int = 50
+    asha_grace_period: int = 100
+    asha_reduction_factor: float = 2.0
+    max_concurrent_trials: int = 2
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    val_images: int = 100
+    val_strata: int = 20
+    fid_num_samples: int = 200
+    fid_steps: int = 20
+
+    def validate(self, where: str) -> None:
+        for key, allowed in (("schedules", SWEEP_SCHEDULES), ("weightings", SWEEP_WEIGHTINGS)):
+            values = getattr(self, key)
+            _require(len(values) >= 1, f"{where}.{key}",
+                     f"must be a non-empty list; choose from: {', '.join(allowed)}")
+            _require(len(set(values)) == len(values), f"{where}.{key}",
+                     f"lists a value twice: {', '.join(values)}")
+        _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
+        _require(self.search == "random" or self.num_samples == 1, f"{where}.num_samples",
+                 "must be 1 for search 'grid' (each cell once, same seed); use search 'random' "
+                 "to draw num_samples trials")
+        _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _require(1 <= self.report_every <= self.steps, f"{where}.report_every",
+                 f"must be in 1..steps ({self.steps})")
+        _require(1 <= self.asha_grace_period <= self.steps, f"{where}.asha_grace_period",
+                 f"must be in 1..steps ({self.steps}) (training steps before ASHA may stop a "
+                 "trial)")
+        _require(self.asha_reduction_factor > 1.0, f"{where}.asha_reduction_factor",
+                 "must be > 1 (keep the best 1/rf of the trials at each rung)")
+        _require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
+                 "must be >= 0 (0: as many as the cluster's resources allow)")
+        _require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+        _require(self.val_images >= 2, f"{where}.val_images", "must be >= 2")
+        _require(self.val_strata >= 1, f"{where}.val_strata", "must be >= 1")
+        _require(self.fid_num_samples >= 2, f"{where}.fid_num_samples", "must be >= 2")
+        _require(self.fid_steps >= 1, f"{where}.fid_steps", "must be >= 1")
+
+    def cells(self) -> list[tuple[str, str]]:
+        """Every (schedule, weighting) pair of the search space, schedules outermost."""
+        return [(s, w) for s in self.schedules for w in self.weightings]
+
+    def trial_experiment(self, base: ExperimentConfig, schedule: str,
+                         weighting: str) -> ExperimentConfig:
+        """`base` with one schedule and one objective, trained as a sweep trial: `steps` steps,
+        reports every `report_every` steps, one checkpoint at the end, this section's workers.
+        Raises ConfigError (naming sweep.*) if the combination is not a valid experiment."""
+        where = f"sweep (base_experiment '{base.name}', schedule '{schedule}', weighting " \
+                f"'{weighting}')"
+        _require(schedule in SWEEP_SCHEDULES, "sweep.schedules",
+                 f"'{schedule}' is not allowed; choose from: {', '.join(SWEEP_SCHEDULES)}")
+        _require(weighting in SWEEP_OBJECTIVES, "sweep.weightings",
+                 f"'{weighting}' is not allowed; choose from: {', '.join(SWEEP_WEIGHTINGS)}")
+        loss, loss_weighting = SWEEP_OBJECTIVES[weighting]
+        diffusion = dataclasses.replace(base.diffusion, schedule=schedule, loss=loss,
+                                        weighting=loss_weighting, importance_sampling=False)
+        train = dataclasses.replace(base.train, steps=self.steps, log_every=self.report_every,
+                                    checkpoint_every=self.steps, num_workers=self.num_workers,
+                                    cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu)
+        try:
+            diffusion.validate("diffusion")
+            train.validate("train")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return dataclasses.replace(base, name=f"{base.name}-{schedule}-{weighting}",
+                                   diffusion=diffusion, train=train)
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml: base sections plus the `experiments` mapping of overrides."""
 
@@ -297,7 +402,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def experiment(self, name: str) -> ExperimentConfig:
         if name not in self.experiments:
@@ -309,14 +414,18 @@ class Params:
         """The base sections without any experiment's overrides (e.g. reference rows)."""
         return ExperimentConfig(name=name, **{s: getattr(self, s) for s in SECTIONS})
 
+    def sweep_experiment(self, schedule: str, weighting: str) -> ExperimentConfig:
+        """One sweep trial: `sweep.base_experiment` with this schedule and weighting."""
+        if self.sweep.base_experiment not in self.experiments:
+            raise ConfigError(f"sweep.base_experiment: '{self.sweep.base_experiment}' is not an "
+                              f"experiment; choose one of: {', '.join(self.experiments)}")
+        return self.sweep.trial_experiment(self.experiments[self.sweep.base_experiment],
+                                           schedule, weighting)
+
     def to_dict(self) -> dict[str, Any]:
         out = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
-        out.update(self.extra)
+        out["sweep"] = _plain(dataclasses.asdict(self.sweep))
         return out
-
-
-# Sections that other modules validate themselves (e.g. the sweep); registered by name.
-EXTRA_SECTIONS: tuple[str, ...] = ("sweep",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +461,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 def _parse_params(raw: Any) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"the top level must be a mapping of sections, got {_kind(raw)}")
-    allowed = (*SECTIONS, "experiments", *EXTRA_SECTIONS)
+    allowed = (*SECTIONS, "experiments", "sweep")
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"unknown section '{key}'; allowed: {', '.join(allowed)}")
@@ -370,8 +479,20 @@ def _parse_params(raw: Any) -> Params:
     experiments = {}
     for name, overrides in experiments_raw.items():
         experiments[str(name)] = _resolve_experiment(str(name), overrides, sections)
-    extra = {name: raw[name] for name in EXTRA_SECTIONS if name in raw}
-    return Params(**sections, experiments=experiments, extra=extra)
+    sweep = build_section(SweepConfig, raw.get("sweep") or {}, "sweep")
+    sweep.validate("sweep")
+    params = Params(**sections, experiments=experiments, sweep=sweep)
+    if "sweep" in raw:  # without a sweep section the defaults need not fit these experiments
+        _check_sweep(params)
+    return params
+
+
+def _check_sweep(params: Params) -> None:
+    """Every trial of the sweep must be a valid experiment (checked before any work starts)."""
+    for schedule, weighting in params.sweep.cells():
+        exp = params.sweep_experiment(schedule, weighting)
+        _require(params.sweep.fid_steps <= exp.diffusion.num_timesteps, "sweep.fid_steps",
+                 f"must be <= diffusion.num_timesteps ({exp.diffusion.num_timesteps})")
 
 
 _EXPERIMENT_NESTED = ("train", "sample")

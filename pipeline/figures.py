@@ -87,7 +87,11 @@ def save_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finite loss curves", ha="center", va="center",
+                transform=ax.transAxes)
     ax.grid(alpha=0.3)
     _save(fig, path, plt)
 

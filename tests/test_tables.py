@@ -391,14 +391,18 @@ def test_write_tables_md_csv_tex(six, tmp_path):
 
 def _params(tmp_path, dataset="digits"):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": {"dataset": dataset}, "experiments": SIX}))
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_root": str(tmp_path / "mlartifacts")}
+    path.write_text(yaml.safe_dump({"data": {"dataset": dataset}, "experiments": SIX,
+                                    "tracking": tracking}))
     return path
 
 
 def _argv(tmp_path, metrics_dir, params):
     return ["--params", str(params), "--metrics", str(metrics_dir),
             "--results", str(tmp_path / "results"),
-            "--sweep", str(tmp_path / "sweep" / "trials.csv")]
+            "--sweep", str(tmp_path / "sweep" / "trials.csv"),
+            "--plots", str(tmp_path / "plots"), "--lock", str(tmp_path / "dvc.lock")]
 
 
 def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
@@ -409,7 +413,8 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
     assert "Real data (test split)" in out
     results = tmp_path / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(
-        ["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex"])
+        ["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
+         "loss_curves.png"])
 
     (tmp_path / "sweep").mkdir()
     _trials().to_csv(tmp_path / "sweep" / "trials.csv", index=False)
