@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                      if record[k] is not None})
         tracker.set_tags(run_id, {"ddpm.status": record["status"]})
         tracker.log_artifact(run_id, out, "metrics")
+        tracker.set_terminated(run_id, "FINISHED")  # evaluate is the experiment's last stage
         shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("fid", "is_mean", "nll_bpd")
                           if record[k] is not None)
         print(f"evaluated {exp.name} ({record['status']}): {shown or 'no metrics'} -> {out}")
