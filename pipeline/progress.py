@@ -1,23 +1,62 @@
-"""Progress reporting: a tqdm bar on a terminal, periodic log lines elsewhere (CI, Ray job logs)."""
+"""Progress reporting: a tqdm bar on a terminal, periodic log lines elsewhere (CI, Ray job logs).
+
+Two shapes of loop:
+- `progress_bar(iterable, ...)`: a loop that advances one item at a time (sampling steps, NLL
+  terms): on a terminal a tqdm bar, otherwise a line every `log_every_s` seconds and at the end;
+- `StepProgress`: a loop that reports at its own times (training, every `log_every` steps) with
+  values to show (loss, images/s): on a terminal a tqdm bar with those values, otherwise one
+  line per report. Both show the estimated time left.
+
+Whether the stream is a terminal decides; Ray workers, `dvc repro > log` and CI never are.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Any, Iterable, Iterator, Optional, TextIO, TypeVar
 
 T = TypeVar("T")
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """A short duration for log lines: '7s', '3m04s', '2h05m'; '?' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def eta_seconds(done: int, total: int, elapsed: float) -> float:
+    """Seconds left at the mean rate so far (`done` units in `elapsed` s); inf if unknown."""
+    if done <= 0 or elapsed <= 0:
+        return math.inf
+    return max(total - done, 0) * elapsed / done
+
+
 def progress_bar(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
                  enabled: bool = True, log_every_s: float = 30.0, stream=None) -> Iterator[T]:
-    """Iterate with progress: tqdm when `stream` is a terminal, else a line every `log_every_s`
-    seconds (and at the end) with the count, rate and estimated time left."""
+    """Iterate with progress: tqdm when `stream` (default stderr) is a terminal, else a line
+    every `log_every_s` seconds (and at the end) with the count, rate and estimated time left."""
     if not enabled:
         yield from iterable
         return
     stream = sys.stderr if stream is None else stream
-    if getattr(stream, "isatty", lambda: False)():
+    if _is_terminal(stream):
         from tqdm.auto import tqdm
 
         yield from tqdm(iterable, total=total, desc=desc, file=stream, dynamic_ncols=True)
@@ -36,7 +75,70 @@ def progress_bar(iterable: Iterable[T], total: Optional[int] = None, desc: str =
 def _status_line(desc: str, count: int, total: Optional[int], elapsed: float) -> str:
     rate = count / elapsed if elapsed > 0 else float("inf")
     if total:
-        left = (total - count) / rate if rate > 0 else float("inf")
         return (f"{desc}: {count}/{total} ({100.0 * count / total:.0f}%) "
-                f"{rate:.2f} it/s, elapsed {elapsed:.0f}s, left {left:.0f}s")
-    return f"{desc}: {count} {rate:.2f} it/s, elapsed {elapsed:.0f}s"
+                f"{rate:.2f} it/s, elapsed {format_duration(elapsed)}, "
+                f"left {format_duration(eta_seconds(count, total, elapsed))}")
+    return f"{desc}: {count} {rate:.2f} it/s, elapsed {format_duration(elapsed)}"
+
+
+def _format_value(key: str, value: Any) -> str:
+    if key == "images_per_s":
+        return f"{value:.0f} images/s"
+    if isinstance(value, float):
+        return f"{key} {value:.4g}"
+    return f"{key} {value}"
+
+
+class StepProgress:
+    """Progress of a loop that reports every few steps, with values to show (training).
+
+    On a terminal: a tqdm bar (step / total, rate, ETA) with the values as its postfix.
+    Elsewhere: one line per `update`, e.g.
+    `train eps_simple: step 100/450 (22%) loss 0.0712, 803 images/s, elapsed 16s, ETA 56s`.
+    The ETA uses the mean rate since this object was made, counted from `start_step` (a
+    resumed run does not count the steps it did before).
+    """
+
+    def __init__(self, total: int, desc: str = "", start_step: int = 0,
+                 stream: Optional[TextIO] = None, enabled: bool = True) -> None:
+        self.total = int(total)
+        self.desc = desc
+        self.start_step = int(start_step)
+        self.enabled = enabled
+        self.stream = sys.stdout if stream is None else stream
+        self.start = time.monotonic()
+        self._bar = None
+        if enabled and _is_terminal(self.stream):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.start_step, desc=desc,
+                             file=self.stream, dynamic_ncols=True, unit="step")
+
+    def update(self, step: int, **values: Any) -> Optional[str]:
+        """Report that `step` steps are done; returns the log line (None on a terminal)."""
+        if not self.enabled:
+            return None
+        shown = ", ".join(_format_value(key, value) for key, value in values.items()
+                          if value is not None)
+        if self._bar is not None:
+            self._bar.update(max(step - self._bar.n, 0))
+            self._bar.set_postfix_str(shown, refresh=True)
+            return None
+        elapsed = time.monotonic() - self.start
+        eta = eta_seconds(step - self.start_step, self.total - self.start_step, elapsed)
+        line = (f"{self.desc}: step {step}/{self.total} ({100.0 * step / self.total:.0f}%)"
+                f"{' ' + shown if shown else ''}, elapsed {format_duration(elapsed)}, "
+                f"ETA {format_duration(eta)}")
+        print(line, file=self.stream, flush=True)
+        return line
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
