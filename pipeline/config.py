@@ -222,9 +222,21 @@ class EvaluateConfig:
     # torch-fidelity FeatureExtractorBase subclass with `feat` and `logits_unbiased` outputs
     feature_extractor: Optional[str] = None
     classifier_steps: int = 1500
+    # scores over training: null (only the final model), 'all' (every checkpoint step) or a
+    # list of steps (multiples of train.checkpoint_every, or train.steps). The train stage then
+    # keeps the EMA weights of those steps; the evaluate stage scores each with a quick FID of
+    # `checkpoint_num_samples` samples and the stratified NLL, and reports the best-FID step.
+    checkpoints: Optional[Union[Literal["all"], tuple[int, ...]]] = None
+    checkpoint_num_samples: int = 200
 
     def validate(self, where: str) -> None:
         _require(self.nll_num_images >= 1, f"{where}.nll_num_images", "must be >= 1")
+        if isinstance(self.checkpoints, tuple):
+            _require(len(self.checkpoints) >= 1 and all(s >= 1 for s in self.checkpoints),
+                     f"{where}.checkpoints", "must be null, 'all' or a non-empty list of "
+                     "training steps >= 1")
+        _require(self.checkpoint_num_samples >= 2, f"{where}.checkpoint_num_samples",
+                 "must be >= 2 (FID needs two images)")
         _require(self.nll_strata >= 1, f"{where}.nll_strata", "must be >= 1")
         _require(self.nll_batch_size >= 1, f"{where}.nll_batch_size", "must be >= 1")
         _require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
@@ -303,12 +315,15 @@ class SweepConfig:
 
     Every trial trains `base_experiment` (an entry of `experiments`) with one schedule and one
     weighting (see SWEEP_OBJECTIVES) for `steps` steps with the same per-worker function as the
-    train stage, reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) on the
-    first `val_images` test images every `report_every` steps. ASHA stops the trials whose NLL
-    is in the worst 1 - 1/asha_reduction_factor at rungs asha_grace_period * rf^k steps; a trial
-    that runs to the end measures a quick FID on `fid_num_samples` DDIM samples (`fid_steps`).
+    train stage (with `ema_decay` if set: a short trial wants a shorter EMA than the study's
+    runs), reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) of the EMA
+    model on the first `val_images` test images every `report_every` steps. ASHA stops the
+    trials whose NLL is in the worst 1 - 1/asha_reduction_factor at rungs
+    asha_grace_period * rf^k steps; a trial that runs to the end measures a quick FID on
+    `fid_num_samples` DDIM samples (`fid_steps` steps).
     Resources per trial: `num_workers` workers of `cpus_per_worker` CPUs (and one GPU each with
-    `use_gpu`); at most `max_concurrent_trials` trials at once (0: as many as resources allow).
+    `use_gpu`); at most `max_concurrent_trials` trials at once (0: as many as the cluster's
+    CPUs / GPUs hold at once).
     """
 
     base_experiment: str = "eps_simple"
@@ -320,9 +335,10 @@ class SweepConfig:
     num_samples: int = 1  # random search: trials drawn; grid: must be 1
     steps: int = 300
     report_every: int = 50
+    ema_decay: Optional[float] = None  # None: the base experiment's; short trials want less
     asha_grace_period: int = 100
     asha_reduction_factor: float = 2.0
-    max_concurrent_trials: int = 2
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's resources hold
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -343,6 +359,8 @@ class SweepConfig:
                  "must be 1 for search 'grid' (each cell once, same seed); use search 'random' "
                  "to draw num_samples trials")
         _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _require(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay",
+                 "must be in [0, 1), or null for the base experiment's train.ema_decay")
         _require(1 <= self.report_every <= self.steps, f"{where}.report_every",
                  f"must be in 1..steps ({self.steps})")
         _require(1 <= self.asha_grace_period <= self.steps, f"{where}.asha_grace_period",
@@ -351,7 +369,7 @@ class SweepConfig:
         _require(self.asha_reduction_factor > 1.0, f"{where}.asha_reduction_factor",
                  "must be > 1 (keep the best 1/rf of the trials at each rung)")
         _require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
-                 "must be >= 0 (0: as many as the cluster's resources allow)")
+                 "must be >= 0 (0: as many as the cluster's CPUs / GPUs hold at once)")
         _require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
         _require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
         _require(self.val_images >= 2, f"{where}.val_images", "must be >= 2")
@@ -377,9 +395,14 @@ class SweepConfig:
         loss, loss_weighting = SWEEP_OBJECTIVES[weighting]
         diffusion = dataclasses.replace(base.diffusion, schedule=schedule, loss=loss,
                                         weighting=loss_weighting, importance_sampling=False)
+        _require(base.train.batch_size % self.num_workers == 0, "sweep.num_workers",
+                 f"({self.num_workers}) must divide the base experiment's train.batch_size "
+                 f"({base.train.batch_size})")
+        ema_decay = base.train.ema_decay if self.ema_decay is None else self.ema_decay
         train = dataclasses.replace(base.train, steps=self.steps, log_every=self.report_every,
                                     checkpoint_every=self.steps, num_workers=self.num_workers,
-                                    cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu)
+                                    cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
+                                    ema_decay=ema_decay)
         try:
             diffusion.validate("diffusion")
             train.validate("train")
@@ -534,7 +557,25 @@ def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> 
     if resolved["sample"].steps is not None:
         _require(resolved["sample"].steps <= resolved["diffusion"].num_timesteps, "sample.steps",
                  f"must be <= diffusion.num_timesteps ({resolved['diffusion'].num_timesteps})")
+    _check_checkpoint_steps(name, resolved["evaluate"], resolved["train"])
     return ExperimentConfig(name=name, **resolved)
+
+
+def checkpoint_steps(train: TrainConfig) -> list[int]:
+    """The training steps that have a checkpoint: every `checkpoint_every` steps and the last."""
+    steps = list(range(train.checkpoint_every, train.steps + 1, train.checkpoint_every))
+    return steps if steps and steps[-1] == train.steps else [*steps, train.steps]
+
+
+def _check_checkpoint_steps(name: str, evaluate: EvaluateConfig, train: TrainConfig) -> None:
+    if not isinstance(evaluate.checkpoints, tuple):
+        return
+    available = set(checkpoint_steps(train))
+    bad = [step for step in evaluate.checkpoints if step not in available]
+    _require(not bad, "evaluate.checkpoints",
+             f"step(s) {', '.join(map(str, bad))} have no checkpoint in experiment '{name}'; use "
+             f"multiples of train.checkpoint_every ({train.checkpoint_every}) up to train.steps "
+             f"({train.steps}), train.steps itself, or 'all'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +611,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for option in inner:  # e.g. 'all' or a list of steps: the first that fits
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        expected = [_describe(a) for a in args]
+        raise ConfigError(f"{where}: {_kind(value)} is not allowed; expected "
+                          f"{', '.join(expected[:-1])} or {expected[-1]}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: '{value}' is not allowed; choose one of: "
@@ -604,6 +654,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {_kind(value)}")
         return value
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, for error messages."""
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {int: "integer", float: "number", str: "string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
 def _require(ok: bool, where: str, message: str) -> None:

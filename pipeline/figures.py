@@ -1,4 +1,5 @@
-"""Figures people look at: sample grids, progressive generation (Ho et al. Fig. 6), loss curves.
+"""Figures people look at: sample grids, progressive generation (Ho et al. Fig. 6), loss curves,
+FID and NLL over training.
 
 Matplotlib with the non-interactive Agg backend; every file is written atomically.
 """
@@ -93,6 +94,88 @@ def save_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
         ax.text(0.5, 0.5, "no finite loss curves", ha="center", va="center",
                 transform=ax.transAxes)
     ax.grid(alpha=0.3)
+    _save(fig, path, plt)
+
+
+def save_scores_over_training(steps: Sequence[int], fid: Sequence[float],
+                              nll_bpd: Sequence[float], path: Path, title: str,
+                              best_step: Optional[int] = None,
+                              note: Optional[str] = None) -> None:
+    """FID (left axis) and the NLL bound in bits/dim (right axis) by training step, the step
+    with the best FID marked (the checkpoint the paper reports)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if len(steps):
+        ax.plot(steps, fid, "o-", color="tab:blue", label="FID")
+        right = ax.twinx()
+        right.plot(steps, nll_bpd, "s--", color="tab:orange", label="NLL (bits/dim)")
+        right.set_ylabel("NLL bound (bits/dim)", color="tab:orange")
+        right.tick_params(axis="y", colors="tab:orange")
+        if best_step is not None:
+            ax.axvline(best_step, color="tab:green", alpha=0.5, linestyle=":")
+            ax.annotate(f"best FID at step {best_step}", xy=(best_step, min(fid)),
+                        xytext=(4, 8), textcoords="offset points", fontsize=8,
+                        color="tab:green")
+        if len(steps) == 1:  # one point (the final model): say its values, the markers overlap
+            ax.annotate(f"FID {fid[0]:.4g}, NLL {nll_bpd[0]:.4g} bits/dim", xy=(steps[0], fid[0]),
+                        xytext=(8, -16), textcoords="offset points", fontsize=9)
+        lines = ax.get_lines()[:1] + right.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no scores (the model diverged)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID", color="tab:blue")
+    ax.tick_params(axis="y", colors="tab:blue")
+    ax.set_title(title, fontsize=10)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="0.35")
+    ax.grid(alpha=0.3)
+    _save(fig, path, plt)
+
+
+def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x weighting"
+                       ) -> None:
+    """Heat map of the sweep's FID, schedules (rows) x weightings (columns), from
+    `pipeline.tables.sweep_raw`: each cell annotated with its FID and NLL (bits/dim); cells
+    stopped early by ASHA (NLL only) and unstable cells ("–") are grey."""
+    plt = _pyplot()
+    schedules = list(dict.fromkeys(cells["schedule"]))
+    weightings = list(dict.fromkeys(cells["weighting"]))
+    fid = np.full((len(schedules), len(weightings)), np.nan)
+    notes = [[""] * len(weightings) for _ in schedules]
+    for row in cells.to_dict("records"):
+        i, j = schedules.index(row["schedule"]), weightings.index(row["weighting"])
+        if row["status"] == "ok" and np.isfinite(row["fid"]):
+            fid[i, j] = row["fid"]
+            nll = f"\n{row['nll_bpd']:.2f} bpd" if np.isfinite(row["nll_bpd"]) else ""
+            notes[i][j] = f"{row['fid']:.1f}{nll}"
+        elif row["status"] == "stopped":
+            nll = f"\n{row['nll_bpd']:.2f} bpd" if np.isfinite(row["nll_bpd"]) else ""
+            notes[i][j] = f"stopped{nll}"
+        else:
+            notes[i][j] = "–"
+    fig, ax = plt.subplots(figsize=(1.5 * len(weightings) + 2.5, 0.9 * len(schedules) + 1.6),
+                           dpi=100)
+    cmap = plt.get_cmap("viridis_r").with_extremes(bad="#d9d9d9")
+    finite = fid[np.isfinite(fid)]
+    image = ax.imshow(np.ma.masked_invalid(fid), cmap=cmap, aspect="auto",
+                      vmin=finite.min() if finite.size else None,
+                      vmax=finite.max() if finite.size else None)
+    for i in range(len(schedules)):
+        for j in range(len(weightings)):
+            value = fid[i, j]
+            dark = np.isfinite(value) and finite.size and \
+                value > finite.min() + 0.5 * (finite.max() - finite.min())
+            ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(weightings)), weightings)
+    ax.set_yticks(range(len(schedules)), schedules)
+    ax.set_xlabel("loss weighting")
+    ax.set_ylabel("noise schedule")
+    ax.set_title(title)
+    if finite.size:
+        fig.colorbar(image, ax=ax, label="FID (lower is better)")
     _save(fig, path, plt)
 
 

@@ -2,13 +2,15 @@
 
 `models/<E>/` (written by the train stage) holds `ema.pt` and `model.pt` (U-Net state dicts),
 `optimizer.pt`, `state.json` (step, status, timings, run name) and `config.yaml` (the resolved
-experiment config). Sampling uses the EMA weights (Ho et al. 2020 App. B).
+experiment config); with `evaluate.checkpoints` set, also `checkpoints/ema_<step>.pt`, the EMA
+weights at those training steps. Sampling uses the EMA weights (Ho et al. 2020 App. B).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,9 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.io import atomic_dir
-from pipeline.training import STATUS_OK, build_model
+from pipeline.training import STATUS_OK, build_model, ema_snapshot_path, ema_weights
+
+CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
 
 TRAIN_COMMAND = "`dvc repro train@{name}` (or `python -m stages.train --experiment {name}`)"
 
@@ -31,12 +35,16 @@ class ModelError(RuntimeError):
     """A trained model folder that is missing or unreadable: names the file and the fix."""
 
 
-def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any]) -> None:
-    """Write `models/<E>/` atomically from a final training state (see `pipeline.training`)."""
+def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
+                    ema_snapshots: Optional[dict[int, Path]] = None) -> None:
+    """Write `models/<E>/` atomically from a final training state (see `pipeline.training`);
+    `ema_snapshots` ({step: file}) are copied to `models/<E>/checkpoints/ema_<step>.pt`."""
     with atomic_dir(out) as tmp:
-        ema_state = {k[len("module."):]: v for k, v in state["ema"].items()
-                     if k.startswith("module.")}
-        torch.save(ema_state, tmp / "ema.pt")
+        torch.save(ema_weights(state["ema"]), tmp / "ema.pt")
+        for step, source in (ema_snapshots or {}).items():
+            target = ema_snapshot_path(tmp / CHECKPOINTS_DIR, step)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         torch.save(state["model"], tmp / "model.pt")
         torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]},
                    tmp / "optimizer.pt")
@@ -58,11 +66,22 @@ def read_model_info(model_dir: Path, name: str) -> dict[str, Any]:
             from None
 
 
+def checkpoint_steps(model_dir: Path) -> dict[int, Path]:
+    """{step: file} of the EMA snapshots kept in `models/<E>/checkpoints/` (may be empty)."""
+    from pipeline.training import ema_snapshot_steps
+
+    return ema_snapshot_steps(Path(model_dir) / CHECKPOINTS_DIR)
+
+
 def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
-               device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The experiment's U-Net with the saved `ema` (default) or raw `model` weights, eval mode."""
+               device: str | torch.device = "cpu",
+               checkpoint_step: Optional[int] = None) -> torch.nn.Module:
+    """The experiment's U-Net with the saved `ema` (default) or raw `model` weights, eval mode;
+    with `checkpoint_step`, the EMA weights kept at that training step instead."""
     info = read_model_info(model_dir, exp.name)
     path = Path(model_dir) / f"{weights}.pt"
+    if checkpoint_step is not None:
+        path = ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

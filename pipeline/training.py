@@ -13,6 +13,7 @@ A non-finite loss stops training and is reported as status `unstable`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline.config import ExperimentConfig
 from pipeline.data import ImageBatches, default_hflip, load_prepared, to_model_range
 from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+from pipeline.progress import StepProgress
 from pipeline.unet import UNet, build_unet
 
 STATE_FILE = "state.pt"
@@ -103,12 +105,15 @@ class TrainResult:
 
 def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
                  checkpoint_root: str | Path,
-                 on_log: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None) -> None:
+                 on_log: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None,
+                 ema_snapshot_dir: Optional[str | Path] = None) -> None:
     """Train experiment `exp` on the prepared train split `train_data` (Algorithm 1).
 
     Reports `{"step", "loss", "lr", "images_per_s", "status"}` every `log_every` steps through
     `session.report`, with a checkpoint folder every `checkpoint_every` steps and at the end.
     `on_log(step, metrics)` may add metrics (e.g. a validation NLL for Ray Tune) on rank 0.
+    With `ema_snapshot_dir`, rank 0 also keeps the EMA weights of every checkpoint step there
+    as `ema_<step>.pt` (`ema_snapshot_path`), for scores over training (FID by checkpoint).
     """
     torch.manual_seed(exp.study.seed)
     device = session.device
@@ -160,6 +165,9 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
     status = STATUS_OK
     log_every, ckpt_every, total = exp.train.log_every, exp.train.checkpoint_every, exp.train.steps
     last_checkpoint_step = step
+    # rank 0's progress: a line per log step (Ray job logs, CI) or a tqdm bar on a terminal
+    progress = StepProgress(total, desc=f"train {exp.name}", start_step=step, stream=sys.stdout,
+                            enabled=session.rank == 0 and step < total)
 
     while step < total:
         x0 = to_model_range(next(batches))
@@ -192,9 +200,7 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
                 status = STATUS_UNSTABLE
                 metrics["status"] = status
             loss_history.append((step, mean_loss))
-            if session.rank == 0:
-                print(f"train {exp.name}: step {step}/{total} loss {mean_loss:.4f} "
-                      f"{metrics['images_per_s']:.0f} images/s", flush=True)
+            progress.update(step, loss=mean_loss, images_per_s=metrics["images_per_s"])
             if on_log is not None and status == STATUS_OK and session.rank == 0:
                 metrics.update(on_log(step, {"ema": ema.module, "diffusion": diffusion}))
             checkpoint = None
@@ -206,9 +212,12 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
                     wall_s=wall_before + time.monotonic() - start, exp=exp,
                     image_shape=tuple(images.shape[1:]))
                 last_checkpoint_step = step
+                if ema_snapshot_dir is not None and status == STATUS_OK and session.rank == 0:
+                    save_ema_snapshot(ema, ema_snapshot_path(ema_snapshot_dir, step))
             session.report(metrics, checkpoint)
             if status != STATUS_OK:
                 break
+    progress.close()
     if last_checkpoint_step != step:  # resumed at the end: report the final state once more
         checkpoint = _save_checkpoint(
             session, checkpoint_root, step, status=status, model=model, ema=ema,
@@ -216,6 +225,34 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
             gens=gens, loss_history=loss_history, wall_s=wall_before, exp=exp,
             image_shape=tuple(images.shape[1:]))
         session.report({"step": step, "status": status}, checkpoint)
+
+
+def ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The U-Net state dict inside an `AveragedModel` state dict (drops `n_averaged`)."""
+    return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
+
+
+def ema_snapshot_path(folder: str | Path, step: int) -> Path:
+    """Where the EMA weights at training step `step` are kept: <folder>/ema_<step>.pt."""
+    return Path(folder) / f"ema_{step}.pt"
+
+
+def ema_snapshot_steps(folder: str | Path) -> dict[int, Path]:
+    """{step: path} of the EMA snapshots in `folder` (empty if there is none)."""
+    found = {}
+    for path in Path(folder).glob("ema_*.pt"):
+        suffix = path.stem[len("ema_"):]
+        if suffix.isdigit():
+            found[int(suffix)] = path
+    return dict(sorted(found.items()))
+
+
+def save_ema_snapshot(ema: AveragedModel, path: Path) -> None:
+    """Write the EMA weights (a plain U-Net state dict, as models/<E>/ema.pt) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()}, tmp)
+    tmp.replace(path)
 
 
 def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,

@@ -7,10 +7,17 @@ evaluate.is_splits splits) through torch-fidelity (the digits classifier's featu
 inception-v3-compat for CIFAR10); the variational bound in bits/dim on the first
 evaluate.nll_num_images test and train images (exact T-term loop, or the stratified estimator).
 Writes metrics/<E>.json (DVC metrics). An unstable model gets status "unstable" and no numbers.
+
+Scores over training: with evaluate.checkpoints set, every EMA snapshot the train stage kept
+(models/<E>/checkpoints/) gets a quick FID (evaluate.checkpoint_num_samples samples) and the
+stratified NLL; metrics/<E>.json then names the step with the best FID. Always writes
+metrics/<E>_checkpoints.csv (step, fid, nll_bpd, ...; one row, the final model, without
+checkpoints) and its figure plots/fid_over_training/<E>.png.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -50,15 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", default="samples", type=Path,
                    help="folder holding samples/<E>/ (default: %(default)s)")
     p.add_argument("--out", default="metrics", type=Path,
-                   help="folder for <E>.json (default: %(default)s)")
+                   help="folder for <E>.json and <E>_checkpoints.csv (default: %(default)s)")
+    p.add_argument("--figures", default="plots/fid_over_training", type=Path,
+                   help="folder for <E>.png, FID and NLL over training (default: %(default)s)")
     args = p.parse_args(argv)
 
     def body(params) -> int:
         from pipeline import metrics
         from pipeline.data import load_prepared, prepared_path
         from pipeline.diffusion import GaussianDiffusion
+        from pipeline.figures import save_scores_over_training
         from pipeline.io import write_json
-        from pipeline.sampling import is_ok, load_model, read_model_info
+        from pipeline.over_training import (best_by_fid, final_scores, score_checkpoints,
+                                            write_scores)
+        from pipeline.sampling import checkpoint_steps, is_ok, load_model, read_model_info
 
         exp = params.experiment(args.experiment)
         tracker = _common.tracker_for(params)
@@ -74,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                   "train_wall_s": info.get("train_wall_s"),
                   "images_per_s": info.get("images_per_s")}
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()})
+        scores = final_scores(record)  # no scores unless evaluated below
         if is_ok(info) and sample_status == "ok":
             start = time.monotonic()
             train_images, _ = load_prepared(prepared_path(args.data, exp.data.dataset, "train"))
@@ -97,10 +110,49 @@ def main(argv: list[str] | None = None) -> int:
                 record[f"nll_bpd{split}"] = nll["nll_bpd"]
                 record[f"nll_bpd{split}_stderr"] = nll["nll_bpd_stderr"]
             record["evaluate_wall_s"] = time.monotonic() - start
+            scores = final_scores(record)
+            if exp.evaluate.checkpoints is not None:
+                kept = list(checkpoint_steps(args.models / exp.name))
+                if not kept:
+                    print(f"warning: evaluate.checkpoints is set but {args.models / exp.name} "
+                          f"keeps no EMA snapshots; rerun `dvc repro train@{exp.name}`",
+                          file=sys.stderr)
+                start = time.monotonic()
+                scores = score_checkpoints(
+                    exp, args.models / exp.name, kept, train_images, test_images,
+                    extractor=extractor, weights=weights, image_shape=tuple(info["image_shape"]),
+                    device=device, seed=exp.study.seed + 3)
+                best = best_by_fid(scores) or {}
+                record.update({"checkpoint_steps": kept,
+                               "checkpoint_num_samples": exp.evaluate.checkpoint_num_samples,
+                               "best_checkpoint_step": best.get("step"),
+                               "best_checkpoint_fid": best.get("fid"),
+                               "best_checkpoint_nll_bpd": best.get("nll_bpd"),
+                               "checkpoints_wall_s": time.monotonic() - start})
         elif record["status"] == "ok":
             record["status"] = sample_status
         out = args.out / f"{exp.name}.json"
         write_json(out, record)
+        scores_csv = args.out / f"{exp.name}_checkpoints.csv"
+        figure = args.figures / f"{exp.name}.png"
+        write_scores(scores, scores_csv)
+        best_step = record.get("best_checkpoint_step")
+        save_scores_over_training(
+            scores["step"].tolist(), scores["fid"].tolist(), scores["nll_bpd"].tolist(), figure,
+            f"{exp.name}: FID and NLL over training", best_step=best_step,
+            note=("only the final model: set evaluate.checkpoints for scores over training"
+                  if exp.evaluate.checkpoints is None else
+                  f"quick FID of {exp.evaluate.checkpoint_num_samples} samples per step; "
+                  "stratified NLL"))
+        for row in scores[scores["source"] == "checkpoint"].to_dict("records"):
+            tracker.log_metrics(run_id, {"checkpoint_fid": row["fid"],
+                                         "checkpoint_nll_bpd": row["nll_bpd"]},
+                                step=int(row["step"]))
+        if best_step is not None:
+            tracker.log_metrics(run_id, {"best_checkpoint_step": best_step,
+                                         "best_checkpoint_fid": record["best_checkpoint_fid"]})
+        tracker.log_artifact(run_id, scores_csv, "fid_over_training")
+        tracker.log_artifact(run_id, figure, "fid_over_training")
         tracker.log_metrics(run_id, {k: record[k] for k in METRIC_KEYS
                                      if record[k] is not None})
         tracker.set_tags(run_id, {"ddpm.status": record["status"]})
@@ -109,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(f"{k} {record[k]:.4g}" for k in ("fid", "is_mean", "nll_bpd")
                           if record[k] is not None)
         print(f"evaluated {exp.name} ({record['status']}): {shown or 'no metrics'} -> {out}")
+        if best_step is not None:
+            print(f"best FID over training: step {best_step} (quick FID "
+                  f"{record['best_checkpoint_fid']:.4g}) -> {scores_csv}, {figure}")
         return 0
 
     return _common.run(body, args.params)

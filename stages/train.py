@@ -4,8 +4,11 @@
 
 Writes models/<E>/ (EMA and raw weights, optimizer state, state.json, config.yaml) and the loss
 curve plots/loss/<E>.csv. Checkpoints live under checkpoints/ (outside every DVC output), so a
-killed run resumes from its last checkpoint. A diverged run (non-finite loss) is written with
-status "unstable" and the stage succeeds, so the rest of the study goes on.
+killed run resumes from its last checkpoint. With evaluate.checkpoints set, the workers also
+keep the EMA weights of every checkpoint step (checkpoints/<run name>/ema/) and the steps asked
+for are copied to models/<E>/checkpoints/ema_<step>.pt for the evaluate stage. A diverged run
+(non-finite loss) is written with status "unstable" and the stage succeeds, so the rest of the
+study goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,24 @@ import time
 from pathlib import Path
 
 from stages import _common
+
+
+def kept_snapshots(exp, folder: Path | None, steps_done: int) -> dict[int, Path]:
+    """The EMA snapshots evaluate.checkpoints asks for ({step: file}); warns about missing ones
+    (a diverged run stops early)."""
+    from pipeline.config import checkpoint_steps
+    from pipeline.training import ema_snapshot_steps
+
+    wanted = exp.evaluate.checkpoints
+    if wanted is None or folder is None:
+        return {}
+    found = ema_snapshot_steps(folder)
+    steps = checkpoint_steps(exp.train) if wanted == "all" else list(wanted)
+    missing = [s for s in steps if s not in found and s <= steps_done]
+    if missing:
+        print(f"warning: {exp.name}: no EMA snapshot for step(s) {missing} in {folder}",
+              file=sys.stderr)
+    return {s: found[s] for s in steps if s in found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                  "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
                  "final_loss": history[-1][1] if history else None,
                  "checkpoints": str(outcome.run_path)}
-        write_model_dir(args.out / exp.name, state, extra)
+        snapshots = kept_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
+        write_model_dir(args.out / exp.name, state, extra, ema_snapshots=snapshots)
         write_text(args.plots / f"{exp.name}.csv",
                    "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in history))
 
@@ -72,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         tracker.set_tags(run_id, {"ddpm.status": state["status"],
                                   "ddpm.ray_run_name": distributed.run_name(exp)})
         status = state["status"]
+        kept = f", EMA kept at steps {list(snapshots)}" if snapshots else ""
         print(f"trained {exp.name}: {steps_done} steps, status {status}, "
-              f"{images_per_s or float('nan'):.0f} images/s, stage wall time {wall:.0f}s",
+              f"{images_per_s or float('nan'):.0f} images/s, stage wall time {wall:.0f}s{kept}",
               flush=True)
         if status != "ok":
             print(f"warning: {exp.name} diverged (non-finite loss); recorded as unstable",

@@ -94,6 +94,14 @@ CATALOGUE = [
     (broken("sample.steps", 50), ["sample.steps", "ancestral"]),
     (broken("evaluate.feature_extractor", "nonsense"), ["feature_extractor", "module:Class"]),
     (broken("experiments", ["eps"]), ["experiments", "mapping"]),
+    (broken("evaluate.checkpoints", "every"), ["evaluate.checkpoints", "'all'", "list"]),
+    (broken("evaluate.checkpoints", 200), ["evaluate.checkpoints", "'all'", "null"]),
+    (broken("evaluate.checkpoints", [100]), ["evaluate.checkpoints", "100", "checkpoint_every",
+                                             "(200)", "'all'"]),
+    (broken("evaluate.checkpoints", []), ["evaluate.checkpoints", "non-empty"]),
+    (broken("evaluate.checkpoints", [200, 400]), []),  # valid: checkpoint steps, the last too
+    (broken("evaluate.checkpoints", "all"), []),
+    (broken("evaluate.checkpoint_num_samples", 1), ["checkpoint_num_samples", ">= 2"]),
     ([1, 2], ["top level", "mapping"]),
 ]
 
@@ -121,6 +129,22 @@ def test_yaml_syntax_error_and_empty_file(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_evaluate_checkpoints_forms():
+    from pipeline.config import checkpoint_steps
+
+    params = load_params(PROJECT / "params.yaml")
+    assert params.evaluate.checkpoints is None  # the default study scores only the final model
+    assert checkpoint_steps(params.train) == [200, 400]
+    raw = copy.deepcopy(DEFAULT)
+    raw["evaluate"]["checkpoints"] = [200, 400]
+    exp = parse_params(raw).experiment("eps_simple")
+    assert exp.evaluate.checkpoints == (200, 400)
+    assert ExperimentConfig.from_dict(exp.to_dict()) == exp
+    raw["experiments"]["eps_simple"]["train"] = {"steps": 300}  # 400 is past this row's end
+    with pytest.raises(ConfigError, match="400 have no checkpoint in experiment 'eps_simple'"):
+        parse_params(raw)
 
 
 def test_sections_are_frozen():

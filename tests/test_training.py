@@ -116,3 +116,24 @@ def test_loss_decreases_on_digits(digits, tmp_path):
                           batch_size=64).experiment("eps_simple")
     losses = [v for _, v in final_state(run(exp, digits, tmp_path))["loss_history"]]
     assert np.mean(losses[-2:]) < 0.7 * losses[0]
+
+
+def test_ema_snapshots_are_kept_at_every_checkpoint_step(digits, tmp_path, capsys):
+    from pipeline.training import ema_snapshot_steps, ema_weights
+
+    exp = tiny_experiment().experiment("eps_simple")
+    session = LocalSession(tmp_path / "ckpt")
+    train_worker(exp, digits, session, checkpoint_root=tmp_path / "ckpt",
+                 ema_snapshot_dir=tmp_path / "ema")
+    snapshots = ema_snapshot_steps(tmp_path / "ema")
+    assert list(snapshots) == [6, 12]  # checkpoint_every 6, 12 steps
+    final = ema_weights(final_state(session)["ema"])
+    last = torch.load(snapshots[12], weights_only=True)
+    assert last.keys() == final.keys()
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    first = torch.load(snapshots[6], weights_only=True)
+    assert not all(torch.equal(first[k], final[k]) for k in final)
+    # rank 0 prints a progress line per log step, with the time left
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("train eps_simple")]
+    assert len(lines) == 4 and "step 12/12 (100%)" in lines[-1] and "ETA 0s" in lines[-1]
+    assert "images/s" in lines[0] and "loss" in lines[0]
