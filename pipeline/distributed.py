@@ -6,11 +6,16 @@ around the shared per-worker training function, and (for the sweep) Ray Tune.
 - Training runs under a fixed run name and storage path (`checkpoints/<run name>`), outside every
   DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it, whether
   a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
+- The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that builds and fits
+  one TorchTrainer per trial around the same per-worker function; `TuneReportCallback` forwards
+  the trainer's reports (rank 0's) to Tune, where ASHA reads them. A trial's own actor holds no
+  CPU (its Train controller holds none either): the trial's workers hold the resources.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,8 +24,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from pipeline.config import ExperimentConfig
-from pipeline.training import STATE_FILE, load_training_state, train_worker
+from pipeline.config import ExperimentConfig, SweepConfig
+from pipeline.training import STATE_FILE, CheckpointError, load_training_state, train_worker
 
 
 class TrainingError(RuntimeError):
@@ -44,12 +49,33 @@ def connect(num_cpus: Optional[int] = None) -> str:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         return f"connected to Ray cluster at {address}"
     # A private single-machine cluster on loopback, without token auth. The dashboard process
-    # serves the state API that Ray Train uses to clean up after its controller.
+    # serves the state API that Ray Train uses to clean up after its controller: its
+    # PlacementGroupCleaner actor finds the cluster through RAY_ADDRESS, or fails when several
+    # Ray instances run on the machine (and a stopped sweep trial's placement group then holds
+    # its CPUs until the stage ends). So the GCS gets a port chosen here, and every process of
+    # this cluster gets RAY_ADDRESS pointing at it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True,
-             configure_logging=False)
+    gcs_port = _free_port()
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
     return f"started a local Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shutdown() -> None:
@@ -92,6 +118,8 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
+        if type(checkpoint.filesystem).__name__ == "LocalFileSystem":
+            return Path(checkpoint.path)  # read in place: an error names the file in storage
         local = self._scratch / "resume"
         local.mkdir(parents=True, exist_ok=True)
         with checkpoint.as_directory() as folder:
@@ -121,7 +149,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     session = RaySession(threads=config["threads"])
     on_log = config.get("on_log")
     train_worker(exp, config["train_data"], session, checkpoint_root=session._scratch / "out",
-                 on_log=on_log)
+                 on_log=on_log, ema_snapshot_dir=config.get("ema_snapshot_dir"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +162,7 @@ class FitOutcome:
     status: str
     state: dict[str, Any]
     run_path: Path
+    ema_snapshot_dir: Optional[Path] = None  # EMA weights by step (evaluate.checkpoints set)
 
 
 def code_digest() -> str:
@@ -150,8 +179,11 @@ def code_digest() -> str:
 
 def run_name(exp: ExperimentConfig) -> str:
     """Fixed per (study, experiment, training config, training code): a rerun finds and resumes
-    its checkpoints; a changed config or changed code trains afresh under a new name."""
-    return f"{exp.study.name}-{exp.name}-{exp.config_hash()}-{code_digest()}"
+    its checkpoints; a changed config or changed code trains afresh under a new name. A run
+    that keeps EMA snapshots (evaluate.checkpoints set) is named apart ("-ema"): snapshots are
+    made while training, so turning them on trains afresh (same seed, same final model)."""
+    keep = "-ema" if exp.evaluate.checkpoints is not None else ""
+    return f"{exp.study.name}-{exp.name}-{exp.config_hash()}-{code_digest()}{keep}"
 
 
 def scaling_config(exp: ExperimentConfig):
@@ -165,8 +197,10 @@ def scaling_config(exp: ExperimentConfig):
 
 
 def make_trainer(exp: ExperimentConfig, train_data: Path, storage_path: Path, name: str,
-                 on_log: Optional[Callable] = None, callbacks: Optional[list] = None):
-    """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU)."""
+                 on_log: Optional[Callable] = None, callbacks: Optional[list] = None,
+                 ema_snapshot_dir: Optional[Path] = None):
+    """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU); with
+    `ema_snapshot_dir`, rank 0 keeps the EMA weights of every checkpoint step there."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -174,7 +208,8 @@ def make_trainer(exp: ExperimentConfig, train_data: Path, storage_path: Path, na
         _ray_train_loop,
         train_loop_config={"experiment": exp.to_dict(), "train_data": str(train_data),
                            "threads": max(1, int(exp.train.cpus_per_worker)),
-                           "on_log": on_log},
+                           "on_log": on_log,
+                           "ema_snapshot_dir": str(ema_snapshot_dir) if ema_snapshot_dir else None},
         torch_config=TorchConfig(backend="nccl" if exp.train.use_gpu else "gloo"),
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
@@ -191,10 +226,21 @@ def fit(exp: ExperimentConfig, train_data: Path, storage_path: Path) -> FitOutco
     """Train `exp` with Ray Train, resuming from its last checkpoint under `storage_path`, and
     return the final training state (read from the last reported checkpoint)."""
     name = run_name(exp)
-    trainer = make_trainer(exp, Path(train_data).resolve(), Path(storage_path).resolve(), name)
+    snapshots = (Path(storage_path).resolve() / name / "ema"
+                 if exp.evaluate.checkpoints is not None else None)
+    trainer = make_trainer(exp, Path(train_data).resolve(), Path(storage_path).resolve(), name,
+                           ema_snapshot_dir=snapshots)
     try:
         result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
+        cause = _worker_error(exc)
+        if isinstance(cause, CheckpointError):  # retrying cannot help: say which file, and why
+            reason = re.split(r" \(|; ", str(cause), maxsplit=1)[0]
+            raise CheckpointError(
+                f"training of '{exp.name}' cannot resume: {reason}; Ray Train resumes a run "
+                f"from its latest checkpoint only, so delete the run folder "
+                f"{Path(storage_path).resolve() / name} and rerun `dvc repro train@{exp.name}` "
+                "to train from step 0") from None
         raise TrainingError(
             f"training of '{exp.name}' failed after {exp.train.max_failures} retries: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}; "
@@ -205,4 +251,156 @@ def fit(exp: ExperimentConfig, train_data: Path, storage_path: Path) -> FitOutco
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(Path(folder) / STATE_FILE)
     return FitOutcome(status=state["status"], state=state,
-                      run_path=Path(storage_path).resolve() / name)
+                      run_path=Path(storage_path).resolve() / name, ema_snapshot_dir=snapshots)
+
+
+def _worker_error(error: BaseException) -> BaseException:
+    """The exception raised inside the first failed worker (Ray wraps it), else `error`."""
+    for _, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        cause = getattr(failure, "cause", None)
+        return cause if isinstance(cause, BaseException) else failure
+    return error
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep: Ray Tune, one TorchTrainer per trial
+# --------------------------------------------------------------------------------------------
+
+
+# A trial's own actor only drives its TorchTrainer (whose controller holds no CPU either): it
+# asks for no CPU and a sliver of the head node's marker resource, as Ray Train's own state
+# actor does. Trial drivers so run on the head node (the "safe node" Ray's docs advise for Train
+# drivers), and the trial's workers hold every CPU / GPU. Tune refuses an all-zero request.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
+
+
+@dataclass
+class SweepRun:
+    table: Any  # pandas.DataFrame: ResultGrid.get_dataframe(), one row per trial
+    trials: list  # of pipeline.sweep.TrialOutcome
+    path: Path    # the Tune experiment folder
+    wall_s: float
+
+
+def sweep_name(sweep: SweepConfig, base: ExperimentConfig) -> str:
+    """Fixed per (study, sweep section, base experiment, training code)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    blob = json.dumps([dataclasses.asdict(sweep), base.to_dict()], sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return f"{base.study.name}-sweep-{digest}-{code_digest()}"
+
+
+def _report_callback(defaults: dict[str, Any]):
+    """A TuneReportCallback that fills metrics a report lacks (an unstable run's last report
+    has no validation NLL), so that Tune's check for the scheduler's metric passes."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _FillingTuneReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [{**defaults, **m} for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return _FillingTuneReportCallback()
+
+
+def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
+                train_data: str, storage: str, probe: Callable) -> None:
+    """One Tune trial: train `base` with this trial's schedule and weighting (a TorchTrainer
+    around the shared per-worker function) and forward its reports to Tune."""
+    import ray.tune
+
+    exp = sweep.trial_experiment(base, config["schedule"], config["weighting"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = make_trainer(exp, Path(train_data), Path(storage), name=trial_id, on_log=probe,
+                           callbacks=[_report_callback({"nll_bpd": float("nan")})])
+    trainer.fit()
+
+
+def concurrent_trials(sweep: SweepConfig) -> int:
+    """`sweep.max_concurrent_trials`, or where it is 0 as many trials as the cluster's CPUs (and
+    GPUs, with `use_gpu`) can hold at once, so that no trial's Train run waits for workers."""
+    import math
+
+    import ray
+
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 0.0) / (sweep.num_workers * sweep.cpus_per_worker)
+    if sweep.use_gpu:
+        fits = min(fits, resources.get("GPU", 0.0) / sweep.num_workers)
+    return max(1, math.floor(fits + 1e-9))
+
+
+def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, storage_path: Path,
+              probe: Callable, seed: int = 0) -> SweepRun:
+    """Ray Tune over `sweep.cells()` with ASHA on the validation NLL; returns every trial.
+
+    The Tune experiment lives in `storage_path/<sweep_name>` (trainer checkpoints under its
+    `trainers/` folder); an earlier run of the same name is replaced. Trials that fail are
+    recorded (`TrialOutcome.error`), not retried by Tune (Ray Train retries their workers).
+    """
+    import time
+
+    import pandas as pd
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.sweep import METRIC, TrialOutcome
+
+    name = sweep_name(sweep, base)
+    storage_path = Path(storage_path).resolve()
+    experiment_path = storage_path / name
+    shutil.rmtree(experiment_path, ignore_errors=True)
+    pick = ray.tune.grid_search if sweep.search == "grid" else ray.tune.choice
+    param_space = {"schedule": pick(list(sweep.schedules)),
+                   "weighting": pick(list(sweep.weightings))}
+    trainable = ray.tune.with_parameters(
+        _tune_trial, sweep=sweep, base=base, train_data=str(Path(train_data).resolve()),
+        storage=str(experiment_path / "trainers"), probe=probe)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC, mode="min", num_samples=sweep.num_samples,
+            scheduler=ASHAScheduler(time_attr="step", max_t=sweep.steps,
+                                    grace_period=sweep.asha_grace_period,
+                                    reduction_factor=sweep.asha_reduction_factor,
+                                    stop_last_trials=False),
+            search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials(sweep),
+                                             random_state=seed)),
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_path),
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+    )
+    start = time.monotonic()
+    grid = tuner.fit()
+    wall = time.monotonic() - start
+    analysis = ray.tune.ExperimentAnalysis(grid.experiment_path)
+    unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:  # Tuner.fit() returns after Ctrl-C / SIGTERM: no partial results for DVC
+        raise TrainingError(f"the sweep was interrupted with {len(unfinished)} trial(s) "
+                            f"unfinished; its trials are under {experiment_path}")
+    configs = analysis.get_all_configs()
+    trials = []
+    for result in grid:
+        config = result.config or configs.get(result.path) or {}
+        history = result.metrics_dataframe
+        trials.append(TrialOutcome(
+            trial_id=str(result.metrics["trial_id"]),
+            schedule=str(config.get("schedule")), weighting=str(config.get("weighting")),
+            history=history if history is not None else pd.DataFrame(),
+            last=dict(result.metrics or {}),
+            error=_error_text(result.error) if result.error is not None else None,
+            path=result.path))
+    return SweepRun(table=grid.get_dataframe(), trials=trials, path=experiment_path,
+                    wall_s=wall)
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from pipeline.config import LOSSES, MEAN_TYPES, SCHEDULES, VAR_TYPES, WEIGHTINGS
+from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
+                             WEIGHTINGS)
 from pipeline.io import atomic_path, write_text
 
 REFERENCE_FILE = "reference.json"
@@ -521,6 +522,27 @@ def table2_raw(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return _table2_frame(df, dataset, TEXT)
 
 
+def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
+    """{experiment: markdown} naming each experiment's row of Table 2 and its numbers, for the
+    description of its MLflow run (what `mlflow ui` shows on the run's page)."""
+    out = {}
+    for row in table2_raw_frame.to_dict("records"):
+        settings = ", ".join(f"{k} {row[k]}" for k in ("mean_type", "var_type", "loss",
+                                                      "weighting", "schedule"))
+        text = (f"Table 2 row: {row['group']}, {row['objective']}.\n\n"
+                f"Experiment `{row['experiment']}` ({settings}).")
+        if _unstable(row):
+            text += " Training diverged (unstable), shown as \"–\" in the tables."
+        elif _finite(row.get("fid")):
+            text += (f" FID {format_value(row['fid'])}, IS {format_value(row['is_mean'])}, "
+                     f"NLL {format_nll(row['nll_bpd'], row['nll_bpd_train'])} bits/dim.")
+        if _finite(row.get("fid_paper")):
+            text += (f" Paper (CIFAR10): IS {format_value(row['is_mean_paper'])}, "
+                     f"FID {format_value(row['fid_paper'])}.")
+        out[str(row["experiment"])] = text
+    return out
+
+
 def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.DataFrame:
     """Table 2 formatted like the paper: Objective | IS | FID | NLL Test (Train) | KID.
 
@@ -562,6 +584,7 @@ def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.D
 # --------------------------------------------------------------------------------------------
 
 _FAILED = ("unstable", "error", "errored", "failed")
+_STOPPED = ("stopped",)  # stopped early by the scheduler (ASHA): an NLL so far, no FID
 
 
 def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
@@ -571,27 +594,30 @@ def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
 
 def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per (schedule, weighting) cell: trials, ok_trials, fid and nll_bpd (the mean
-    over the cell's usable trials), status ("ok", or "unstable" when no trial finished)."""
+    over the cell's usable trials), status ("ok"; "stopped" when every usable trial was stopped
+    early, with the NLL they reached and no FID; "unstable" when no trial is usable)."""
     trials = trials.copy()
     trials["schedule"] = trials["schedule"].astype(str)
     trials["weighting"] = trials["weighting"].astype(str)
     status = (trials["status"].astype(str).str.lower() if "status" in trials.columns
               else pd.Series("ok", index=trials.index))
-    trials["_ok"] = ~status.isin(_FAILED)
+    trials["_ok"] = ~status.isin(_FAILED + _STOPPED)
+    trials["_stopped"] = status.isin(_STOPPED)
     records = []
     for schedule in _ordered(trials["schedule"], SCHEDULES):
-        for weighting in _ordered(trials["weighting"], WEIGHTINGS):
+        for weighting in _ordered(trials["weighting"], SWEEP_WEIGHTINGS):
             cell = trials[(trials["schedule"] == schedule) & (trials["weighting"] == weighting)]
             if cell.empty:
                 continue
             ok = cell[cell["_ok"]]
+            usable = ok if len(ok) else cell[cell["_stopped"]]
             records.append({
                 "schedule": schedule, "weighting": weighting,
                 "trials": len(cell), "ok_trials": len(ok),
                 "fid": pd.to_numeric(ok["fid"], errors="coerce").mean() if len(ok) else math.nan,
-                "nll_bpd": (pd.to_numeric(ok["nll_bpd"], errors="coerce").mean()
-                            if len(ok) else math.nan),
-                "status": "ok" if len(ok) else "unstable",
+                "nll_bpd": (pd.to_numeric(usable["nll_bpd"], errors="coerce").mean()
+                            if len(usable) else math.nan),
+                "status": "ok" if len(ok) else "stopped" if len(usable) else "unstable",
             })
     out = pd.DataFrame.from_records(records, columns=["schedule", "weighting", "trials",
                                                       "ok_trials", "fid", "nll_bpd", "status"])
@@ -605,10 +631,12 @@ SWEEP_CORNER = "Schedule (cells: FID / NLL)"
 
 def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Pivot schedule (rows) x weighting (columns); each cell "FID / NLL" ("3.17 / 3.75"),
-    "–" where every trial of the cell was unstable, empty where the sweep has no such cell."""
+    "stopped / NLL" where the scheduler stopped every trial of the cell early (the NLL then is
+    the last estimate before the stop), "–" where every trial of the cell was unstable, empty
+    where the sweep has no such cell."""
     raw = sweep_raw(trials)
     schedules = list(dict.fromkeys(raw["schedule"]))
-    weightings = _ordered(raw["weighting"], WEIGHTINGS)
+    weightings = _ordered(raw["weighting"], SWEEP_WEIGHTINGS)
     cells = {(r["schedule"], r["weighting"]): r for r in raw.to_dict("records")}
     rows = []
     for schedule in schedules:
@@ -617,6 +645,8 @@ def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
             cell = cells.get((schedule, weighting))
             if cell is None:
                 row.append("")
+            elif cell["status"] == "stopped":
+                row.append(f"stopped / {format_value(cell['nll_bpd']) or 'n/a'}")
             elif cell["status"] != "ok":
                 row.append(TEXT.dash)
             else:

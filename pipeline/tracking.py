@@ -11,6 +11,11 @@ Layout of the records (`mlflow ui` shows it as is):
 - one study run named "tables" (`ddpm.experiment=_study`) for study-level artifacts;
 - sweep trials as runs nested under a parent run (`mlflow.parentRunId`).
 
+For `mlflow ui`: the experiment is tagged `mlflow.experimentKind = custom_model_development`
+("Machine learning"), so that MLflow 3 opens it on the table of training runs and not on its
+GenAI overview, and carries a description (`mlflow.note.content`); each experiment's run gets
+a description naming its row of the paper's Table 2 (`set_description`, from the tabulate stage).
+
 Only the driver process of a stage logs (never Ray workers). MLflow 3 refuses its plain file
 store, so the tracking store is a sqlite database (`sqlite:///mlflow.db` by default) or a tracking
 server (http URI); artifacts go to a file artifact root.
@@ -66,6 +71,14 @@ TAG_GIT_COMMIT = "git.commit"
 TAG_PARAM_CHANGED = "ddpm.param_changed."  # prefix; see Tracker.log_params
 STUDY_RUN_EXPERIMENT = "_study"
 STUDY_RUN_NAME = "tables"
+# MLflow's own tags read by its UI (mlflow/server/js: ExperimentKind, the run "Description").
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML = "custom_model_development"  # the UI's "Machine learning": runs table first
+TAG_NOTE = "mlflow.note.content"  # an experiment's or a run's description (markdown)
+STUDY_DESCRIPTION = ("DDPM study (Ho, Jain & Abbeel 2020): one run per experiment (a row of "
+                     "Table 2) with its params, `train_loss` curve, FID / IS / KID / NLL "
+                     "(bits/dim), sample grid and progressive figure; the `tables` run holds "
+                     "Tables 1 and 2. Made by `dvc repro`.")
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -332,8 +345,12 @@ class Tracker:
     def _get_or_create_experiment(self, client: MlflowClient) -> str:
         experiment = client.get_experiment_by_name(self.study_name)
         if experiment is None:
-            return client.create_experiment(self.study_name,
-                                            artifact_location=self.artifact_location)
+            return client.create_experiment(
+                self.study_name, artifact_location=self.artifact_location,
+                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML, TAG_NOTE: STUDY_DESCRIPTION})
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by an earlier version
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                                      EXPERIMENT_KIND_ML)
         if experiment.lifecycle_stage == "deleted":
             log.warning("MLflow experiment %r was deleted; restoring it", self.study_name)
             client.restore_experiment(experiment.experiment_id)
@@ -357,6 +374,14 @@ class Tracker:
         """The study-level run ("tables", `ddpm.experiment=_study`) for the study's tables."""
         tags = {TAG_EXPERIMENT: STUDY_RUN_EXPERIMENT, TAG_ROLE: "study"}
         return self._find_or_create(tags, run_name=STUDY_RUN_NAME)
+
+    def new_run(self, name: str, tags: Optional[Mapping[str, Any]] = None) -> str:
+        """A fresh top-level run in the study's experiment (one per sweep), never reused."""
+        experiment_id = self.experiment_id
+        all_tags = {TAG_ROLE: "run", **self._source_tags(), **_str_values(tags or {})}
+        run = _retry_if_locked(self.client.create_run, experiment_id, tags=all_tags,
+                               run_name=name)
+        return run.info.run_id
 
     def nested_run(self, parent_run_id: str, name: str,
                    tags: Optional[Mapping[str, Any]] = None) -> str:
@@ -489,6 +514,10 @@ class Tracker:
                  for key, value in _str_values(tags).items()]
         for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
             _retry_if_locked(self.client.log_batch, run_id, tags=chunk)
+
+    def set_description(self, run_id: str, text: str) -> None:
+        """The run's description (markdown), shown on its page in `mlflow ui`."""
+        self.set_tags(run_id, {TAG_NOTE: text})
 
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""

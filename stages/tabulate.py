@@ -3,8 +3,9 @@
     python -m stages.tabulate [--params params.yaml] [--metrics metrics] [--results results]
                               [--sweep results/sweep/trials.csv]
 
-Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex} and, when the sweep's trials csv
-exists, sweep.{md,csv}; prints Table 1 and Table 2 as markdown.
+Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, loss_curves.png and, when the
+sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png (schedule x
+weighting); prints Table 1 and Table 2 (and the sweep table) as markdown.
 """
 
 from __future__ import annotations
@@ -59,8 +60,12 @@ def loss_figure(plots_dir: Path, experiments: list[str], out: Path) -> Path:
 
 
 def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> None:
-    """The tables on the study's MLflow run; dvc.lock stage hashes on each experiment's run."""
+    """The tables on the study's MLflow run; on each experiment's run, the dvc.lock stage
+    hashes and a description naming its row of Table 2."""
     import yaml
+
+    from pipeline.tables import run_descriptions
+    from pipeline.tracking import TAG_NOTE
 
     run_id = tracker.study_run()
     for name in ("table1", "table2", "sweep"):
@@ -72,8 +77,11 @@ def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> 
     stages = {}
     if lock.is_file():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    descriptions = run_descriptions(made["table2_raw"])
     for name, exp in params.experiments.items():
         tags = {}
+        if name in descriptions:
+            tags[TAG_NOTE] = descriptions[name]  # the run's description in mlflow ui
         for stage in ("train", "sample", "evaluate"):
             entry = stages.get(f"{stage}@{name}") or {}
             outs = entry.get("outs") or []
@@ -113,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         made = run_tabulate(params, args.metrics, args.results, args.sweep)
         made["paths"].append(loss_figure(args.plots, list(params.experiments),
                                          args.results / "loss_curves.png"))
+        if made["sweep_raw"] is not None:
+            from pipeline.figures import save_sweep_heatmap
+
+            save_sweep_heatmap(made["sweep_raw"], args.results / "sweep_heatmap.png")
+            made["paths"].append(args.results / "sweep_heatmap.png")
         log_to_mlflow(tracker, params, made, Path(args.lock))
     except _common.user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

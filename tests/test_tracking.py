@@ -223,6 +223,23 @@ def test_tags_and_termination(root):
     tracker.log_metrics(run_id, {"late": 1.0})  # a later stage may still log into it
 
 
+def test_mlflow_ui_metadata_experiment_kind_and_descriptions(root):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    client = _client(tracker)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    # a training experiment for MLflow 3's UI (its runs table, not the GenAI overview)
+    assert tags[tracking.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    assert tags[tracking.TAG_NOTE].startswith("DDPM study")
+    tracker.set_description(run_id, "Table 2 row: ε prediction (ours), L_simple.")
+    assert client.get_run(run_id).data.tags["mlflow.note.content"].startswith("Table 2 row")
+    # an experiment made before the tag existed gets it when opened
+    client.delete_experiment_tag(tracker.experiment_id, tracking.TAG_EXPERIMENT_KIND)
+    _tracker(root).experiment_id
+    assert client.get_experiment(tracker.experiment_id).tags[tracking.TAG_EXPERIMENT_KIND] \
+        == "custom_model_development"
+
+
 def test_artifacts_and_tables_land_under_the_artifact_root(root, monkeypatch):
     monkeypatch.chdir("/")  # artifacts follow the root, not the cwd
     tracker = _tracker(root)

@@ -1,0 +1,502 @@
+"""The sweep: the `sweep` section of params.yaml, what a trial measures, what the results become,
+a tiny real Ray Tune sweep (ASHA, nested MLflow runs), and a stage submitted to a Ray cluster."""
+
+import copy
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.config import (SWEEP_WEIGHTINGS, ConfigError, SweepConfig, load_params,
+                             parse_params)
+from pipeline.sweep import (STATUS_ERROR, STATUS_OK, STATUS_STOPPED, STATUS_UNSTABLE,
+                            TrialOutcome, best_record, best_trial, trial_status, trials_table)
+
+PROJECT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# params.yaml: the sweep section
+# --------------------------------------------------------------------------------------------
+
+
+def with_sweep(**changes):
+    raw = copy.deepcopy(DEFAULT)
+    raw["sweep"].update(changes)
+    return raw
+
+
+def test_default_sweep_section_is_typed_and_every_trial_is_a_valid_experiment():
+    params = load_params(PROJECT / "params.yaml")
+    sweep = params.sweep
+    assert isinstance(sweep, SweepConfig)
+    assert sweep.base_experiment in params.experiments
+    assert set(sweep.schedules) <= {"linear", "cosine", "quadratic", "sigmoid"}
+    assert set(sweep.weightings) <= set(SWEEP_WEIGHTINGS)
+    assert params.to_dict()["sweep"]["steps"] == sweep.steps
+    cells = sweep.cells()
+    assert len(cells) == len(sweep.schedules) * len(sweep.weightings)
+    for schedule, weighting in cells:
+        exp = params.sweep_experiment(schedule, weighting)
+        assert exp.diffusion.schedule == schedule
+        assert exp.train.steps == sweep.steps and exp.train.log_every == sweep.report_every
+
+
+def test_weighting_names_map_to_objectives():
+    params = parse_params(with_sweep(ema_decay=0.9, num_workers=2, cpus_per_worker=0.5))
+    base = params.experiment(params.sweep.base_experiment)
+    expected = {"uniform": ("simple", "uniform"), "vlb": ("simple", "vlb"),
+                "p2": ("simple", "p2"), "min_snr": ("simple", "min_snr"),
+                "hybrid": ("hybrid", "uniform")}
+    for weighting, (loss, loss_weighting) in expected.items():
+        d = params.sweep_experiment("cosine", weighting).diffusion
+        assert (d.loss, d.weighting, d.schedule) == (loss, loss_weighting, "cosine")
+        assert (d.mean_type, d.var_type) == (base.diffusion.mean_type, base.diffusion.var_type)
+    exp = params.sweep_experiment("linear", "p2")
+    assert exp.name == f"{base.name}-linear-p2"
+    assert exp.train.checkpoint_every == params.sweep.steps
+    assert (exp.train.num_workers, exp.train.cpus_per_worker) == (2, 0.5)
+    assert exp.train.ema_decay == 0.9
+    assert exp.model == base.model and exp.data == base.data
+    assert params.experiment(base.name) == base  # the study's row is untouched
+
+
+def test_without_a_sweep_section_the_defaults_need_not_fit():
+    raw = copy.deepcopy(DEFAULT)
+    del raw["sweep"]
+    raw["experiments"] = {"mine": {"mean_type": "eps"}}  # no eps_simple: the default base
+    params = parse_params(raw)
+    assert params.sweep == SweepConfig()
+    with pytest.raises(ConfigError, match="sweep.base_experiment.*mine"):
+        params.sweep_experiment("linear", "uniform")
+
+
+SWEEP_CATALOGUE = [
+    (with_sweep(colour=1), ["sweep", "colour", "allowed", "schedules"]),
+    (with_sweep(schedule=["linear"]), ["schedule", "did you mean 'schedules'"]),
+    (with_sweep(schedules=["cosin"]), ["sweep.schedules[0]", "cosin", "linear, cosine"]),
+    (with_sweep(schedules=["jsd"]), ["sweep.schedules[0]", "quadratic, sigmoid"]),
+    (with_sweep(schedules="cosine"), ["sweep.schedules", "list"]),
+    (with_sweep(schedules=[]), ["sweep.schedules", "non-empty", "linear"]),
+    (with_sweep(schedules=["cosine", "cosine"]), ["sweep.schedules", "twice"]),
+    (with_sweep(weightings=["snr"]), ["sweep.weightings[0]", "snr", "min_snr, hybrid"]),
+    (with_sweep(base_experiment="eps_smple"), ["sweep.base_experiment", "eps_smple",
+                                               "eps_simple"]),
+    (with_sweep(base_experiment="eps_vlb_learned"), ["sweep", "eps_vlb_learned", "learned"]),
+    (with_sweep(search="bayes"), ["sweep.search", "grid, random"]),
+    (with_sweep(num_samples=4), ["sweep.num_samples", "grid", "random"]),
+    (with_sweep(steps=0), ["sweep.steps", ">= 1"]),
+    (with_sweep(steps="many"), ["sweep.steps", "integer"]),
+    (with_sweep(report_every=10_000), ["sweep.report_every", "steps"]),
+    (with_sweep(asha_grace_period=0), ["sweep.asha_grace_period", "steps"]),
+    (with_sweep(asha_reduction_factor=1), ["sweep.asha_reduction_factor", "> 1"]),
+    (with_sweep(max_concurrent_trials=-1), ["sweep.max_concurrent_trials", ">= 0"]),
+    (with_sweep(num_workers=3), ["sweep.num_workers", "batch_size"]),
+    (with_sweep(cpus_per_worker=0), ["sweep.cpus_per_worker", "> 0"]),
+    (with_sweep(use_gpu="yes"), ["sweep.use_gpu", "true or false"]),
+    (with_sweep(ema_decay=1.0), ["sweep.ema_decay", "[0, 1)"]),
+    (with_sweep(val_images=1), ["sweep.val_images", ">= 2"]),
+    (with_sweep(fid_num_samples=1), ["sweep.fid_num_samples", ">= 2"]),
+    (with_sweep(fid_steps=100_000), ["sweep.fid_steps", "num_timesteps"]),
+    (with_sweep(search="random", num_samples=6), []),  # valid
+    (with_sweep(cpus_per_worker=0.5, num_workers=2, max_concurrent_trials=0), []),  # valid
+]
+
+
+@pytest.mark.parametrize("raw,needles", SWEEP_CATALOGUE,
+                         ids=[str(i) for i in range(len(SWEEP_CATALOGUE))])
+def test_broken_sweep_params_are_refused_naming_the_key(raw, needles):
+    if not needles:
+        parse_params(raw)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_sweep_section_is_frozen():
+    with pytest.raises(Exception):
+        load_params(PROJECT / "params.yaml").sweep.steps = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# After the sweep: statuses, trials.csv, best.yaml, the sweep table and heat map
+# --------------------------------------------------------------------------------------------
+
+
+def outcome(trial_id, schedule, weighting, steps, *, status="ok", fid=None, nll=4.0,
+            error=None):
+    history = pd.DataFrame({"step": list(range(10, steps + 1, 10)),
+                            "loss": [0.5] * (steps // 10),
+                            "nll_bpd": [nll] * (steps // 10)})
+    last = {"trial_id": trial_id, "step": steps, "status": status, "nll_bpd": nll}
+    if fid is not None:
+        last["fid"] = fid
+    return TrialOutcome(trial_id, schedule, weighting, history, last, error)
+
+
+def synthetic_sweep():
+    sweep = SweepConfig(schedules=("linear", "cosine"), weightings=("uniform", "p2"), steps=40)
+    trials = [outcome("t0", "linear", "uniform", 40, fid=30.0, nll=4.1),
+              outcome("t1", "cosine", "uniform", 40, fid=20.0, nll=3.9),
+              outcome("t2", "linear", "p2", 20, nll=4.5),  # stopped by ASHA at step 20
+              outcome("t3", "cosine", "p2", 30, status="unstable", nll=math.nan),
+              TrialOutcome("t4", "cosine", "p2", pd.DataFrame(), {"trial_id": "t4"},
+                           "RuntimeError: boom")]
+    tune_table = pd.DataFrame([{**t.last, "config/schedule": t.schedule,
+                                "config/weighting": t.weighting} for t in trials[:4]])
+    return sweep, trials, tune_table
+
+
+def test_trial_status_and_trials_table():
+    sweep, trials, tune_table = synthetic_sweep()
+    assert [trial_status(t, sweep.steps) for t in trials] == [
+        STATUS_OK, STATUS_OK, STATUS_STOPPED, STATUS_UNSTABLE, STATUS_ERROR]
+    table = trials_table(tune_table, trials, sweep)
+    assert list(table.columns[:8]) == ["trial_id", "schedule", "weighting", "status", "step",
+                                       "fid", "nll_bpd", "nll_bpd_stderr"]
+    assert "config/schedule" in table.columns  # Tune's table is kept
+    rows = table.set_index("trial_id")
+    assert rows.loc["t2", "status"] == "stopped" and math.isnan(rows.loc["t2", "fid"])
+    assert rows.loc["t2", "nll_bpd"] == 4.5  # the estimate ASHA stopped it on
+    assert math.isnan(rows.loc["t3", "nll_bpd"]) and rows.loc["t4", "error"].startswith("Runt")
+    # ordered as the grid: schedules outermost
+    assert list(zip(table["schedule"], table["weighting"]))[:3] == [
+        ("linear", "uniform"), ("linear", "p2"), ("cosine", "uniform")]
+
+    best = best_trial(table)
+    assert (best["trial_id"], best["rank_by"]) == ("t1", "fid")
+    base = load_params(PROJECT / "params.yaml").experiment("eps_simple")
+    record = best_record(best, table, sweep, base, {"t1": "run-1"})
+    assert record["schedule"] == "cosine" and record["fid"] == 20.0
+    assert record["mlflow_run_id"] == "run-1"
+    assert (record["ok_trials"], record["stopped_trials"], record["unstable_trials"],
+            record["error_trials"]) == (2, 1, 1, 1)
+    assert record["experiment"] == {"mean_type": "eps", "var_type": "fixed_large",
+                                    "schedule": "cosine", "loss": "simple",
+                                    "weighting": "uniform"}
+    yaml.safe_load(yaml.safe_dump(record))  # plain types only
+
+
+def test_log_sweep_nests_one_run_per_trial(tmp_path):
+    import mlflow
+
+    from pipeline.config import StudyConfig, TrackingConfig
+    from pipeline.sweep import log_sweep
+    from pipeline.tracking import Tracker
+
+    sweep, trials, tune_table = synthetic_sweep()
+    table = trials_table(tune_table, trials, sweep)
+    tracker = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                     artifact_root=str(tmp_path / "art")), StudyConfig(),
+                      tmp_path)
+    base = load_params(PROJECT / "params.yaml").experiment("eps_simple")
+    parent, children = log_sweep(tracker, sweep, base, trials, table, wall_s=12.0)
+    assert set(children) == {"t0", "t1", "t2", "t3", "t4"}
+    client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
+    runs = {r.info.run_id: r for r in client.search_runs([tracker.experiment_id])}
+    assert runs[parent].data.tags["ddpm.role"] == "sweep"
+    statuses = {t: runs[r].info.status for t, r in children.items()}
+    assert statuses == {"t0": "FINISHED", "t1": "FINISHED", "t2": "KILLED",
+                        "t3": "FINISHED", "t4": "FAILED"}
+    for run_id in children.values():
+        assert runs[run_id].data.tags["mlflow.parentRunId"] == parent
+    assert runs[children["t4"]].data.tags["ddpm.error"] == "RuntimeError: boom"
+    assert runs[children["t1"]].data.metrics["fid"] == 20.0
+    assert [m.step for m in client.get_metric_history(children["t2"], "nll_bpd")] == [10, 20]
+    assert runs[parent].data.metrics["stopped_trials"] == 1
+
+
+def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
+    from pipeline.figures import save_sweep_heatmap
+    from pipeline.tables import load_sweep_trials, sweep_raw, sweep_table
+
+    sweep, trials, tune_table = synthetic_sweep()
+    path = tmp_path / "trials.csv"
+    trials_table(tune_table, trials, sweep).to_csv(path, index=False)
+    loaded = load_sweep_trials(path)
+    cells = sweep_table(loaded).set_index("Schedule (cells: FID / NLL)")
+    assert cells.loc["linear", "uniform"] == "30.00 / 4.10"
+    assert cells.loc["linear", "p2"] == "stopped / 4.50"
+    assert cells.loc["cosine", "p2"] == "–"  # unstable and failed
+    raw = sweep_raw(loaded).set_index(["schedule", "weighting"])
+    assert raw.loc[("linear", "p2"), "status"] == "stopped"
+    save_sweep_heatmap(sweep_raw(loaded), tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+
+def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
+    """The on_log hook of a sweep trial, on an untrained tiny model (no Ray)."""
+    import numpy as np
+
+    from pipeline.diffusion import GaussianDiffusion
+    from pipeline.sweep import TrialProbe
+    from pipeline.training import build_model
+
+    sys.path.insert(0, str(TESTS))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 12)):
+        images = rng.integers(0, 256, size=(n, 1, 8, 8), dtype=np.uint8)
+        np.savez(tmp_path / f"{split}.npz", images=images, labels=np.zeros(n, np.int64))
+    raw = copy.deepcopy(DEFAULT)
+    raw["diffusion"]["num_timesteps"] = 10
+    raw["model"].update(ch=8, ch_mult=[1], attn_resolutions=[])
+    raw["sweep"].update(fid_steps=5)
+    exp = parse_params(raw).sweep_experiment("cosine", "p2")
+    model = build_model(exp, (1, 8, 8))
+    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    probe = TrialProbe(test_data=str(tmp_path / "test.npz"),
+                       train_data=str(tmp_path / "train.npz"), total_steps=20, val_images=8,
+                       val_strata=3, fid_num_samples=10, fid_steps=5,
+                       extractor="helpers_metrics:TinyConvExtractor", extractor_weights=None)
+    model.train()
+    early = probe(10, {"ema": model, "diffusion": diffusion})
+    assert set(early) == {"nll_bpd", "nll_bpd_stderr"} and early["nll_bpd"] > 0
+    assert model.training  # the hook leaves the model as it found it
+    again = probe(10, {"ema": model, "diffusion": diffusion})
+    assert again["nll_bpd"] == early["nll_bpd"]  # same draws at every report
+    final = probe(20, {"ema": model, "diffusion": diffusion})
+    assert math.isfinite(final["fid"]) and final["fid"] > 0
+    assert pickle.loads(pickle.dumps(probe)).val_images == 8  # it travels to Ray workers
+
+
+def test_sweep_stage_help_and_bad_params(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "stages.sweep", "--help"], cwd=PROJECT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--params", "--data", "--models", "--out", "--storage"):
+        assert flag in proc.stdout
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_sweep(weightings=["uniform", "snr"])))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "stages.sweep", "--params", str(bad)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "sweep.weightings[1]" in proc.stderr and "min_snr" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Real runs: a tiny sweep, and a stage submitted to a Ray cluster
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_params(root: Path) -> Path:
+    """A tiny digits study (T = 20, the test_stages size) with a 2 x 2 sweep, under `root`."""
+    params = copy.deepcopy(DEFAULT)
+    params["diffusion"]["num_timesteps"] = 20
+    params["train"].update(steps=20, batch_size=32, log_every=10, checkpoint_every=10,
+                           warmup_steps=5)
+    params["evaluate"].update(classifier_steps=300)
+    params["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                          "artifact_root": str(root / "mlartifacts")}
+    params["sweep"] = {"base_experiment": "eps_simple", "schedules": ["linear", "cosine"],
+                       "weightings": ["uniform", "p2"], "steps": 20, "report_every": 5,
+                       "ema_decay": 0.5, "asha_grace_period": 5, "asha_reduction_factor": 2.0,
+                       "max_concurrent_trials": 2, "num_workers": 1, "cpus_per_worker": 1.0,
+                       "val_images": 20, "val_strata": 5, "fid_num_samples": 50,
+                       "fid_steps": 5}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(args, cwd, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_AUTH_MODE": "disabled",
+           **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Prepared digits and the digits classifier of a tiny study (about 15 s)."""
+    root = tmp_path_factory.mktemp("sweep-study")
+    params = tiny_params(root)
+    run_stage(["stages.prepare", "--params", str(params), "--out", str(root / "data")], root)
+    run_stage(["stages.classifier", "--params", str(params), "--data", str(root / "data"),
+               "--out", str(root / "models" / "classifier")], root)
+    return root, params
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tiny_study):
+    """2 schedules x 2 weightings, 20 steps: trials.csv, best.yaml, ASHA, nested MLflow runs."""
+    import mlflow
+
+    root, params = tiny_study
+    start = time.monotonic()
+    proc = run_stage(["stages.sweep", "--params", str(params), "--data", str(root / "data"),
+                      "--models", str(root / "models"), "--out", str(root / "results/sweep"),
+                      "--storage", str(root / "checkpoints/sweep")], root, timeout=900)
+    wall = time.monotonic() - start
+    assert "started a local Ray instance" in proc.stdout
+
+    trials = pd.read_csv(root / "results/sweep/trials.csv")
+    assert len(trials) == 4
+    assert set(zip(trials["schedule"], trials["weighting"])) == {
+        ("linear", "uniform"), ("linear", "p2"), ("cosine", "uniform"), ("cosine", "p2")}
+    assert set(trials["status"]) <= {"ok", "stopped"}, trials[["status", "error"]]
+    assert {"trial_id", "config/schedule", "training_iteration", "fid", "nll_bpd",
+            "step"} <= set(trials.columns)
+    ok, stopped = trials[trials["status"] == "ok"], trials[trials["status"] == "stopped"]
+    assert (ok["step"] == 20).all() and ok["fid"].notna().all() and ok["nll_bpd"].notna().all()
+    # ASHA (grace period 5 steps, reduction factor 2, rungs at 5 and 10 steps) applied: every
+    # report is one of every 5 steps, and a stopped trial stopped on a rung.
+    assert (trials["training_iteration"] == trials["step"] // 5).all()
+    assert set(stopped["step"]) <= {5, 10}
+    assert stopped["fid"].isna().all()
+    assert len(stopped) >= 1  # the later linear trials are worse than the cosine ones
+
+    best = yaml.safe_load((root / "results/sweep/best.yaml").read_text())
+    best_row = ok.sort_values("fid").iloc[0]
+    assert (best["schedule"], best["weighting"]) == (best_row["schedule"],
+                                                     best_row["weighting"])
+    assert best["fid"] == pytest.approx(best_row["fid"])
+    assert best["trials"] == 4 and best["stopped_trials"] == len(stopped)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    by_trial = {r.data.tags["ddpm.trial_id"]: r for r in children}
+    assert set(by_trial) == set(trials["trial_id"])
+    for row in trials.to_dict("records"):
+        run = by_trial[row["trial_id"]]
+        assert run.data.tags["ddpm.status"] == row["status"]
+        assert run.data.params["schedule"] == row["schedule"]
+        assert run.data.params["diffusion.schedule"] == row["schedule"]
+        assert run.data.params["train.steps"] == "20"
+        curve = client.get_metric_history(run.info.run_id, "nll_bpd")
+        assert [m.step for m in curve] == list(range(5, int(row["step"]) + 1, 5))
+        assert run.data.metrics["nll_bpd"] == pytest.approx(row["nll_bpd"])
+        if row["status"] == "ok":
+            assert run.data.metrics["fid"] == pytest.approx(row["fid"])
+            assert run.info.status == "FINISHED"
+        else:
+            assert "fid" not in run.data.metrics and run.info.status == "KILLED"
+    assert best["mlflow_run_id"] == by_trial[best["trial_id"]].info.run_id
+    assert parent.data.metrics["trials"] == 4
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert artifacts == {"sweep/trials.csv", "sweep/best.yaml"}
+    print(f"tiny sweep: {wall:.0f}s, {len(stopped)} of 4 trials stopped by ASHA")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_stage_submitted_to_a_ray_cluster(tiny_study, tmp_path):
+    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir` a train stage: it connects
+    to that cluster (RAY_ADDRESS), writes its outputs and its MLflow run to absolute paths."""
+    import mlflow
+
+    root, params = tiny_study
+    bin_dir = Path(sys.executable).parent
+    repo = tmp_path / "repo"  # what `--working-dir .` uploads: the code and params.yaml
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(PROJECT / name, repo / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(params, repo / "params.yaml")
+    out = tmp_path / "out"
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    # a private temp dir: other Ray users of this machine never discover this node
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+         # ports with fixed defaults, so that a Ray instance already on this machine (another
+         # test, another user) cannot keep this node's job agent or client server from starting
+         "--dashboard-agent-listen-port", str(_free_port()),
+         "--ray-client-server-port", str(_free_port()),
+         "--disable-usage-stats", "--temp-dir", temp_dir],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard's job API answers once the head is up
+            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address],
+                                   env=env, capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, probe.stderr[-2000:]
+            time.sleep(2)
+        runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled",
+                                    "PYTHONUNBUFFERED": "1"}}
+        for _ in range(20):  # the job agent may come up a little after the job API answers
+            submit = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address,
+                 "--working-dir", str(repo), "--runtime-env-json", json.dumps(runtime_env),
+                 "--", "python", "-m", "stages.train", "--experiment", "eps_simple",
+                 "--data", str(root / "data"), "--out", str(out / "models"),
+                 "--plots", str(out / "plots"), "--storage", str(out / "checkpoints")],
+                env=env, capture_output=True, text=True, timeout=600)
+            logs = submit.stdout + submit.stderr
+            if "No available agent to submit job" not in logs:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
+        # the job's driver got RAY_ADDRESS (this head's GCS) from the job system
+        assert re.search(rf"connected to Ray cluster at [\d.]+:{gcs_port}\b", logs), logs[-6000:]
+        assert "started a local Ray instance" not in logs
+        assert (out / "models" / "eps_simple" / "ema.pt").is_file()
+        curve = pd.read_csv(out / "plots" / "eps_simple.csv")
+        assert curve["step"].tolist() == [10, 20]
+        client = mlflow.MlflowClient(tracking_uri=tracking)
+        experiment = client.get_experiment_by_name("ddpm-digits")
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.run_name for r in runs] == ["eps_simple"]
+        history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+        assert [m.step for m in history] == [10, 20]
+    finally:
+        # stop only the node this test started: `ray start --block` stops its processes on
+        # SIGTERM; its own session (process group) catches anything left behind
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
