@@ -19,22 +19,21 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (imported lazily: cheap start)."""
-    from pipeline.data import DataError
-    from pipeline.metrics import MetricsError
-    from pipeline.sampling import ModelError
-    from pipeline.tables import TablesError
+    """Exception types whose message is meant for the user.
+
+    Only the error classes of modules already imported are looked up: an error of a module that
+    was never imported cannot have been raised, and importing it (torch, pandas, Ray) would
+    delay the message by seconds.
+    """
     from pipeline.tracking import TrackingError
-    from pipeline.training import CheckpointError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, MetricsError, ModelError,
-                                         TablesError, TrackingError, CheckpointError]
-    try:
-        from pipeline.distributed import TrainingError
-
-        errors.append(TrainingError)
-    except ImportError:  # pragma: no cover - Ray missing
-        pass
+    errors: list[type[BaseException]] = [ConfigError, TrackingError]
+    for module, name in (("pipeline.data", "DataError"), ("pipeline.metrics", "MetricsError"),
+                         ("pipeline.sampling", "ModelError"), ("pipeline.tables", "TablesError"),
+                         ("pipeline.training", "CheckpointError"),
+                         ("pipeline.distributed", "TrainingError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

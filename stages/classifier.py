@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        _common.tracker_for(params)  # an unreachable tracking store stops the study here
         from pipeline import metrics
         from pipeline.data import load_prepared, prepared_path
         from pipeline.io import write_json

@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
-from pipeline.data import DataError, prepare_dataset
+from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/prepared", type=Path,
                         help="folder for the prepared splits (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
+
+    def body(params) -> int:
+        _common.tracker_for(params)  # an unreachable tracking store stops the study here
+        from pipeline.data import prepare_dataset  # imports torch: after the quick checks
+
         summary = prepare_dataset(params.data, args.out, seed=params.study.seed)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    c, h, w = summary["image_shape"]
-    print(f"prepared {summary['dataset']}: {summary['train']} train + {summary['test']} test "
-          f"images of {c}x{h}x{w} -> {summary['out_dir']}")
-    return 0
+        c, h, w = summary["image_shape"]
+        print(f"prepared {summary['dataset']}: {summary['train']} train + {summary['test']} "
+              f"test images of {c}x{h}x{w} -> {summary['out_dir']}")
+        return 0
+
+    return _common.run(body, args.params)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
     params["evaluate"].update(nll_num_images=20, classifier_steps=300, kid_subset_size=20,
                               is_splits=2)
     params["experiments"] = {k: params["experiments"][k] for k in experiments}
+    params["sweep"].update(base_experiment=experiments[0], schedules=["linear", "cosine"],
+                           weightings=["uniform"], steps=20, report_every=10,
+                           asha_grace_period=10, val_images=20, val_strata=5,
+                           fid_num_samples=50, fid_steps=5)
 
 
 def mlflow_runs(repo: Path) -> pd.DataFrame:
@@ -80,54 +84,73 @@ def mlflow_runs(repo: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_dvc_repro_of_a_tiny_digits_study(tmp_path):
-    repo = make_study_repo(tmp_path, tiny)
-    start = time.monotonic()
-    sh(["dvc", "repro"], repo)
-    first_run = time.monotonic() - start
-    experiments = ["eps_simple", "mu_vlb_fixed"]
+def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
+    """The shared tiny study (conftest.py): eps_simple trains, mu_vlb_fixed diverges on purpose;
+    every stage's outputs, the tables, the metrics and MLflow agree, and DVC behaves."""
+    repo = shared_study
+    first_run = float((repo.parent / "first_repro_s").read_text())
+    ok, unstable = "eps_simple", "mu_vlb_fixed"
+    experiments = [ok, unstable]
 
     # outputs of every stage
     for name in experiments:
         assert (repo / "models" / name / "ema.pt").is_file()
         assert (repo / "samples" / name / "grid.png").is_file()
         assert (repo / "samples" / name / "progressive.png").is_file()
-        curve = pd.read_csv(repo / "plots" / "loss" / f"{name}.csv")
-        assert curve["step"].tolist() == [10, 20, 30, 40]
+        assert (repo / "plots" / "fid_over_training" / f"{name}.png").is_file()
+    curve = pd.read_csv(repo / "plots" / "loss" / f"{ok}.csv")
+    assert curve["step"].tolist() == [10, 20, 30, 40]
+    # evaluate.checkpoints all: EMA snapshots at every checkpoint step, each scored
+    snapshots = sorted(p.name for p in (repo / "models" / ok / "checkpoints").iterdir())
+    assert snapshots == ["ema_20.pt", "ema_40.pt"]
+    over_training = pd.read_csv(repo / "metrics" / f"{ok}_checkpoints.csv")
+    assert over_training[["step", "source"]].values.tolist() == [[20, "checkpoint"],
+                                                                 [40, "checkpoint"]]
+    assert (over_training["num_samples"] == 40).all() and over_training["fid"].notna().all()
     assert (repo / "models" / "classifier" / "classifier.pt").is_file()
     reference = json.loads((repo / "metrics" / "reference.json").read_text())
     assert reference["real_data"]["fid"] < reference["untrained"]["fid"]
 
     # the metrics and the tables agree
     metrics = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in experiments}
-    for name, m in metrics.items():
-        assert m["status"] == "ok" and m["train_steps"] == 40
-        for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train"):
-            assert isinstance(m[key], float), (name, key)
-        assert m["nll_bpd"] > 0
+    m = metrics[ok]
+    assert m["status"] == "ok" and m["train_steps"] == 40
+    for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train"):
+        assert isinstance(m[key], float), key
+    assert m["nll_bpd"] > 0
+    best = over_training.sort_values(["fid", "step"]).iloc[0]
+    assert m["best_checkpoint_step"] == best["step"]
+    assert m["best_checkpoint_fid"] == pytest.approx(best["fid"])
+    assert metrics[unstable]["status"] == "unstable" and metrics[unstable]["fid"] is None
     table2 = pd.read_csv(repo / "results" / "table2.csv")
-    fids = sorted(v for v in table2["fid"].tolist() if v == v)
-    assert fids == pytest.approx(sorted(m["fid"] for m in metrics.values()))
+    fids = [v for v in table2["fid"].tolist() if v == v]
+    assert fids == pytest.approx([m["fid"]])
     table1 = (repo / "results" / "table1.md").read_text()
     assert "Real data" in table1 and "Untrained" in table1 and "L_simple" in table1
     assert (repo / "results" / "table1.tex").read_text().count("\\begin{tabular}") == 1
     assert (repo / "results" / "loss_curves.png").is_file()
+    sweep = pd.read_csv(repo / "results" / "sweep" / "trials.csv")  # the sweep stage ran too
+    assert sorted(sweep["schedule"]) == ["cosine", "linear"]
+    assert (repo / "results" / "sweep_heatmap.png").is_file()
+    assert (repo / "results" / "sweep.md").is_file()
 
     # MLflow: one run per experiment with the same numbers, artifacts, and the tables run
     client, runs = mlflow_runs(repo)
     by_name = {r.info.run_name: r for r in runs}
-    for name in experiments:
-        run = by_name[name]
-        assert run.data.metrics["fid"] == pytest.approx(metrics[name]["fid"])
-        assert run.data.metrics["nll_bpd"] == pytest.approx(metrics[name]["nll_bpd"])
-        assert run.data.params["diffusion.num_timesteps"] == "20"
-        assert run.data.tags["ddpm.status"] == "ok"
-        assert "dvc.train.md5" in run.data.tags
-        history = client.get_metric_history(run.info.run_id, "train_loss")
-        assert [m.step for m in history] == [10, 20, 30, 40]
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-        assert "samples/grid.png" in artifacts
-    assert "tables" in by_name
+    run = by_name[ok]
+    assert run.data.metrics["fid"] == pytest.approx(m["fid"])
+    assert run.data.metrics["nll_bpd"] == pytest.approx(m["nll_bpd"])
+    assert run.data.params["diffusion.num_timesteps"] == "20"
+    assert run.data.tags["ddpm.status"] == "ok"
+    assert "dvc.train.md5" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [h.step for h in history] == [10, 20, 30, 40]
+    fid_curve = client.get_metric_history(run.info.run_id, "checkpoint_fid")
+    assert [h.step for h in fid_curve] == [20, 40]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/grid.png" in artifacts
+    assert by_name[unstable].data.tags["ddpm.status"] == "unstable"
+    assert "tables" in by_name and "sweep" in by_name
 
     # DVC behaves as users expect
     shown = sh(["dvc", "metrics", "show"], repo).stdout
@@ -138,13 +161,17 @@ def test_dvc_repro_of_a_tiny_digits_study(tmp_path):
     again = sh(["dvc", "repro"], repo)
     assert time.monotonic() - start < 15
     assert "Running stage" not in again.stdout
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
     params["diffusion"]["schedule"] = "cosine"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    diff = sh(["dvc", "params", "diff"], repo).stdout
-    assert "diffusion.schedule" in diff and "cosine" in diff
-    status = sh(["dvc", "status"], repo).stdout
-    assert "train@eps_simple" in status and "prepare" not in status
+    try:
+        diff = sh(["dvc", "params", "diff"], repo).stdout
+        assert "diffusion.schedule" in diff and "cosine" in diff
+        status = sh(["dvc", "status"], repo).stdout
+        assert "train@eps_simple" in status and "prepare" not in status
+    finally:  # the study is shared: leave it as it was
+        (repo / "params.yaml").write_text(good)
     print(f"tiny study: first dvc repro {first_run:.0f}s")
 
 
@@ -165,6 +192,7 @@ def test_cifar10_study_from_a_local_archive(tmp_path):
         params["sample"].update(num_samples=40, batch_size=40)
         params["evaluate"].update(feature_extractor="helpers_metrics:TinyConvExtractor",
                                   nll_num_images=10)
+        params["sweep"].update(schedules=["linear"])  # one trial: the sweep runs on CIFAR10 too
 
     repo = make_study_repo(tmp_path, edit)
     sh(["dvc", "repro"], repo)
@@ -213,8 +241,11 @@ def test_sample_before_train_names_the_command(tmp_path):
     assert "dvc repro train@eps_simple" in proc.stderr
 
 
-@pytest.mark.parametrize("stage", ["prepare", "classifier", "train", "sample", "evaluate",
-                                   "reference", "tabulate"])
+ALL_STAGES = sorted(p.stem for p in (PROJECT / "stages").glob("*.py")
+                    if not p.stem.startswith("_"))  # a new stage is checked too
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
 def test_every_stage_documents_its_arguments(stage):
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"],
                           env=env_for(PROJECT), capture_output=True, text=True, timeout=60)

@@ -1,0 +1,45 @@
+"""Fixtures shared by the slow end-to-end tests.
+
+`shared_study` is one tiny digits study reproduced with a real `dvc repro` in a temporary git
+repository, built once per test session and read by test_stages.py (the end-to-end checks),
+test_reliability.py (faults and determinism) and test_mlflow_ui.py (the browser). Its two
+experiments cover what those tests need: `eps_simple` trains normally and keeps an EMA snapshot
+at every checkpoint (`evaluate.checkpoints: all`), `mu_vlb_fixed` diverges on purpose (huge
+learning rate, no clipping) and must end up "unstable" while the rest of the study completes.
+Tests must not change it: they copy it, or rerun stages into their own temporary folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+STABLE = "eps_simple"
+UNSTABLE = "mu_vlb_fixed"  # diverges on purpose
+SHARED_EXPERIMENTS = (STABLE, UNSTABLE)
+
+
+def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:
+    """The shared study's params.yaml, edited in place from the project's (a subset of its
+    experiments keeps their settings, so a one-experiment study trains the same `eps_simple`)."""
+    from test_stages import tiny
+
+    tiny(params, experiments=experiments)
+    params["evaluate"].update(checkpoints="all", checkpoint_num_samples=40)
+    if UNSTABLE in experiments:
+        params["experiments"][UNSTABLE]["train"] = {"lr": 1.0e6, "grad_clip": 1.0e12}
+
+
+@pytest.fixture(scope="session")
+def shared_study(tmp_path_factory) -> Path:
+    """The shared tiny study after one uninterrupted `dvc repro` (a few minutes)."""
+    import time
+
+    from test_stages import make_study_repo, sh
+
+    repo = make_study_repo(tmp_path_factory.mktemp("shared"), shared_study_params)
+    start = time.monotonic()
+    sh(["dvc", "repro"], repo, timeout=1800)
+    (repo.parent / "first_repro_s").write_text(f"{time.monotonic() - start:.1f}")
+    return repo

@@ -1,0 +1,688 @@
+"""Reliability, proven by injecting each fault for real: a killed Ray worker, a killed `dvc repro`,
+a diverging run, an unreachable MLflow server, broken params, corrupt and missing files, a writer
+killed mid-write. The README's "Reliability" section lists what each test guarantees.
+
+The slow tests read the session's shared tiny study (`shared_study` in conftest.py: T = 20, 40
+steps, two experiments of which one diverges on purpose), reproduced once with a real
+`dvc repro` in a temporary git repository.
+Stages are rerun from a temporary working folder with absolute paths into that study, so that
+their MLflow records and outputs stay apart from the study's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import UNSTABLE, shared_study_params
+from test_stages import PROJECT, env_for, make_study_repo, mlflow_runs, sh, tiny
+
+STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
+EXPERIMENT_STAGES = ("train", "sample", "evaluate")
+OUTPUTS = ("data/prepared", "models", "samples", "metrics", "plots", "results", "checkpoints",
+           "dvc.lock")
+WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*?train (\w+): step (\d+)/(\d+)")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def stage(name: str, *args, cwd: Path, code: Path = PROJECT, env: dict | None = None,
+          timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m stages.<name> *args` in `cwd`, with the pipeline code of `code`."""
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd,
+                          env={**env_for(code), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, no traceback, and a last line `error: ...` holding every needle."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert str(needle) in message, (needle, message)
+    return message
+
+
+def snapshot(repo: Path) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, mtime_ns)} of every stage output of a study."""
+    files = {}
+    for name in OUTPUTS:
+        top = repo / name
+        for path in ([top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())):
+            files[str(path.relative_to(repo))] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                 path.stat().st_mtime_ns)
+    return files
+
+
+def ray_checkpoints(storage: Path) -> list[Path]:
+    return sorted(storage.glob("*/checkpoint_*/state.pt"))
+
+
+def registered_checkpoint_step(storage: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train's controller has registered (and so resumes
+    from), read from its snapshot file; None before the first."""
+    for snap in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        except (OSError, json.JSONDecodeError):  # being written
+            return None
+        if latest:
+            return int(latest["metrics"]["step"])
+    return None
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cmdline(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+def wait_gone(processes, timeout: float) -> list:
+    """Wait until every process has exited (zombies count as exited); return those alive."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in processes:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def kill_all(processes) -> list[str]:
+    """SIGKILL what is still alive; return the command lines of those that were."""
+    import psutil
+
+    alive = []
+    for proc in processes:
+        try:
+            proc.kill()
+            alive.append(cmdline(proc)[:80])
+        except psutil.Error:
+            pass
+    return alive
+
+
+def worker_steps(output: str, experiment: str) -> dict[int, list[int]]:
+    """{Ray Train worker pid: steps it logged, in order} from a train stage's output."""
+    steps: dict[int, list[int]] = {}
+    for pid, name, step, _ in WORKER_LINE.findall(output):
+        if name == experiment and int(step) not in steps.setdefault(int(pid), []):
+            steps[int(pid)].append(int(step))
+    return steps
+
+
+def load_state(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def study(shared_study) -> Path:
+    """The shared tiny study (conftest.py) after one uninterrupted `dvc repro`."""
+    return shared_study
+
+
+# --------------------------------------------------------------------------------------------
+# Faults survived: a killed worker, a killed `dvc repro`, a diverging run
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(study, tmp_path):
+    """SIGKILL the Ray Train worker after its first checkpoint: Ray restarts the worker group
+    (FailureConfig(max_failures)) from that checkpoint and training ends at train.steps with the
+    step counter, Adam, the LR schedule and the EMA continuous, and no step logged twice."""
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    params["train"]["steps"] = 60
+    params["experiments"] = {"eps_simple": params["experiments"]["eps_simple"]}
+    write_params(tmp_path / "params.yaml", params)
+    storage = tmp_path / "checkpoints"
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.train", "-e", "eps_simple", "--params", "params.yaml",
+             "--data", study / "data" / "prepared", "--storage", storage],
+            cwd=tmp_path, env=env_for(study), stdout=out, stderr=subprocess.STDOUT)
+        killed, deadline = None, time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            if killed is None and registered_checkpoint_step(storage) is not None:
+                workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in cmdline(p)]
+                assert len(workers) == 1, workers
+                killed = (workers[0].pid, registered_checkpoint_step(storage))
+                workers[0].send_signal(signal.SIGKILL)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            kill_all([*descendants(proc.pid), proc])
+    output = log.read_text()
+    assert proc.returncode == 0, output[-5000:]
+    assert killed is not None, "training ended before its first checkpoint"
+    killed_pid, resumed_from = killed
+    assert resumed_from < 60
+
+    steps = worker_steps(output, "eps_simple")
+    assert killed_pid in steps and len(steps) == 2, steps  # one restart
+    restarted = next(s for pid, s in steps.items() if pid != killed_pid)
+    assert restarted[0] == resumed_from + 10, (resumed_from, restarted)  # not from step 0
+    assert restarted[-1] == 60
+
+    curve = pd.read_csv(tmp_path / "plots" / "loss" / "eps_simple.csv")
+    assert curve["step"].tolist() == list(range(10, 61, 10))  # every step once
+    info = json.loads((tmp_path / "models" / "eps_simple" / "state.json").read_text())
+    assert info["step"] == 60 and info["status"] == "ok"
+    final = max(ray_checkpoints(storage), key=lambda p: load_state(p)["step"])
+    state = load_state(final)
+    assert state["step"] == 60
+    assert all(s["step"] == 60 for s in state["optimizer"]["state"].values())  # Adam's t
+    assert state["scheduler"]["last_epoch"] == 60
+    assert int(state["ema"]["n_averaged"]) == 60  # one EMA update per step
+    # the first 40 steps are those of the study's uninterrupted 40-step run, bit for bit
+    uninterrupted = pd.read_csv(study / "plots" / "loss" / "eps_simple.csv")
+    assert curve["loss"].tolist()[:4] == uninterrupted["loss"].tolist()
+
+
+@pytest.mark.slow
+def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
+    """SIGKILL the process group of a real `dvc repro` once training has a checkpoint: a plain
+    `dvc repro` again resumes from it (no manual step, no stale-lock error) and the study's
+    outputs equal those of the uninterrupted run."""
+    repo = make_study_repo(tmp_path, lambda p: shared_study_params(p, ("eps_simple",)))
+    target = "evaluate@eps_simple"  # train, sample, evaluate (and prepare, classifier)
+    storage = repo / "checkpoints"
+    with open(tmp_path / "killed.log", "w") as out:
+        proc = subprocess.Popen(["dvc", "repro", target], cwd=repo, env=env_for(repo), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            if registered_checkpoint_step(storage) is not None:
+                break
+            time.sleep(0.05)
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Ray's actors run in process groups of their own; they exit once their raylet has gone
+    survivors = kill_all(wait_gone(tree, timeout=60))
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-5000:]
+    assert not survivors, survivors  # no orphan goes on training
+    assert registered_checkpoint_step(storage) == 20  # killed between steps 20 and 40
+    assert not (repo / "models" / "eps_simple").exists()  # nothing half-written to accept
+    assert "train@eps_simple" not in (repo / "dvc.lock").read_text()
+    rwlock = json.loads((repo / ".dvc" / "tmp" / "rwlock").read_text())
+    stale = [info for infos in rwlock.get("read", {}).values() for info in infos]
+    stale += list(rwlock.get("write", {}).values())
+    assert any(info["pid"] == proc.pid for info in stale), rwlock  # left by the killed dvc
+
+    again = sh(["dvc", "repro", target], repo)  # no manual step: DVC drops the dead process's entries
+    steps = [s for s_list in worker_steps(again.stdout, "eps_simple").values() for s in s_list]
+    assert steps and steps[0] == 30 and steps[-1] == 40, steps  # resumed at step 20
+
+    name = "eps_simple"
+    info = json.loads((repo / "models" / name / "state.json").read_text())
+    assert info["step"] == 40 and info["status"] == "ok"
+    curve = pd.read_csv(repo / "plots" / "loss" / f"{name}.csv")
+    assert curve.equals(pd.read_csv(study / "plots" / "loss" / f"{name}.csv"))
+    for weights in ("ema.pt", "model.pt"):
+        assert tensors_equal(load_state(repo / "models" / name / weights),
+                             load_state(study / "models" / name / weights)), weights
+    assert ((repo / "samples" / name / "samples.npz").read_bytes()
+            == (study / "samples" / name / "samples.npz").read_bytes())
+    resumed = json.loads((repo / "metrics" / f"{name}.json").read_text())
+    uninterrupted = json.loads((study / "metrics" / f"{name}.json").read_text())
+    for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train", "train_steps"):
+        assert resumed[key] == uninterrupted[key], key
+    assert not sh(["dvc", "status", target], repo).stdout.count("changed"), \
+        "dvc status not clean"
+
+
+@pytest.mark.slow
+def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
+    m = json.loads((study / "metrics" / f"{UNSTABLE}.json").read_text())
+    assert m["status"] == "unstable" and m["fid"] is None and m["nll_bpd"] is None
+    assert m["train_steps"] < 40  # stopped early
+    info = json.loads((study / "models" / UNSTABLE / "state.json").read_text())
+    assert info["status"] == "unstable"
+    with np.load(study / "samples" / UNSTABLE / "samples.npz") as f:
+        assert len(f["images"]) == 0 and str(f["status"]) == "unstable"
+    assert json.loads((study / "metrics" / "eps_simple.json").read_text())["status"] == "ok"
+
+    table2 = (study / "results" / "table2.md").read_text()
+    rows = [line for line in table2.splitlines() if "L, fixed isotropic Σ" in line]
+    assert len(rows) == 1 and rows[0].count("–") >= 3, table2  # IS, FID, NLL: "–"
+    assert (study / "results" / "table1.md").is_file()
+
+    _, runs = mlflow_runs(study)
+    status = {r.info.run_name: r.data.tags.get("ddpm.status") for r in runs}
+    assert status[UNSTABLE] == "unstable" and status["eps_simple"] == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_worker_samples_and_metrics_are_bitwise_reproducible(study, tmp_path):
+    """Rerun sample@eps_simple and evaluate@eps_simple: identical bytes and numbers."""
+    name, params = "eps_simple", study / "params.yaml"
+    stage_args = dict(cwd=tmp_path, code=study)
+    proc = stage("sample", "-e", name, "--params", params, "--models", study / "models",
+                 "--out", tmp_path / "samples", **stage_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for file in ("samples.npz", "grid.png"):
+        assert ((tmp_path / "samples" / name / file).read_bytes()
+                == (study / "samples" / name / file).read_bytes()), file
+    proc = stage("evaluate", "-e", name, "--params", params, "--data", study / "data" / "prepared",
+                 "--models", study / "models", "--samples", tmp_path / "samples",
+                 "--out", tmp_path / "metrics", **stage_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+    first = json.loads((study / "metrics" / f"{name}.json").read_text())
+    timings = {k for k in first if k.endswith("_s") or k == "images_per_s"}
+    assert {k: v for k, v in again.items() if k not in timings} == \
+        {k: v for k, v in first.items() if k not in timings}
+
+
+@pytest.mark.slow
+def test_two_workers_are_bitwise_reproducible(study, tmp_path):
+    """DDP with 2 workers on fractional CPUs (gloo): two fresh runs give identical weights."""
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    params["train"].update(steps=20, num_workers=2, cpus_per_worker=0.5)
+    params["experiments"] = {"eps_simple": params["experiments"]["eps_simple"]}
+    write_params(tmp_path / "params.yaml", params)
+    runs = []
+    for run in ("a", "b"):
+        proc = stage("train", "-e", "eps_simple", "--params", tmp_path / "params.yaml",
+                     "--data", study / "data" / "prepared", "--storage", tmp_path / run / "ckpt",
+                     "--out", tmp_path / run / "models", "--plots", tmp_path / run / "plots",
+                     cwd=tmp_path, code=study)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "world_size=2" in proc.stdout + proc.stderr
+        runs.append(tmp_path / run)
+    a, b = runs
+    curve = "plots/eps_simple.csv"
+    assert (a / curve).read_text() == (b / curve).read_text()
+    for weights in ("ema.pt", "model.pt"):
+        assert tensors_equal(load_state(a / "models" / "eps_simple" / weights),
+                             load_state(b / "models" / "eps_simple" / weights)), weights
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input refused: params, tracking store, corrupt and missing files
+# --------------------------------------------------------------------------------------------
+
+
+def _broken(edit):
+    def make(params):
+        params = json.loads(json.dumps(params))
+        edit(params)
+        return yaml.safe_dump(params, sort_keys=False)
+    return make
+
+
+BROKEN_PARAMS = {  # name: (params.yaml text from the study's params, what the message names)
+    "yaml_syntax": (lambda p: "train:\n  steps: [1, 2\n", ["params.yaml", "YAML syntax error"]),
+    "empty": (lambda p: "", ["params.yaml", "empty"]),
+    "unknown_key": (_broken(lambda p: p["train"].update(epochs=3)), ["train", "epochs"]),
+    "bad_value": (_broken(lambda p: p["diffusion"].update(schedule="cosin")),
+                  ["diffusion.schedule", "cosine"]),
+    "nested_override": (_broken(lambda p: p["experiments"]["eps_simple"].update(
+        train={"stepz": 3})), ["experiments.eps_simple.train", "stepz", "steps"]),
+    "evaluate_key": (_broken(lambda p: p["evaluate"].update(fid=True)), ["evaluate", "fid"]),
+}
+
+
+@pytest.fixture(scope="module")
+def study_copy(study, tmp_path_factory) -> Path:
+    """A copy of the finished study (with its DVC cache) to break params in."""
+    copy = tmp_path_factory.mktemp("broken") / "study"
+    shutil.copytree(study, copy, symlinks=True)
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(BROKEN_PARAMS))
+def test_broken_params_stop_every_stage_and_dvc_repro_fast_and_lose_nothing(study_copy, variant):
+    """Every stage and `dvc repro` refuse broken params within 5 s, before Ray or a model
+    starts, with a one-line message naming the key; no stage output changes. `dvc repro` itself
+    removes the outputs of the first stage it reruns before calling it (DVC always does); they
+    stay in DVC's cache, and a `dvc repro` after the fix restores them without running anything.
+    """
+    repo = study_copy
+    good = (repo / "params.yaml").read_text()
+    make, needles = BROKEN_PARAMS[variant]
+    before = snapshot(repo)
+    (repo / "params.yaml").write_text(make(yaml.safe_load(good)))
+    try:
+        for name in STAGES:  # the stages as commands: nothing may change
+            args = ["-e", "eps_simple"] if name in EXPERIMENT_STAGES else []
+            start = time.monotonic()
+            proc = stage(name, *args, cwd=repo, code=repo, timeout=60)
+            assert time.monotonic() - start < 5, (name, time.monotonic() - start)
+            message = assert_user_error(proc, *needles)
+            assert len(message) < 400 and "Ray" not in proc.stdout + proc.stderr, message
+        assert snapshot(repo) == before
+
+        start = time.monotonic()
+        proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env_for(repo), capture_output=True,
+                              text=True, timeout=60)
+        assert time.monotonic() - start < 5
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert "started a local Ray" not in proc.stdout
+        failed = re.search(r"failed to reproduce '([^']+)'", proc.stderr)
+        if variant in ("yaml_syntax", "empty"):  # DVC reads params.yaml for dvc.yaml's foreach
+            assert failed is None and ("params.yaml" in proc.stderr
+                                       or "'experiments'" in proc.stderr), proc.stderr
+        else:
+            assert_user_error(subprocess.CompletedProcess(
+                proc.args, 2, proc.stdout,
+                "\n".join(line for line in proc.stderr.splitlines()
+                          if line.startswith("error:"))), *needles)
+        after = snapshot(repo)
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        removed_by_dvc = {o["path"] for o in lock[failed.group(1)]["outs"]} if failed else set()
+        for path, value in before.items():
+            if path in after:
+                assert after[path] == value, path
+            else:  # absent: only the outputs of the stage DVC was about to rerun
+                assert any(path == out or path.startswith(f"{out}/")
+                           for out in removed_by_dvc), path
+    finally:
+        (repo / "params.yaml").write_text(good)
+    restored = sh(["dvc", "repro"], repo)
+    assert "Running stage" not in restored.stdout, restored.stdout
+    assert {p: h for p, (h, _) in snapshot(repo).items()} == \
+        {p: h for p, (h, _) in before.items()}
+
+
+def test_unreachable_mlflow_stops_every_stage_at_once(tmp_path):
+    """MLFLOW_TRACKING_URI pointing at a closed port: each stage stops at its start, in seconds,
+    naming the URI (the inputs are not even looked at, so nothing is trained first)."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    tiny(params, experiments=("eps_simple",))
+    write_params(tmp_path / "params.yaml", params)
+    names = STAGES + (("sweep",) if (PROJECT / "stages" / "sweep.py").is_file() else ())
+    for name in names:
+        args = ["-e", "eps_simple"] if name in EXPERIMENT_STAGES else []
+        start = time.monotonic()
+        proc = stage(name, *args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=60)
+        assert time.monotonic() - start < 20, name  # mostly torch imports, on a busy machine
+        assert_user_error(proc, uri, "unreachable")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Prepared digits splits (data/prepared), made in-process."""
+    from pipeline.config import parse_params
+    from pipeline.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare_dataset(parse_params({}).data, root, seed=0)
+    return root
+
+
+def tiny_params(folder: Path, **sections) -> Path:
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    tiny(params, experiments=("eps_simple",))
+    for section, values in sections.items():
+        params[section].update(values)
+    return write_params(folder / "params.yaml", params)
+
+
+def fake_model_dir(models: Path, name: str = "eps_simple") -> Path:
+    """models/<E>/state.json as the train stage writes it (enough for the stages to read)."""
+    folder = models / name
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"step": 40, "status": "ok",
+                                                   "image_shape": [1, 8, 8]}))
+    return folder
+
+
+def truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_corrupt_prepared_data_names_the_file(prepared, tmp_path):
+    data = tmp_path / "prepared"
+    shutil.copytree(prepared, data)
+    bad = truncate(data / "digits" / "train.npz")
+    params = tiny_params(tmp_path)
+    for name, args in (("train", ["-e", "eps_simple"]), ("classifier", [])):
+        proc = stage(name, *args, "--params", params, "--data", data, cwd=tmp_path, timeout=60)
+        assert_user_error(proc, bad, "unreadable or truncated", "dvc repro prepare")
+        assert "Ray" not in proc.stdout
+
+
+def test_corrupt_samples_names_the_file(tmp_path):
+    fake_model_dir(tmp_path / "models")
+    bad = tmp_path / "samples" / "eps_simple" / "samples.npz"
+    bad.parent.mkdir(parents=True)
+    np.savez(bad, images=np.zeros((60, 1, 8, 8), np.uint8), status=np.array("ok"))
+    truncate(bad)
+    proc = stage("evaluate", "-e", "eps_simple", "--params", tiny_params(tmp_path), "--models",
+                 tmp_path / "models", "--samples", tmp_path / "samples", "--out",
+                 tmp_path / "metrics", cwd=tmp_path, timeout=60)
+    assert_user_error(proc, bad, "corrupt or truncated", "dvc repro sample@eps_simple")
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_corrupt_model_weights_name_the_file(tmp_path):
+    folder = fake_model_dir(tmp_path / "models")
+    (folder / "ema.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    proc = stage("sample", "-e", "eps_simple", "--params", tiny_params(tmp_path), "--models",
+                 tmp_path / "models", "--out", tmp_path / "samples", cwd=tmp_path, timeout=60)
+    assert_user_error(proc, folder / "ema.pt", "corrupt or truncated", "dvc repro train@eps_simple")
+    assert not (tmp_path / "samples" / "eps_simple").exists()
+
+
+def test_corrupt_classifier_weights_name_the_file(prepared, tmp_path):
+    from pipeline.metrics import DigitsClassifier, save_classifier
+
+    bad = tmp_path / "models" / "classifier" / "classifier.pt"
+    save_classifier(DigitsClassifier(), bad)
+    truncate(bad)
+    proc = stage("reference", "--params", tiny_params(tmp_path), "--data", prepared, "--models",
+                 tmp_path / "models", "--out", tmp_path / "metrics" / "reference.json",
+                 cwd=tmp_path, timeout=120)
+    assert_user_error(proc, bad, "truncated or corrupt", "dvc repro classifier")
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_corrupt_cifar10_archive_names_the_file(tmp_path):
+    from helpers import make_cifar10_archive
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar10_archive(archive, n_train=50, n_test=10)
+    truncate(archive)
+    params = tiny_params(tmp_path, data={"dataset": "cifar10", "cifar10_archive": str(archive)})
+    proc = stage("prepare", "--params", params, "--out", tmp_path / "prepared", cwd=tmp_path,
+                 timeout=60)
+    assert_user_error(proc, archive, "cannot read the CIFAR10 archive", "download it again",
+                      "cs.toronto.edu")
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_on_resume_names_the_file_in_storage(study, tmp_path):
+    """A truncated state.pt under checkpoints/: the rerun train stage fails (after Ray's
+    retries) with a message naming that file and the folder to delete, not a worker's temp copy."""
+    storage = tmp_path / "checkpoints"
+    shutil.copytree(study / "checkpoints", storage)
+    run = next(p.parent for p in storage.glob("*eps_simple*/checkpoint_manager_snapshot.json"))
+    corrupted = [truncate(p) for p in ray_checkpoints(run.parent) if run in p.parents]
+    assert corrupted
+    proc = stage("train", "-e", "eps_simple", "--params", study / "params.yaml", "--data",
+                 study / "data" / "prepared", "--storage", storage, "--out", tmp_path / "models",
+                 "--plots", tmp_path / "plots", cwd=tmp_path, code=study)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: training of 'eps_simple' cannot resume: "), message
+    assert any(str(p) in message for p in corrupted), message
+    assert "corrupt or truncated" in message and f"delete the run folder {run}" in message
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("case", ["train", "classifier", "sample", "evaluate", "reference",
+                                  "tabulate"])
+def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_path, case):
+    params = tiny_params(tmp_path)
+    models, empty = tmp_path / "models", tmp_path / "absent"
+    if case == "train":
+        args, needles = ["-e", "eps_simple", "--data", empty], [
+            empty / "digits" / "train.npz", "dvc repro prepare"]
+    elif case == "classifier":
+        args, needles = ["--data", empty], [empty / "digits" / "train.npz", "dvc repro prepare"]
+    elif case == "sample":
+        args, needles = ["-e", "eps_simple", "--models", models], [
+            models / "eps_simple" / "state.json", "dvc repro train@eps_simple"]
+    elif case == "evaluate":
+        fake_model_dir(models)
+        args, needles = ["-e", "eps_simple", "--models", models, "--samples", empty], [
+            empty / "eps_simple" / "samples.npz", "dvc repro sample@eps_simple"]
+    elif case == "reference":
+        args, needles = ["--data", prepared, "--models", models], [
+            models / "classifier" / "classifier.pt", "dvc repro classifier"]
+    else:
+        args, needles = ["--metrics", empty, "--results", tmp_path / "results"], [
+            empty, "evaluate"]
+    proc = stage(case, "--params", params, *args, cwd=tmp_path, timeout=120)
+    assert_user_error(proc, *needles)
+
+
+def test_cifar10_archive_absent_offline_says_where_to_put_it(tmp_path):
+    archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    params = tiny_params(tmp_path, data={"dataset": "cifar10", "cifar10_archive": str(archive),
+                                         "download": False})
+    proc = stage("prepare", "--params", params, "--out", tmp_path / "prepared", cwd=tmp_path,
+                 timeout=60)
+    assert_user_error(proc, archive, "cifar-10-python.tar.gz", "data.cifar10_archive",
+                      "data.download")
+
+
+def test_inception_weights_absent_offline_say_where_to_put_them(tmp_path):
+    missing = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    cifar = {"dataset": "cifar10", "download": False}
+    for weights, needles in ((str(missing), [missing, "file not found"]),
+                             (None, [tmp_path / "hub", "downloading is off"])):
+        params = tiny_params(tmp_path, data=cifar, evaluate={"inception_weights": weights})
+        proc = stage("classifier", "--params", params, "--out", tmp_path / "classifier",
+                     cwd=tmp_path, env={"TORCH_HOME": str(tmp_path)}, timeout=60)
+        assert_user_error(proc, *needles, "evaluate.inception_weights")
+    assert not (tmp_path / "classifier").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing half-written: writers killed mid-write
+# --------------------------------------------------------------------------------------------
+
+WRITER = """
+import sys, time
+import numpy as np
+from pipeline.io import atomic_dir, save_npz
+kind, target = sys.argv[1], sys.argv[2]
+if kind == "npz":  # ~200 MB: the kill lands while the bytes are being written
+    save_npz(target, images=np.full((200, 1000, 1000), 7, np.uint8))
+else:
+    with atomic_dir(target) as tmp:
+        (tmp / "samples.npz").write_bytes(b"new, half done")
+        print("ready", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_atomic_writes_killed_mid_write_leave_the_old_output(tmp_path):
+    """SIGKILL a writer of pipeline.io mid-write: the destination keeps its old, complete
+    content (or stays absent); only a dot-named temporary is left beside it."""
+    from pipeline.io import atomic_dir, save_npz
+
+    old = np.arange(10, dtype=np.uint8)
+    target = tmp_path / "samples.npz"
+    save_npz(target, images=old)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, "npz", str(target)],
+                            env=env_for(PROJECT))
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 1 << 20 for p in tmp_path.glob(".samples.npz.*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "writer ended before the kill"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    with np.load(target) as f:
+        assert np.array_equal(f["images"], old)
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p != target)
+
+    folder = tmp_path / "out" / "eps_simple"
+    with atomic_dir(folder) as tmp:
+        (tmp / "samples.npz").write_bytes(b"old, complete")
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, "dir", str(folder)],
+                            env=env_for(PROJECT), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in folder.iterdir()] == ["samples.npz"]
+    assert (folder / "samples.npz").read_bytes() == b"old, complete"
+    assert all(p.name.startswith(".") for p in folder.parent.iterdir() if p != folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
