@@ -1,0 +1,180 @@
+"""Training throughput (images/s) of our train step against Hugging Face diffusers.
+
+Ours: one step of `pipeline.training.train_worker`'s loop (Algorithm 1) in one process, built
+from the pipeline's own pieces: `build_model` (pipeline.unet U-Net), the timestep sampler,
+`GaussianDiffusion.training_losses`, backward, gradient clipping, Adam with its warmup
+schedule (`make_optimizer`) and the EMA update (`make_ema`).
+
+Theirs (`--config cifar10` only): diffusers' `UNet2DModel` with the same architecture (the
+google/ddpm-cifar10-32 configuration, same parameter count, same dropout) and `DDPMScheduler`
+for the forward process, as in diffusers' `train_unconditional.py`: t ~ U{0..T-1},
+x_t = scheduler.add_noise(x0, eps, t), loss = MSE(unet(x_t, t).sample, eps). The optimizer,
+warmup schedule, clipping and EMA are the very same objects as ours, so the comparison isolates
+the model and the loss.
+
+Both run on the same fixed batch of random images (throughput does not depend on pixel
+values), alternating ours / theirs over `--rounds` rounds of `--steps` steps each after a
+warm-up; the table gives median images/s and the median of the per-round ratios.
+
+    nice -n 19 python benchmarks/train_throughput.py --config cifar10 --batch-size 16
+    nice -n 19 python benchmarks/train_throughput.py --config digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _common as common  # puts this checkout first on sys.path
+
+import torch
+import torch.nn.functional as F
+
+
+def our_train_step(exp, image_shape, batch_size: int, seed: int = 0):
+    """A closure running one training step of ours; and the model (for its size)."""
+    from pipeline.data import to_model_range
+    from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+    from pipeline.training import build_model, make_ema, make_optimizer, seed_generators
+
+    torch.manual_seed(seed)
+    device = torch.device("cpu")
+    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    model = build_model(exp, tuple(image_shape)).to(device)
+    ema = make_ema(model, exp.train.ema_decay)
+    optimizer, scheduler = make_optimizer(model, exp)
+    gens = seed_generators(seed, 0, device)
+    t_sampler = timestep_sampler(exp.diffusion, diffusion.num_timesteps)
+    x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
+    model.train()
+
+    def step() -> None:  # the body of train_worker's loop, less data loading and logging
+        t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], device)
+        noise = torch.randn(x0.shape, generator=gens["noise"], device=device)
+        terms = diffusion.training_losses(model, x0, t, noise)
+        loss = (terms["loss"] * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+        t_sampler.update(t, terms["loss"])
+
+    return step, model
+
+
+def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0):
+    """A closure running one training step with diffusers' UNet2DModel + DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.data import to_model_range
+    from pipeline.schedules import schedule_from_config
+    from pipeline.training import make_ema, make_optimizer
+
+    if exp.diffusion.mean_type != "eps" or exp.diffusion.loss != "simple" or \
+            exp.diffusion.weighting != "uniform":
+        raise SystemExit("error: the diffusers step is the eps-prediction L_simple objective; "
+                         "use --experiment eps_simple")
+    torch.manual_seed(seed)
+    model = common.diffusers_unet(exp.model, image_shape)
+    betas = schedule_from_config(exp.diffusion)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=len(betas),
+                                    trained_betas=betas.numpy(), variance_type="fixed_large")
+    ema = make_ema(model, exp.train.ema_decay)
+    optimizer, scheduler = make_optimizer(model, exp)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
+    model.train()
+
+    def step() -> None:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          generator=gen)
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        loss = F.mse_loss(model(x_t, t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+
+    return step, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=common.CONFIGS, default="cifar10",
+                   help="cifar10: the paper's 35.7M model, ours vs diffusers; digits: the "
+                        "default study's model from params.yaml, ours alone (default: %(default)s)")
+    p.add_argument("--experiment", default="eps_simple",
+                   help="params.yaml experiment whose objective is trained (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: 16 for cifar10, train.batch_size for digits)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps of each before the rounds (default: 2)")
+    p.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    common.add_common_args(p)
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+    common.check_pipeline_is_this_checkout()
+
+    exp, image_shape = common.load_experiment(args.config, args.experiment)
+    batch = args.batch_size or (16 if args.config == "cifar10" else exp.train.batch_size)
+    args.batch_size = batch
+    with_diffusers = args.config == "cifar10" and not args.no_diffusers
+
+    cases, models = {}, {}
+    step, models["ours"] = our_train_step(exp, image_shape, batch)
+    cases["ours"] = step
+    if with_diffusers:
+        step, models["diffusers"] = diffusers_train_step(exp, image_shape, batch)
+        cases["diffusers"] = step
+        if common.count_parameters(models["ours"]) != common.count_parameters(models["diffusers"]):
+            raise SystemExit("error: the diffusers model's parameter count differs from ours")
+
+    info = common.machine()
+    print(f"machine: {common.describe(info)}")
+    size = common.count_parameters(models["ours"]) / 1e6
+    print(f"config {args.config} ({exp.name}): image {'x'.join(map(str, image_shape))}, "
+          f"T = {exp.diffusion.num_timesteps}, {size:.2f}M parameters, batch {batch}, "
+          f"{args.steps} steps x {args.rounds} rounds")
+
+    def run_steps(fn):
+        return lambda: [fn() for _ in range(args.steps)]
+
+    for fn in cases.values():  # warm-up: allocator, oneDNN kernels, Adam state
+        for _ in range(args.warmup):
+            fn()
+    seconds = common.alternate({name: run_steps(fn) for name, fn in cases.items()},
+                               rounds=args.rounds, warmup=0)
+    results = {"config": args.config, "experiment": exp.name, "image_shape": list(image_shape),
+               "num_timesteps": exp.diffusion.num_timesteps, "batch_size": batch,
+               "steps_per_round": args.steps, "rounds": args.rounds,
+               "parameters": {k: common.count_parameters(m) for k, m in models.items()},
+               "cases": {}}
+    rows = []
+    for name, secs in seconds.items():
+        s = common.summary(secs, args.steps * batch)
+        results["cases"][name] = s
+        rows.append({"case": name, "images/s (median)": s["per_s"],
+                     "s/step (median)": s["median_s"] / args.steps,
+                     "s/step (min)": s["min_s"] / args.steps,
+                     "s/step (max)": s["max_s"] / args.steps})
+    print()
+    print(common.table(rows, ["case", "images/s (median)", "s/step (median)", "s/step (min)",
+                              "s/step (max)"]))
+    if with_diffusers:
+        ratio = common.paired_ratio(seconds["ours"], seconds["diffusers"])
+        results["ratio_ours_over_diffusers"] = ratio
+        print(f"\nthroughput ratio ours / diffusers: {ratio['median']:.3f} (median of "
+              f"{args.rounds} rounds; range {ratio['min']:.3f}..{ratio['max']:.3f})")
+    common.write_json(args.json, "train_throughput", args, info, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
