@@ -27,6 +27,13 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
+def _write_line(stream: TextIO, line: str) -> None:
+    """One line, written to the stream itself: Ray Train patches `print` in its workers to also
+    send it to its logger, which the driver then shows a second time."""
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def format_duration(seconds: float) -> str:
     """A short duration for log lines: '7s', '3m04s', '2h05m'; '?' when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -69,7 +76,7 @@ def progress_bar(iterable: Iterable[T], total: Optional[int] = None, desc: str =
         now = time.monotonic()
         if now - last >= log_every_s or (total is not None and count == total):
             last = now
-            print(_status_line(desc, count, total, now - start), file=stream, flush=True)
+            _write_line(stream, _status_line(desc, count, total, now - start))
 
 
 def _status_line(desc: str, count: int, total: Optional[int], elapsed: float) -> str:
@@ -129,7 +136,7 @@ class StepProgress:
         line = (f"{self.desc}: step {step}/{self.total} ({100.0 * step / self.total:.0f}%)"
                 f"{' ' + shown if shown else ''}, elapsed {format_duration(elapsed)}, "
                 f"ETA {format_duration(eta)}")
-        print(line, file=self.stream, flush=True)
+        _write_line(self.stream, line)
         return line
 
     def close(self) -> None:
