@@ -158,6 +158,8 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
 
     train_model = session.prepare_model(model)
     train_model.train()
+    if exp.train.compile:  # the forward and backward through TorchInductor; same weights
+        train_model = torch.compile(train_model)
     start = time.monotonic()
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
     window_count = 0

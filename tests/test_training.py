@@ -137,3 +137,27 @@ def test_ema_snapshots_are_kept_at_every_checkpoint_step(digits, tmp_path, capsy
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("train eps_simple")]
     assert len(lines) == 4 and "step 12/12 (100%)" in lines[-1] and "ETA 0s" in lines[-1]
     assert "images/s" in lines[0] and "loss" in lines[0]
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(digits, tmp_path):
+    """train.compile: the same losses and weights as eager training (no dropout: TorchInductor
+    draws dropout masks from its own generator), and checkpoints of the plain module."""
+    def experiment(compile_):
+        return parse_params({
+            "diffusion": {"num_timesteps": 50},
+            "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
+                      "dropout": 0.0},
+            "train": {"steps": 6, "batch_size": 16, "log_every": 2, "checkpoint_every": 6,
+                      "warmup_steps": 2, "lr": 1e-3, "compile": compile_},
+            "experiments": {"eps_simple": {}},
+        }).experiment("eps_simple")
+
+    eager = final_state(run(experiment(False), digits, tmp_path / "eager"))
+    compiled = final_state(run(experiment(True), digits, tmp_path / "compiled"))
+    assert [s for s, _ in compiled["loss_history"]] == [2, 4, 6]
+    np.testing.assert_allclose([v for _, v in compiled["loss_history"]],
+                               [v for _, v in eager["loss_history"]], rtol=1e-4)
+    assert compiled["model"].keys() == eager["model"].keys()  # no "_orig_mod." prefix
+    for key, value in eager["model"].items():  # Adam's normalised steps amplify float noise
+        torch.testing.assert_close(compiled["model"][key], value, rtol=1e-3, atol=1e-4)
