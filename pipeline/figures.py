@@ -125,6 +125,7 @@ def save_scores_over_training(steps: Sequence[int], fid: Sequence[float],
         ax.text(0.5, 0.5, "no scores (the model diverged)", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("FID", color="tab:blue")
     ax.tick_params(axis="y", colors="tab:blue")
     ax.set_title(title, fontsize=10)
@@ -177,6 +178,12 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
     if finite.size:
         fig.colorbar(image, ax=ax, label="FID (lower is better)")
     _save(fig, path, plt)
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _save(fig, path: Path, plt) -> None:
