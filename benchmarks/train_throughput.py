@@ -35,7 +35,8 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0):
     """A closure running one training step of ours; and the model (for its size)."""
     from pipeline.data import to_model_range
     from pipeline.diffusion import GaussianDiffusion, timestep_sampler
-    from pipeline.training import build_model, make_ema, make_optimizer, seed_generators
+    from pipeline.training import (build_model, make_ema, make_optimizer, seed_generators,
+                                   train_step)
 
     torch.manual_seed(seed)
     device = torch.device("cpu")
@@ -48,18 +49,9 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0):
     x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
     model.train()
 
-    def step() -> None:  # the body of train_worker's loop, less data loading and logging
-        t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], device)
-        noise = torch.randn(x0.shape, generator=gens["noise"], device=device)
-        terms = diffusion.training_losses(model, x0, t, noise)
-        loss = (terms["loss"] * weights).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(model)
-        t_sampler.update(t, terms["loss"])
+    def step() -> None:  # train_worker's step, without its data loading and logging
+        train_step(model, model, diffusion, x0, t_sampler, gens, optimizer, scheduler, ema,
+                   exp.train.grad_clip)
 
     return step, model
 
@@ -70,7 +62,7 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0):
 
     from pipeline.data import to_model_range
     from pipeline.schedules import schedule_from_config
-    from pipeline.training import make_ema, make_optimizer
+    from pipeline.training import apply_gradients, make_ema, make_optimizer
 
     if exp.diffusion.mean_type != "eps" or exp.diffusion.loss != "simple" or \
             exp.diffusion.weighting != "uniform":
@@ -93,12 +85,7 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0):
                           generator=gen)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(model(x_t, t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(model)
+        apply_gradients(loss, model, optimizer, scheduler, ema, exp.train.grad_clip)
 
     return step, model
 

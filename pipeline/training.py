@@ -175,18 +175,9 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
         x0 = to_model_range(next(batches))
         if device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], device)
-        noise = torch.randn(x0.shape, generator=gens["noise"], device=device)
-        terms = diffusion.training_losses(train_model, x0, t, noise)
-        loss = (terms["loss"] * weights).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(model)
-        t_sampler.update(t, terms["loss"])
-        window_loss += loss.detach().double()
+        loss = train_step(train_model, model, diffusion, x0, t_sampler, gens, optimizer,
+                          scheduler, ema, exp.train.grad_clip)
+        window_loss += loss.double()
         window_count += 1
         step += 1
 
@@ -229,6 +220,32 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
         session.report({"step": step, "status": status}, checkpoint)
 
 
+def train_step(train_model: torch.nn.Module, model: torch.nn.Module,
+               diffusion: GaussianDiffusion, x0: torch.Tensor, t_sampler, gens: dict,
+               optimizer, scheduler, ema: AveragedModel, grad_clip: float) -> torch.Tensor:
+    """One step of Algorithm 1 on the batch `x0` (model range): timesteps and noise from
+    `gens`, the experiment's loss through `train_model` (`model`, possibly DDP-wrapped or
+    compiled), then `apply_gradients`. Returns the detached mean loss."""
+    t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], x0.device)
+    noise = torch.randn(x0.shape, generator=gens["noise"], device=x0.device)
+    terms = diffusion.training_losses(train_model, x0, t, noise)
+    loss = (terms["loss"] * weights).mean()
+    apply_gradients(loss, model, optimizer, scheduler, ema, grad_clip)
+    t_sampler.update(t, terms["loss"])
+    return loss.detach()
+
+
+def apply_gradients(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler,
+                    ema: AveragedModel, grad_clip: float) -> None:
+    """Backward, gradient clipping to `grad_clip`, an Adam step, the LR schedule, the EMA."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    ema.update_parameters(model)
+
+
 def ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The U-Net state dict inside an `AveragedModel` state dict (drops `n_averaged`)."""
     return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
@@ -251,10 +268,11 @@ def ema_snapshot_steps(folder: str | Path) -> dict[int, Path]:
 
 def save_ema_snapshot(ema: AveragedModel, path: Path) -> None:
     """Write the EMA weights (a plain U-Net state dict, as models/<E>/ema.pt) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()}, tmp)
-    tmp.replace(path)
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()},
+                   tmp)
 
 
 def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,
