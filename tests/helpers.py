@@ -1,4 +1,5 @@
-"""Builders of small test data in the real formats (import as `from helpers import ...`)."""
+"""Builders of small test data in the real formats, and assertions shared by test modules
+(import as `from helpers import ...`)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def make_image_folder(path: str | Path, n: int, size: tuple[int, int] | int = (1
         Image.fromarray(pixels).save(file)
         files.append(file)
     return files
+
+
+def assert_refused(raw, needles):
+    """`raw` parses if `needles` is empty; else it is refused in one short line that holds
+    every needle."""
+    import pytest
+
+    from pipeline.config import ConfigError, parse_params
+
+    if not needles:
+        parse_params(raw)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400
+    for needle in needles:
+        assert needle in message, (needle, message)
