@@ -171,6 +171,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     compile: bool = False
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/precision.py
 
     def validate(self, where: str) -> None:
         _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
@@ -198,6 +199,7 @@ class SampleConfig:
     steps: Optional[int] = None  # None: all T steps
     eta: float = 0.0
     grid_size: int = 10
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/precision.py
 
     def validate(self, where: str) -> None:
         _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")

@@ -169,10 +169,10 @@ def code_digest() -> str:
     """Short hash of the source of every module that shapes a trained model."""
     import hashlib
 
-    from pipeline import data, diffusion, schedules, training, unet
+    from pipeline import data, diffusion, precision, schedules, training, unet
 
     digest = hashlib.sha256()
-    for module in (data, diffusion, schedules, training, unet):
+    for module in (data, diffusion, precision, schedules, training, unet):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:8]
 

@@ -432,10 +432,12 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     error (over images, plus the timestep draws for the stratified estimator).
 
     method `exact` evaluates every one of the T terms per image; `stratified` the unbiased
-    K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`).
+    K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`). Always strict float32
+    (`matmul_precision("fp32")`: no TF32 on GPU), whatever precision trained the model.
     """
     from pipeline.data import to_model_range
     from pipeline.diffusion import summarize_nll
+    from pipeline.precision import matmul_precision
 
     if method not in ("exact", "stratified"):
         raise ValueError(f"unknown NLL method '{method}'; choose exact or stratified")
@@ -444,10 +446,11 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     per_image = []
     for first in range(0, len(images), batch_size):
         x0 = to_model_range(images[first:first + batch_size].to(device))
-        if method == "exact":
-            bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress)
-        else:
-            bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator)
+        with matmul_precision("fp32"):
+            if method == "exact":
+                bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress)
+            else:
+                bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator)
         per_image.append(bpd.double().cpu())
     mean, stderr = summarize_nll(torch.cat(per_image))
     return {"nll_bpd": mean, "nll_bpd_stderr": stderr}

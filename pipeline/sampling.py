@@ -24,6 +24,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.io import atomic_dir
+from pipeline.precision import matmul_precision, with_precision
 from pipeline.training import STATUS_OK, build_model, ema_snapshot_path, ema_weights
 
 CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
@@ -121,8 +122,9 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
              num_samples: Optional[int] = None, progress: bool = True,
              num_progressive: int = 8, progressive_steps: int = 10) -> SampleRun:
     """Draw `num_samples` (default sample.num_samples) images with the configured sampler, in
-    batches of sample.batch_size, from one seeded generator; keep the predicted x0 of the first
-    `num_progressive` samples at `progressive_steps` times (the paper's Fig. 6)."""
+    batches of sample.batch_size, from one seeded generator, the U-Net at sample.precision; keep
+    the predicted x0 of the first `num_progressive` samples at `progressive_steps` times (the
+    paper's Fig. 6)."""
     cfg = exp.sample
     total = cfg.num_samples if num_samples is None else num_samples
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -131,6 +133,7 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
     snapshots: list[torch.Tensor] = []
     snapshot_t: list[int] = []
     out = []
+    net = with_precision(model, cfg.precision)
     start = time.monotonic()
     for first in range(0, total, cfg.batch_size):
         n = min(cfg.batch_size, total - first)
@@ -141,8 +144,9 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
                 snapshot_t.append(int(t))
 
         kwargs = {"steps": cfg.steps, "eta": cfg.eta} if cfg.sampler == "ddim" else {}
-        x = diffusion.sample(model, (n, *image_shape), generator, sampler=cfg.sampler,
-                             device=device, callback=callback, progress=progress, **kwargs)
+        with matmul_precision(cfg.precision):
+            x = diffusion.sample(net, (n, *image_shape), generator, sampler=cfg.sampler,
+                                 device=device, callback=callback, progress=progress, **kwargs)
         out.append(to_uint8(x.clamp(-1, 1)).cpu())
     wall = time.monotonic() - start
     images = torch.cat(out).numpy()

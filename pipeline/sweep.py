@@ -62,6 +62,7 @@ class TrialProbe:
     extractor_weights: Optional[str]
     seed: int = 0
     nll_batch_size: int = 200
+    precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, step: int, objects: dict[str, Any]) -> dict[str, float]:
@@ -108,8 +109,11 @@ class TrialProbe:
         device = next(model.parameters()).device
         shape = tuple(self._images("train").shape[1:])
         generator = torch.Generator(device=device).manual_seed(self.seed + 1)
-        with torch.no_grad():
-            x = diffusion.sample(model, (self.fid_num_samples, *shape), generator,
+        from pipeline.precision import matmul_precision, with_precision
+
+        with torch.no_grad(), matmul_precision(self.precision):
+            x = diffusion.sample(with_precision(model, self.precision),
+                                 (self.fid_num_samples, *shape), generator,
                                  sampler="ddim", device=device,
                                  steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
         samples = to_uint8(x.clamp(-1, 1)).cpu()
@@ -138,7 +142,8 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
         total_steps=sweep.steps, val_images=sweep.val_images, val_strata=sweep.val_strata,
         fid_num_samples=sweep.fid_num_samples, fid_steps=sweep.fid_steps, extractor=extractor,
         extractor_weights=weights if weights and Path(weights).is_file() else None,
-        seed=base.study.seed, nll_batch_size=base.evaluate.nll_batch_size)
+        seed=base.study.seed, nll_batch_size=base.evaluate.nll_batch_size,
+        precision=base.sample.precision)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline.config import ExperimentConfig
 from pipeline.data import ImageBatches, default_hflip, load_prepared, to_model_range
 from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+from pipeline.precision import matmul_precision, with_precision
 from pipeline.progress import StepProgress
 from pipeline.unet import UNet, build_unet
 
@@ -114,7 +115,14 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
     `on_log(step, metrics)` may add metrics (e.g. a validation NLL for Ray Tune) on rank 0.
     With `ema_snapshot_dir`, rank 0 also keeps the EMA weights of every checkpoint step there
     as `ema_<step>.pt` (`ema_snapshot_path`), for scores over training (FID by checkpoint).
+    The U-Net runs at `train.precision` (pipeline/precision.py); everything else in float32.
     """
+    with matmul_precision(exp.train.precision):
+        _train_worker(exp, train_data, session, checkpoint_root, on_log, ema_snapshot_dir)
+
+
+def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
+                  checkpoint_root: str | Path, on_log, ema_snapshot_dir) -> None:
     torch.manual_seed(exp.study.seed)
     device = session.device
     images, _ = load_prepared(train_data)
@@ -156,7 +164,7 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
             session.report({"step": step, "status": STATUS_UNSTABLE}, None)
             return
 
-    train_model = session.prepare_model(model)
+    train_model = with_precision(session.prepare_model(model), exp.train.precision)
     train_model.train()
     if exp.train.compile:  # the forward and backward through TorchInductor; same weights
         train_model = torch.compile(train_model)
@@ -224,8 +232,8 @@ def train_step(train_model: torch.nn.Module, model: torch.nn.Module,
                diffusion: GaussianDiffusion, x0: torch.Tensor, t_sampler, gens: dict,
                optimizer, scheduler, ema: AveragedModel, grad_clip: float) -> torch.Tensor:
     """One step of Algorithm 1 on the batch `x0` (model range): timesteps and noise from
-    `gens`, the experiment's loss through `train_model` (`model`, possibly DDP-wrapped or
-    compiled), then `apply_gradients`. Returns the detached mean loss."""
+    `gens`, the experiment's loss through `train_model` (`model`, possibly DDP-wrapped,
+    autocast or compiled), then `apply_gradients`. Returns the detached mean loss."""
     t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], x0.device)
     noise = torch.randn(x0.shape, generator=gens["noise"], device=x0.device)
     terms = diffusion.training_losses(train_model, x0, t, noise)

@@ -86,6 +86,8 @@ CATALOGUE = [
     (broken("diffusion.weighting", "snr"), ["weighting", "min_snr"]),
     (broken("data.dataset", "mnist"), ["data.dataset", "digits, cifar10, folder"]),
     (broken("sample.sampler", "euler"), ["sample.sampler", "ancestral, ddim"]),
+    (broken("train.precision", "fp16"), ["train.precision", "fp16", "fp32, tf32, bf16"]),
+    (broken("sample.precision", True), ["sample.precision", "fp32, tf32, bf16"]),
     (broken("experiments.eps_simple.var_type", "learned"), ["loss", "'simple' cannot train",
                                                             "vlb", "hybrid"]),
     (broken("train.num_workers", 3), ["batch_size", "divisible by num_workers"]),
