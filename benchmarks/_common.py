@@ -301,3 +301,49 @@ def add_common_args(parser) -> None:
                              f"{torch.get_num_threads()} here)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the results as JSON to PATH")
+
+
+# --------------------------------------------------------------------------------------------
+# Precision (train.precision / sample.precision of ours; torch.autocast for diffusers)
+# --------------------------------------------------------------------------------------------
+
+
+def add_precision_arg(parser) -> None:
+    parser.add_argument("--precisions", default="fp32",
+                        help="comma-separated precisions to time, each for ours and diffusers: "
+                             "fp32, bf16 (ours: pipeline.precision; diffusers: torch.autocast "
+                             "to bfloat16) (default: %(default)s)")
+
+
+def parse_precisions(parser, text: str) -> list[str]:
+    found = [p for p in text.split(",") if p]
+    if not found or not set(found) <= {"fp32", "bf16"}:
+        parser.error(f"--precisions: choose from fp32,bf16, got '{text}'")
+    return found
+
+
+def case_name(impl: str, precision: str, precisions: Sequence[str]) -> str:
+    """'ours' / 'diffusers' when only fp32 is timed, else 'ours bf16' and the like."""
+    return impl if list(precisions) == ["fp32"] else f"{impl} {precision}"
+
+
+def autocast(precision: str):
+    """torch.autocast to bfloat16 on the CPU for bf16; a no-op context for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def precision_ratios(seconds: dict[str, Sequence[float]],
+                     precisions: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Paired throughput ratios: ours / diffusers at each precision, and every precision of
+    ours against diffusers' default fp32 (what each tool gives without mixed precision)."""
+    ratios = {}
+    for p in precisions:
+        ours, theirs = case_name("ours", p, precisions), case_name("diffusers", p, precisions)
+        if ours in seconds and theirs in seconds:
+            ratios[f"{ours} / {theirs}"] = paired_ratio(seconds[ours], seconds[theirs])
+    baseline = case_name("diffusers", "fp32", precisions)
+    for p in precisions:
+        ours = case_name("ours", p, precisions)
+        if p != "fp32" and ours in seconds and baseline in seconds:
+            ratios[f"{ours} / {baseline}"] = paired_ratio(seconds[ours], seconds[baseline])
+    return ratios

@@ -15,6 +15,9 @@ cost of a step does not depend on the weights):
 Ours and diffusers alternate over `--rounds` rounds after one warm-up call each; the table gives
 medians and the median of the per-round throughput ratios (ours / diffusers).
 
+`--precisions fp32,bf16` also times both in mixed precision: ours with `sample.precision: bf16`
+(pipeline.precision), diffusers' pipelines called under `torch.autocast(bfloat16)`.
+
     nice -n 19 python benchmarks/sampling_throughput.py --batch-size 16
 """
 
@@ -29,9 +32,11 @@ import _common as common  # puts this checkout first on sys.path
 import torch
 
 def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: int,
-               with_diffusers: bool, seed: int = 0):
-    """{sampler: {"ours": fn, "diffusers": fn}} of closures drawing one batch each; models."""
+               with_diffusers: bool, seed: int = 0, precisions=("fp32",)):
+    """{sampler: {case: fn}} of closures drawing one batch each, a case per implementation and
+    precision (`common.case_name`); and the models."""
     from pipeline.diffusion import GaussianDiffusion
+    from pipeline.precision import with_precision
     from pipeline.schedules import schedule_from_config
     from pipeline.training import build_model
 
@@ -43,12 +48,14 @@ def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: i
     diffusion_full = GaussianDiffusion.from_config(exp.diffusion)
     gen = torch.Generator().manual_seed(seed)
 
-    cases = {
-        "ancestral": {"ours": lambda: diffusion_short.sample(ours, shape, gen,
-                                                             sampler="ancestral")},
-        "ddim": {"ours": lambda: diffusion_full.sample(ours, shape, gen, sampler="ddim",
-                                                       steps=ddim_steps, eta=0.0)},
-    }
+    cases = {"ancestral": {}, "ddim": {}}
+    for p in precisions:
+        net = with_precision(ours, p)
+        name = common.case_name("ours", p, precisions)
+        cases["ancestral"][name] = lambda net=net: diffusion_short.sample(
+            net, shape, gen, sampler="ancestral")
+        cases["ddim"][name] = lambda net=net: diffusion_full.sample(
+            net, shape, gen, sampler="ddim", steps=ddim_steps, eta=0.0)
     models = {"ours": ours}
     if with_diffusers:
         from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
@@ -65,12 +72,20 @@ def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: i
             trained_betas=schedule_from_config(exp.diffusion).numpy(), clip_sample=clip))
         for pipe in (ddpm, ddim):
             pipe.set_progress_bar_config(disable=True)
-        cases["ancestral"]["diffusers"] = lambda: ddpm(
-            batch_size=batch, generator=gen, num_inference_steps=ancestral_steps,
-            output_type="np")
-        cases["ddim"]["diffusers"] = lambda: ddim(
-            batch_size=batch, generator=gen, num_inference_steps=ddim_steps, eta=0.0,
-            output_type="np")
+        for p in precisions:
+            name = common.case_name("diffusers", p, precisions)
+
+            def ancestral(p=p):
+                with common.autocast(p):
+                    return ddpm(batch_size=batch, generator=gen,
+                                num_inference_steps=ancestral_steps, output_type="np")
+
+            def strided(p=p):
+                with common.autocast(p):
+                    return ddim(batch_size=batch, generator=gen, num_inference_steps=ddim_steps,
+                                eta=0.0, output_type="np")
+
+            cases["ancestral"][name], cases["ddim"][name] = ancestral, strided
     return cases, models
 
 
@@ -89,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default="ancestral,ddim",
                    help="comma-separated subset of ancestral,ddim (default: %(default)s)")
     p.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    common.add_precision_arg(p)
     common.add_common_args(p)
     args = p.parse_args(argv)
+    precisions = common.parse_precisions(p, args.precisions)
     common.set_threads(args.threads)
     common.check_pipeline_is_this_checkout()
 
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if not samplers or not set(samplers) <= {"ancestral", "ddim"}:
         p.error(f"--samplers: choose from ancestral,ddim, got '{args.samplers}'")
     cases, models = make_cases(exp, image_shape, args.batch_size, args.ancestral_steps,
-                               args.ddim_steps, with_diffusers)
+                               args.ddim_steps, with_diffusers, precisions=precisions)
     if with_diffusers and common.count_parameters(models["ours"]) != \
             common.count_parameters(models["diffusers"]):
         raise SystemExit("error: the diffusers model's parameter count differs from ours")
@@ -114,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {args.config} ({exp.name}): image {'x'.join(map(str, image_shape))}, "
           f"{common.count_parameters(models['ours']) / 1e6:.2f}M parameters, batch "
           f"{args.batch_size}, ancestral chain of {args.ancestral_steps} steps, DDIM "
-          f"{args.ddim_steps} steps of T = {exp.diffusion.num_timesteps}, {args.rounds} rounds")
+          f"{args.ddim_steps} steps of T = {exp.diffusion.num_timesteps}, {args.rounds} rounds, "
+          f"precisions {', '.join(precisions)}")
 
     results = {"config": args.config, "experiment": exp.name, "image_shape": list(image_shape),
-               "batch_size": args.batch_size, "rounds": args.rounds, "samplers": {}}
+               "batch_size": args.batch_size, "rounds": args.rounds, "precisions": precisions,
+               "samplers": {}}
     full = exp.diffusion.num_timesteps  # the ancestral chain's real length (1000 for cifar10)
     rows, ratios = [], []
     for sampler in samplers:
@@ -141,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                          "images/s (as run)": s["per_s"],
                          f"images/s at {full} steps": s.get("images_per_s_full_chain"),
                          f"s/image at {full} steps": s.get("s_per_image_full_chain")})
-        if "diffusers" in seconds:
-            ratio = common.paired_ratio(seconds["ours"], seconds["diffusers"])
-            entry["ratio_ours_over_diffusers"] = ratio
-            ratios.append(f"{sampler}: throughput ratio ours / diffusers {ratio['median']:.3f} "
+        entry["ratios"] = common.precision_ratios(seconds, precisions)
+        for label, ratio in entry["ratios"].items():
+            ratios.append(f"{sampler}: throughput ratio {label} {ratio['median']:.3f} "
                           f"(median of {args.rounds} rounds; range {ratio['min']:.3f}.."
                           f"{ratio['max']:.3f})")
         results["samplers"][sampler] = entry

@@ -16,7 +16,13 @@ Both run on the same fixed batch of random images (throughput does not depend on
 values), alternating ours / theirs over `--rounds` rounds of `--steps` steps each after a
 warm-up; the table gives median images/s and the median of the per-round ratios.
 
+`--precisions fp32,bf16` also times both in mixed precision: ours with `train.precision: bf16`
+(pipeline.precision), diffusers' U-Net forward under `torch.autocast(bfloat16)` as accelerate's
+`mixed_precision="bf16"` runs it; the ratios are then ours / diffusers at each precision and
+ours bf16 / diffusers fp32.
+
     nice -n 19 python benchmarks/train_throughput.py --config cifar10 --batch-size 16
+    python benchmarks/train_throughput.py --config cifar10 --precisions fp32,bf16
     nice -n 19 python benchmarks/train_throughput.py --config digits
 """
 
@@ -31,10 +37,12 @@ import torch
 import torch.nn.functional as F
 
 
-def our_train_step(exp, image_shape, batch_size: int, seed: int = 0):
-    """A closure running one training step of ours; and the model (for its size)."""
+def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: str = "fp32"):
+    """A closure running one training step of ours at `precision` (the U-Net wrapped as
+    train_worker wraps it for train.precision); and the model (for its size)."""
     from pipeline.data import to_model_range
     from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+    from pipeline.precision import with_precision
     from pipeline.training import (build_model, make_ema, make_optimizer, seed_generators,
                                    train_step)
 
@@ -48,16 +56,19 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0):
     t_sampler = timestep_sampler(exp.diffusion, diffusion.num_timesteps)
     x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
     model.train()
+    train_model = with_precision(model, precision)
 
     def step() -> None:  # train_worker's step, without its data loading and logging
-        train_step(model, model, diffusion, x0, t_sampler, gens, optimizer, scheduler, ema,
+        train_step(train_model, model, diffusion, x0, t_sampler, gens, optimizer, scheduler, ema,
                    exp.train.grad_clip)
 
     return step, model
 
 
-def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0):
-    """A closure running one training step with diffusers' UNet2DModel + DDPMScheduler."""
+def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0,
+                         precision: str = "fp32"):
+    """A closure running one training step with diffusers' UNet2DModel + DDPMScheduler, the
+    U-Net's forward under torch.autocast for bf16 (as accelerate's mixed precision runs it)."""
     from diffusers import DDPMScheduler
 
     from pipeline.data import to_model_range
@@ -84,7 +95,9 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0):
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                           generator=gen)
         x_t = noise_scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(model(x_t, t).sample, noise)
+        with common.autocast(precision):
+            out = model(x_t, t).sample
+        loss = F.mse_loss(out.float(), noise)
         apply_gradients(loss, model, optimizer, scheduler, ema, exp.train.grad_clip)
 
     return step, model
@@ -104,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps of each before the rounds (default: 2)")
     p.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    common.add_precision_arg(p)
     common.add_common_args(p)
     args = p.parse_args(argv)
+    precisions = common.parse_precisions(p, args.precisions)
     common.set_threads(args.threads)
     common.check_pipeline_is_this_checkout()
 
@@ -115,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     with_diffusers = args.config == "cifar10" and not args.no_diffusers
 
     cases, models = {}, {}
-    step, models["ours"] = our_train_step(exp, image_shape, batch)
-    cases["ours"] = step
+    for precision in precisions:
+        step, models["ours"] = our_train_step(exp, image_shape, batch, precision=precision)
+        cases[common.case_name("ours", precision, precisions)] = step
+        if with_diffusers:
+            step, models["diffusers"] = diffusers_train_step(exp, image_shape, batch,
+                                                             precision=precision)
+            cases[common.case_name("diffusers", precision, precisions)] = step
     if with_diffusers:
-        step, models["diffusers"] = diffusers_train_step(exp, image_shape, batch)
-        cases["diffusers"] = step
         if common.count_parameters(models["ours"]) != common.count_parameters(models["diffusers"]):
             raise SystemExit("error: the diffusers model's parameter count differs from ours")
 
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     size = common.count_parameters(models["ours"]) / 1e6
     print(f"config {args.config} ({exp.name}): image {'x'.join(map(str, image_shape))}, "
           f"T = {exp.diffusion.num_timesteps}, {size:.2f}M parameters, batch {batch}, "
-          f"{args.steps} steps x {args.rounds} rounds")
+          f"{args.steps} steps x {args.rounds} rounds, precisions {', '.join(precisions)}")
 
     def run_steps(fn):
         return lambda: [fn() for _ in range(args.steps)]
@@ -140,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                rounds=args.rounds, warmup=0)
     results = {"config": args.config, "experiment": exp.name, "image_shape": list(image_shape),
                "num_timesteps": exp.diffusion.num_timesteps, "batch_size": batch,
+               "precisions": precisions,
                "steps_per_round": args.steps, "rounds": args.rounds,
                "parameters": {k: common.count_parameters(m) for k, m in models.items()},
                "cases": {}}
@@ -155,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     print(common.table(rows, ["case", "images/s (median)", "s/step (median)", "s/step (min)",
                               "s/step (max)"]))
     if with_diffusers:
-        ratio = common.paired_ratio(seconds["ours"], seconds["diffusers"])
-        results["ratio_ours_over_diffusers"] = ratio
-        print(f"\nthroughput ratio ours / diffusers: {ratio['median']:.3f} (median of "
-              f"{args.rounds} rounds; range {ratio['min']:.3f}..{ratio['max']:.3f})")
+        results["ratios"] = common.precision_ratios(seconds, precisions)
+        print()
+        for label, ratio in results["ratios"].items():
+            print(f"throughput ratio {label}: {ratio['median']:.3f} (median of "
+                  f"{args.rounds} rounds; range {ratio['min']:.3f}..{ratio['max']:.3f})")
     common.write_json(args.json, "train_throughput", args, info, results)
     return 0
 
