@@ -200,6 +200,7 @@ class SampleConfig:
     eta: float = 0.0
     grid_size: int = 10
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/precision.py
+    compile: bool = False  # torch.compile the U-Net's forward (pays off on long runs)
 
     def validate(self, where: str) -> None:
         _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")

@@ -88,6 +88,7 @@ CATALOGUE = [
     (broken("sample.sampler", "euler"), ["sample.sampler", "ancestral, ddim"]),
     (broken("train.precision", "fp16"), ["train.precision", "fp16", "fp32, tf32, bf16"]),
     (broken("sample.precision", True), ["sample.precision", "fp32, tf32, bf16"]),
+    (broken("sample.compile", "yes"), ["sample.compile"]),
     (broken("experiments.eps_simple.var_type", "learned"), ["loss", "'simple' cannot train",
                                                             "vlb", "hybrid"]),
     (broken("train.num_workers", 3), ["batch_size", "divisible by num_workers"]),

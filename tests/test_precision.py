@@ -97,3 +97,17 @@ def test_sampling_at_bf16_draws_nearly_the_fp32_images(sampler):
                      num_progressive=0).images.astype(np.int64)
     assert np.abs(exact - other).mean() > 5 * difference.mean()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_eager_images():
+    """sample.compile: TorchInductor's forward, the same seed, the same images up to float
+    rounding (a fused kernel may round the last bit differently)."""
+    eager_exp = _digits_experiment(sampler="ddim", steps=5)
+    compiled_exp = _digits_experiment(sampler="ddim", steps=5, compile=True)
+    model = _random_unet(eager_exp)
+    diffusion = GaussianDiffusion.from_config(eager_exp.diffusion)
+    eager, compiled = (generate(model, diffusion, exp, (1, 8, 8), seed=3, progress=False,
+                                num_progressive=0).images.astype(np.int64)
+                       for exp in (eager_exp, compiled_exp))
+    assert np.abs(eager - compiled).mean() < 0.05  # out of 255; bf16 differs by ~0.2
