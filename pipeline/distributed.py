@@ -37,6 +37,15 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+# Ray Train settings of the private single-machine cluster (a user's environment overrides them).
+# The Train controller polls its workers every 2 s by default, and each change of state (workers
+# placed, started, finished) waits for a poll; its preemption watcher is one more actor to start
+# and has nothing to watch on one machine (no node is drained). Measured on the 2-core machine:
+# a 20-step `fit` took 25-26 s with Ray's defaults and 19-20 s with these.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def connect(num_cpus: Optional[int] = None) -> str:
     """Connect to the cluster at RAY_ADDRESS, or start a local one. Returns a description."""
     import ray
@@ -55,13 +64,14 @@ def connect(num_cpus: Optional[int] = None) -> str:
     # its CPUs until the stage ends). So the GCS gets a port chosen here, and every process of
     # this cluster gets RAY_ADDRESS pointing at it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    train_env = {key: os.environ.setdefault(key, value) for key, value in LOCAL_TRAIN_ENV.items()}
     gcs_port = _free_port()
     saved = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **train_env}})
     finally:
         if saved is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
