@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=100,
                    help="test images (default: 100, evaluate.nll_num_images' default)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch (default: evaluate.nll_batch_size)")
+                   help="(image, timestep) pairs per network call (default: evaluate.nll_batch_size)")
     p.add_argument("--strata", default="10,25,50",
                    help="comma-separated K values of the stratified estimator "
                         "(default: %(default)s)")

@@ -217,7 +217,7 @@ class EvaluateConfig:
     nll: Literal["exact", "stratified"] = "exact"
     nll_num_images: int = 200
     nll_strata: int = 50
-    nll_batch_size: int = 200
+    nll_batch_size: int = 800  # (image, timestep) pairs per network call
     is_splits: int = 10
     kid_subset_size: int = 100
     inception_weights: Optional[str] = None  # local inception-v3-compat weights (cifar10, offline)

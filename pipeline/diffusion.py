@@ -443,46 +443,71 @@ class GaussianDiffusion:
         kl = normal_kl(mean, log_variance.expand_as(x64), zeros, zeros)
         return (mean_flat(kl) / LN2).to(x0.dtype)
 
+    def _vb_terms_stacked(self, model: Model, x0: torch.Tensor, ts: list[torch.Tensor],
+                          noises: list[torch.Tensor], clip_denoised: Optional[bool]):
+        """L_{t-1} of `x0` at each of len(ts) timestep draws (t: (B,), noise: like x0), the draws
+        stacked along the batch into one network call; the terms in order, each of shape (B,)."""
+        if len(ts) == 1:
+            return [self.vb_terms_bpd(model, x0, self.q_sample(x0, ts[0], noises[0]), ts[0],
+                                      clip_denoised)]
+        xs = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
+        t, noise = torch.cat(ts), torch.cat(noises)
+        return list(self.vb_terms_bpd(model, xs, self.q_sample(xs, t, noise), t,
+                                      clip_denoised).view(len(ts), x0.shape[0]))
+
     @torch.inference_mode()
     def nll_bpd(self, model: Model, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
-                clip_denoised: Optional[bool] = None, progress: bool = False) -> torch.Tensor:
+                clip_denoised: Optional[bool] = None, progress: bool = False,
+                terms_per_call: int = 1) -> torch.Tensor:
         """The full variational bound L = L_T + sum_t L_{t-1} (Eq. 5) per image, in bits/dim.
 
-        One fresh x_t ~ q(x_t | x_0) per term, every timestep evaluated: shape (B,).
+        One fresh x_t ~ q(x_t | x_0) per term, every timestep evaluated: shape (B,). The terms
+        are evaluated `terms_per_call` timesteps at a time (one network call on B x that many
+        inputs); the draws and the sum run in the same order whatever it is.
         """
         from pipeline.progress import progress_bar
 
+        order = list(range(self.num_timesteps - 1, -1, -1))
+        chunks = [order[i:i + terms_per_call] for i in range(0, len(order), terms_per_call)]
         total = self.prior_bpd(x0)
-        for t_index in progress_bar(range(self.num_timesteps - 1, -1, -1), total=self.num_timesteps,
-                                    desc="nll (exact)", enabled=progress):
-            t = torch.full((x0.shape[0],), t_index, dtype=torch.long, device=x0.device)
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
-            total = total + self.vb_terms_bpd(model, x0, self.q_sample(x0, t, noise), t,
-                                              clip_denoised)
+        for chunk in progress_bar(chunks, total=len(chunks), desc="nll (exact)",
+                                  enabled=progress):
+            ts, noises = [], []
+            for t_index in chunk:
+                ts.append(torch.full((x0.shape[0],), t_index, dtype=torch.long, device=x0.device))
+                noises.append(randn(x0.shape, generator, x0.device, x0.dtype))
+            for term in self._vb_terms_stacked(model, x0, ts, noises, clip_denoised):
+                total = total + term
         return total
 
     @torch.inference_mode()
     def nll_bpd_stratified(self, model: Model, x0: torch.Tensor, num_strata: int,
                            generator: Optional[torch.Generator] = None,
-                           clip_denoised: Optional[bool] = None) -> torch.Tensor:
+                           clip_denoised: Optional[bool] = None,
+                           terms_per_call: int = 1) -> torch.Tensor:
         """Unbiased estimate of `nll_bpd` from `num_strata` timesteps per image, shape (B,).
 
         0..T-1 is cut into K contiguous strata of sizes n_k; one t_k is drawn uniformly in each
         (independently per image) and L ~= L_T + sum_k n_k L_{t_k - 1}. Its expectation over the
         draws is the exact bound; `summarize_nll` gives the mean and its standard error.
+        `terms_per_call` strata share one network call, as in `nll_bpd`.
         """
         num_strata = min(num_strata, self.num_timesteps)
         edges = torch.linspace(0, self.num_timesteps, num_strata + 1).round().long()
         batch = x0.shape[0]
         total = self.prior_bpd(x0)
-        for k in range(num_strata):
-            lo, hi = int(edges[k]), int(edges[k + 1])
-            u = torch.rand((batch,), generator=generator,
-                           device=generator.device if generator is not None else x0.device)
-            t = (lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1)).to(x0.device)
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
-            term = self.vb_terms_bpd(model, x0, self.q_sample(x0, t, noise), t, clip_denoised)
-            total = total + (hi - lo) * term
+        for first in range(0, num_strata, terms_per_call):
+            ts, noises, sizes = [], [], []
+            for k in range(first, min(first + terms_per_call, num_strata)):
+                lo, hi = int(edges[k]), int(edges[k + 1])
+                u = torch.rand((batch,), generator=generator,
+                               device=generator.device if generator is not None else x0.device)
+                ts.append((lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1)).to(x0.device))
+                noises.append(randn(x0.shape, generator, x0.device, x0.dtype))
+                sizes.append(hi - lo)
+            for size, term in zip(sizes, self._vb_terms_stacked(model, x0, ts, noises,
+                                                                 clip_denoised)):
+                total = total + size * term
         return total
 
     # -- sampling -----------------------------------------------------------------------------

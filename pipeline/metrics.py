@@ -432,8 +432,10 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     error (over images, plus the timestep draws for the stratified estimator).
 
     method `exact` evaluates every one of the T terms per image; `stratified` the unbiased
-    K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`). Always strict float32
-    (`matmul_precision("fp32")`: no TF32 on GPU), whatever precision trained the model.
+    K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`). `batch_size` is the
+    network's batch: (image, timestep) pairs per call, so 100 images with batch_size 800 are
+    evaluated at 8 timesteps per call. Always strict float32 (`matmul_precision("fp32")`: no
+    TF32 on GPU), whatever precision trained the model.
     """
     from pipeline.data import to_model_range
     from pipeline.diffusion import summarize_nll
@@ -444,13 +446,17 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     images = _uint8_images(images_uint8)
     generator = torch.Generator(device=device).manual_seed(seed)
     per_image = []
-    for first in range(0, len(images), batch_size):
-        x0 = to_model_range(images[first:first + batch_size].to(device))
+    images_per_call = min(batch_size, len(images))
+    terms_per_call = max(1, batch_size // max(images_per_call, 1))
+    for first in range(0, len(images), images_per_call):
+        x0 = to_model_range(images[first:first + images_per_call].to(device))
         with matmul_precision("fp32"):
             if method == "exact":
-                bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress)
+                bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress,
+                                        terms_per_call=terms_per_call)
             else:
-                bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator)
+                bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator,
+                                                   terms_per_call=terms_per_call)
         per_image.append(bpd.double().cpu())
     mean, stderr = summarize_nll(torch.cat(per_image))
     return {"nll_bpd": mean, "nll_bpd_stderr": stderr}

@@ -61,7 +61,7 @@ class TrialProbe:
     extractor: str
     extractor_weights: Optional[str]
     seed: int = 0
-    nll_batch_size: int = 200
+    nll_batch_size: int = 800
     precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
