@@ -67,7 +67,7 @@ def read_model_info(model_dir: Path, name: str) -> dict[str, Any]:
             from None
 
 
-def checkpoint_steps(model_dir: Path) -> dict[int, Path]:
+def kept_ema_snapshots(model_dir: Path) -> dict[int, Path]:
     """{step: file} of the EMA snapshots kept in `models/<E>/checkpoints/` (may be empty)."""
     from pipeline.training import ema_snapshot_steps
 

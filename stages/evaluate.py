@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.io import write_json
         from pipeline.over_training import (best_by_fid, final_scores, score_checkpoints,
                                             write_scores)
-        from pipeline.sampling import checkpoint_steps, is_ok, load_model, read_model_info
+        from pipeline.sampling import is_ok, kept_ema_snapshots, load_model, read_model_info
 
         exp = params.experiment(args.experiment)
         tracker = _common.tracker_for(params)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             record["evaluate_wall_s"] = time.monotonic() - start
             scores = final_scores(record)
             if exp.evaluate.checkpoints is not None:
-                kept = list(checkpoint_steps(args.models / exp.name))
+                kept = list(kept_ema_snapshots(args.models / exp.name))
                 if not kept:
                     print(f"warning: evaluate.checkpoints is set but {args.models / exp.name} "
                           f"keeps no EMA snapshots; rerun `dvc repro train@{exp.name}`",
