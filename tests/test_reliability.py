@@ -244,8 +244,12 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     repo = make_study_repo(tmp_path, lambda p: shared_study_params(p, ("eps_simple",)))
     target = "evaluate@eps_simple"  # train, sample, evaluate (and prepare, classifier)
     storage = repo / "checkpoints"
+    # Ray's default 2 s controller poll (a user's setting overrides the local cluster's 0.5 s):
+    # the checkpoints of steps 20 and 40 then register seconds apart, and the kill lands between
+    # them; with 0.5 s polls this tiny run registers step 40 within a second of step 20.
+    env = {**env_for(repo), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     with open(tmp_path / "killed.log", "w") as out:
-        proc = subprocess.Popen(["dvc", "repro", target], cwd=repo, env=env_for(repo), stdout=out,
+        proc = subprocess.Popen(["dvc", "repro", target], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
