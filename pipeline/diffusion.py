@@ -447,9 +447,6 @@ class GaussianDiffusion:
                           noises: list[torch.Tensor], clip_denoised: Optional[bool]):
         """L_{t-1} of `x0` at each of len(ts) timestep draws (t: (B,), noise: like x0), the draws
         stacked along the batch into one network call; the terms in order, each of shape (B,)."""
-        if len(ts) == 1:
-            return [self.vb_terms_bpd(model, x0, self.q_sample(x0, ts[0], noises[0]), ts[0],
-                                      clip_denoised)]
         xs = x0.repeat(len(ts), *([1] * (x0.ndim - 1)))
         t, noise = torch.cat(ts), torch.cat(noises)
         return list(self.vb_terms_bpd(model, xs, self.q_sample(xs, t, noise), t,
