@@ -446,8 +446,8 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     images = _uint8_images(images_uint8)
     generator = torch.Generator(device=device).manual_seed(seed)
     per_image = []
-    images_per_call = min(batch_size, len(images))
-    terms_per_call = max(1, batch_size // max(images_per_call, 1))
+    images_per_call = max(1, min(batch_size, len(images)))
+    terms_per_call = max(1, batch_size // images_per_call)
     for first in range(0, len(images), images_per_call):
         x0 = to_model_range(images[first:first + images_per_call].to(device))
         with matmul_precision("fp32"):
