@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
-#   make study   install into .venv if needed, then run the default study (dvc repro)
+#   make study   install into .venv if needed, then run the default study (dvc repro, all
+#                its Ray stages on one local Ray instance: stages/local_ray.py)
 #   make test    install into .venv if needed, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 study: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m stages.local_ray dvc repro
+
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

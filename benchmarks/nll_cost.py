@@ -32,7 +32,7 @@ def test_images(exp, seed: int) -> torch.Tensor:
 
     with tempfile.TemporaryDirectory(prefix="nll-cost-") as tmp:
         prepare_dataset(exp.data, tmp, seed)
-        images, _ = load_prepared(prepared_path(tmp, exp.data.dataset, "test"))
+        images = load_prepared(prepared_path(tmp, exp.data.dataset, "test")).images
     return torch.from_numpy(images)
 
 
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     common.check_pipeline_is_this_checkout()
 
+    from pipeline.data import DIGITS_LEVELS
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.metrics import nll_bpd
     from pipeline.training import build_model
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     exp, image_shape = common.load_experiment("digits", args.experiment)
     batch = args.batch_size or exp.evaluate.nll_batch_size
     strata = [int(k) for k in args.strata.split(",") if k]
-    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=DIGITS_LEVELS)
     if args.model_dir is not None:
         from pipeline.sampling import load_model
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.manual_seed(args.seed)
         model = build_model(exp, image_shape).eval()
-    images = test_images(exp, exp.study.seed)[:args.num_images]
+    images = test_images(exp, exp.data.seed)[:args.num_images]
     n = len(images)
 
     info = common.machine()
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cases"][name] = s
         rows.append({"method": name, "terms/image": k, "images/s": s["per_s"],
                      "speed-up": s["speedup_over_exact"], "bpd": s["nll_bpd"],
-                     "stderr": s["nll_bpd_stderr"], "minus exact": s["diff_from_exact_bpd"]})
+                     "stderr": s["nll_bpd_se"], "minus exact": s["diff_from_exact_bpd"]})
     print()
     print(common.table(rows, ["method", "terms/image", "images/s", "speed-up", "bpd", "stderr",
                               "minus exact"]))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ray-scaling-"))
     results: dict[str, list[dict]] = {str(n): [] for n in counts}
     try:
-        prepare_dataset(base.data, work / "data", base.study.seed)
+        prepare_dataset(base.data, work / "data", base.data.seed)
         train_data = prepared_path(work / "data", base.data.dataset, "train")
         print(distributed.connect(num_cpus=int(round(args.cpus))), flush=True)
         for r in range(args.rounds):

@@ -56,21 +56,29 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Identity of the study: its name (the MLflow experiment) and the master seed."""
+    """Identity of the study: its name (the MLflow experiment) and its training seeds. Every
+    experiment is trained, sampled and evaluated once per seed (DVC's `matrix`: stages
+    `train@<experiment>-<seed>`); the tables show the mean over seeds where there are several."""
 
     name: str = "ddpm-digits"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
 
     def validate(self, where: str) -> None:
         _require(bool(self.name.strip()), f"{where}.name", "must be a non-empty string")
-        _require(self.seed >= 0, f"{where}.seed", "must be >= 0")
+        _require(len(self.seeds) >= 1, f"{where}.seeds", "must be a non-empty list of seeds")
+        _require(all(s >= 0 for s in self.seeds), f"{where}.seeds", "must be integers >= 0")
+        _require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds",
+                 f"lists a seed twice: {list(self.seeds)}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, and where its raw files live."""
+    """Which dataset, where its raw files live, and how it is split. `seed` draws the train/test
+    split (and the digits classifier's training): the measuring apparatus, the same for every
+    training seed of the study."""
 
     dataset: Literal["digits", "cifar10", "folder"] = "digits"
+    seed: int = 0
     cifar10_archive: str = "data/raw/cifar-10-python.tar.gz"
     download: bool = False
     folder: str = "data/raw/images"
@@ -80,6 +88,7 @@ class DataConfig:
     hflip: Optional[bool] = None  # None: the dataset's default (cifar10/folder yes, digits no)
 
     def validate(self, where: str) -> None:
+        _require(self.seed >= 0, f"{where}.seed", "must be >= 0")
         _require(self.image_size >= 4, f"{where}.image_size", "must be >= 4")
         _require(self.channels in (1, 3), f"{where}.channels", "must be 1 or 3")
         _require(0.0 < self.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
@@ -156,14 +165,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimization (Adam with linear warmup and gradient clipping), EMA, checkpoints, Ray."""
+    """Optimization (Adam with a linear warm-up, then a constant or cosine learning rate, and
+    gradient clipping), EMA (with its warm-up), checkpoints, Ray."""
 
     steps: int = 3000
     batch_size: int = 128
     lr: float = 2e-4
     warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up
+    lr_final: float = 0.0  # cosine: the last step's lr as a fraction of lr
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
     log_every: int = 50
     checkpoint_every: int = 500
     num_workers: int = 1
@@ -178,6 +191,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
         _require(self.lr > 0.0 and math.isfinite(self.lr), f"{where}.lr", "must be > 0")
         _require(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.lr_final <= 1.0, f"{where}.lr_final",
+                 "must be in [0, 1] (a fraction of train.lr)")
         _require(self.grad_clip > 0.0, f"{where}.grad_clip", "must be > 0")
         _require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay", "must be in [0, 1)")
         _require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
@@ -212,14 +227,17 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Metrics: FID / IS / KID through torch-fidelity, NLL (bits/dim) on the test split."""
+    """Metrics: FID / IS / KID through torch-fidelity, NLL (bits/dim) on the test split, each
+    with its standard error (pipeline/stats.py); the real-data reference drawn at the samples'
+    N (`reference_draws` draws)."""
 
     nll: Literal["exact", "stratified"] = "exact"
     nll_num_images: int = 200
     nll_strata: int = 50
     nll_batch_size: int = 800  # (image, timestep) pairs per network call
-    is_splits: int = 10
-    kid_subset_size: int = 100
+    is_splits: int = 1  # IS over all samples at once: the least biased at small N
+    reference_draws: int = 10  # real-data draws of sample.num_samples images
+    kid_subset_size: int = 100  # of the quick FID / KID over training and in the sweep
     inception_weights: Optional[str] = None  # local inception-v3-compat weights (cifar10, offline)
     # null: by dataset (digits-classifier / inception-v3-compat); or "package.module:Class", a
     # torch-fidelity FeatureExtractorBase subclass with `feat` and `logits_unbiased` outputs
@@ -243,6 +261,9 @@ class EvaluateConfig:
         _require(self.nll_strata >= 1, f"{where}.nll_strata", "must be >= 1")
         _require(self.nll_batch_size >= 1, f"{where}.nll_batch_size", "must be >= 1")
         _require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
+        _require(self.reference_draws >= 2, f"{where}.reference_draws",
+                 "must be >= 2 (a spread needs two draws)")
+
         _require(self.kid_subset_size >= 2, f"{where}.kid_subset_size", "must be >= 2")
         _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
         fx = self.feature_extractor
@@ -277,9 +298,11 @@ SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One row of the study, fully resolved: the base sections with the row's overrides."""
+    """One run of the study, fully resolved: a row (experiment `name`, the base sections with
+    its overrides) trained with one of the study's seeds (`seed`)."""
 
     name: str
+    seed: int
     study: StudyConfig
     data: DataConfig
     diffusion: DiffusionConfig
@@ -288,6 +311,12 @@ class ExperimentConfig:
     sample: SampleConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+
+    @property
+    def key(self) -> str:
+        """`<experiment>-<seed>`: the suffix of this run's DVC stages (`train@<key>`) and the
+        name of its outputs (models/<key>/, samples/<key>/, metrics/<key>.json)."""
+        return run_key(self.name, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -299,17 +328,24 @@ class ExperimentConfig:
         for name, section_cls in SECTIONS.items():
             sections[name] = build_section(section_cls, dict(raw.get(name) or {}), name)
             sections[name].validate(name)
-        return cls(name=str(raw["name"]), **sections)
+        return cls(name=str(raw["name"]), seed=int(raw["seed"]), **sections)
 
-    def config_hash(self, sections: tuple[str, ...] = ("study", "data", "diffusion", "model",
+    def config_hash(self, sections: tuple[str, ...] = ("data", "diffusion", "model",
                                                           "train")) -> str:
-        """Short hash of the sections that determine a trained model (names a training run)."""
+        """Short hash of what determines a trained model: the study's name, the experiment, its
+        seed and `sections` (names a training run; the study's other seeds do not enter)."""
         import hashlib
         import json
 
         payload = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in sections}
-        blob = json.dumps([self.name, payload], sort_keys=True).encode()
+        blob = json.dumps([self.study.name, self.name, self.seed, payload],
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def run_key(experiment: str, seed: int) -> str:
+    """The key of one (experiment, seed) run: `<experiment>-<seed>`, as DVC's matrix names it."""
+    return f"{experiment}-{seed}"
 
 
 @dataclass(frozen=True)
@@ -430,22 +466,36 @@ class Params:
     experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
-    def experiment(self, name: str) -> ExperimentConfig:
+    def experiment(self, name: str, seed: Optional[int] = None) -> ExperimentConfig:
+        """Experiment `name` trained with `seed` (default: the study's first seed), which must
+        be one of `study.seeds`."""
         if name not in self.experiments:
             raise ConfigError(f"experiments: no experiment named '{name}'; "
                               f"defined: {', '.join(self.experiments) or '(none)'}")
-        return self.experiments[name]
+        seed = self.study.seeds[0] if seed is None else seed
+        if seed not in self.study.seeds:
+            raise ConfigError(f"study.seeds: seed {seed} is not one of the study's seeds "
+                              f"{list(self.study.seeds)}; add it to study.seeds in params.yaml")
+        return dataclasses.replace(self.experiments[name], seed=seed)
+
+    def runs(self) -> list[ExperimentConfig]:
+        """Every (experiment, seed) of the study, experiments outermost."""
+        return [self.experiment(name, seed) for name in self.experiments
+                for seed in self.study.seeds]
 
     def base_experiment(self, name: str) -> ExperimentConfig:
-        """The base sections without any experiment's overrides (e.g. reference rows)."""
-        return ExperimentConfig(name=name, **{s: getattr(self, s) for s in SECTIONS})
+        """The base sections without any experiment's overrides (e.g. reference rows), with
+        the study's first seed."""
+        return ExperimentConfig(name=name, seed=self.study.seeds[0],
+                                **{s: getattr(self, s) for s in SECTIONS})
 
     def sweep_experiment(self, schedule: str, weighting: str) -> ExperimentConfig:
-        """One sweep trial: `sweep.base_experiment` with this schedule and weighting."""
+        """One sweep trial: `sweep.base_experiment` (the study's first seed) with this schedule
+        and weighting."""
         if self.sweep.base_experiment not in self.experiments:
             raise ConfigError(f"sweep.base_experiment: '{self.sweep.base_experiment}' is not an "
                               f"experiment; choose one of: {', '.join(self.experiments)}")
-        return self.sweep.trial_experiment(self.experiments[self.sweep.base_experiment],
+        return self.sweep.trial_experiment(self.experiment(self.sweep.base_experiment),
                                            schedule, weighting)
 
     def to_dict(self) -> dict[str, Any]:
@@ -561,7 +611,7 @@ def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> 
         _require(resolved["sample"].steps <= resolved["diffusion"].num_timesteps, "sample.steps",
                  f"must be <= diffusion.num_timesteps ({resolved['diffusion'].num_timesteps})")
     _check_checkpoint_steps(name, resolved["evaluate"], resolved["train"])
-    return ExperimentConfig(name=name, **resolved)
+    return ExperimentConfig(name=name, seed=resolved["study"].seeds[0], **resolved)
 
 
 def checkpoint_steps(train: TrainConfig) -> list[int]:

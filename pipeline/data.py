@@ -1,12 +1,13 @@
 """Datasets: raw data -> the prepared format, and minibatches of it for training.
 
 Prepared format (written by the `prepare` stage, read by every later stage):
-`<out_root>/<dataset>/{train,test}.npz`, each with `images` (uint8, N x C x H x W) and `labels`
-(int64, N). Three sources:
+`<out_root>/<dataset>/{train,test}.npz`, each with `images` (uint8, N x C x H x W), `labels`
+(int64, N) and `levels` (the number of evenly spaced intensity levels the data uses: 17 for
+digits, 256 for 8-bit images). Three sources:
 
 - `digits`: scikit-learn's bundled handwritten digits (1,797 images, 8x8, 17 grey levels 0..16),
-  rescaled to 0..255 and split train/test by a stratified, seeded split. The embedded default:
-  it needs no download.
+  rescaled to 0..255 (level k -> round(k * 255 / 16)) and split train/test by a stratified,
+  seeded split. The embedded default: it needs no download.
 - `cifar10`: the standard `cifar-10-python.tar.gz`, read in place (no extraction, no checksum,
   so any archive in the same format works), with its own 50,000 / 10,000 train/test split.
 - `folder`: every image under a folder, centre-cropped to a square and resized to `image_size`,
@@ -14,6 +15,11 @@ Prepared format (written by the `prepare` stage, read by every later stage):
 
 `image_size` and `channels` of `DataConfig` shape the `folder` images only; digits (1x8x8) and
 CIFAR10 (3x32x32) keep their native shape.
+
+The data's levels are its quantization: `to_model_range` maps level k of L to 2k / (L - 1) - 1 in
+[-1, 1], the decoder of the NLL bound (`pipeline.diffusion.discretized_gaussian_log_likelihood`)
+puts one bin on each level, and `to_uint8` snaps samples to the nearest level. For 8-bit data
+(L = 256) this is the usual x / 127.5 - 1 and round((x + 1) * 127.5).
 
 Training keeps the whole split in memory as one uint8 tensor: `ImageBatches` draws shuffled
 global minibatches from it with an explicit `torch.Generator` and hands each DDP rank its slice.
@@ -27,7 +33,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -44,7 +50,8 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 CIFAR10_SHAPE = (3, 32, 32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-DIGITS_LEVELS = 16  # load_digits() pixel values run over 0..16
+DIGITS_LEVELS = 17  # load_digits() pixel values run over 0..16
+PIXEL_LEVELS = 256  # 8-bit images (cifar10, folder)
 PREPARE_COMMAND = "`dvc repro prepare` (or `python -m stages.prepare`)"
 
 
@@ -64,41 +71,55 @@ def prepared_path(out_root: str | Path, dataset: str, split: str) -> Path:
     return Path(out_root) / dataset / f"{split}.npz"
 
 
+DATASET_LEVELS = {"digits": DIGITS_LEVELS, "cifar10": PIXEL_LEVELS, "folder": PIXEL_LEVELS}
+
+
+class Prepared(NamedTuple):
+    """One prepared split: images (uint8 N x C x H x W), labels (int64 N), and the number of
+    intensity levels the images use (`to_model_range`)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    levels: int
+
+
 def prepare_dataset(data_cfg: DataConfig, out_root: str | Path, seed: int) -> dict[str, Any]:
     """Read the raw data named by `data_cfg`, write `<out_root>/<dataset>/{train,test}.npz`.
 
     Each file is written atomically. Returns a small summary: dataset, split sizes, image shape
-    (C, H, W) and the output folder.
+    (C, H, W), intensity levels and the output folder.
     """
     readers = {"digits": _read_digits, "cifar10": _read_cifar10, "folder": _read_folder}
     splits = readers[data_cfg.dataset](data_cfg, seed)
+    levels = DATASET_LEVELS[data_cfg.dataset]
     for split in SPLITS:
         images, labels = splits[split]
         save_npz(prepared_path(out_root, data_cfg.dataset, split),
                  images=np.ascontiguousarray(images, dtype=np.uint8),
-                 labels=np.asarray(labels, dtype=np.int64))
+                 labels=np.asarray(labels, dtype=np.int64), levels=np.asarray(levels))
     return {
         "dataset": data_cfg.dataset,
         "train": int(len(splits["train"][0])),
         "test": int(len(splits["test"][0])),
         "image_shape": [int(d) for d in splits["train"][0].shape[1:]],
+        "levels": levels,
         "out_dir": str(Path(out_root) / data_cfg.dataset),
     }
 
 
-def load_prepared(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one prepared split: (images uint8 N x C x H x W, labels int64 N), validated."""
+def load_prepared(path: str | Path) -> Prepared:
+    """Read one prepared split: `Prepared(images, labels, levels)`, validated."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prepared data not found; run {PREPARE_COMMAND} first")
     rerun = f"delete it and rerun {PREPARE_COMMAND}"
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [name for name in ("images", "labels") if name not in npz.files]
+            missing = [name for name in Prepared._fields if name not in npz.files]
             if missing:
                 raise DataError(f"{path}: no array named {', '.join(missing)} "
                                 f"(found: {', '.join(npz.files) or 'none'}); {rerun}")
-            images, labels = npz["images"], npz["labels"]
+            images, labels, levels = npz["images"], npz["labels"], npz["levels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: unreadable or truncated ({type(exc).__name__}: {exc}); "
                         f"{rerun}") from None
@@ -108,7 +129,11 @@ def load_prepared(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.dtype != np.int64 or labels.shape != images.shape[:1]:
         raise DataError(f"{path}: 'labels' must be int64 of shape ({len(images)},), got "
                         f"{labels.dtype} of shape {labels.shape}; {rerun}")
-    return images, labels
+    if levels.shape != () or not np.issubdtype(levels.dtype, np.integer) \
+            or not 2 <= int(levels) <= PIXEL_LEVELS:
+        raise DataError(f"{path}: 'levels' must be one integer in 2..256, got {levels!r}; "
+                        f"{rerun}")
+    return Prepared(images, labels, int(levels))
 
 
 def default_hflip(data_cfg: DataConfig) -> bool:
@@ -131,7 +156,7 @@ def _read_digits(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray,
     from sklearn.datasets import load_digits  # sklearn only where it is needed: prepare
 
     digits = load_digits()
-    images = np.rint(digits.images * (255.0 / DIGITS_LEVELS)).astype(np.uint8)[:, None]
+    images = level_to_uint8(digits.images, DIGITS_LEVELS)[:, None]
     labels = digits.target.astype(np.int64)
     return _split(images, labels, data_cfg.test_fraction, seed, stratify=True, source="digits")
 
@@ -280,14 +305,28 @@ def _load_image(path: Path, mode: str, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels {0..255} -> float32 in [-1, 1] (x / 127.5 - 1), the DDPM data scaling."""
-    return images.to(torch.float32) / 127.5 - 1.0
+def level_to_uint8(level: Any, levels: int) -> np.ndarray:
+    """Level k of `levels` evenly spaced levels -> its uint8 pixel value round(k * 255 / (L-1))."""
+    return np.rint(np.asarray(level, dtype=np.float64) * (255.0 / (levels - 1))).astype(np.uint8)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 pixels: round((x + 1) * 127.5), clamped to 0..255."""
-    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_model_range(images: torch.Tensor, levels: int = PIXEL_LEVELS) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], the DDPM data scaling: the pixel's level k of L
+    (round(x * (L - 1) / 255)) becomes k / ((L - 1) / 2) - 1; for 8-bit data x / 127.5 - 1."""
+    pixels = images.to(torch.float32)
+    if levels != PIXEL_LEVELS:
+        pixels = (pixels * ((levels - 1) / 255.0)).round()
+    return pixels / ((levels - 1) / 2.0) - 1.0
+
+
+def to_uint8(images: torch.Tensor, levels: int = PIXEL_LEVELS) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 pixels on the data's levels: the nearest level k of L,
+    round((x + 1) * (L - 1) / 2) clamped to 0..L-1, as the pixel round(k * 255 / (L - 1));
+    for 8-bit data round((x + 1) * 127.5)."""
+    level = ((images + 1.0) * ((levels - 1) / 2.0)).round().clamp(0, levels - 1)
+    if levels != PIXEL_LEVELS:
+        level = (level * (255.0 / (levels - 1))).round()
+    return level.to(torch.uint8)
 
 
 class ImageBatches:

@@ -63,19 +63,23 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
-                                        log_scales: torch.Tensor) -> torch.Tensor:
-    """log P(x) under N(means, exp(log_scales)^2) discretized to 256 bins on [-1, 1], in nats.
+                                        log_scales: torch.Tensor,
+                                        num_levels: int = 256) -> torch.Tensor:
+    """log P(x) under N(means, exp(log_scales)^2) discretized to the data's `num_levels` evenly
+    spaced levels on [-1, 1] (x on those levels), in nats.
 
-    The decoder L_0 of Ho et al. 2020 Eq. 13: bin edges at x +- 1/255, the edge bins open
-    (-inf at the bottom, +inf at the top). Uses the exact normal CDF through log_ndtr and
+    The decoder L_0 of Ho et al. 2020 Eq. 13, which has 256 levels: bin edges at
+    x +- 1 / (num_levels - 1), the edge bins open (-inf at the bottom, +inf at the top), so the
+    probabilities of the levels sum to 1. Uses the exact normal CDF through log_ndtr and
     log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), mirrored into the
     lower tail for bins above the mean, so it stays accurate far in either tail. Elementwise.
     """
     work = torch.promote_types(x.dtype, torch.float32)
     x, means, log_scales = (v.to(work) for v in torch.broadcast_tensors(x, means, log_scales))
+    half_bin = 1.0 / (num_levels - 1)
     inv_scale = torch.exp(-log_scales)
-    upper = (x - means + 1.0 / 255.0) * inv_scale
-    lower = (x - means - 1.0 / 255.0) * inv_scale
+    upper = (x - means + half_bin) * inv_scale
+    lower = (x - means - half_bin) * inv_scale
     # For a bin above the mean, use the mirrored (lower-tail) CDFs: Phi(b) - Phi(a) = Phi(-a) - Phi(-b).
     flip = (lower + upper) > 0
     hi = torch.where(flip, -lower, upper)
@@ -83,10 +87,10 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
     log_cdf_hi = torch.special.log_ndtr(hi)
     log_cdf_lo = torch.special.log_ndtr(lo)
     log_mid = log_cdf_hi + _log1mexp(torch.clamp(log_cdf_lo - log_cdf_hi, max=-1e-30))
-    log_cdf_upper = torch.special.log_ndtr(upper)  # P(X < x + 1/255): the bottom bin
-    log_sf_lower = torch.special.log_ndtr(-lower)  # P(X > x - 1/255): the top bin
-    bottom = x < -0.999
-    top = x > 0.999
+    log_cdf_upper = torch.special.log_ndtr(upper)  # P(X < x + half bin): the bottom bin
+    log_sf_lower = torch.special.log_ndtr(-lower)  # P(X > x - half bin): the top bin
+    bottom = x < -1.0 + half_bin
+    top = x > 1.0 - half_bin
     return torch.where(bottom, log_cdf_upper, torch.where(top, log_sf_lower, log_mid))
 
 
@@ -270,7 +274,7 @@ class GaussianDiffusion:
                  var_type: str = "fixed_large", loss_type: str = "simple",
                  weighting: str = "uniform", *, hybrid_lambda: float = 0.001,
                  p2_k: float = 1.0, p2_gamma: float = 1.0, min_snr_gamma: float = 5.0,
-                 clip_denoised: bool = True):
+                 clip_denoised: bool = True, data_levels: int = 256):
         for value, table, what in ((mean_type, MEAN_TYPES, "mean_type"),
                                    (var_type, VAR_TYPES, "var_type"),
                                    (loss_type, LOSSES, "loss_type"),
@@ -284,6 +288,9 @@ class GaussianDiffusion:
         self.loss_type, self.weighting = loss_type, weighting
         self.hybrid_lambda, self.p2_k, self.p2_gamma = hybrid_lambda, p2_k, p2_gamma
         self.min_snr_gamma, self.clip_denoised = min_snr_gamma, clip_denoised
+        if not 2 <= data_levels <= 256:
+            raise ValueError(f"data_levels must be in 2..256, got {data_levels}")
+        self.data_levels = int(data_levels)  # the decoder's bins: one per level of the data
         self.num_timesteps = int(betas.shape[0])
 
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)   (Eq. 4)
@@ -315,14 +322,15 @@ class GaussianDiffusion:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, diffusion_cfg) -> "GaussianDiffusion":
-        """Build from a `pipeline.config.DiffusionConfig`."""
+    def from_config(cls, diffusion_cfg, data_levels: int = 256) -> "GaussianDiffusion":
+        """Build from a `pipeline.config.DiffusionConfig`, for data with `data_levels` levels."""
         from pipeline.schedules import schedule_from_config
 
         c = diffusion_cfg
         return cls(schedule_from_config(c), c.mean_type, c.var_type, c.loss, c.weighting,
                    hybrid_lambda=c.hybrid_lambda, p2_k=c.p2_k, p2_gamma=c.p2_gamma,
-                   min_snr_gamma=c.min_snr_gamma, clip_denoised=c.clip_denoised)
+                   min_snr_gamma=c.min_snr_gamma, clip_denoised=c.clip_denoised,
+                   data_levels=data_levels)
 
     # -- gathering constants ------------------------------------------------------------------
 
@@ -422,7 +430,7 @@ class GaussianDiffusion:
         p = self.p_from_output(out, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / LN2
         nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x0, p["mean"], 0.5 * p["log_variance"])) / LN2
+            x0, p["mean"], 0.5 * p["log_variance"], self.data_levels)) / LN2
         return torch.where(t == 0, nll, kl)
 
     def vb_terms_bpd(self, model: Model, x0, x_t, t,

@@ -57,27 +57,43 @@ def connect(num_cpus: Optional[int] = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         return f"connected to Ray cluster at {address}"
-    # A private single-machine cluster on loopback, without token auth. The dashboard process
-    # serves the state API that Ray Train uses to clean up after its controller: its
-    # PlacementGroupCleaner actor finds the cluster through RAY_ADDRESS, or fails when several
-    # Ray instances run on the machine (and a stopped sweep trial's placement group then holds
-    # its CPUs until the stage ends). So the GCS gets a port chosen here, and every process of
-    # this cluster gets RAY_ADDRESS pointing at it.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    train_env = {key: os.environ.setdefault(key, value) for key, value in LOCAL_TRAIN_ENV.items()}
-    gcs_port = _free_port()
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **train_env}})
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = saved
+    start_local_cluster(num_cpus)
     return f"started a local Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)"
+
+
+def start_local_cluster(num_cpus: Optional[int] = None, log_to_driver: bool = True) -> str:
+    """Start a private single-machine Ray instance (this process its driver) and return its
+    address, 127.0.0.1:<GCS port>. Other processes join it with RAY_ADDRESS set to that.
+
+    On loopback, without token auth, with the Train settings of LOCAL_TRAIN_ENV. The dashboard
+    process serves the state API that Ray Train uses to clean up after its controller: its
+    PlacementGroupCleaner actor finds the cluster through RAY_ADDRESS, or fails when several
+    Ray instances run on the machine (and a stopped sweep trial's placement group then holds
+    its CPUs until the stage ends). So the GCS gets a port chosen here, and every process of
+    the cluster inherits RAY_ADDRESS pointing at it (set while Ray starts, then restored).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    gcs_port = _free_port()
+    address = f"127.0.0.1:{gcs_port}"
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update({"RAY_ADDRESS": address, "RAY_GCS_SERVER_PORT": str(gcs_port)})
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                 configure_logging=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return address
+
 
 
 def _free_port() -> int:
@@ -193,7 +209,7 @@ def run_name(exp: ExperimentConfig) -> str:
     that keeps EMA snapshots (evaluate.checkpoints set) is named apart ("-ema"): snapshots are
     made while training, so turning them on trains afresh (same seed, same final model)."""
     keep = "-ema" if exp.evaluate.checkpoints is not None else ""
-    return f"{exp.study.name}-{exp.name}-{exp.config_hash()}-{code_digest()}{keep}"
+    return f"{exp.study.name}-{exp.key}-{exp.config_hash()}-{code_digest()}{keep}"
 
 
 def scaling_config(exp: ExperimentConfig):
@@ -247,16 +263,17 @@ def fit(exp: ExperimentConfig, train_data: Path, storage_path: Path) -> FitOutco
         if isinstance(cause, CheckpointError):  # retrying cannot help: say which file, and why
             reason = re.split(r" \(|; ", str(cause), maxsplit=1)[0]
             raise CheckpointError(
-                f"training of '{exp.name}' cannot resume: {reason}; Ray Train resumes a run "
+                f"training of '{exp.key}' cannot resume: {reason}; Ray Train resumes a run "
                 f"from its latest checkpoint only, so delete the run folder "
-                f"{Path(storage_path).resolve() / name} and rerun `dvc repro train@{exp.name}` "
+                f"{Path(storage_path).resolve() / name} and rerun `dvc repro train@{exp.key}` "
                 "to train from step 0") from None
         raise TrainingError(
-            f"training of '{exp.name}' failed after {exp.train.max_failures} retries: "
+            f"training of '{exp.key}' failed after {exp.train.max_failures} retries: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}; "
             f"checkpoints and logs are under {Path(storage_path).resolve() / name}") from exc
     if result.checkpoint is None:
-        raise TrainingError(f"training of '{exp.name}' reported no checkpoint; see the logs "
+        raise TrainingError(f"training of '{exp.key}' reported no checkpoint; see the logs "
+
                             f"under {Path(storage_path).resolve() / name}")
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(Path(folder) / STATE_FILE)

@@ -420,16 +420,40 @@ def compute_fidelity(samples_uint8: Any, reference_uint8: Any, *, extractor: str
     }
 
 
+def extract_features(images_uint8: Any, *, extractor: str, weights_path: str | None,
+                     batch_size: int = 256, device: str = "cpu",
+                     download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(FID / KID features, IS logits) of uint8 N x C x H x W images: the layers that
+    torch-fidelity's `extractor` uses for FID and for IS (`feat` and `logits_unbiased` of the
+    digits classifier; `2048` and `logits_unbiased` of inception-v3-compat), as float64."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    images = _uint8_images(images_uint8)
+    resolved_weights = _weights_for(extractor, weights_path, download)
+    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+    layers = (cls.get_default_feature_layer_for_metric("fid"),
+              cls.get_default_feature_layer_for_metric("isc"))
+    on_gpu = torch.device(device).type == "cuda"
+    network = create_feature_extractor(extractor, list(dict.fromkeys(layers)), cuda=on_gpu,
+                                       feature_extractor_weights_path=resolved_weights,
+                                       verbose=False)
+    features = get_featuresdict_from_dataset(_UInt8ImageDataset(images), network, batch_size,
+                                             on_gpu, True, False)
+    return tuple(features[layer].double().numpy() for layer in layers)
+
+
 # --------------------------------------------------------------------------------------------
 # NLL in bits/dim (the variational bound of Ho et al. 2020 Eq. 5)
 # --------------------------------------------------------------------------------------------
 
 
+
 def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exact",
             num_strata: int = 50, batch_size: int = 200, seed: int = 0,
-            device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
+            device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
     """Mean negative log-likelihood bound in bits/dim over `images_uint8`, with its standard
-    error (over images, plus the timestep draws for the stratified estimator).
+    error (over images, plus the timestep draws for the stratified estimator), and the bound of
+    each image (`per_image`, float64 numpy).
 
     method `exact` evaluates every one of the T terms per image; `stratified` the unbiased
     K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`). `batch_size` is the
@@ -449,7 +473,8 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     images_per_call = max(1, min(batch_size, len(images)))
     terms_per_call = max(1, batch_size // images_per_call)
     for first in range(0, len(images), images_per_call):
-        x0 = to_model_range(images[first:first + images_per_call].to(device))
+        x0 = to_model_range(images[first:first + images_per_call].to(device),
+                              diffusion.data_levels)
         with matmul_precision("fp32"):
             if method == "exact":
                 bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress,
@@ -458,8 +483,10 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
                 bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator,
                                                    terms_per_call=terms_per_call)
         per_image.append(bpd.double().cpu())
-    mean, stderr = summarize_nll(torch.cat(per_image))
-    return {"nll_bpd": mean, "nll_bpd_stderr": stderr}
+    values = torch.cat(per_image)
+    mean, se = summarize_nll(values)
+    return {"nll_bpd": mean, "nll_bpd_se": se, "per_image": values.numpy()}
+
 
 
 def check_inception_weights(weights_path: str | None, download: bool) -> str:

@@ -25,21 +25,22 @@ import pandas as pd
 
 from pipeline.config import ExperimentConfig
 
-COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_stderr", "num_samples", "nll_method",
+COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_se", "num_samples", "nll_method",
            "source")
 
 
 def score_checkpoints(exp: ExperimentConfig, model_dir: Path, steps: list[int],
                       train_images: np.ndarray, test_images: np.ndarray, *, extractor: str,
                       weights: Optional[str], image_shape: tuple[int, int, int],
-                      device: str = "cpu", seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                      device: str = "cpu", seed: int = 0, progress: bool = True,
+                      data_levels: int = 256) -> pd.DataFrame:
     """One row per step of `steps` (EMA snapshots in `model_dir/checkpoints/`), `COLUMNS`."""
     from pipeline import metrics
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.sampling import generate, load_model
 
     cfg = exp.evaluate
-    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=data_levels)
     rows = []
     for step in steps:
         model = load_model(exp, model_dir, device=device, checkpoint_step=step)
@@ -54,7 +55,7 @@ def score_checkpoints(exp: ExperimentConfig, model_dir: Path, steps: list[int],
                               method="stratified", num_strata=cfg.nll_strata,
                               batch_size=cfg.nll_batch_size, seed=seed + 1, device=device)
         rows.append({"step": step, "fid": scores["fid"], "is_mean": scores["is_mean"],
-                     "nll_bpd": nll["nll_bpd"], "nll_bpd_stderr": nll["nll_bpd_stderr"],
+                     "nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"],
                      "num_samples": len(run.images), "nll_method": "stratified",
                      "source": "checkpoint"})
         print(f"checkpoint {exp.name}@{step}: FID {scores['fid']:.4g} "
@@ -68,7 +69,7 @@ def final_scores(record: dict[str, Any]) -> pd.DataFrame:
         return pd.DataFrame(columns=list(COLUMNS))
     return pd.DataFrame([{
         "step": record.get("train_steps"), "fid": record["fid"], "is_mean": record["is_mean"],
-        "nll_bpd": record["nll_bpd"], "nll_bpd_stderr": record["nll_bpd_stderr"],
+        "nll_bpd": record["nll_bpd"], "nll_bpd_se": record["nll_bpd_se"],
         "num_samples": record["num_samples"], "nll_method": record["nll_method"],
         "source": "final"}], columns=list(COLUMNS))
 

@@ -29,7 +29,10 @@ from pipeline.training import STATUS_OK, build_model, ema_snapshot_path, ema_wei
 
 CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
 
-TRAIN_COMMAND = "`dvc repro train@{name}` (or `python -m stages.train --experiment {name}`)"
+def train_command(exp: ExperimentConfig) -> str:
+    """The commands that (re)make the trained model of `exp`."""
+    return (f"`dvc repro train@{exp.key}` (or `python -m stages.train --experiment {exp.name} "
+            f"--seed {exp.seed}`)")
 
 
 class ModelError(RuntimeError):
@@ -50,21 +53,21 @@ def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
         torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]},
                    tmp / "optimizer.pt")
         info = {"step": state["step"], "status": state["status"],
-                "image_shape": state["image_shape"], "wall_s": state.get("wall_s"), **extra}
+                "image_shape": state["image_shape"], "data_levels": state["data_levels"],
+                "wall_s": state.get("wall_s"), **extra}
         (tmp / "state.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
 
 
-def read_model_info(model_dir: Path, name: str) -> dict[str, Any]:
+def read_model_info(model_dir: Path, exp: ExperimentConfig) -> dict[str, Any]:
+    """models/<E>-<S>/state.json of `exp`: step, status, image shape, data levels, timings."""
     path = Path(model_dir) / "state.json"
     if not path.is_file():
-        raise ModelError(f"{path}: trained model not found; make it with "
-                         + TRAIN_COMMAND.format(name=name))
+        raise ModelError(f"{path}: trained model not found; make it with {train_command(exp)}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: corrupt ({exc}); rerun " + TRAIN_COMMAND.format(name=name)) \
-            from None
+        raise ModelError(f"{path}: corrupt ({exc}); rerun {train_command(exp)}") from None
 
 
 def kept_ema_snapshots(model_dir: Path) -> dict[int, Path]:
@@ -79,7 +82,7 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
                checkpoint_step: Optional[int] = None) -> torch.nn.Module:
     """The experiment's U-Net with the saved `ema` (default) or raw `model` weights, eval mode;
     with `checkpoint_step`, the EMA weights kept at that training step instead."""
-    info = read_model_info(model_dir, exp.name)
+    info = read_model_info(model_dir, exp)
     path = Path(model_dir) / f"{weights}.pt"
     if checkpoint_step is not None:
         path = ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step)
@@ -87,21 +90,55 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights not found; rerun "
-                         + TRAIN_COMMAND.format(name=exp.name)) from None
+                         + train_command(exp)) from None
     except Exception as exc:
         raise ModelError(f"{path}: corrupt or truncated weights ({type(exc).__name__}); rerun "
-                         + TRAIN_COMMAND.format(name=exp.name)) from None
+                         + train_command(exp)) from None
     model = build_model(exp, tuple(info["image_shape"]))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelError(f"{path}: weights do not fit the model of params.yaml "
                          f"({str(exc).splitlines()[0]}); rerun "
-                         + TRAIN_COMMAND.format(name=exp.name)) from None
+                         + train_command(exp)) from None
     return model.to(device).eval()
 
 
+SAMPLES_FILE = "samples.npz"
+
+
+def save_samples(folder: Path, images: Optional[np.ndarray], status: str,
+                 image_shape: tuple[int, ...]) -> Path:
+    """samples/<E>-<S>/samples.npz: `images` (uint8 N x C x H x W; none for an unstable model)
+    and the model's `status`."""
+    images = np.zeros((0, *image_shape), np.uint8) if images is None else images
+    path = Path(folder) / SAMPLES_FILE
+    np.savez(path, images=images, status=np.array(status))
+    return path
+
+
+def load_samples(folder: Path, exp: ExperimentConfig) -> tuple[np.ndarray, str]:
+    """(images, status) from `save_samples`' file, with an error naming the command that
+    remakes it if it is missing, corrupt or not uint8 N x C x H x W."""
+    path = Path(folder) / SAMPLES_FILE
+    command = (f"`dvc repro sample@{exp.key}` (or `python -m stages.sample --experiment "
+               f"{exp.name} --seed {exp.seed}`)")
+    if not path.is_file():
+        raise ModelError(f"{path}: samples not found; make them with {command}")
+    try:
+        with np.load(path) as f:
+            images, status = f["images"], str(f["status"])
+    except Exception as exc:
+        raise ModelError(f"{path}: corrupt or truncated samples ({type(exc).__name__}); "
+                         f"remake them with {command}") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ModelError(f"{path}: expected uint8 N x C x H x W images; remake them with "
+                         f"{command}")
+    return images, status
+
+
 def is_ok(info: dict[str, Any]) -> bool:
+
     return info.get("status") == STATUS_OK
 
 
@@ -142,14 +179,15 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
 
         def callback(step, t, x, pred_x0, _first=first):
             if _first == 0 and step in kept_steps:
-                snapshots.append(to_uint8(pred_x0[:num_progressive].clamp(-1, 1)).cpu())
+                snapshots.append(to_uint8(pred_x0[:num_progressive].clamp(-1, 1),
+                                          diffusion.data_levels).cpu())
                 snapshot_t.append(int(t))
 
         kwargs = {"steps": cfg.steps, "eta": cfg.eta} if cfg.sampler == "ddim" else {}
         with matmul_precision(cfg.precision):
             x = diffusion.sample(net, (n, *image_shape), generator, sampler=cfg.sampler,
                                  device=device, callback=callback, progress=progress, **kwargs)
-        out.append(to_uint8(x.clamp(-1, 1)).cpu())
+        out.append(to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu())
     wall = time.monotonic() - start
     images = torch.cat(out).numpy()
     prog = torch.stack(snapshots, dim=1).numpy() if snapshots else \

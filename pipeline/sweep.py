@@ -82,7 +82,7 @@ class TrialProbe:
             from pipeline.data import load_prepared
 
             path = self.test_data if split == "test" else self.train_data
-            self._cache[split] = torch.from_numpy(load_prepared(path)[0])
+            self._cache[split] = torch.from_numpy(load_prepared(path).images)
         return self._cache[split]
 
     def validation_nll(self, model, diffusion) -> dict[str, float]:
@@ -95,7 +95,7 @@ class TrialProbe:
             nll = nll_bpd(model, diffusion, images, method="stratified",
                           num_strata=self.val_strata, batch_size=self.nll_batch_size,
                           seed=self.seed + 2, device=device)
-        return {"nll_bpd": nll["nll_bpd"], "nll_bpd_stderr": nll["nll_bpd_stderr"]}
+        return {"nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"]}
 
     def quick_fid(self, model, diffusion) -> float:
         """FID of `fid_num_samples` DDIM samples against the train split."""
@@ -116,7 +116,7 @@ class TrialProbe:
                                  (self.fid_num_samples, *shape), generator,
                                  sampler="ddim", device=device,
                                  steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
-        samples = to_uint8(x.clamp(-1, 1)).cpu()
+        samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu()
         fidelity = compute_fidelity(samples, self._images("train"), extractor=self.extractor,
                                     weights_path=self.extractor_weights, is_splits=1,
                                     kid_subset_size=min(100, self.fid_num_samples),
@@ -142,7 +142,7 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
         total_steps=sweep.steps, val_images=sweep.val_images, val_strata=sweep.val_strata,
         fid_num_samples=sweep.fid_num_samples, fid_steps=sweep.fid_steps, extractor=extractor,
         extractor_weights=weights if weights and Path(weights).is_file() else None,
-        seed=base.study.seed, nll_batch_size=base.evaluate.nll_batch_size,
+        seed=base.seed, nll_batch_size=base.evaluate.nll_batch_size,
         precision=base.sample.precision)
 
 
@@ -179,7 +179,9 @@ def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
                  sweep: SweepConfig) -> pd.DataFrame:
     """Ray Tune's results table (one row per trial, its last report) plus the columns the
     tables read: schedule, weighting, status, fid and nll_bpd (NaN where not measured: no FID
-    before the last step, no metric at all for unstable and failed trials), and error."""
+    before the last step, no metric at all for unstable and failed trials), nll_bpd_rung (the
+    validation NLL at the first ASHA rung, `rung_step`, which every trial that trains reaches:
+    the number that compares all cells) and error."""
     by_id = {t.trial_id: t for t in trials}
     table = tune_table.copy()
     if "trial_id" not in table.columns:
@@ -194,14 +196,18 @@ def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
     table["status"] = [trial_status(t, sweep.steps) for t in rows]
     table["step"] = [t.last.get("step") for t in rows]
     usable = table["status"].isin([STATUS_OK, STATUS_STOPPED])
-    for key in ("fid", "nll_bpd", "nll_bpd_stderr"):
+    for key in ("fid", "nll_bpd", "nll_bpd_se"):
         values = pd.to_numeric(table[key], errors="coerce") if key in table.columns \
             else pd.Series(math.nan, index=table.index)
         table[key] = values.where(usable & (table["status"] == STATUS_OK if key == "fid"
                                             else usable)).astype("float64")
+    table["rung_step"] = sweep.asha_grace_period
+    table["nll_bpd_rung"] = [_value_at(t.history, "nll_bpd", sweep.asha_grace_period)
+                             for t in rows]
+    table["nll_bpd_rung"] = table["nll_bpd_rung"].where(usable).astype("float64")
     table["error"] = [t.error for t in rows]
     first = ["trial_id", "schedule", "weighting", "status", "step", "fid", "nll_bpd",
-             "nll_bpd_stderr"]
+             "nll_bpd_se", "rung_step", "nll_bpd_rung"]
     table = table[first + [c for c in table.columns if c not in first]]
     order = {cell: i for i, cell in enumerate(sweep.cells())}
     table["_order"] = [order.get((s, w), len(order)) for s, w in
@@ -210,7 +216,16 @@ def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
         .reset_index(drop=True)
 
 
+def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
+    """`column` of the report at training step `step` (NaN if there is none)."""
+    if history is None or column not in history.columns or "step" not in history.columns:
+        return math.nan
+    at = history[pd.to_numeric(history["step"], errors="coerce") == step]
+    return float(pd.to_numeric(at[column], errors="coerce").iloc[-1]) if len(at) else math.nan
+
+
 def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
+
     """The finished trial with the lowest FID (lowest NLL where no trial has a FID), or None."""
     done = table[table["status"] == STATUS_OK]
     for key in (RANK_BY, METRIC):
@@ -237,7 +252,7 @@ def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
         "rank_by": best["rank_by"],
         "fid": _number(best.get("fid")),
         "nll_bpd": _number(best.get("nll_bpd")),
-        "nll_bpd_stderr": _number(best.get("nll_bpd_stderr")),
+        "nll_bpd_se": _number(best.get("nll_bpd_se")),
         "steps": int(best["step"]),
         "trial_id": str(best["trial_id"]),
         "mlflow_run_id": mlflow_run_ids.get(str(best["trial_id"])),
@@ -284,7 +299,7 @@ def log_sweep(tracker, sweep: SweepConfig, base: ExperimentConfig,
                                     **exp.to_dict()})
         history = trial.history
         for column, name in (("loss", "train_loss"), ("nll_bpd", "nll_bpd"),
-                             ("nll_bpd_stderr", "nll_bpd_stderr"),
+                             ("nll_bpd_se", "nll_bpd_se"),
                              ("images_per_s", "images_per_s")):
             if column in history.columns and "step" in history.columns:
                 curve = history[["step", column]].apply(pd.to_numeric, errors="coerce")

@@ -2,19 +2,23 @@
 
 Ho, Jain & Abbeel 2020, Table 1 ("CIFAR10 results. NLL measured in bits/dim.") and Table 2
 ("Unconditional CIFAR10 reverse process parameterization and training objective ablation"),
-built with pandas from the `metrics/<experiment>.json` files the evaluate stages write.
+built with pandas from the metrics/<experiment>-<seed>.json files the evaluate stages write
+(`load_runs`), one row per experiment: the mean over its seeds (`aggregate`).
 
 Each table comes in two forms:
-- raw (`table1_raw`, `table2_raw`, `sweep_raw`): one row per experiment (or sweep cell), one
-  float column per metric; written as csv so `pandas.read_csv` gets the numbers back;
+- raw (`table1_raw`, `table2_raw`, `sweep_raw`): one row per experiment (or sweep cell), float
+  columns per metric with its interval; written as csv so `pandas.read_csv` gets them back;
 - formatted (`table1`, `table2`, `sweep_table`): strings shaped like the paper, written as
   markdown (`to_markdown`) and LaTeX (`to_latex`; symbols as math, e.g. `$\\Sigma$`; the
   tabular uses booktabs rules, so the including document needs `\\usepackage{booktabs}`).
 
-Cells: IS "9.46 ± 0.11", FID "3.17", NLL "≤ 3.75 (3.72)" (test bound, train bound in
-parentheses), KID "0.0100 ± 0.0020". An unstable run (non-finite training loss) shows "–" in
-every metric cell, as the paper's blank Table 2 entries; a metric that was not measured is an
-empty cell.
+Cells: a score and its 95 % interval, "29.97 [27.10, 32.84]" (`pipeline.stats`: jackknife over
+the samples for FID / IS / KID, over images for the NLL bound); with several seeds, the mean and
+the standard deviation over seeds, "29.97 ± 1.20". NLL "≤ 4.71 [4.66, 4.76] (4.70)": the
+test-set bound, the train-set bound in parentheses. An unstable run (non-finite training loss)
+shows "–" in every metric cell, as the paper's blank Table 2 entries; a metric that was not
+measured is an empty cell. Table 1's reference rows: real data at the samples' N (mean ± sd over
+draws), an untrained model, and the NLL ceiling of the data's levels.
 
 Row labels follow the paper: the objective ("L, fixed isotropic Σ", "L_simple", ...); in
 Table 1 the mean parameterization ("ε prediction", "μ̃ prediction") is added only where two
@@ -30,25 +34,20 @@ cifar10 adds them as the columns "IS (paper)" and "FID (paper)" beside each of o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
-                             WEIGHTINGS)
+                             WEIGHTINGS, run_key)
+from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_reference,
+                                 load_run_metrics, metrics_path)
 from pipeline.io import atomic_path, write_text
-
-REFERENCE_FILE = "reference.json"
-STATUSES = ("ok", "unstable")
-METRICS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "nll_bpd", "nll_bpd_stderr",
-           "nll_bpd_train", "nll_bpd_train_stderr")
-DESCRIPTORS = ("experiment", "status", "dataset", "mean_type", "var_type", "loss", "weighting",
-               "schedule", "num_timesteps")
-DEFAULTS = {"status": "ok", "weighting": "uniform", "schedule": "linear"}
+from pipeline.stats import Estimate, combine_seeds
 
 GROUP_ORDER = ("mu", "eps", "x0")          # Table 2: baseline first, then ours, then extras
 OBJECTIVE_ORDER = ("learned", "fixed", "simple", "hybrid")  # within a group, as in the paper
@@ -92,7 +91,7 @@ def tex_escape(text: str) -> str:
 class Notation:
     """The paper's symbols spelled for one output format."""
 
-    objectives: Mapping[str, str]   # keys of _objective_key(...) plus table-specific variants
+    objectives: Mapping[str, str]   # keys of objective_key(...) plus table-specific variants
     predictions: Mapping[str, str]  # mean_type -> "ε prediction"
     groups: Mapping[str, str]       # mean_type -> Table 2 group header
     qualifiers: Mapping[str, str]   # var_type -> bracketed note
@@ -141,122 +140,75 @@ TEX = Notation(
 
 
 # --------------------------------------------------------------------------------------------
-# Loading
+# Loading: one row per run, then one row per experiment (the mean over its seeds)
 # --------------------------------------------------------------------------------------------
 
 
-def metrics_path(metrics_dir: str | Path, experiment: str) -> Path:
-    return Path(metrics_dir) / f"{experiment}.json"
+def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.DataFrame:
+    """Read metrics/<experiment>-<seed>.json of each (experiment, seed) into one row each.
 
-
-def _make_hint(experiment: str) -> str:
-    return (f"make it with `dvc repro evaluate@{experiment}` "
-            f"(or `python -m stages.evaluate --experiment {experiment}`)")
-
-
-def _read_json(path: Path, hint: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TablesError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                          f"{exc.msg}); {hint}") from None
-    except UnicodeDecodeError:
-        raise TablesError(f"{path}: not valid JSON (not UTF-8 text); {hint}") from None
-
-
-def _number(value: Any, path: Path, key: str) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TablesError(f"{path}: '{key}' must be a number or null, got {value!r}")
-    return float(value)
-
-
-def _read_metrics(path: Path, experiment: str) -> dict[str, Any]:
-    hint = f"re{_make_hint(experiment)}"
-    if not path.is_file():
-        raise TablesError(f"{path}: metrics for experiment '{experiment}' not found; "
-                          f"{_make_hint(experiment)}")
-    raw = _read_json(path, hint)
-    if not isinstance(raw, dict):
-        raise TablesError(f"{path}: expected a JSON object of metrics, got {type(raw).__name__}; "
-                          f"{hint}")
-    named = raw.get("experiment") or experiment
-    if named != experiment:
-        raise TablesError(f"{path}: holds the metrics of experiment '{named}', not "
-                          f"'{experiment}'; {hint}")
-    record = {**raw, "experiment": experiment}
-    for key, default in DEFAULTS.items():
-        record[key] = raw.get(key) or default
-    allowed = {"status": STATUSES, "mean_type": MEAN_TYPES, "var_type": VAR_TYPES,
-               "loss": LOSSES, "weighting": WEIGHTINGS, "schedule": SCHEDULES}
-    for key, values in allowed.items():
-        if key not in record:
-            raise TablesError(f"{path}: missing key '{key}'; {hint}")
-        if record[key] not in values:
-            raise TablesError(f"{path}: '{key}' is {record[key]!r}; expected one of: "
-                              f"{', '.join(values)}")
-    for key in METRICS:
-        record[key] = _number(raw.get(key), path, key)
-    if record["status"] == "unstable":  # diverged: no metric is meaningful
-        record.update({key: math.nan for key in METRICS})
-    return record
-
-
-def load_metrics(metrics_dir: str | Path, experiments: list[str] | None = None) -> pd.DataFrame:
-    """Read `metrics_dir/<experiment>.json` for each experiment into one row each.
-
-    `experiments` None reads every json file in the folder but `reference.json`, sorted by name.
-    Columns: experiment, status, dataset, mean_type, var_type, loss, weighting, schedule,
-    num_timesteps, the float metric columns (`METRICS`; NaN where null or the run is
-    unstable), then whatever else the files hold. Raises TablesError naming the file for a
-    missing or corrupt file, and the command that makes it.
+    Columns: DESCRIPTORS, the float METRICS (NaN where null or the run is unstable), then
+    whatever else the files hold. Raises ResultsError naming the first missing or corrupt
+    file and the command that makes it.
     """
-    metrics_dir = Path(metrics_dir)
-    if experiments is None:
-        if not metrics_dir.is_dir():
-            raise TablesError(f"{metrics_dir}: folder not found; the evaluate stages write "
-                              "<metrics>/<experiment>.json (run `dvc repro`)")
-        experiments = sorted(p.stem for p in metrics_dir.glob("*.json")
-                             if p.name != REFERENCE_FILE and not p.name.startswith("."))
-    experiments = list(experiments)
-    if not experiments:
+    runs = list(runs)
+    if not runs:
         raise TablesError(f"{metrics_dir}: no experiments to tabulate; define them under "
                           "'experiments' in params.yaml and run `dvc repro`")
-    missing = [e for e in experiments if not metrics_path(metrics_dir, e).is_file()]
+    keys = [run_key(e, s) for e, s in runs]
+    missing = [k for k in keys if not metrics_path(metrics_dir, k).is_file()]
     if missing:
-        first = missing[0]
         more = (f" ({len(missing) - 1} more missing: {', '.join(missing[1:])})"
                 if len(missing) > 1 else "")
-        raise TablesError(f"{metrics_path(metrics_dir, first)}: metrics for experiment "
-                          f"'{first}' not found; {_make_hint(first)}{more}")
-    records = [_read_metrics(metrics_path(metrics_dir, e), e) for e in experiments]
+        try:
+            load_run_metrics(metrics_path(metrics_dir, missing[0]), missing[0], {})
+        except ResultsError as exc:
+            raise ResultsError(f"{exc}{more}") from None
+    allowed = {"mean_type": MEAN_TYPES, "var_type": VAR_TYPES, "loss": LOSSES,
+               "weighting": WEIGHTINGS, "schedule": SCHEDULES}
+    records = []
+    for (experiment, seed), key in zip(runs, keys):
+        record = load_run_metrics(metrics_path(metrics_dir, key), key, allowed)
+        record.update(experiment=experiment, seed=seed)
+        records.append(record)
     df = pd.DataFrame.from_records(records)
-    for key in DESCRIPTORS:
-        if key not in df.columns:
-            df[key] = None
     for key in METRICS:
         df[key] = df[key].astype("float64")
     rest = [c for c in df.columns if c not in DESCRIPTORS and c not in METRICS]
     return df[[*DESCRIPTORS, *METRICS, *rest]].reset_index(drop=True)
 
 
-def load_reference(metrics_dir: str | Path) -> dict | None:
-    """`metrics_dir/reference.json` (real-data and untrained-model scores), or None if absent."""
-    path = Path(metrics_dir) / REFERENCE_FILE
-    if not path.is_file():
-        return None
-    raw = _read_json(path, "rerun the evaluate stage that writes it (`dvc repro`)")
-    if not isinstance(raw, dict):
-        raise TablesError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    for key in ("real_data", "untrained"):
-        entry = raw.get(key)
-        if entry is not None and not isinstance(entry, dict):
-            raise TablesError(f"{path}: '{key}' must be an object of metrics, got {entry!r}")
-        for name, value in (entry or {}).items():
-            if name in METRICS:
-                _number(value, path, f"{key}.{name}")
-    return raw
+def estimate(row: Mapping[str, Any], score: str) -> Estimate:
+    """The `Estimate` of `score` in a row of `aggregate` (or of `load_runs`)."""
+    return Estimate(float(row[score]), float(row[f"{score}_se"]),
+                    float(row.get(f"{score}_df", math.inf)))
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment (in order of first appearance): its descriptors, `seeds` (how
+    many runs), `key` (the run's key where there is one seed), status
+ (unstable if any seed diverged), and per score of SCORES the mean over
+    seeds with `_se`, `_df` (degrees of freedom: inf for one seed), `_sd` (between seeds, NaN
+    for one), `_low` and `_high` (the 95 % interval, `pipeline.stats.combine_seeds`)."""
+    records = []
+    for experiment, group in runs.groupby("experiment", sort=False):
+        rows = group.to_dict("records")
+        record = {key: rows[0][key] for key in DESCRIPTORS if key != "seed"}
+        record["seeds"] = len(rows)
+        record["key"] = run_key(experiment, rows[0]["seed"]) if len(rows) == 1 else None
+        unstable = any(r["status"] == "unstable" for r in rows)
+        record["status"] = "unstable" if unstable else "ok"
+        for score in SCORES:
+            combined = combine_seeds([estimate(r, score) for r in rows])
+            low, high = combined.interval() if not unstable else (math.nan, math.nan)
+            values = [r[score] for r in rows]
+            record.update({score: math.nan if unstable else combined.value,
+                           f"{score}_se": combined.se, f"{score}_df": combined.df,
+                           f"{score}_sd": float(np.std(values, ddof=1)) if len(rows) > 1
+                           else math.nan,
+                           f"{score}_low": low, f"{score}_high": high})
+        records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def load_sweep_trials(path: str | Path) -> pd.DataFrame:
@@ -292,15 +244,17 @@ def load_sweep_trials(path: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def _objective_key(row: Mapping[str, Any]) -> str:
-    """learned | fixed | simple | hybrid: the paper's objective of one experiment."""
+def objective_key(row: Mapping[str, Any]) -> str:
+    """learned | fixed | simple | hybrid: the paper's objective of one experiment (a row with
+    mean_type, var_type and loss)."""
+
     if row["loss"] == "vlb":
         return "learned" if str(row["var_type"]).startswith("learned") else "fixed"
     return str(row["loss"])
 
 
 def _objective(row: Mapping[str, Any], notation: Notation, table: int) -> str:
-    key = _objective_key(row)
+    key = objective_key(row)
     if key == "simple":
         key = f"simple:{row['mean_type']}"
         if table == 1 and f"{key}:table1" in notation.objectives:
@@ -334,7 +288,7 @@ def _sorted_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
 
     def key(row):
         group = GROUP_ORDER.index(row["mean_type"]) if row["mean_type"] in GROUP_ORDER else 99
-        return group, OBJECTIVE_ORDER.index(_objective_key(row)), order[row["experiment"]]
+        return group, OBJECTIVE_ORDER.index(objective_key(row)), order[row["experiment"]]
 
     return sorted(rows, key=key)
 
@@ -394,15 +348,42 @@ def format_mean_std(mean: Any, std: Any, digits: int, notation: Notation = TEXT)
     return f"{text}{notation.pm}{float(std):.{digits}f}" if _finite(std) else text
 
 
+def format_interval(value: Any, low: Any, high: Any, digits: int) -> str:
+    """"29.97 [27.10, 32.84]"; the value alone without an interval; "" when not measured."""
+    if not _finite(value):
+        return ""
+    text = f"{float(value):.{digits}f}"
+    if _finite(low) and _finite(high):
+        text += f" [{float(low):.{digits}f}, {float(high):.{digits}f}]"
+    return text
+
+
+def format_score(row: Mapping[str, Any], score: str, digits: int,
+                 notation: Notation = TEXT) -> str:
+    """A score of an `aggregate` row: with its interval (one seed), or mean ± sd (several)."""
+    if row.get("seeds", 1) > 1:
+        return format_mean_std(row[score], row.get(f"{score}_sd"), digits, notation)
+    return format_interval(row[score], row.get(f"{score}_low"), row.get(f"{score}_high"),
+                           digits)
+
+
+def significant_digits(value: Any, figures: int = 3) -> int:
+    """Decimals that show `figures` significant figures of `value` (at least 2): KID is
+    ~40 on the digits classifier's features and ~0.01 on Inception's."""
+    if not _finite(value) or float(value) == 0:
+        return 2
+    return max(2, figures - 1 - math.floor(math.log10(abs(float(value)))))
+
+
 def format_value(value: Any, digits: int = 2) -> str:
     return f"{float(value):.{digits}f}" if _finite(value) else ""
 
 
-def format_nll(test: Any, train: Any, notation: Notation = TEXT) -> str:
-    """"≤ 3.75 (3.72)": the test-set bound, the train-set bound in parentheses."""
+def format_nll(test: str, train: Any, notation: Notation = TEXT) -> str:
+    """"≤ 3.75 (3.72)": the test-set bound (already formatted), the train-set bound."""
     parts = []
-    if _finite(test):
-        parts.append(f"{notation.leq}{float(test):.2f}")
+    if test:
+        parts.append(f"{notation.leq}{test}")
     if _finite(train):
         parts.append(f"({float(train):.2f})")
     return " ".join(parts)
@@ -416,7 +397,18 @@ def _unstable(row: Mapping[str, Any]) -> bool:
 # Table 1
 # --------------------------------------------------------------------------------------------
 
-TABLE1_METRICS = ("is_mean", "is_std", "fid", "nll_bpd", "nll_bpd_train")
+TABLE1_SCORES = ("is_mean", "fid", "nll_bpd", "nll_bpd_train")
+INTERVAL_COLUMNS = tuple(f"{score}{suffix}" for score in TABLE1_SCORES
+                         for suffix in ("", "_low", "_high", "_sd"))
+
+
+def _reference_label(key: str, entry: Mapping[str, Any], notation: Notation) -> str:
+    if key == "real_data":
+        return (f"Real data ({entry.get('num_images', '?')} images, mean{notation.pm}sd over "
+                f"{entry.get('draws', '?')} draws)")
+    if key == "ceiling":
+        return f"Uniform over the {entry.get('levels', '?')} levels (NLL ceiling)"
+    return "Untrained model"
 
 
 def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
@@ -425,30 +417,42 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
     records = []
     for label, row in zip(table1_labels(rows, notation), rows):
         records.append({"model": label, "source": "ours", "experiment": row["experiment"],
-                        "status": row["status"], **{k: row[k] for k in TABLE1_METRICS}})
-    for key, label in (("real_data", "Real data (test split)"), ("untrained", "Untrained model")):
+                        "status": row["status"], "seeds": row["seeds"],
+                        **{k: row.get(k) for k in INTERVAL_COLUMNS}})
+    for key in ("real_data", "untrained", "ceiling"):
         entry = (reference or {}).get(key)
-        if entry is not None:
-            records.append({"model": label, "source": "reference", "experiment": None,
-                            "status": "ok", **{k: entry.get(k) for k in TABLE1_METRICS}})
+        if entry is None:
+            continue
+        record = {"model": _reference_label(key, entry, notation), "source": "reference",
+                  "experiment": None, "status": "ok", "seeds": 1}
+        for score in TABLE1_SCORES:
+            record[score] = entry.get(score)
+            record[f"{score}_sd"] = entry.get(f"{score}_sd")
+            se = entry.get(f"{score}_se")
+            if _finite(entry.get(score)) and _finite(se):
+                record[f"{score}_low"], record[f"{score}_high"] = \
+                    Estimate(entry[score], se).interval()
+        records.append(record)
     if dataset == "cifar10":
         for objective, is_mean, is_std, fid, nll, nll_train in PAPER_TABLE1:
             paper_row = {"mean_type": "eps", "loss": "vlb" if objective == "fixed" else "simple",
                          "var_type": "fixed_large"}
             label = f"Paper: Ours ({_objective(paper_row, notation, table=1)})"
             records.append({"model": label, "source": "paper", "experiment": None,
-                            "status": "ok", "is_mean": is_mean, "is_std": is_std, "fid": fid,
-                            "nll_bpd": nll, "nll_bpd_train": nll_train})
+                            "status": "ok", "seeds": None, "is_mean": is_mean,
+                            "is_mean_sd": is_std, "fid": fid, "nll_bpd": nll,
+                            "nll_bpd_train": nll_train})
     out = pd.DataFrame.from_records(records, columns=["model", "source", "experiment", "status",
-                                                      *TABLE1_METRICS])
-    for key in TABLE1_METRICS:
+                                                      "seeds", *INTERVAL_COLUMNS])
+    for key in INTERVAL_COLUMNS:
         out[key] = pd.to_numeric(out[key], errors="coerce").astype("float64")
     return out
 
 
 def table1_raw(df: pd.DataFrame, reference: Mapping | None, dataset: str) -> pd.DataFrame:
     """Table 1 as numbers: model, source (ours | reference | paper), experiment, status,
-    is_mean, is_std, fid, nll_bpd, nll_bpd_train."""
+    seeds, and for is_mean, fid, nll_bpd and nll_bpd_train the value, its 95 % interval
+    (`_low`, `_high`) and the sd over seeds or draws (`_sd`; the paper's IS ± for its rows)."""
     return _table1_frame(df, reference, dataset, TEXT)
 
 
@@ -456,19 +460,31 @@ def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
            notation: Notation = TEXT) -> pd.DataFrame:
     """Table 1 formatted like the paper: Model | IS | FID | NLL Test (Train).
 
-    Our experiments in the paper's order; then, when given, "Real data (test split)" and
-    "Untrained model" from reference.json; for cifar10 the paper's two rows ("Paper: ...").
-    """
+    Our experiments in the paper's order; then, when given, the reference rows (real data at
+    the samples' N, untrained model, NLL ceiling) from reference.json; for cifar10 the paper's
+    two rows ("Paper: ...")."""
     raw = _table1_frame(df, reference, dataset, notation)
     cells = []
     for row in raw.to_dict("records"):
         if _unstable(row):
             cells.append([row["model"], *[notation.dash] * 3])
             continue
-        cells.append([row["model"],
-                      format_mean_std(row["is_mean"], row["is_std"], 2, notation),
-                      format_value(row["fid"]),
-                      format_nll(row["nll_bpd"], row["nll_bpd_train"], notation)])
+        spread = row["source"] == "paper" or row["model"].startswith("Real data")
+        ceiling = row["source"] == "reference" and not _finite(row["fid"])
+        if spread:  # the paper's ± and the real-data draws: mean ± sd
+            is_cell = format_mean_std(row["is_mean"], row["is_mean_sd"], 2, notation)
+            fid_cell = format_mean_std(row["fid"], row["fid_sd"], 2, notation)
+            nll_cell = format_value(row["nll_bpd"])
+        else:
+            is_cell = format_score(row, "is_mean", 2, notation)
+            fid_cell = format_score(row, "fid", 2, notation)
+            nll_cell = format_score(row, "nll_bpd", 2, notation)
+        if ceiling:  # the uniform distribution over the levels: an NLL, no samples
+            cells.append([row["model"], "", "", format_value(row["nll_bpd"])])
+            continue
+
+        cells.append([row["model"], is_cell, fid_cell,
+                      format_nll(nll_cell, row["nll_bpd_train"], notation)])
     return pd.DataFrame(cells, columns=["Model", "IS", "FID", "NLL Test (Train)"])
 
 
@@ -476,16 +492,16 @@ def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
 # Table 2
 # --------------------------------------------------------------------------------------------
 
-TABLE2_METRICS = ("is_mean", "is_std", "fid", "nll_bpd", "nll_bpd_train", "kid_mean", "kid_std")
+TABLE2_SCORES = ("is_mean", "fid", "nll_bpd", "nll_bpd_train", "kid_mean")
 
 
-def _paper_table2(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
+def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
     """("ok", (is_mean, is_std, fid)) or ("unstable", None) for a row the paper has, else None."""
     if row["schedule"] != "linear" or row["weighting"] != "uniform":
         return None
     if row["var_type"] == "learned_range" or row["loss"] == "hybrid":
         return None
-    key = (row["mean_type"], _objective_key(row))
+    key = (row["mean_type"], objective_key(row))
     if key not in PAPER_TABLE2:
         return None
     values = PAPER_TABLE2[key]
@@ -494,37 +510,39 @@ def _paper_table2(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
 
 def _table2_frame(df: pd.DataFrame, dataset: str, notation: Notation) -> pd.DataFrame:
     rows = _sorted_rows(df)
+    columns = [f"{score}{suffix}" for score in TABLE2_SCORES
+               for suffix in ("", "_low", "_high", "_sd")]
     records = []
     for label, row in zip(table2_labels(rows, notation), rows):
         record = {"group": notation.groups.get(row["mean_type"], str(row["mean_type"])),
                   "objective": label,
                   **{k: row[k] for k in ("experiment", "mean_type", "var_type", "loss",
-                                         "weighting", "schedule", "status")},
-                  **{k: row[k] for k in TABLE2_METRICS}}
+                                         "weighting", "schedule", "status", "seeds")},
+                  **{k: row.get(k) for k in columns}}
         if dataset == "cifar10":
-            paper = _paper_table2(row)
+            paper = paper_table2_row(row)
             status, values = paper if paper else (None, None)
             is_mean, is_std, fid = values if values else (math.nan, math.nan, math.nan)
             record.update({"paper_status": status, "is_mean_paper": is_mean,
                            "is_std_paper": is_std, "fid_paper": fid})
         records.append(record)
     out = pd.DataFrame.from_records(records)
-    for key in (*TABLE2_METRICS, "is_mean_paper", "is_std_paper", "fid_paper"):
+    for key in (*columns, "is_mean_paper", "is_std_paper", "fid_paper"):
         if key in out.columns:
-            out[key] = out[key].astype("float64")
+            out[key] = pd.to_numeric(out[key], errors="coerce").astype("float64")
     return out
 
 
 def table2_raw(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Table 2 as numbers: group, objective, the experiment's settings, status, the metrics;
-    for cifar10 also paper_status (ok | unstable | empty), is_mean_paper, is_std_paper,
-    fid_paper."""
+    """Table 2 as numbers: group, objective, the experiment's settings, status, seeds, and for
+    is_mean, fid, nll_bpd, nll_bpd_train and kid_mean the value, `_low`, `_high`, `_sd`; for
+    cifar10 also paper_status (ok | unstable | empty), is_mean_paper, is_std_paper, fid_paper."""
     return _table2_frame(df, dataset, TEXT)
 
 
 def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
     """{experiment: markdown} naming each experiment's row of Table 2 and its numbers, for the
-    description of its MLflow run (what `mlflow ui` shows on the run's page)."""
+    description of its MLflow runs (what `mlflow ui` shows on the run's page)."""
     out = {}
     for row in table2_raw_frame.to_dict("records"):
         settings = ", ".join(f"{k} {row[k]}" for k in ("mean_type", "var_type", "loss",
@@ -534,8 +552,9 @@ def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
         if _unstable(row):
             text += " Training diverged (unstable), shown as \"–\" in the tables."
         elif _finite(row.get("fid")):
-            text += (f" FID {format_value(row['fid'])}, IS {format_value(row['is_mean'])}, "
-                     f"NLL {format_nll(row['nll_bpd'], row['nll_bpd_train'])} bits/dim.")
+            seeds = f" (mean of {row['seeds']} seeds)" if row.get("seeds", 1) > 1 else ""
+            text += (f" FID {format_score(row, 'fid', 2)}, IS {format_score(row, 'is_mean', 2)},"
+                     f" NLL {format_score(row, 'nll_bpd', 2)} bits/dim{seeds}.")
         if _finite(row.get("fid_paper")):
             text += (f" Paper (CIFAR10): IS {format_value(row['is_mean_paper'])}, "
                      f"FID {format_value(row['fid_paper'])}.")
@@ -564,10 +583,13 @@ def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.D
         if _unstable(row):
             ours = [notation.dash] * 4
         else:
-            ours = [format_mean_std(row["is_mean"], row["is_std"], 2, notation),
-                    format_value(row["fid"]),
-                    format_nll(row["nll_bpd"], row["nll_bpd_train"], notation),
-                    format_mean_std(row["kid_mean"], row["kid_std"], 4, notation)]
+            ours = [format_score(row, "is_mean", 2, notation),
+                    format_score(row, "fid", 2, notation),
+                    format_nll(format_score(row, "nll_bpd", 2, notation), row["nll_bpd_train"],
+                               notation),
+                    format_score(row, "kid_mean", significant_digits(row["kid_mean"]),
+                                 notation)]
+
         theirs = []
         if paper:
             if row["paper_status"] == "unstable":
@@ -593,10 +615,15 @@ def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
 
 
 def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per (schedule, weighting) cell: trials, ok_trials, fid and nll_bpd (the mean
-    over the cell's usable trials), status ("ok"; "stopped" when every usable trial was stopped
-    early, with the NLL they reached and no FID; "unstable" when no trial is usable)."""
+    """One row per (schedule, weighting) cell: trials, ok_trials, fid, nll_bpd and nll_bpd_rung
+    (the means over the cell's usable trials: FID of the finished ones, the last NLL, the NLL at
+    the first ASHA rung), status ("ok"; "stopped" when every usable trial was stopped early,
+    with the NLL they reached and no FID; "unstable" when no trial is usable), and rank (1 =
+    best) by the NLL at the first rung, which every cell that trains has, measured on the same
+    images with the same noise draws in every trial."""
     trials = trials.copy()
+    if "nll_bpd_rung" not in trials.columns:  # an older trials.csv: its last NLL
+        trials["nll_bpd_rung"] = trials["nll_bpd"]
     trials["schedule"] = trials["schedule"].astype(str)
     trials["weighting"] = trials["weighting"].astype(str)
     status = (trials["status"].astype(str).str.lower() if "status" in trials.columns
@@ -617,23 +644,27 @@ def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
                 "fid": pd.to_numeric(ok["fid"], errors="coerce").mean() if len(ok) else math.nan,
                 "nll_bpd": (pd.to_numeric(usable["nll_bpd"], errors="coerce").mean()
                             if len(usable) else math.nan),
+                "nll_bpd_rung": (pd.to_numeric(usable["nll_bpd_rung"], errors="coerce").mean()
+                                 if len(usable) else math.nan),
                 "status": "ok" if len(ok) else "stopped" if len(usable) else "unstable",
             })
     out = pd.DataFrame.from_records(records, columns=["schedule", "weighting", "trials",
-                                                      "ok_trials", "fid", "nll_bpd", "status"])
-    for key in ("fid", "nll_bpd"):
+                                                      "ok_trials", "fid", "nll_bpd",
+                                                      "nll_bpd_rung", "status"])
+    for key in ("fid", "nll_bpd", "nll_bpd_rung"):
         out[key] = out[key].astype("float64")
+    out["rank"] = out["nll_bpd_rung"].rank(method="min").astype("Int64")
     return out
 
 
-SWEEP_CORNER = "Schedule (cells: FID / NLL)"
+SWEEP_CORNER = "Schedule (cells: FID / NLL at the first rung, #rank by that NLL)"
 
 
 def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Pivot schedule (rows) x weighting (columns); each cell "FID / NLL" ("3.17 / 3.75"),
-    "stopped / NLL" where the scheduler stopped every trial of the cell early (the NLL then is
-    the last estimate before the stop), "–" where every trial of the cell was unstable, empty
-    where the sweep has no such cell."""
+    """Pivot schedule (rows) x weighting (columns); each cell "FID / NLL #rank"
+    ("3.17 / 3.75 #1"), with the NLL at the first ASHA rung, which compares every cell;
+    "stopped / NLL #rank" where the scheduler stopped every trial of the cell there (no FID);
+    "–" where every trial of the cell was unstable; empty where the sweep has no such cell."""
     raw = sweep_raw(trials)
     schedules = list(dict.fromkeys(raw["schedule"]))
     weightings = _ordered(raw["weighting"], SWEEP_WEIGHTINGS)
@@ -645,13 +676,14 @@ def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
             cell = cells.get((schedule, weighting))
             if cell is None:
                 row.append("")
-            elif cell["status"] == "stopped":
-                row.append(f"stopped / {format_value(cell['nll_bpd']) or 'n/a'}")
-            elif cell["status"] != "ok":
+            elif cell["status"] not in ("ok", "stopped"):
                 row.append(TEXT.dash)
             else:
-                row.append(f"{format_value(cell['fid']) or 'n/a'} / "
-                           f"{format_value(cell['nll_bpd']) or 'n/a'}")
+                fid = "stopped" if cell["status"] == "stopped" else \
+                    format_value(cell["fid"]) or "n/a"
+                rank = f" #{cell['rank']}" if not pd.isna(cell["rank"]) else ""
+                row.append(f"{fid} / {format_value(cell['nll_bpd_rung']) or 'n/a'}{rank}")
+
         rows.append(row)
     return pd.DataFrame(rows, columns=[SWEEP_CORNER, *weightings])
 
@@ -689,20 +721,22 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def check_dataset(df: pd.DataFrame, dataset: str) -> None:
+def check_dataset(runs: pd.DataFrame, dataset: str) -> None:
     """Every metrics file must come from the dataset the tables are for (no stale results)."""
-    for row in df.to_dict("records"):
+    for row in runs.to_dict("records"):
         found = row.get("dataset")
         if isinstance(found, str) and found and found != dataset:
-            raise TablesError(f"metrics of experiment '{row['experiment']}' are for dataset "
-                              f"'{found}', but params.yaml names '{dataset}'; "
-                              f"re{_make_hint(row['experiment'])}")
+            key = run_key(row["experiment"], row["seed"])
+            raise TablesError(f"{key}.json: the metrics of run '{key}' are for dataset "
+                              f"'{found}', but params.yaml names '{dataset}'; rerun "
+                              f"`dvc repro evaluate@{key}`")
 
 
 def build_tables(metrics: pd.DataFrame, dataset: str, reference: Mapping | None = None,
                  trials: pd.DataFrame | None = None) -> dict[str, Any]:
-    """Every table in every form: table1 / table2 / sweep (formatted text), *_tex (formatted
-    LaTeX), *_raw (numbers); the sweep entries are None without trials; plus dataset."""
+    """Every table in every form from `aggregate`'s rows: table1 / table2 / sweep (formatted
+    text), *_tex (formatted LaTeX), *_raw (numbers); the sweep entries are None without trials;
+    plus dataset."""
     tables: dict[str, Any] = {
         "dataset": dataset,
         "table1": table1(metrics, reference, dataset),
@@ -725,12 +759,15 @@ def write_tables(results_dir: str | Path, tables: Mapping[str, Any]) -> list[Pat
     table2.{md,csv,tex} and, when the sweep was given, sweep.{md,csv}. Returns the paths."""
     results_dir = Path(results_dir)
     name = DATASET_NAMES.get(tables["dataset"], tables["dataset"])
+    intervals = ("[a, b]: 95 \\% interval (jackknife over the samples; over the images for "
+                 "the NLL bound); mean $\\pm$ sd over seeds where there are several.")
     captions = {
-        "table1": f"{tex_escape(name)} results. NLL measured in bits/dim.",
+        "table1": f"{tex_escape(name)} results. NLL measured in bits/dim. {intervals}",
         "table2": f"Unconditional {tex_escape(name)} reverse process parameterization and "
                   "training objective ablation. NLL measured in bits/dim; -- : unstable to "
-                  "train.",
+                  f"train. {intervals}",
     }
+
     paths = []
     for stem in ("table1", "table2"):
         paths.append(_write(results_dir / f"{stem}.md", to_markdown(tables[stem])))

@@ -4,8 +4,9 @@ Layout of the records (`mlflow ui` shows it as is):
 - one MLflow experiment per study, named `study.name`, with its artifacts in the folder
   <tracking.artifact_root>/<study name>/<run id>/artifacts (the root resolved against the repo
   root, as a file:// URI);
-- one run per study experiment E (a row of Table 2), tagged `ddpm.experiment=E`, found again by
-  the train, sample and evaluate stages (separate processes) so that they all log into it;
+- one run per study experiment E (a row of Table 2) and training seed S, named `E-S` and tagged
+  `ddpm.experiment=E`, `ddpm.seed=S`, found again by the train, sample and evaluate stages
+  (separate processes) so that they all log into it;
   a run is reused only while its `ddpm.config_hash` matches, so a re-run of the study after a
   params change starts a fresh run and keeps the old one for history;
 - one study run named "tables" (`ddpm.experiment=_study`) for study-level artifacts;
@@ -65,6 +66,7 @@ T = TypeVar("T")
 
 # Tags of the project (mlflow.* tags are MLflow's own).
 TAG_EXPERIMENT = "ddpm.experiment"
+TAG_SEED = "ddpm.seed"
 TAG_CONFIG_HASH = "ddpm.config_hash"
 TAG_ROLE = "ddpm.role"  # experiment | study | trial: keeps run_for from matching other runs
 TAG_GIT_COMMIT = "git.commit"
@@ -359,16 +361,21 @@ class Tracker:
                         self.study_name, experiment.artifact_location, self.artifact_location)
         return experiment.experiment_id
 
-    def run_for(self, experiment: str, config: Optional[Mapping[str, Any]] = None) -> str:
-        """The run of study experiment `experiment`: found by tags, or created (named after it).
+    def run_for(self, experiment: str, config: Optional[Mapping[str, Any]] = None,
+                seed: int = 0) -> str:
+        """The run of study experiment `experiment` trained with `seed`: found by tags, or
+        created (named `<experiment>-<seed>`).
 
         `config` is the resolved ExperimentConfig dict; every stage of one experiment must pass
         the same dict. A run is reused only if its `ddpm.config_hash` matches; otherwise a new
         run starts and the old one stays for history. Deleted runs are never reused.
         """
+        from pipeline.config import run_key
+
         digest = config_hash(config if config is not None else {})
-        tags = {TAG_EXPERIMENT: experiment, TAG_CONFIG_HASH: digest, TAG_ROLE: "experiment"}
-        return self._find_or_create(tags, run_name=experiment)
+        tags = {TAG_EXPERIMENT: experiment, TAG_SEED: str(seed), TAG_CONFIG_HASH: digest,
+                TAG_ROLE: "experiment"}
+        return self._find_or_create(tags, run_name=run_key(experiment, seed))
 
     def study_run(self) -> str:
         """The study-level run ("tables", `ddpm.experiment=_study`) for the study's tables."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import ExperimentConfig
 from pipeline.data import ImageBatches, default_hflip, load_prepared, to_model_range
@@ -55,10 +55,34 @@ class Session(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights, theta_ema <- decay theta_ema + (1-decay) theta
-    (Ho et al. 2020 App. B uses decay 0.9999), via torch's AveragedModel."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def ema_decay_at(num_averaged: int, decay: float, warmup: bool = True) -> float:
+    """The EMA's decay at the update after `num_averaged` earlier ones: `decay`, or with the
+    warm-up min(decay, (1 + n) / (10 + n)) (the `num_updates` rule of TensorFlow's
+    ExponentialMovingAverage), so that a short run's average does not keep a large share of the
+    initial, untrained weights: with decay 0.995 and no warm-up, 13.5 % of them after 400 steps."""
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+
+
+def ema_initial_weight(updates: int, decay: float, warmup: bool = True) -> float:
+    """The weight of the first update's parameters in the EMA after `updates` updates: the
+    product of the decays of updates 2..k (`AveragedModel` copies the first one)."""
+    return math.prod(ema_decay_at(n, decay, warmup) for n in range(1, updates))
+
+
+def make_ema(model: torch.nn.Module, decay: float, warmup: bool = True) -> AveragedModel:
+    """Exponential moving average of the weights, theta_ema <- d theta_ema + (1 - d) theta
+    (Ho et al. 2020 App. B: d = 0.9999), d from `ema_decay_at`, via torch's AveragedModel
+    (which starts from a copy of the first update's weights and counts its updates, so the
+    warm-up carries on across a resume)."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        weight = 1.0 - ema_decay_at(int(num_averaged), decay, warmup)
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def build_model(exp: ExperimentConfig, image_shape: tuple[int, int, int]) -> UNet:
@@ -70,12 +94,26 @@ def build_model(exp: ExperimentConfig, image_shape: tuple[int, int, int]) -> UNe
                       learned_variance=exp.diffusion.var_type in ("learned", "learned_range"))
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str = "constant",
+              final: float = 0.0) -> float:
+    """The learning rate of step `step` (0-based) as a fraction of `train.lr`: a linear warm-up
+    over `warmup_steps` (Ho et al. App. B), then constant, or a cosine from 1 down to `final`
+    at the last step (Loshchilov & Hutter 2017)."""
+    warmup = max(warmup_steps, 1)
+    factor = min(1.0, (step + 1) / warmup)
+    if schedule == "constant" or step + 1 <= warmup:
+        return factor
+    progress = min(1.0, (step + 1 - warmup) / max(steps - warmup, 1))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def make_optimizer(model: torch.nn.Module, exp: ExperimentConfig):
-    """Adam (Ho et al. App. B) with a linear learning-rate warmup over `warmup_steps`."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr)
-    warmup = max(exp.train.warmup_steps, 1)
+    """Adam (Ho et al. App. B) with the learning-rate schedule of `lr_factor`."""
+    cfg = exp.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule,
+                                          cfg.lr_final))
     return optimizer, scheduler
 
 
@@ -123,17 +161,17 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session
 
 def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
                   checkpoint_root: str | Path, on_log, ema_snapshot_dir) -> None:
-    torch.manual_seed(exp.study.seed)
+    torch.manual_seed(exp.seed)
     device = session.device
-    images, _ = load_prepared(train_data)
+    images, _, levels = load_prepared(train_data)
     images_t = torch.from_numpy(images).to(device)
-    diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
     model = build_model(exp, tuple(images.shape[1:])).to(device)
     if device.type == "cuda":  # on CPU channels_last measured slower for these U-Nets
         model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(model, exp.train.ema_decay)
+    ema = make_ema(model, exp.train.ema_decay, exp.train.ema_warmup)
     optimizer, scheduler = make_optimizer(model, exp)
-    gens = seed_generators(exp.study.seed, session.rank, device)
+    gens = seed_generators(exp.seed, session.rank, device)
     batches = ImageBatches(images_t, exp.train.batch_size, gens["data"],
                            hflip=default_hflip(exp.data), rank=session.rank,
                            world_size=session.world_size)
@@ -157,7 +195,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Sessio
             if state.get("cuda_rng") is not None and device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
         else:
-            torch.manual_seed(exp.study.seed + 7919 * (session.rank + 1) + state["step"])
+            torch.manual_seed(exp.seed + 7919 * (session.rank + 1) + state["step"])
         step, loss_history = state["step"], [tuple(x) for x in state["loss_history"]]
         wall_before = state.get("wall_s", 0.0)
         if state.get("status") == STATUS_UNSTABLE:
@@ -176,11 +214,11 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Sessio
     log_every, ckpt_every, total = exp.train.log_every, exp.train.checkpoint_every, exp.train.steps
     last_checkpoint_step = step
     # rank 0's progress: a line per log step (Ray job logs, CI) or a tqdm bar on a terminal
-    progress = StepProgress(total, desc=f"train {exp.name}", start_step=step, stream=sys.stdout,
+    progress = StepProgress(total, desc=f"train {exp.key}", start_step=step, stream=sys.stdout,
                             enabled=session.rank == 0 and step < total)
 
     while step < total:
-        x0 = to_model_range(next(batches))
+        x0 = to_model_range(next(batches), levels)
         if device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss = train_step(train_model, model, diffusion, x0, t_sampler, gens, optimizer,
@@ -203,7 +241,8 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Sessio
             loss_history.append((step, mean_loss))
             progress.update(step, loss=mean_loss, images_per_s=metrics["images_per_s"])
             if on_log is not None and status == STATUS_OK and session.rank == 0:
-                metrics.update(on_log(step, {"ema": ema.module, "diffusion": diffusion}))
+                metrics.update(on_log(step, {"ema": ema.module, "model": model,
+                                             "diffusion": diffusion}))
             checkpoint = None
             if status != STATUS_OK or step % ckpt_every == 0 or step == total:
                 checkpoint = _save_checkpoint(
@@ -211,7 +250,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Sessio
                     optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler,
                     batches=batches, gens=gens, loss_history=loss_history,
                     wall_s=wall_before + time.monotonic() - start, exp=exp,
-                    image_shape=tuple(images.shape[1:]))
+                    image_shape=tuple(images.shape[1:]), data_levels=levels)
                 last_checkpoint_step = step
                 if ema_snapshot_dir is not None and status == STATUS_OK and session.rank == 0:
                     save_ema_snapshot(ema, ema_snapshot_path(ema_snapshot_dir, step))
@@ -224,7 +263,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Sessio
             session, checkpoint_root, step, status=status, model=model, ema=ema,
             optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler, batches=batches,
             gens=gens, loss_history=loss_history, wall_s=wall_before, exp=exp,
-            image_shape=tuple(images.shape[1:]))
+            image_shape=tuple(images.shape[1:]), data_levels=levels)
         session.report({"step": step, "status": status}, checkpoint)
 
 
@@ -285,7 +324,7 @@ def save_ema_snapshot(ema: AveragedModel, path: Path) -> None:
 
 def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,
                      optimizer, scheduler, t_sampler, batches, gens, loss_history, wall_s, exp,
-                     image_shape) -> Optional[Path]:
+                     image_shape, data_levels) -> Optional[Path]:
     """Rank 0 writes the full training state into a fresh folder; other ranks write nothing."""
     if session.rank != 0:
         return None
@@ -308,6 +347,7 @@ def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: s
         "wall_s": wall_s,
         "config": exp.to_dict(),
         "image_shape": list(image_shape),
+        "data_levels": int(data_levels),
     }
     tmp = folder / (STATE_FILE + ".tmp")
     torch.save(state, tmp)

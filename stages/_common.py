@@ -29,6 +29,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, TrackingError]
     for module, name in (("pipeline.data", "DataError"), ("pipeline.metrics", "MetricsError"),
+                         ("pipeline.evaluation", "ResultsError"),
+
                          ("pipeline.sampling", "ModelError"), ("pipeline.tables", "TablesError"),
                          ("pipeline.training", "CheckpointError"),
                          ("pipeline.distributed", "TrainingError")):
@@ -44,6 +46,8 @@ def parser(prog: str, description: str, experiment: bool = False) -> argparse.Ar
     if experiment:
         p.add_argument("--experiment", "-e", required=True,
                        help="which entry of the `experiments` mapping in params.yaml")
+        p.add_argument("--seed", "-s", type=int, default=None,
+                       help="which of study.seeds to train with (default: the first)")
     return p
 
 

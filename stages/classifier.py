@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         extractor = params.evaluate.feature_extractor or metrics.fidelity_extractor_for(dataset)
         info = {"dataset": dataset, "extractor": extractor}
         if extractor == metrics.DIGITS_EXTRACTOR:
-            train_x, train_y = load_prepared(prepared_path(args.data, dataset, "train"))
-            test_x, test_y = load_prepared(prepared_path(args.data, dataset, "test"))
+            train_x, train_y, _ = load_prepared(prepared_path(args.data, dataset, "train"))
+            test_x, test_y, _ = load_prepared(prepared_path(args.data, dataset, "test"))
             model = metrics.train_digits_classifier(train_x, train_y,
                                                     steps=params.evaluate.classifier_steps,
-                                                    seed=params.study.seed)
+                                                    seed=params.data.seed)
             accuracy = metrics.classifier_accuracy(model, test_x, test_y)
             metrics.save_classifier(model, args.out / "classifier.pt")
             info["test_accuracy"] = accuracy

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m stages.prepare",
         description="Prepare the dataset named by data.dataset in params.yaml: write "
                     "<out>/<dataset>/train.npz and test.npz (uint8 images N x C x H x W, "
-                    "int64 labels). The train/test split is seeded by study.seed.")
+                    "int64 labels). The train/test split is seeded by data.seed.")
     parser.add_argument("--params", default="params.yaml", type=Path,
                         help="the study's params file (default: %(default)s)")
     parser.add_argument("--out", default="data/prepared", type=Path,
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         _common.tracker_for(params)  # an unreachable tracking store stops the study here
         from pipeline.data import prepare_dataset  # imports torch: after the quick checks
 
-        summary = prepare_dataset(params.data, args.out, seed=params.study.seed)
+        summary = prepare_dataset(params.data, args.out, seed=params.data.seed)
         c, h, w = summary["image_shape"]
         print(f"prepared {summary['dataset']}: {summary['train']} train + {summary['test']} "
               f"test images of {c}x{h}x{w} -> {summary['out_dir']}")

@@ -1,10 +1,13 @@
-"""Stage `reference`: the reference rows of Table 1, measured by the same code as every model.
+"""Stage `reference`: the reference rows of Table 1, measured the way the runs are.
 
     python -m stages.reference [--params params.yaml]
 
-- real data: FID / KID of the prepared test split against the train split, IS of the test split;
+- real data: evaluate.reference_draws draws of sample.num_samples real images, drawn at random
+  from all prepared images as a model's samples are, each scored against the rest (mean and sd
+  over draws): the N-sample scores of a perfect model;
 - untrained model: the base `diffusion` / `model` sections with freshly initialized weights
-  (seeded), sampled and scored like a trained experiment, with its NLL bound.
+  (the study's first seed), sampled and scored like a run, with its NLL bound;
+- the ceiling of the NLL bound: log2(levels) bits/dim (uniform over the data's levels).
 Writes metrics/reference.json and samples/reference/untrained_grid.png.
 """
 
@@ -31,51 +34,46 @@ def main(argv: list[str] | None = None) -> int:
     def body(params) -> int:
         import torch
 
-        from pipeline import metrics
-        from pipeline.data import load_prepared, prepared_path
         from pipeline.diffusion import GaussianDiffusion
+        from pipeline.evaluation import (Apparatus, flatten, nll_ceiling, real_data_draws,
+                                         save_reference)
         from pipeline.figures import save_sample_grid
-        from pipeline.io import write_json
         from pipeline.sampling import generate
         from pipeline.training import build_model
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)
-        dataset = exp.data.dataset
-        train_images, _ = load_prepared(prepared_path(args.data, dataset, "train"))
-        test_images, _ = load_prepared(prepared_path(args.data, dataset, "test"))
-        extractor, weights = metrics.study_extractor(
-            dataset, exp.evaluate.inception_weights, args.models / "classifier" / "classifier.pt",
-            exp.evaluate.feature_extractor)
-        score = dict(extractor=extractor, weights_path=weights, is_splits=exp.evaluate.is_splits,
-                     kid_subset_size=exp.evaluate.kid_subset_size, download=exp.data.download)
-        real = metrics.compute_fidelity(test_images, train_images, **score)
-        print(f"real data (test split): FID {real['fid']:.3f}, IS {real['is_mean']:.3f}")
+        apparatus = Apparatus.load(exp, args.data, args.models / "classifier" / "classifier.pt")
+        levels = apparatus.train.levels
+        cfg = exp.evaluate
+        real = real_data_draws(apparatus, exp.sample.num_samples, cfg.reference_draws,
+                               cfg.is_splits, seed=exp.data.seed)
+        print(f"real data ({real['draws']} draws of {real['num_images']} images against the "
+              f"other {real['reference_images']}): FID {real['fid']:.3f} ± {real['fid_sd']:.3f},"
+              f" IS {real['is_mean']:.3f} ± {real['is_mean_sd']:.3f} (mean ± sd over draws)")
 
-        torch.manual_seed(exp.study.seed)
-        model = build_model(exp, tuple(train_images.shape[1:])).eval()
+        torch.manual_seed(exp.seed)
+        shape = tuple(apparatus.train.images.shape[1:])
+        model = build_model(exp, shape).eval()
         # the DDPM U-Net starts with a zero output layer: perturb it so the untrained row shows
         # what random weights do, not a network that predicts exactly zero
         with torch.no_grad():
             for parameter in model.parameters():
                 if parameter.abs().sum() == 0:
                     parameter.normal_(0.0, 0.02)
-        diffusion = GaussianDiffusion.from_config(exp.diffusion)
-        run = generate(model, diffusion, exp, tuple(train_images.shape[1:]),
-                       seed=exp.study.seed + 1)
-        untrained = metrics.compute_fidelity(run.images, train_images, **score)
-        n = exp.evaluate.nll_num_images
-        for split, images in (("", test_images), ("_train", train_images)):
-            nll = metrics.nll_bpd(model, diffusion, images[:n], method=exp.evaluate.nll,
-                                  num_strata=exp.evaluate.nll_strata,
-                                  batch_size=exp.evaluate.nll_batch_size, seed=exp.study.seed + 2)
-            untrained[f"nll_bpd{split}"] = nll["nll_bpd"]
-            untrained[f"nll_bpd{split}_stderr"] = nll["nll_bpd_stderr"]
+        diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
+        run = generate(model, diffusion, exp, shape, seed=exp.seed + 1)
+        estimates = apparatus.fidelity(run.images, cfg.is_splits, seed=exp.seed)
+        nll, _ = apparatus.nll(model, diffusion, cfg, seed=exp.seed + 2)
+        untrained = flatten({**estimates, **nll})
         print(f"untrained model: FID {untrained['fid']:.3f}, IS {untrained['is_mean']:.3f}, "
-              f"NLL {untrained['nll_bpd']:.3f} bits/dim")
+              f"NLL {untrained['nll_bpd']:.3f} bits/dim (ceiling {nll_ceiling(levels):.3f})")
         g = exp.sample.grid_size
         save_sample_grid(run.images[: g * g], args.figures / "untrained_grid.png", nrow=g)
-        write_json(args.out, {"dataset": dataset, "real_data": real, "untrained": untrained})
+        save_reference(args.out, {"dataset": exp.data.dataset, "real_data": real,
+                                  "untrained": untrained,
+                                  "ceiling": {"levels": levels,
+                                              "nll_bpd": nll_ceiling(levels)}})
         run_id = tracker.study_run()
         tracker.log_metrics(run_id, {f"real_{k}": v for k, v in real.items()})
         tracker.log_metrics(run_id, {f"untrained_{k}": v for k, v in untrained.items()})

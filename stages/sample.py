@@ -1,18 +1,16 @@
-"""Stage `sample@<E>`: sample the EMA model of experiment E.
+"""Stage `sample@<E>-<S>`: sample the EMA model of experiment E trained with seed S.
 
-    python -m stages.sample --experiment eps_simple [--params params.yaml]
+    python -m stages.sample --experiment eps_simple [--seed 0] [--params params.yaml]
 
-Ancestral sampling (Algorithm 2), or the strided DDIM sampler when sample.sampler says so.
-Writes samples/<E>/samples.npz (uint8 N x C x H x W), grid.png and progressive.png (predicted x0
-over time, as the paper's Fig. 6). A model recorded as unstable gets an empty samples.npz and
-figures that say so.
+Ancestral sampling (Algorithm 2), or the strided DDIM sampler when sample.sampler says so, on
+the data's own levels (17 grey levels for digits). Writes samples/<E>-<S>/samples.npz (uint8
+N x C x H x W), grid.png and progressive.png (predicted x0 over time, as the paper's Fig. 6).
+A model recorded as unstable gets an empty samples.npz and figures that say so.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from stages import _common
 
@@ -20,50 +18,48 @@ from stages import _common
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("sample", "Sample one trained experiment of the study.", experiment=True)
     p.add_argument("--models", default="models", type=Path,
-                   help="folder holding models/<E>/ (default: %(default)s)")
+                   help="folder holding models/<E>-<S>/ (default: %(default)s)")
     p.add_argument("--out", default="samples", type=Path,
-                   help="folder for samples/<E>/ (default: %(default)s)")
+                   help="folder for samples/<E>-<S>/ (default: %(default)s)")
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        import torch
-
         from pipeline.diffusion import GaussianDiffusion
         from pipeline.figures import save_placeholder, save_progressive, save_sample_grid
         from pipeline.io import atomic_dir
-        from pipeline.sampling import generate, is_ok, load_model, read_model_info
+        from pipeline.sampling import (generate, is_ok, load_model, read_model_info,
+                                       save_samples)
 
-        exp = params.experiment(args.experiment)
+        exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
-        model_dir = args.models / exp.name
-        info = read_model_info(model_dir, exp.name)
+        model_dir = args.models / exp.key
+        info = read_model_info(model_dir, exp)
         shape = tuple(info["image_shape"])
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()})
-        out = args.out / exp.name
+        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
+        out = args.out / exp.key
         if not is_ok(info):
             with atomic_dir(out) as tmp:
-                np.savez(tmp / "samples.npz", images=np.zeros((0, *shape), np.uint8),
-                         status=np.array(info.get("status", "unstable")))
+                save_samples(tmp, None, info.get("status", "unstable"), shape)
                 for name in ("grid.png", "progressive.png"):
-                    save_placeholder(tmp / name, f"{exp.name}: training diverged (unstable)")
-            print(f"{exp.name} is unstable: wrote empty samples")
+                    save_placeholder(tmp / name, f"{exp.key}: training diverged (unstable)")
+            print(f"{exp.key} is unstable: wrote empty samples")
             return 0
         device = _common.device_for(exp.train.use_gpu)
         model = load_model(exp, model_dir, "ema", device)
-        diffusion = GaussianDiffusion.from_config(exp.diffusion)
-        result = generate(model, diffusion, exp, shape, seed=exp.study.seed + 1, device=device)
+        diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=info["data_levels"])
+        result = generate(model, diffusion, exp, shape, seed=exp.seed + 1, device=device)
         n = exp.sample.grid_size
         with atomic_dir(out) as tmp:
-            np.savez(tmp / "samples.npz", images=result.images, status=np.array("ok"))
+            save_samples(tmp, result.images, "ok", shape)
             save_sample_grid(result.images[: n * n], tmp / "grid.png", nrow=n)
             save_progressive(result.progressive, result.progressive_t, tmp / "progressive.png",
-                             f"{exp.name}: predicted x0 over time")
+                             f"{exp.key}: predicted x0 over time")
         tracker.log_metrics(run_id, {"sample_wall_s": result.wall_s,
                                      "sample_images_per_s": result.images_per_s})
         tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})
         for name in ("grid.png", "progressive.png"):
             tracker.log_artifact(run_id, out / name, "samples")
-        print(f"sampled {exp.name}: {len(result.images)} images in {result.wall_s:.0f}s "
+        print(f"sampled {exp.key}: {len(result.images)} images in {result.wall_s:.0f}s "
               f"({result.images_per_s:.1f} images/s) -> {out}")
         return 0
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         try:
             run = distributed.run_sweep(cfg, base, train_path, args.storage, probe,
-                                        seed=base.study.seed)
+                                        seed=base.seed)
         finally:
             distributed.shutdown()
         table = trials_table(run.table, run.trials, cfg)

@@ -1,15 +1,17 @@
-"""Stage `train@<E>`: Ray Train (TorchTrainer, DDP) fits experiment E on the prepared train split.
+"""Stage `train@<E>-<S>`: Ray Train (TorchTrainer, DDP) fits experiment E with seed S (one of
+study.seeds) on the prepared train split.
 
-    python -m stages.train --experiment eps_simple [--params params.yaml]
+    python -m stages.train --experiment eps_simple [--seed 0] [--params params.yaml]
 
-Writes models/<E>/ (EMA and raw weights, optimizer state, state.json, config.yaml) and the loss
-curve plots/loss/<E>.csv. Checkpoints live under checkpoints/ (outside every DVC output), so a
-killed run resumes from its last checkpoint. With evaluate.checkpoints set, the workers also
-keep the EMA weights of every checkpoint step (checkpoints/<run name>/ema/) and the steps asked
-for are copied to models/<E>/checkpoints/ema_<step>.pt for the evaluate stage. A diverged run
-(non-finite loss) is written with status "unstable" and the stage succeeds, so the rest of the
-study goes on.
+Writes models/<E>-<S>/ (EMA and raw weights, optimizer state, state.json, config.yaml) and the
+loss curve plots/loss/<E>-<S>.csv. Checkpoints live under checkpoints/ (outside every DVC
+output), so a killed run resumes from its last checkpoint. With evaluate.checkpoints set, the
+workers also keep the EMA weights of every checkpoint step (checkpoints/<run name>/ema/) and the
+steps asked for are copied to models/<E>-<S>/checkpoints/ema_<step>.pt for the evaluate stage.
+A diverged run (non-finite loss) is written with status "unstable" and the stage succeeds, so
+the rest of the study goes on.
 """
+
 
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def kept_snapshots(exp, folder: Path | None, steps_done: int) -> dict[int, Path]
     steps = checkpoint_steps(exp.train) if wanted == "all" else list(wanted)
     missing = [s for s in steps if s not in found and s <= steps_done]
     if missing:
-        print(f"warning: {exp.name}: no EMA snapshot for step(s) {missing} in {folder}",
+        print(f"warning: {exp.key}: no EMA snapshot for step(s) {missing} in {folder}",
+
               file=sys.stderr)
     return {s: found[s] for s in steps if s in found}
 
@@ -44,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/prepared", type=Path,
                    help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="models", type=Path,
-                   help="folder for models/<E>/ (default: %(default)s)")
+                   help="folder for models/<E>-<S>/ (default: %(default)s)")
     p.add_argument("--plots", default="plots/loss", type=Path,
-                   help="folder for the loss curve <E>.csv (default: %(default)s)")
+                   help="folder for the loss curve <E>-<S>.csv (default: %(default)s)")
     p.add_argument("--storage", default="checkpoints", type=Path,
                    help="Ray Train storage path for checkpoints (default: %(default)s)")
     args = p.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(params) -> int:
         from pipeline.data import load_prepared, prepared_path
 
-        exp = params.experiment(args.experiment)
+        exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
@@ -80,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                  "final_loss": history[-1][1] if history else None,
                  "checkpoints": str(outcome.run_path)}
         snapshots = kept_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
-        write_model_dir(args.out / exp.name, state, extra, ema_snapshots=snapshots)
-        write_text(args.plots / f"{exp.name}.csv",
+        write_model_dir(args.out / exp.key, state, extra, ema_snapshots=snapshots)
+        write_text(args.plots / f"{exp.key}.csv",
                    "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in history))
 
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()})
+        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         tracker.log_params(run_id, exp.to_dict())
         tracker.log_metric_history(run_id, "train_loss", [s for s, _ in history],
                                    [v for _, v in history])
@@ -95,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "ddpm.ray_run_name": distributed.run_name(exp)})
         status = state["status"]
         kept = f", EMA kept at steps {list(snapshots)}" if snapshots else ""
-        print(f"trained {exp.name}: {steps_done} steps, status {status}, "
+        print(f"trained {exp.key}: {steps_done} steps, status {status}, "
               f"{images_per_s or float('nan'):.0f} images/s, stage wall time {wall:.0f}s{kept}",
               flush=True)
         if status != "ok":
-            print(f"warning: {exp.name} diverged (non-finite loss); recorded as unstable",
+            print(f"warning: {exp.key} diverged (non-finite loss); recorded as unstable",
                   file=sys.stderr)
         return 0
 

@@ -18,6 +18,7 @@ import pytest
 STABLE = "eps_simple"
 UNSTABLE = "mu_vlb_fixed"  # diverges on purpose
 SHARED_EXPERIMENTS = (STABLE, UNSTABLE)
+STABLE_KEY, UNSTABLE_KEY = f"{STABLE}-0", f"{UNSTABLE}-0"  # their runs (seed 0): stage suffixes
 
 
 def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:

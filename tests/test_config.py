@@ -106,6 +106,16 @@ CATALOGUE = [
     (broken("evaluate.checkpoints", [200, 400]), []),  # valid: checkpoint steps, the last too
     (broken("evaluate.checkpoints", "all"), []),
     (broken("evaluate.checkpoint_num_samples", 1), ["checkpoint_num_samples", ">= 2"]),
+    (broken("study.seeds", []), ["study.seeds", "non-empty"]),
+    (broken("study.seeds", [0, 0]), ["study.seeds", "twice"]),
+    (broken("study.seeds", [-1]), ["study.seeds", ">= 0"]),
+    (broken("study.seeds", 3), ["study.seeds", "list"]),
+    (broken("study.seed", 1), ["study", "'seed'", "did you mean 'seeds'"]),
+    (broken("data.seed", -2), ["data.seed", ">= 0"]),
+    (broken("train.lr_schedule", "step"), ["train.lr_schedule", "constant, cosine"]),
+    (broken("train.lr_final", 2.0), ["train.lr_final", "[0, 1]"]),
+    (broken("train.ema_warmup", "on"), ["train.ema_warmup", "true or false"]),
+    (broken("evaluate.reference_draws", 1), ["reference_draws", ">= 2"]),
     ([1, 2], ["top level", "mapping"]),
 ]
 
@@ -133,9 +143,12 @@ def test_evaluate_checkpoints_forms():
 
     params = load_params(PROJECT / "params.yaml")
     assert params.evaluate.checkpoints is None  # the default study scores only the final model
-    assert checkpoint_steps(params.train) == [200, 400]
     raw = copy.deepcopy(DEFAULT)
+    raw["train"].update(steps=500, checkpoint_every=200)
+    assert checkpoint_steps(parse_params(raw).train) == [200, 400, 500]  # the last one too
+    raw["train"]["steps"] = 400
     raw["evaluate"]["checkpoints"] = [200, 400]
+
     exp = parse_params(raw).experiment("eps_simple")
     assert exp.evaluate.checkpoints == (200, 400)
     assert ExperimentConfig.from_dict(exp.to_dict()) == exp
@@ -144,8 +157,29 @@ def test_evaluate_checkpoints_forms():
         parse_params(raw)
 
 
+def test_every_experiment_runs_once_per_seed():
+    raw = copy.deepcopy(DEFAULT)
+    raw["study"]["seeds"] = [0, 3]
+    params = parse_params(raw)
+    assert [r.key for r in params.runs()][:4] == ["mu_vlb_learned-0", "mu_vlb_learned-3",
+                                                 "mu_vlb_fixed-0", "mu_vlb_fixed-3"]
+    assert len(params.runs()) == 2 * len(params.experiments)
+    first, other = params.experiment("eps_simple"), params.experiment("eps_simple", 3)
+    assert (first.seed, other.seed) == (0, 3) and other.key == "eps_simple-3"
+    assert ExperimentConfig.from_dict(other.to_dict()) == other
+    # a run's identity does not depend on the study's other seeds: adding seed 3 to a study
+    # leaves its seed-0 runs' names (and checkpoints) as they were
+    alone = load_params(PROJECT / "params.yaml").experiment("eps_simple")
+    assert first.config_hash() == alone.config_hash() != other.config_hash()
+    with pytest.raises(ConfigError, match=r"seed 5 is not one of the study's seeds \[0, 3\]"):
+        params.experiment("eps_simple", 5)
+
+
 def test_sections_are_frozen():
+    import dataclasses
+
     params = load_params(PROJECT / "params.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.steps = 5  # type: ignore[misc]
+
     assert DiffusionConfig().num_timesteps == 1000  # the paper's T is the library default

@@ -12,8 +12,9 @@ from PIL import Image
 
 from helpers import make_cifar10_archive, make_image_folder
 from pipeline.config import DataConfig
-from pipeline.data import (CIFAR10_URL, DataError, ImageBatches, default_hflip, load_prepared,
-                           prepare_dataset, prepared_path, to_model_range, to_uint8)
+from pipeline.data import (CIFAR10_URL, DataError, ImageBatches, default_hflip, level_to_uint8,
+                           load_prepared, prepare_dataset, prepared_path, to_model_range,
+                           to_uint8)
 from stages import prepare as prepare_stage
 
 
@@ -31,11 +32,14 @@ def _prepare(tmp_path, seed=0, **data):
 
 
 def test_digits_prepared_format_and_stratified_split(tmp_path):
-    summary, (x_train, y_train), (x_test, y_test) = _prepare(tmp_path, test_fraction=0.2)
+    summary, (x_train, y_train, train_levels), (x_test, y_test, test_levels) = _prepare(
+        tmp_path, test_fraction=0.2)
     assert len(x_train) + len(x_test) == 1797
     assert len(x_test) == math.ceil(0.2 * 1797)  # sklearn rounds the test share up
     assert summary == {"dataset": "digits", "train": len(x_train), "test": len(x_test),
-                       "image_shape": [1, 8, 8], "out_dir": str(tmp_path / "prepared/digits")}
+                       "image_shape": [1, 8, 8], "levels": 17,
+                       "out_dir": str(tmp_path / "prepared/digits")}
+    assert train_levels == test_levels == 17
     for x, y in ((x_train, y_train), (x_test, y_test)):
         assert x.dtype == np.uint8 and x.shape[1:] == (1, 8, 8)
         assert y.dtype == np.int64 and y.shape == (len(x),)
@@ -51,9 +55,9 @@ def test_digits_prepared_format_and_stratified_split(tmp_path):
 
 
 def test_digits_split_is_deterministic_per_seed(tmp_path):
-    _, (a_train, a_labels), _ = _prepare(tmp_path / "a", seed=3)
-    _, (b_train, b_labels), _ = _prepare(tmp_path / "b", seed=3)
-    _, (c_train, _), _ = _prepare(tmp_path / "c", seed=4)
+    _, (a_train, a_labels, _), _ = _prepare(tmp_path / "a", seed=3)
+    _, (b_train, b_labels, _), _ = _prepare(tmp_path / "b", seed=3)
+    _, (c_train, _, _), _ = _prepare(tmp_path / "c", seed=4)
     np.testing.assert_array_equal(a_train, b_train)
     np.testing.assert_array_equal(a_labels, b_labels)
     assert a_train.shape == c_train.shape and not np.array_equal(a_train, c_train)
@@ -62,7 +66,7 @@ def test_digits_split_is_deterministic_per_seed(tmp_path):
 def test_digits_pixels_are_sklearn_rescaled(tmp_path):
     from sklearn.datasets import load_digits
 
-    _, (x_train, _), (x_test, _) = _prepare(tmp_path)
+    _, (x_train, _, _), (x_test, _, _) = _prepare(tmp_path)
     reference = np.rint(load_digits().images * 255 / 16).astype(np.uint8)[:, None]
     # Same multiset of images: compare sorted byte strings.
     ours = sorted(im.tobytes() for im in np.concatenate([x_train, x_test]))
@@ -77,10 +81,10 @@ def test_digits_pixels_are_sklearn_rescaled(tmp_path):
 def test_cifar10_round_trips_pixel_exactly(tmp_path):
     archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
     raw = make_cifar10_archive(archive, n_train=300, n_test=60, seed=1)
-    summary, (x_train, y_train), (x_test, y_test) = _prepare(
+    summary, (x_train, y_train, _), (x_test, y_test, _) = _prepare(
         tmp_path, dataset="cifar10", cifar10_archive=str(archive))
     assert summary["train"] == 300 and summary["test"] == 60
-    assert summary["image_shape"] == [3, 32, 32]
+    assert summary["image_shape"] == [3, 32, 32] and summary["levels"] == 256
     assert x_train.shape == (300, 3, 32, 32) and x_test.shape == (60, 3, 32, 32)
     np.testing.assert_array_equal(y_train, raw["train_labels"])
     np.testing.assert_array_equal(y_test, raw["test_labels"])
@@ -180,16 +184,28 @@ def test_corrupt_or_wrong_npz_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no array named images"):
         load_prepared(path)
 
-    np.savez(path, images=np.zeros((2, 1, 8, 8), np.float32), labels=np.zeros(2, np.int64))
+    np.savez(path, images=np.zeros((2, 1, 8, 8), np.float32), labels=np.zeros(2, np.int64),
+             levels=np.asarray(17))
     with pytest.raises(DataError, match="must be uint8"):
         load_prepared(path)
 
-    np.savez(path, images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(2, np.int64))
+    np.savez(path, images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(2, np.int64),
+             levels=np.asarray(17))
     with pytest.raises(DataError, match="must be uint8"):
         load_prepared(path)
 
-    np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), labels=np.zeros(3, np.int64))
+    np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), labels=np.zeros(3, np.int64),
+             levels=np.asarray(17))
     with pytest.raises(DataError, match="'labels' must be int64"):
+        load_prepared(path)
+
+    np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="no array named levels"):
+        load_prepared(path)  # prepared by an older version: prepare again
+
+    np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), labels=np.zeros(2, np.int64),
+             levels=np.asarray(1000))
+    with pytest.raises(DataError, match="'levels' must be one integer in 2..256"):
         load_prepared(path)
 
 
@@ -202,14 +218,14 @@ def test_folder_dataset_rgb_and_grey(tmp_path):
     folder = tmp_path / "images"
     make_image_folder(folder, n=10, size=(12, 10))
     (folder / "notes.txt").write_text("not an image")
-    summary, (x_train, y_train), (x_test, y_test) = _prepare(
+    summary, (x_train, y_train, _), (x_test, y_test, _) = _prepare(
         tmp_path, dataset="folder", folder=str(folder), image_size=8, channels=3,
         test_fraction=0.2)
     assert summary["train"] == 8 and summary["test"] == 2 and summary["image_shape"] == [3, 8, 8]
     assert x_train.dtype == np.uint8 and x_train.shape == (8, 3, 8, 8)
     assert not y_train.any() and not y_test.any()
 
-    _, (g_train, _), (g_test, _) = _prepare(
+    _, (g_train, _, _), (g_test, _, _) = _prepare(
         tmp_path / "grey", dataset="folder", folder=str(folder), image_size=6, channels=1)
     assert g_train.shape[1:] == (1, 6, 6) and len(g_train) + len(g_test) == 10
 
@@ -223,7 +239,7 @@ def test_folder_center_crops_before_resizing(tmp_path):
     pixels[:, :2] = pixels[:, -2:] = (255, 0, 0)
     for i in range(4):
         Image.fromarray(pixels).save(folder / f"{i}.png")
-    _, (x_train, _), (x_test, _) = _prepare(tmp_path, dataset="folder", folder=str(folder),
+    _, (x_train, _, _), (x_test, _, _) = _prepare(tmp_path, dataset="folder", folder=str(folder),
                                             image_size=4, test_fraction=0.25)
     images = np.concatenate([x_train, x_test])
     assert images.shape == (4, 3, 4, 4)
@@ -252,6 +268,23 @@ def test_model_range_round_trip():
     assert torch.equal(to_uint8(x), pixels)
     assert torch.equal(to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 7.0])),
                        torch.tensor([0, 0, 128, 255, 255], dtype=torch.uint8))
+
+
+def test_levels_round_trip_and_snap_samples_to_the_data_grid():
+    # digits: 17 levels, stored as round(k * 255 / 16); level k <-> 2k / 16 - 1 exactly
+    k = np.arange(17)
+    pixels = torch.from_numpy(level_to_uint8(k, 17))
+    assert pixels.tolist() == np.rint(k * 255 / 16).astype(int).tolist()
+    x = to_model_range(pixels, 17)
+    assert torch.equal(x, torch.from_numpy(k / 8.0 - 1.0).float())
+    assert torch.equal(to_uint8(x, 17), pixels)
+    # a sample between two levels goes to the nearer one; outside [-1, 1] to the end levels
+    between = torch.tensor([-1.0 + 0.9 / 16, -1.0 + 1.1 / 16, 0.02, -5.0, 5.0])
+    assert to_uint8(between, 17).tolist() == [0, 16, 128, 0, 255]
+    # 8-bit data: the usual x / 127.5 - 1, bit for bit
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_model_range(every), every.float() / 127.5 - 1.0)
+    assert torch.equal(to_model_range(every, 256), to_model_range(every))
 
 
 def test_default_hflip():
@@ -339,11 +372,11 @@ def test_batches_agree_across_ranks_with_flips_and_resume():
 
 def test_stage_prepare_writes_the_files(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text("study:\n  seed: 1\ndata:\n  dataset: digits\n  test_fraction: 0.25\n")
+    params.write_text("data:\n  seed: 1\n  dataset: digits\n  test_fraction: 0.25\n")
     out = tmp_path / "data" / "prepared"
     assert prepare_stage.main(["--params", str(params), "--out", str(out)]) == 0
-    x_train, _ = load_prepared(out / "digits" / "train.npz")
-    x_test, _ = load_prepared(out / "digits" / "test.npz")
+    x_train = load_prepared(out / "digits" / "train.npz").images
+    x_test = load_prepared(out / "digits" / "test.npz").images
     assert len(x_train) + len(x_test) == 1797 and len(x_test) == math.ceil(0.25 * 1797)
     line = capsys.readouterr().out.strip()
     assert len(line.splitlines()) == 1 and "digits" in line and str(len(x_train)) in line

@@ -78,23 +78,38 @@ def test_normal_kl_matches_torch_distributions():
     torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), expected)
 
 
-BIN_CENTRES = torch.linspace(-1, 1, 256, dtype=torch.float64)
-
-
+@pytest.mark.parametrize("levels", [256, 17])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_discretized_likelihood_sums_to_one(dtype):
+def test_discretized_likelihood_sums_to_one(dtype, levels):
+    """The decoder's probabilities over the data's levels (256 for 8-bit data, 17 for digits)
+    sum to 1, whatever the mean and scale."""
+    centres = torch.linspace(-1, 1, levels, dtype=torch.float64)
+    half = 1 / (levels - 1)
     gen = torch.Generator().manual_seed(3)
     means = torch.cat([torch.rand(60, generator=gen, dtype=torch.float64) * 2.4 - 1.2,
-                       torch.tensor([-1.0, 1.0, -1.0 + 1 / 255, 1.0 - 1 / 255, 0.0],
+                       torch.tensor([-1.0, 1.0, -1.0 + half, 1.0 - half, 0.0],
                                     dtype=torch.float64)])
     log_scales = torch.cat([torch.rand(60, generator=gen, dtype=torch.float64) * 8 - 7,
                             torch.tensor([-9.0, -9.0, -5.0, 0.5, -12.0], dtype=torch.float64)])
-    x = BIN_CENTRES[:, None].expand(256, len(means))
+    x = centres[:, None].expand(levels, len(means))
     ll = discretized_gaussian_log_likelihood(x.to(dtype), means.to(dtype)[None],
-                                             log_scales.to(dtype)[None])
+                                             log_scales.to(dtype)[None], num_levels=levels)
     total = torch.exp(ll.double()).sum(dim=0)
     tol = 1e-5 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(total, torch.ones_like(total), atol=tol, rtol=0)
+
+
+def test_seventeen_level_decoder_against_scipy():
+    """Digits' decoder: bins of width 2/16 around each of the 17 levels, the end bins open."""
+    for x, mean, scale in ((0.0, 0.1, 0.3), (0.5, 0.45, 0.02), (-1.0, -0.9, 0.1),
+                           (1.0, 0.7, 0.2), (0.25, -0.1, 0.1)):
+        lo, hi = (x - 1 / 16 - mean) / scale, (x + 1 / 16 - mean) / scale
+        expected = (stats.norm.logcdf(hi) if x <= -1 else stats.norm.logsf(lo) if x >= 1
+                    else math.log(stats.norm.cdf(hi) - stats.norm.cdf(lo)))
+        got = discretized_gaussian_log_likelihood(
+            torch.tensor([x], dtype=torch.float64), torch.tensor([mean], dtype=torch.float64),
+            torch.tensor([math.log(scale)], dtype=torch.float64), num_levels=17).item()
+        assert got == pytest.approx(expected, rel=1e-6), (x, mean, scale)
 
 
 def test_discretized_likelihood_matches_scipy_including_far_tails():

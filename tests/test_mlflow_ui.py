@@ -40,7 +40,10 @@ pytestmark = [
                        "install chromium chromium-driver); needed to test mlflow ui in a browser"),
 ]
 
-from conftest import SHARED_EXPERIMENTS as EXPERIMENTS, STABLE, UNSTABLE
+from conftest import STABLE_KEY as STABLE
+from conftest import UNSTABLE_KEY as UNSTABLE
+
+EXPERIMENTS = (STABLE, UNSTABLE)  # the shared study's runs: their names in MLflow
 
 # MLflow 3 keeps a GenAI / "Model training" switch per browser (localStorage, default GenAI)
 # and reads it from the URL first: this opens the experiment on its table of training runs.
@@ -145,7 +148,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def records(study, mlflow_ui):
-    """The experiment id, and per study experiment its metrics/<E>.json and MLflow run id."""
+    """The experiment id, and per run its metrics/<E>-<S>.json and MLflow run id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
@@ -283,9 +286,9 @@ def test_runs_table_lists_the_study_runs_with_fid_is_and_nll(browser, mlflow_ui,
 
 def test_run_page_shows_its_table2_row_and_metrics(browser, mlflow_ui, records, artifacts):
     experiment_id, metrics, runs = records
-    run_page = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{runs['eps_simple']}"
+    run_page = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{runs[STABLE]}"
     open_page(browser, f"{run_page}?{ML}")
-    text = wait_for(browser, lambda d: (lambda t: t if "nll_bpd_stderr" in t and
+    text = wait_for(browser, lambda d: (lambda t: t if "nll_bpd_se" in t and
                                         "Table 2 row" in t else None)(_body_text(d)),
                     "the run's overview")
     close_assistant(browser)
@@ -295,22 +298,22 @@ def test_run_page_shows_its_table2_row_and_metrics(browser, mlflow_ui, records, 
                                                           "best_checkpoint_step", "train_loss")
              if key in lines}  # the metrics table: a name, then its value
     for key in ("fid", "is_mean", "nll_bpd", "best_checkpoint_step"):
-        assert float(shown[key]) == pytest.approx(metrics["eps_simple"][key], rel=1e-6), key
+        assert float(shown[key]) == pytest.approx(metrics[STABLE][key], rel=1e-6), key
     assert "train_loss" in shown
     screenshot(browser, artifacts, "mlflow_run.png")
 
 
 @pytest.mark.parametrize("artifact,source", [
-    ("samples/grid.png", "samples/eps_simple/grid.png"),
-    ("samples/progressive.png", "samples/eps_simple/progressive.png"),
-    ("fid_over_training/eps_simple.png", "plots/fid_over_training/eps_simple.png"),
+    ("samples/grid.png", f"samples/{STABLE}/grid.png"),
+    ("samples/progressive.png", f"samples/{STABLE}/progressive.png"),
+    (f"fid_over_training/{STABLE}.png", f"plots/fid_over_training/{STABLE}.png"),
 ])
 def test_artifact_view_shows_the_figures(browser, mlflow_ui, records, artifacts, study,
                                          artifact, source):
     from PIL import Image
 
     experiment_id, _, runs = records
-    open_page(browser, f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{runs['eps_simple']}"
+    open_page(browser, f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{runs[STABLE]}"
                        f"/artifacts/{artifact}?{ML}")
     width, height = Image.open(study / source).size
     wait_for(browser, lambda d: d.execute_script(  # the figure itself, decoded by the browser

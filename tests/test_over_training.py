@@ -24,10 +24,10 @@ def test_best_by_fid_takes_the_lowest_finite_fid_and_the_earliest_step_on_ties()
 
 def test_without_checkpoints_the_table_is_the_final_model(tmp_path):
     record = {"train_steps": 450, "fid": 3.5, "is_mean": 9.1, "nll_bpd": 1.2,
-              "nll_bpd_stderr": 0.01, "num_samples": 400, "nll_method": "exact"}
+              "nll_bpd_se": 0.01, "num_samples": 400, "nll_method": "exact"}
     frame = final_scores(record)
     assert frame.to_dict("records") == [{
-        "step": 450, "fid": 3.5, "is_mean": 9.1, "nll_bpd": 1.2, "nll_bpd_stderr": 0.01,
+        "step": 450, "fid": 3.5, "is_mean": 9.1, "nll_bpd": 1.2, "nll_bpd_se": 0.01,
         "num_samples": 400, "nll_method": "exact", "source": "final"}]
     assert final_scores({"fid": None}).empty  # an unstable model has no row
     write_scores(frame, tmp_path / "e_checkpoints.csv")

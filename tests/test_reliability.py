@@ -28,14 +28,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import UNSTABLE, shared_study_params
+from conftest import STABLE_KEY as KEY
+from conftest import UNSTABLE_KEY, shared_study_params
 from test_stages import PROJECT, env_for, make_study_repo, mlflow_runs, sh, tiny
 
 STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
 EXPERIMENT_STAGES = ("train", "sample", "evaluate")
 OUTPUTS = ("data/prepared", "models", "samples", "metrics", "plots", "results", "checkpoints",
            "dvc.lock")
-WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*?train (\w+): step (\d+)/(\d+)")
+WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*?train ([\w-]+): step (\d+)/(\d+)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,15 +216,15 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(study, tmp_path
     killed_pid, resumed_from = killed
     assert resumed_from < 60
 
-    steps = worker_steps(output, "eps_simple")
+    steps = worker_steps(output, KEY)
     assert killed_pid in steps and len(steps) == 2, steps  # one restart
     restarted = next(s for pid, s in steps.items() if pid != killed_pid)
     assert restarted[0] == resumed_from + 10, (resumed_from, restarted)  # not from step 0
     assert restarted[-1] == 60
 
-    curve = pd.read_csv(tmp_path / "plots" / "loss" / "eps_simple.csv")
+    curve = pd.read_csv(tmp_path / "plots" / "loss" / f"{KEY}.csv")
     assert curve["step"].tolist() == list(range(10, 61, 10))  # every step once
-    info = json.loads((tmp_path / "models" / "eps_simple" / "state.json").read_text())
+    info = json.loads((tmp_path / "models" / KEY / "state.json").read_text())
     assert info["step"] == 60 and info["status"] == "ok"
     final = max(ray_checkpoints(storage), key=lambda p: load_state(p)["step"])
     state = load_state(final)
@@ -232,7 +233,7 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(study, tmp_path
     assert state["scheduler"]["last_epoch"] == 60
     assert int(state["ema"]["n_averaged"]) == 60  # one EMA update per step
     # the first 40 steps are those of the study's uninterrupted 40-step run, bit for bit
-    uninterrupted = pd.read_csv(study / "plots" / "loss" / "eps_simple.csv")
+    uninterrupted = pd.read_csv(study / "plots" / "loss" / f"{KEY}.csv")
     assert curve["loss"].tolist()[:4] == uninterrupted["loss"].tolist()
 
 
@@ -242,7 +243,7 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     `dvc repro` again resumes from it (no manual step, no stale-lock error) and the study's
     outputs equal those of the uninterrupted run."""
     repo = make_study_repo(tmp_path, lambda p: shared_study_params(p, ("eps_simple",)))
-    target = "evaluate@eps_simple"  # train, sample, evaluate (and prepare, classifier)
+    target = f"evaluate@{KEY}"  # train, sample, evaluate (and prepare, classifier)
     storage = repo / "checkpoints"
     # Ray's default 2 s controller poll (a user's setting overrides the local cluster's 0.5 s):
     # the checkpoints of steps 20 and 40 then register seconds apart, and the kill lands between
@@ -264,18 +265,18 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-5000:]
     assert not survivors, survivors  # no orphan goes on training
     assert registered_checkpoint_step(storage) == 20  # killed between steps 20 and 40
-    assert not (repo / "models" / "eps_simple").exists()  # nothing half-written to accept
-    assert "train@eps_simple" not in (repo / "dvc.lock").read_text()
+    assert not (repo / "models" / KEY).exists()  # nothing half-written to accept
+    assert f"train@{KEY}" not in (repo / "dvc.lock").read_text()
     rwlock = json.loads((repo / ".dvc" / "tmp" / "rwlock").read_text())
     stale = [info for infos in rwlock.get("read", {}).values() for info in infos]
     stale += list(rwlock.get("write", {}).values())
     assert any(info["pid"] == proc.pid for info in stale), rwlock  # left by the killed dvc
 
     again = sh(["dvc", "repro", target], repo)  # no manual step: DVC drops the dead process's entries
-    steps = [s for s_list in worker_steps(again.stdout, "eps_simple").values() for s in s_list]
+    steps = [s for s_list in worker_steps(again.stdout, KEY).values() for s in s_list]
     assert steps and steps[0] == 30 and steps[-1] == 40, steps  # resumed at step 20
 
-    name = "eps_simple"
+    name = KEY
     info = json.loads((repo / "models" / name / "state.json").read_text())
     assert info["step"] == 40 and info["status"] == "ok"
     curve = pd.read_csv(repo / "plots" / "loss" / f"{name}.csv")
@@ -295,14 +296,14 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
-    m = json.loads((study / "metrics" / f"{UNSTABLE}.json").read_text())
+    m = json.loads((study / "metrics" / f"{UNSTABLE_KEY}.json").read_text())
     assert m["status"] == "unstable" and m["fid"] is None and m["nll_bpd"] is None
     assert m["train_steps"] < 40  # stopped early
-    info = json.loads((study / "models" / UNSTABLE / "state.json").read_text())
+    info = json.loads((study / "models" / UNSTABLE_KEY / "state.json").read_text())
     assert info["status"] == "unstable"
-    with np.load(study / "samples" / UNSTABLE / "samples.npz") as f:
+    with np.load(study / "samples" / UNSTABLE_KEY / "samples.npz") as f:
         assert len(f["images"]) == 0 and str(f["status"]) == "unstable"
-    assert json.loads((study / "metrics" / "eps_simple.json").read_text())["status"] == "ok"
+    assert json.loads((study / "metrics" / f"{KEY}.json").read_text())["status"] == "ok"
 
     table2 = (study / "results" / "table2.md").read_text()
     rows = [line for line in table2.splitlines() if "L, fixed isotropic Σ" in line]
@@ -311,7 +312,7 @@ def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
 
     _, runs = mlflow_runs(study)
     status = {r.info.run_name: r.data.tags.get("ddpm.status") for r in runs}
-    assert status[UNSTABLE] == "unstable" and status["eps_simple"] == "ok"
+    assert status[UNSTABLE_KEY] == "unstable" and status[KEY] == "ok"
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,16 +322,17 @@ def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
 
 @pytest.mark.slow
 def test_one_worker_samples_and_metrics_are_bitwise_reproducible(study, tmp_path):
-    """Rerun sample@eps_simple and evaluate@eps_simple: identical bytes and numbers."""
-    name, params = "eps_simple", study / "params.yaml"
+    """Rerun sample@eps_simple-0 and evaluate@eps_simple-0: identical bytes and numbers."""
+    name, params = KEY, study / "params.yaml"
     stage_args = dict(cwd=tmp_path, code=study)
-    proc = stage("sample", "-e", name, "--params", params, "--models", study / "models",
+    proc = stage("sample", "-e", "eps_simple", "--params", params, "--models", study / "models",
                  "--out", tmp_path / "samples", **stage_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for file in ("samples.npz", "grid.png"):
         assert ((tmp_path / "samples" / name / file).read_bytes()
                 == (study / "samples" / name / file).read_bytes()), file
-    proc = stage("evaluate", "-e", name, "--params", params, "--data", study / "data" / "prepared",
+    proc = stage("evaluate", "-e", "eps_simple", "--params", params, "--data",
+                 study / "data" / "prepared",
                  "--models", study / "models", "--samples", tmp_path / "samples",
                  "--out", tmp_path / "metrics", **stage_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -358,11 +360,11 @@ def test_two_workers_are_bitwise_reproducible(study, tmp_path):
         assert "world_size=2" in proc.stdout + proc.stderr
         runs.append(tmp_path / run)
     a, b = runs
-    curve = "plots/eps_simple.csv"
+    curve = f"plots/{KEY}.csv"
     assert (a / curve).read_text() == (b / curve).read_text()
     for weights in ("ema.pt", "model.pt"):
-        assert tensors_equal(load_state(a / "models" / "eps_simple" / weights),
-                             load_state(b / "models" / "eps_simple" / weights)), weights
+        assert tensors_equal(load_state(a / "models" / KEY / weights),
+                             load_state(b / "models" / KEY / weights)), weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,12 +491,13 @@ def tiny_params(folder: Path, **sections) -> Path:
     return write_params(folder / "params.yaml", params)
 
 
-def fake_model_dir(models: Path, name: str = "eps_simple") -> Path:
-    """models/<E>/state.json as the train stage writes it (enough for the stages to read)."""
+def fake_model_dir(models: Path, name: str = KEY) -> Path:
+    """models/<E>-<S>/state.json as the train stage writes it (enough for the stages to read)."""
     folder = models / name
     folder.mkdir(parents=True)
     (folder / "state.json").write_text(json.dumps({"step": 40, "status": "ok",
-                                                   "image_shape": [1, 8, 8]}))
+                                                   "image_shape": [1, 8, 8],
+                                                   "data_levels": 17}))
     return folder
 
 
@@ -517,14 +520,14 @@ def test_corrupt_prepared_data_names_the_file(prepared, tmp_path):
 
 def test_corrupt_samples_names_the_file(tmp_path):
     fake_model_dir(tmp_path / "models")
-    bad = tmp_path / "samples" / "eps_simple" / "samples.npz"
+    bad = tmp_path / "samples" / KEY / "samples.npz"
     bad.parent.mkdir(parents=True)
     np.savez(bad, images=np.zeros((60, 1, 8, 8), np.uint8), status=np.array("ok"))
     truncate(bad)
     proc = stage("evaluate", "-e", "eps_simple", "--params", tiny_params(tmp_path), "--models",
                  tmp_path / "models", "--samples", tmp_path / "samples", "--out",
                  tmp_path / "metrics", cwd=tmp_path, timeout=60)
-    assert_user_error(proc, bad, "corrupt or truncated", "dvc repro sample@eps_simple")
+    assert_user_error(proc, bad, "corrupt or truncated", f"dvc repro sample@{KEY}")
     assert not (tmp_path / "metrics").exists()
 
 
@@ -533,8 +536,8 @@ def test_corrupt_model_weights_name_the_file(tmp_path):
     (folder / "ema.pt").write_bytes(b"PK\x03\x04 not really a zip")
     proc = stage("sample", "-e", "eps_simple", "--params", tiny_params(tmp_path), "--models",
                  tmp_path / "models", "--out", tmp_path / "samples", cwd=tmp_path, timeout=60)
-    assert_user_error(proc, folder / "ema.pt", "corrupt or truncated", "dvc repro train@eps_simple")
-    assert not (tmp_path / "samples" / "eps_simple").exists()
+    assert_user_error(proc, folder / "ema.pt", "corrupt or truncated", f"dvc repro train@{KEY}")
+    assert not (tmp_path / "samples" / KEY).exists()
 
 
 def test_corrupt_classifier_weights_name_the_file(prepared, tmp_path):
@@ -578,7 +581,7 @@ def test_corrupt_checkpoint_on_resume_names_the_file_in_storage(study, tmp_path)
                  "--plots", tmp_path / "plots", cwd=tmp_path, code=study)
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: training of 'eps_simple' cannot resume: "), message
+    assert message.startswith(f"error: training of '{KEY}' cannot resume: "), message
     assert any(str(p) in message for p in corrupted), message
     assert "corrupt or truncated" in message and f"delete the run folder {run}" in message
     assert not (tmp_path / "models").exists()
@@ -596,11 +599,11 @@ def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_pa
         args, needles = ["--data", empty], [empty / "digits" / "train.npz", "dvc repro prepare"]
     elif case == "sample":
         args, needles = ["-e", "eps_simple", "--models", models], [
-            models / "eps_simple" / "state.json", "dvc repro train@eps_simple"]
+            models / KEY / "state.json", f"dvc repro train@{KEY}"]
     elif case == "evaluate":
         fake_model_dir(models)
         args, needles = ["-e", "eps_simple", "--models", models, "--samples", empty], [
-            empty / "eps_simple" / "samples.npz", "dvc repro sample@eps_simple"]
+            empty / KEY / "samples.npz", f"dvc repro sample@{KEY}"]
     elif case == "reference":
         args, needles = ["--data", prepared, "--models", models], [
             models / "classifier" / "classifier.pt", "dvc repro classifier"]

@@ -3,6 +3,7 @@ stages' command-line errors."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
     every stage's outputs, the tables, the metrics and MLflow agree, and DVC behaves."""
     repo = shared_study
     first_run = float((repo.parent / "first_repro_s").read_text())
-    ok, unstable = "eps_simple", "mu_vlb_fixed"
+    ok, unstable = "eps_simple-0", "mu_vlb_fixed-0"  # experiment-seed
     experiments = [ok, unstable]
 
     # outputs of every stage
@@ -114,10 +115,15 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
     # the metrics and the tables agree
     metrics = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in experiments}
     m = metrics[ok]
-    assert m["status"] == "ok" and m["train_steps"] == 40
+    assert m["status"] == "ok" and m["train_steps"] == 40 and m["seed"] == 0
     for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train"):
-        assert isinstance(m[key], float), key
-    assert m["nll_bpd"] > 0
+        assert isinstance(m[key], float) and m[f"{key}_se"] > 0, key
+    # the bound on the data's 17 levels: below the ceiling of a uniform model, log2(17)
+    assert m["data_levels"] == 17 and m["nll_ceiling_bpd"] == pytest.approx(4.087, abs=1e-3)
+    assert 0 < m["nll_bpd"]
+    per_image = pd.read_csv(repo / "metrics" / f"{ok}_nll.csv")
+    assert per_image.groupby("split")["bpd"].mean().to_dict() == pytest.approx(
+        {"test": m["nll_bpd"], "train": m["nll_bpd_train"]})
     best = over_training.sort_values(["fid", "step"]).iloc[0]
     assert m["best_checkpoint_step"] == best["step"]
     assert m["best_checkpoint_fid"] == pytest.approx(best["fid"])
@@ -127,6 +133,12 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
     assert fids == pytest.approx([m["fid"]])
     table1 = (repo / "results" / "table1.md").read_text()
     assert "Real data" in table1 and "Untrained" in table1 and "L_simple" in table1
+    assert "Uniform over the 17 levels" in table1
+    assert reference["real_data"]["num_images"] == 60 and reference["real_data"]["draws"] == 3
+    findings = pd.read_csv(repo / "results" / "findings.csv")
+    assert len(findings) == 8 and (repo / "results" / "findings.md").is_file()
+    assert set(findings["verdict"]) <= {"reproduced", "contradicted", "inconclusive",
+                                        "not measured"}
     assert (repo / "results" / "table1.tex").read_text().count("\\begin{tabular}") == 1
     assert (repo / "results" / "loss_curves.png").is_file()
     sweep = pd.read_csv(repo / "results" / "sweep" / "trials.csv")  # the sweep stage ran too
@@ -154,7 +166,7 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
 
     # DVC behaves as users expect
     shown = sh(["dvc", "metrics", "show"], repo).stdout
-    assert "eps_simple" in shown and "mu_vlb_fixed" in shown and "fid" in shown
+    assert "eps_simple-0" in shown and "mu_vlb_fixed-0" in shown and "fid" in shown
     plots = sh(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
     assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
     start = time.monotonic()
@@ -169,7 +181,7 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
         diff = sh(["dvc", "params", "diff"], repo).stdout
         assert "diffusion.schedule" in diff and "cosine" in diff
         status = sh(["dvc", "status"], repo).stdout
-        assert "train@eps_simple" in status and "prepare" not in status
+        assert "train@eps_simple-0" in status and "prepare" not in status
     finally:  # the study is shared: leave it as it was
         (repo / "params.yaml").write_text(good)
     print(f"tiny study: first dvc repro {first_run:.0f}s")
@@ -198,8 +210,8 @@ def test_cifar10_study_from_a_local_archive(tmp_path):
     sh(["dvc", "repro"], repo)
     train = __import__("numpy").load(repo / "data" / "prepared" / "cifar10" / "train.npz")
     assert train["images"].shape == (200, 3, 32, 32)
-    m = json.loads((repo / "metrics" / "eps_simple.json").read_text())
-    assert m["status"] == "ok" and m["dataset"] == "cifar10"
+    m = json.loads((repo / "metrics" / "eps_simple-0.json").read_text())
+    assert m["status"] == "ok" and m["dataset"] == "cifar10" and m["data_levels"] == 256
     assert all(isinstance(m[k], float) for k in ("fid", "is_mean", "nll_bpd"))
     table1 = (repo / "results" / "table1.md").read_text()
     assert "Paper" in table1 and "3.17" in table1  # the published numbers beside ours
@@ -238,11 +250,43 @@ def test_sample_before_train_names_the_command(tmp_path):
                            str(tmp_path / "models")], cwd=tmp_path, env=env_for(PROJECT),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "dvc repro train@eps_simple" in proc.stderr
+    assert "dvc repro train@eps_simple-0" in proc.stderr
+
+
+def test_a_seed_the_study_does_not_list_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "--experiment", "eps_simple",
+                           "--seed", "7", "--params", str(PROJECT / "params.yaml")],
+                          cwd=tmp_path, env=env_for(PROJECT), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "seed 7 is not one of the study's seeds [0]" in proc.stderr
+
+
+def test_local_ray_runs_the_command_on_one_instance_and_stops_it(tmp_path):
+    """`python -m stages.local_ray COMMAND` starts one Ray instance, hands COMMAND its address
+    (a stage joins it: "connected to Ray cluster"), passes on the exit code, and stops it."""
+    script = ("import ray, sys; from pipeline import distributed; "
+              "print(distributed.connect()); print(int(ray.cluster_resources()['CPU'])); "
+              "distributed.shutdown(); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-m", "stages.local_ray", sys.executable, "-c",
+                           script], cwd=tmp_path, env=env_for(PROJECT), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.splitlines()
+    address = re.match(r"started a local Ray instance at (127\.0\.0\.1:\d+) for: ", lines[0])[1]
+
+    assert lines[1] == f"connected to Ray cluster at {address}" and int(lines[2]) >= 1
+    port = address.rsplit(":", 1)[1]
+    leftovers = subprocess.run(["pgrep", "-f", f"gcs_server_port={port}"],
+                               capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # the instance is stopped with the command
+    usage = subprocess.run([sys.executable, "-m", "stages.local_ray"], cwd=tmp_path,
+                           env=env_for(PROJECT), capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "give the command to run" in usage.stderr
 
 
 ALL_STAGES = sorted(p.stem for p in (PROJECT / "stages").glob("*.py")
-                    if not p.stem.startswith("_"))  # a new stage is checked too
+                    if not p.stem.startswith("_") and p.stem != "local_ray")  # new ones too
 
 
 @pytest.mark.parametrize("stage", ALL_STAGES)

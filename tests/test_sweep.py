@@ -126,7 +126,10 @@ def test_broken_sweep_params_are_refused_naming_the_key(raw, needles):
 
 
 def test_sweep_section_is_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+
         load_params(PROJECT / "params.yaml").sweep.steps = 3  # type: ignore[misc]
 
 
@@ -147,7 +150,8 @@ def outcome(trial_id, schedule, weighting, steps, *, status="ok", fid=None, nll=
 
 
 def synthetic_sweep():
-    sweep = SweepConfig(schedules=("linear", "cosine"), weightings=("uniform", "p2"), steps=40)
+    sweep = SweepConfig(schedules=("linear", "cosine"), weightings=("uniform", "p2"), steps=40,
+                        asha_grace_period=20)
     trials = [outcome("t0", "linear", "uniform", 40, fid=30.0, nll=4.1),
               outcome("t1", "cosine", "uniform", 40, fid=20.0, nll=3.9),
               outcome("t2", "linear", "p2", 20, nll=4.5),  # stopped by ASHA at step 20
@@ -165,12 +169,16 @@ def test_trial_status_and_trials_table():
         STATUS_OK, STATUS_OK, STATUS_STOPPED, STATUS_UNSTABLE, STATUS_ERROR]
     table = trials_table(tune_table, trials, sweep)
     assert list(table.columns[:8]) == ["trial_id", "schedule", "weighting", "status", "step",
-                                       "fid", "nll_bpd", "nll_bpd_stderr"]
+                                       "fid", "nll_bpd", "nll_bpd_se"]
     assert "config/schedule" in table.columns  # Tune's table is kept
     rows = table.set_index("trial_id")
     assert rows.loc["t2", "status"] == "stopped" and math.isnan(rows.loc["t2", "fid"])
     assert rows.loc["t2", "nll_bpd"] == 4.5  # the estimate ASHA stopped it on
     assert math.isnan(rows.loc["t3", "nll_bpd"]) and rows.loc["t4", "error"].startswith("Runt")
+    # the NLL at the first rung (step 20), which every trial that trains reports
+    assert (rows["rung_step"] == 20).all()
+    assert rows.loc["t0", "nll_bpd_rung"] == 4.1 and rows.loc["t2", "nll_bpd_rung"] == 4.5
+    assert math.isnan(rows.loc["t3", "nll_bpd_rung"]) and math.isnan(rows.loc["t4", "nll_bpd_rung"])
     # ordered as the grid: schedules outermost
     assert list(zip(table["schedule"], table["weighting"]))[:3] == [
         ("linear", "uniform"), ("linear", "p2"), ("cosine", "uniform")]
@@ -220,15 +228,17 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
 
 def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
     from pipeline.figures import save_sweep_heatmap
-    from pipeline.tables import load_sweep_trials, sweep_raw, sweep_table
+    from pipeline.tables import SWEEP_CORNER, load_sweep_trials, sweep_raw, sweep_table
 
     sweep, trials, tune_table = synthetic_sweep()
     path = tmp_path / "trials.csv"
     trials_table(tune_table, trials, sweep).to_csv(path, index=False)
     loaded = load_sweep_trials(path)
-    cells = sweep_table(loaded).set_index("Schedule (cells: FID / NLL)")
-    assert cells.loc["linear", "uniform"] == "30.00 / 4.10"
-    assert cells.loc["linear", "p2"] == "stopped / 4.50"
+    cells = sweep_table(loaded).set_index(SWEEP_CORNER)
+    assert cells.loc["cosine", "uniform"] == "20.00 / 3.90 #1"
+    assert cells.loc["linear", "uniform"] == "30.00 / 4.10 #2"
+    assert cells.loc["linear", "p2"] == "stopped / 4.50 #3"
+
     assert cells.loc["cosine", "p2"] == "–"  # unstable and failed
     raw = sweep_raw(loaded).set_index(["schedule", "weighting"])
     assert raw.loc[("linear", "p2"), "status"] == "stopped"
@@ -248,7 +258,8 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("test", 12)):
         images = rng.integers(0, 256, size=(n, 1, 8, 8), dtype=np.uint8)
-        np.savez(tmp_path / f"{split}.npz", images=images, labels=np.zeros(n, np.int64))
+        np.savez(tmp_path / f"{split}.npz", images=images, labels=np.zeros(n, np.int64),
+                 levels=np.asarray(256))
     raw = copy.deepcopy(DEFAULT)
     raw["diffusion"]["num_timesteps"] = 10
     raw["model"].update(ch=8, ch_mult=[1], attn_resolutions=[])
@@ -262,7 +273,7 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
                        extractor="helpers_metrics:TinyConvExtractor", extractor_weights=None)
     model.train()
     early = probe(10, {"ema": model, "diffusion": diffusion})
-    assert set(early) == {"nll_bpd", "nll_bpd_stderr"} and early["nll_bpd"] > 0
+    assert set(early) == {"nll_bpd", "nll_bpd_se"} and early["nll_bpd"] > 0
     assert model.training  # the hook leaves the model as it found it
     again = probe(10, {"ema": model, "diffusion": diffusion})
     assert again["nll_bpd"] == early["nll_bpd"]  # same draws at every report
@@ -470,13 +481,13 @@ def test_a_stage_submitted_to_a_ray_cluster(tiny_study, tmp_path):
         # the job's driver got RAY_ADDRESS (this head's GCS) from the job system
         assert re.search(rf"connected to Ray cluster at [\d.]+:{gcs_port}\b", logs), logs[-6000:]
         assert "started a local Ray instance" not in logs
-        assert (out / "models" / "eps_simple" / "ema.pt").is_file()
-        curve = pd.read_csv(out / "plots" / "eps_simple.csv")
+        assert (out / "models" / "eps_simple-0" / "ema.pt").is_file()
+        curve = pd.read_csv(out / "plots" / "eps_simple-0.csv")
         assert curve["step"].tolist() == [10, 20]
         client = mlflow.MlflowClient(tracking_uri=tracking)
         experiment = client.get_experiment_by_name("ddpm-digits")
         runs = client.search_runs([experiment.experiment_id])
-        assert [r.info.run_name for r in runs] == ["eps_simple"]
+        assert [r.info.run_name for r in runs] == ["eps_simple-0"]
         history = client.get_metric_history(runs[0].info.run_id, "train_loss")
         assert [m.step for m in history] == [10, 20]
     finally:

@@ -6,14 +6,16 @@ import json
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from pipeline.tables import (TEX, TablesError, build_tables, format_mean_std, format_nll,
-                             load_metrics, load_reference, load_sweep_trials, sweep_raw,
-                             sweep_table, table1, table1_raw, table2, table2_raw, to_markdown,
-                             write_tables)
+from pipeline.evaluation import ResultsError, load_reference, save_nll_per_image
+from pipeline.tables import (TEX, TablesError, aggregate, build_tables, format_interval,
+                             format_mean_std, format_nll, load_runs, load_sweep_trials,
+                             sweep_raw, sweep_table, table1, table1_raw, table2, table2_raw,
+                             to_markdown, write_tables)
 from stages import tabulate as tabulate_stage
 
 # The six rows of the paper's Table 2, in params.yaml order (not the table's order).
@@ -27,25 +29,33 @@ SIX = {
 }
 UNSTABLE = "mu_simple"
 FID = {name: 3.2 + 10 * i + 0.123456789 for i, name in enumerate(SIX)}
+Z = 1.959963984540054  # the 97.5 % quantile of the normal distribution
 REFERENCE = {
-    "real_data": {"fid": 0.41, "is_mean": 9.81, "is_std": 0.05, "kid_mean": 0.0, "kid_std": 0.0},
-    "untrained": {"fid": 310.5, "is_mean": 1.3, "is_std": 0.01, "kid_mean": 0.4,
-                  "kid_std": 0.01, "nll_bpd": 8.1},
+    "real_data": {"fid": 4.41, "fid_sd": 1.4, "is_mean": 9.81, "is_mean_sd": 0.05,
+                  "kid_mean": 0.0, "kid_mean_sd": 0.001, "draws": 10, "num_images": 400,
+                  "reference_images": 1397},
+    "untrained": {"fid": 310.5, "fid_se": 2.0, "is_mean": 1.3, "is_mean_se": 0.01,
+                  "kid_mean": 0.4, "kid_mean_se": 0.01, "nll_bpd": 8.1, "nll_bpd_se": 0.05},
+    "ceiling": {"levels": 17, "nll_bpd": math.log2(17)},
 }
 
 
-def _record(name: str, dataset: str = "digits", **overrides) -> dict:
+def cell(value, se, digits=2):
+    return f"{value:.{digits}f} [{value - Z * se:.{digits}f}, {value + Z * se:.{digits}f}]"
+
+
+def _record(name: str, dataset: str = "digits", seed: int = 0, **overrides) -> dict:
     status = "unstable" if name == UNSTABLE else "ok"
-    record = {"experiment": name, "status": status, "dataset": dataset, **SIX.get(name, {}),
-              "weighting": "uniform", "schedule": "linear", "num_timesteps": 1000,
-              "fid": FID.get(name, 5.0), "is_mean": 8.1, "is_std": 0.2, "kid_mean": 0.01,
-              "kid_std": 0.002, "nll_bpd": 3.9, "nll_bpd_stderr": 0.02, "nll_bpd_train": 3.8,
-              "nll_bpd_train_stderr": 0.02, "nll_method": "exact", "train_steps": 2000,
+    record = {"experiment": name, "seed": seed, "status": status, "dataset": dataset,
+              **SIX.get(name, {}), "weighting": "uniform", "schedule": "linear",
+              "num_timesteps": 1000, "fid": FID.get(name, 5.0), "fid_se": 0.5,
+              "is_mean": 8.1, "is_mean_se": 0.05, "kid_mean": 0.01, "kid_mean_se": 0.002,
+              "nll_bpd": 3.9, "nll_bpd_se": 0.02, "nll_bpd_train": 3.8,
+              "nll_bpd_train_se": 0.02, "nll_method": "exact", "train_steps": 2000,
               "final_loss": 0.03, "train_wall_s": 120.0, "images_per_s": 2100.0}
     if status == "unstable":
-        record.update({k: None for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std",
-                                         "nll_bpd", "nll_bpd_stderr", "nll_bpd_train",
-                                         "nll_bpd_train_stderr", "final_loss")})
+        record.update({k: None for k in record if k.startswith(("fid", "is_mean", "kid_",
+                                                                   "nll_bpd"))})
     record.update(overrides)
     return record
 
@@ -53,7 +63,14 @@ def _record(name: str, dataset: str = "digits", **overrides) -> dict:
 def _write_metrics(metrics_dir, records) -> None:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for record in records:
-        (metrics_dir / f"{record['experiment']}.json").write_text(json.dumps(record))
+        key = f"{record['experiment']}-{record.get('seed', 0)}"
+        (metrics_dir / f"{key}.json").write_text(json.dumps(record))
+        values = np.full(20, record["nll_bpd"] or np.nan)
+        save_nll_per_image(metrics_dir / f"{key}_nll.csv", {"test": values, "train": values})
+
+
+def _runs(names, seeds=(0,)):
+    return [(name, seed) for name in names for seed in seeds]
 
 
 @pytest.fixture
@@ -66,7 +83,7 @@ def metrics_dir(tmp_path):
 
 @pytest.fixture
 def six(metrics_dir):
-    return load_metrics(metrics_dir, list(SIX))
+    return aggregate(load_runs(metrics_dir, _runs(SIX)))
 
 
 def _md_rows(md: str) -> list[list[str]]:
@@ -85,66 +102,82 @@ def _md_rows(md: str) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_load_metrics_one_row_per_experiment_with_float_metrics(six):
-    assert list(six["experiment"]) == list(SIX)
-    assert six["fid"].dtype == "float64" and six["nll_bpd_train"].dtype == "float64"
+def test_load_runs_one_row_per_run_and_aggregate_one_per_experiment(metrics_dir, six):
+    runs = load_runs(metrics_dir, _runs(SIX))
+    assert list(runs["experiment"]) == list(SIX) and set(runs["seed"]) == {0}
+    assert runs["fid"].dtype == "float64" and "train_wall_s" in runs.columns  # extras kept
+    assert list(six["experiment"]) == list(SIX) and (six["seeds"] == 1).all()
+    assert six["nll_bpd_train"].dtype == "float64"
     unstable = six.set_index("experiment").loc[UNSTABLE]
     assert unstable["status"] == "unstable" and math.isnan(unstable["fid"])
-    assert six.set_index("experiment").loc["eps_simple", "fid"] == FID["eps_simple"]
-    assert "train_wall_s" in six.columns  # extra keys are kept
+    row = six.set_index("experiment").loc["eps_simple"]
+    assert row["fid"] == FID["eps_simple"] and row["key"] == "eps_simple-0"
+    assert (row["fid_low"], row["fid_high"]) == pytest.approx(
+        (FID["eps_simple"] - Z * 0.5, FID["eps_simple"] + Z * 0.5))
 
 
-def test_load_metrics_without_names_reads_every_file_but_the_reference(metrics_dir):
-    df = load_metrics(metrics_dir)
-    assert sorted(df["experiment"]) == sorted(SIX)
+def test_several_seeds_average_and_spread(tmp_path):
+    records = [_record("eps_simple", seed=0, fid=10.0), _record("eps_simple", seed=1, fid=12.0),
+               _record("eps_simple", seed=2, fid=14.0),
+               _record(UNSTABLE, seed=0), _record(UNSTABLE, seed=1, status="ok", fid=9.0),
+               _record(UNSTABLE, seed=2, status="ok", fid=9.0)]
+    _write_metrics(tmp_path, records)
+    table = aggregate(load_runs(tmp_path, _runs(["eps_simple", UNSTABLE], (0, 1, 2))))
+    row = table.set_index("experiment").loc["eps_simple"]
+    assert row["seeds"] == 3 and row["fid"] == 12.0 and row["fid_sd"] == 2.0
+    assert row["fid_df"] == 2 and row["fid_se"] == pytest.approx(2.0 / math.sqrt(3))
+    assert row["fid_high"] - row["fid"] == pytest.approx(4.302653 * 2.0 / math.sqrt(3))
+    assert table.set_index("experiment").loc[UNSTABLE, "status"] == "unstable"  # one diverged
+    cells = {r[0]: r[1:] for r in _md_rows(to_markdown(table2(table, "digits")))}
+    assert cells["||ε̃ − ε_θ||² (L_simple)"][1] == "12.00 ± 2.00"
 
 
 def test_unstable_run_metrics_are_dropped_even_if_present(tmp_path):
     _write_metrics(tmp_path, [_record(UNSTABLE, fid=123.0)])
-    assert math.isnan(load_metrics(tmp_path, [UNSTABLE])["fid"].iloc[0])
+    assert math.isnan(load_runs(tmp_path, _runs([UNSTABLE]))["fid"].iloc[0])
 
 
 def test_missing_metrics_file_names_the_file_and_the_command(metrics_dir):
-    (metrics_dir / "eps_simple.json").unlink()
-    with pytest.raises(TablesError) as err:
-        load_metrics(metrics_dir, list(SIX))
+    (metrics_dir / "eps_simple-0.json").unlink()
+    (metrics_dir / "mu_simple-0.json").unlink()
+    with pytest.raises(ResultsError) as err:
+        load_runs(metrics_dir, _runs(SIX))
     message = str(err.value)
-    assert str(metrics_dir / "eps_simple.json") in message
-    assert "dvc repro evaluate@eps_simple" in message
-    assert "python -m stages.evaluate --experiment eps_simple" in message
+    assert str(metrics_dir / "eps_simple-0.json") in message
+    assert "dvc repro evaluate@eps_simple-0" in message
+    assert "python -m stages.evaluate --experiment eps_simple --seed 0" in message
+    assert "1 more missing: mu_simple-0" in message
 
 
 def test_corrupt_metrics_json_names_the_file(metrics_dir):
-    (metrics_dir / "mu_vlb_fixed.json").write_text('{"fid": 3.2,')
-    with pytest.raises(TablesError, match=r"mu_vlb_fixed\.json: not valid JSON"):
-        load_metrics(metrics_dir, list(SIX))
+    (metrics_dir / "mu_vlb_fixed-0.json").write_text('{"fid": 3.2,')
+    with pytest.raises(ResultsError, match=r"mu_vlb_fixed-0\.json: not valid JSON"):
+        load_runs(metrics_dir, _runs(SIX))
 
 
 @pytest.mark.parametrize("overrides, match", [
     ({"fid": "three"}, r"'fid' must be a number or null"),
     ({"status": "diverged"}, r"'status' is 'diverged'"),
-    ({"experiment": "other"}, r"holds the metrics of experiment 'other'"),
+    ({"loss": "l1"}, r"'loss' is 'l1'; expected one of: simple, vlb, hybrid"),
 ])
 def test_bad_metrics_values_name_the_file_and_key(tmp_path, overrides, match):
-    _write_metrics(tmp_path, [_record("eps_simple")])
-    record = {**_record("eps_simple"), **overrides}
-    (tmp_path / "eps_simple.json").write_text(json.dumps(record))
-    with pytest.raises(TablesError, match=match) as err:
-        load_metrics(tmp_path, ["eps_simple"])
-    assert "eps_simple.json" in str(err.value)
+    _write_metrics(tmp_path, [{**_record("eps_simple"), **overrides}])
+    with pytest.raises(ResultsError, match=match) as err:
+        load_runs(tmp_path, _runs(["eps_simple"]))
+    assert "eps_simple-0.json" in str(err.value)
 
 
 def test_metrics_without_mean_type_is_an_error(tmp_path):
     record = _record("eps_simple")
     del record["mean_type"]
     _write_metrics(tmp_path, [record])
-    with pytest.raises(TablesError, match="missing key 'mean_type'"):
-        load_metrics(tmp_path, ["eps_simple"])
+    with pytest.raises(ResultsError, match="missing key 'mean_type'"):
+        load_runs(tmp_path, _runs(["eps_simple"]))
 
 
 def test_corrupt_reference_names_the_file(metrics_dir):
     (metrics_dir / "reference.json").write_text("[1, 2")
-    with pytest.raises(TablesError, match=r"reference\.json: not valid JSON"):
+    with pytest.raises(ResultsError, match=r"reference\.json: not valid JSON"):
         load_reference(metrics_dir)
 
 
@@ -181,11 +214,13 @@ def test_table2_formats_numbers_and_shows_a_dash_for_the_unstable_row(six):
     rows = {r[0]: r[1:] for r in _md_rows(to_markdown(table2(six, "digits")))}
     assert rows["||μ̃ − μ̃_θ||²"] == ["–"] * 4
     assert rows["||ε̃ − ε_θ||² (L_simple)"] == [
-        "8.10 ± 0.20", f"{FID['eps_simple']:.2f}", "≤ 3.90 (3.80)", "0.0100 ± 0.0020"]
+        cell(8.1, 0.05), cell(FID["eps_simple"], 0.5), f"≤ {cell(3.9, 0.02)} (3.80)",
+        cell(0.01, 0.002, 4)]  # 3 significant figures
 
 
 def test_markdown_keeps_trailing_zeros_and_escapes_norm_bars(six):
-    md = to_markdown(table2(six.assign(fid=3.2, nll_bpd=4.0), "digits"))
+    md = to_markdown(table2(six.assign(fid=3.2, fid_low=None, nll_bpd=4.0, nll_bpd_low=None),
+                            "digits"))
     assert "| 3.20 " in md and "≤ 4.00 (3.80)" in md  # not tabulate's "3.2"
     assert r"\|\|μ̃ − μ̃_θ\|\|²" in md
     widths = {len(re.split(r"(?<!\\)\|", line)) for line in md.strip().splitlines()}
@@ -219,7 +254,7 @@ def test_table2_puts_x0_hybrid_and_variants_where_they_belong(tmp_path):
                 schedule="cosine", weighting="p2"),
     ]
     _write_metrics(tmp_path, records)
-    df = load_metrics(tmp_path, [r["experiment"] for r in records])
+    df = aggregate(load_runs(tmp_path, _runs([r["experiment"] for r in records])))
     assert list(table2(df, "digits")["Objective"]) == [
         "ε prediction (ours)",
         "||ε̃ − ε_θ||² (L_simple)",
@@ -254,7 +289,7 @@ def test_table1_labels_name_the_parameterization_only_where_needed(six):
 def test_table1_cells(six):
     table = table1(six, None, "digits").set_index("Model")
     assert list(table.loc["Ours (L_simple)"]) == [
-        "8.10 ± 0.20", f"{FID['eps_simple']:.2f}", "≤ 3.90 (3.80)"]
+        cell(8.1, 0.05), cell(FID["eps_simple"], 0.5), f"≤ {cell(3.9, 0.02)} (3.80)"]
     assert list(table.loc["Ours (||μ̃ − μ̃_θ||²)"]) == ["–", "–", "–"]
 
 
@@ -265,7 +300,7 @@ def test_table1_appends_weighting_and_schedule_and_separates_duplicates(tmp_path
                _record("eps_simple_again", mean_type="eps", var_type="fixed_large",
                        loss="simple")]
     _write_metrics(tmp_path, records)
-    df = load_metrics(tmp_path, [r["experiment"] for r in records])
+    df = aggregate(load_runs(tmp_path, _runs([r["experiment"] for r in records])))
     assert list(table1(df, None, "digits")["Model"]) == [
         "Ours (L_simple) [eps_simple]",
         "Ours (L_simple) [cosine schedule, min-SNR weighting]",
@@ -276,11 +311,17 @@ def test_table1_appends_weighting_and_schedule_and_separates_duplicates(tmp_path
 
 
 def test_table1_digits_reference_rows(six):
+    """Real data at the samples' N (mean ± sd over draws), the untrained model (with its
+    intervals) and the ceiling of the bound: log2 of the data's 17 levels."""
     table = table1(six, REFERENCE, "digits").set_index("Model")
-    assert list(table.loc["Real data (test split)"]) == ["9.81 ± 0.05", "0.41", ""]
-    assert list(table.loc["Untrained model"]) == ["1.30 ± 0.01", "310.50", "≤ 8.10"]
+    real = "Real data (400 images, mean ± sd over 10 draws)"
+    assert list(table.loc[real]) == ["9.81 ± 0.05", "4.41 ± 1.40", ""]
+    assert list(table.loc["Untrained model"]) == [cell(1.3, 0.01), cell(310.5, 2.0),
+                                                  f"≤ {cell(8.1, 0.05)}"]
+    assert list(table.loc["Uniform over the 17 levels (NLL ceiling)"]) == ["", "", "4.09"]
     raw = table1_raw(six, REFERENCE, "digits")
-    assert list(raw["source"]).count("reference") == 2
+    assert list(raw["source"]).count("reference") == 3
+    assert raw.set_index("model").loc[real, "fid_sd"] == 1.4
     assert not any(m.startswith("Paper:") for m in table.index)
 
 
@@ -296,9 +337,12 @@ def test_cell_formatters():
     assert format_mean_std(9.456, 0.114, 2) == "9.46 ± 0.11"
     assert format_mean_std(9.456, None, 2) == "9.46"
     assert format_mean_std(math.nan, 0.1, 2) == ""
-    assert format_nll(3.754, 3.716) == "≤ 3.75 (3.72)"
-    assert format_nll(3.754, None) == "≤ 3.75"
-    assert format_nll(None, None) == ""
+    assert format_interval(29.971, 27.1, 32.84, 2) == "29.97 [27.10, 32.84]"
+    assert format_interval(29.971, math.nan, math.nan, 1) == "30.0"
+    assert format_interval(None, 1, 2, 2) == ""
+    assert format_nll("3.75 [3.70, 3.80]", 3.716) == "≤ 3.75 [3.70, 3.80] (3.72)"
+    assert format_nll("3.75", None) == "≤ 3.75"
+    assert format_nll("", None) == ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,30 +352,37 @@ def test_cell_formatters():
 
 def _trials() -> pd.DataFrame:
     return pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d", "e"],
-        "config/schedule": ["linear", "linear", "cosine", "cosine", "linear"],
-        "config/weighting": ["uniform", "p2", "uniform", "p2", "uniform"],
-        "fid": [10.0, 12.5, 8.25, None, 12.0],
-        "nll_bpd": [3.9, 3.95, 3.8, None, 4.1],
-        "status": ["ok", "ok", "ok", "unstable", "ok"],
+        "trial_id": ["a", "b", "c", "d", "e", "f"],
+        "config/schedule": ["linear", "linear", "cosine", "cosine", "linear", "sigmoid"],
+        "config/weighting": ["uniform", "p2", "uniform", "p2", "uniform", "p2"],
+        "fid": [10.0, 12.5, 8.25, None, 12.0, None],
+        "nll_bpd": [3.9, 3.95, 3.8, None, 4.1, 4.3],
+        "nll_bpd_rung": [4.2, 4.0, 4.1, None, 4.4, 4.5],
+        "status": ["ok", "ok", "ok", "unstable", "ok", "stopped"],
     })
 
 
-def test_sweep_pivot_has_fid_and_nll_and_dashes_for_unstable(tmp_path):
+def test_sweep_pivot_ranks_every_cell_by_the_nll_at_the_first_rung(tmp_path):
+    """Finished cells show their FID, stopped ones "stopped"; every cell that trained shows its
+    NLL at the first rung (which all of them reached) and its rank by that NLL."""
     path = tmp_path / "trials.csv"
     _trials().to_csv(path, index=False)
     trials = load_sweep_trials(path)
     table = sweep_table(trials)
     assert list(table.columns) == [table.columns[0], "uniform", "p2"]
     cells = table.set_index(table.columns[0])
-    assert list(cells.index) == ["linear", "cosine"]
-    assert cells.loc["linear", "uniform"] == "11.00 / 4.00"  # mean of trials a and e
-    assert cells.loc["linear", "p2"] == "12.50 / 3.95"
-    assert cells.loc["cosine", "uniform"] == "8.25 / 3.80"
+    assert list(cells.index) == ["linear", "cosine", "sigmoid"]
+    assert cells.loc["linear", "uniform"] == "11.00 / 4.30 #3"  # mean of trials a and e
+    assert cells.loc["linear", "p2"] == "12.50 / 4.00 #1"
+    assert cells.loc["cosine", "uniform"] == "8.25 / 4.10 #2"
     assert cells.loc["cosine", "p2"] == "–"
+    assert cells.loc["sigmoid", "p2"] == "stopped / 4.50 #4"
+    assert cells.loc["sigmoid", "uniform"] == ""
     raw = sweep_raw(trials).set_index(["schedule", "weighting"])
     assert raw.loc[("linear", "uniform"), "trials"] == 2
     assert raw.loc[("cosine", "p2"), "status"] == "unstable"
+    assert raw.loc[("linear", "uniform"), "nll_bpd"] == 4.0  # the last NLL is kept too
+
 
 
 def test_sweep_csv_missing_columns_is_an_error(tmp_path):
@@ -362,6 +413,7 @@ def test_write_tables_md_csv_tex(six, tmp_path):
     assert t2.loc["eps_simple", "fid"] == FID["eps_simple"]  # exact round trip
     assert math.isnan(t2.loc[UNSTABLE, "fid"]) and t2.loc[UNSTABLE, "status"] == "unstable"
     assert t2.loc["eps_simple", "fid_paper"] == 3.17
+    assert t2.loc["eps_simple", "fid_low"] == pytest.approx(FID["eps_simple"] - Z * 0.5)
     t1 = pd.read_csv(tmp_path / "results" / "table1.csv")
     assert t1["is_mean"].dtype == "float64" and "Paper: Ours (L_simple)" in set(t1["model"])
     sweep = pd.read_csv(tmp_path / "results" / "sweep.csv")
@@ -381,7 +433,8 @@ def test_write_tables_md_csv_tex(six, tmp_path):
         assert r"$\Sigma$" in tex
     tex2 = (tmp_path / "results" / "table2.tex").read_text()
     assert r"$\|\tilde{\mu} - \tilde{\mu}_\theta\|^2$ & -- & -- & --" in tex2
-    assert r"8.10 $\pm$ 0.20" in tex2 and r"$\leq$ 3.90 (3.80)" in tex2
+    assert f"$\\leq$ {cell(3.9, 0.02)} (3.80)" in tex2
+    assert "95 \\% interval" in tex2
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +447,7 @@ def _params(tmp_path, dataset="digits"):
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                 "artifact_root": str(tmp_path / "mlartifacts")}
     path.write_text(yaml.safe_dump({"data": {"dataset": dataset}, "experiments": SIX,
-                                    "tracking": tracking}))
+                                    "tracking": tracking, "study": {"seeds": [0]}}))
     return path
 
 
@@ -410,11 +463,14 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
     assert tabulate_stage.main(_argv(tmp_path, metrics_dir, params)) == 0
     out = capsys.readouterr().out
     assert "Table 1" in out and "Table 2" in out and "Ours (L_simple)" in out
-    assert "Real data (test split)" in out
+    assert "Real data (400 images" in out and "Findings" in out
     results = tmp_path / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(
         ["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
-         "loss_curves.png"])
+         "findings.md", "findings.csv", "loss_curves.png"])
+    found = pd.read_csv(results / "findings.csv")
+    assert len(found) == 8 and set(found["verdict"]) <= {"reproduced", "contradicted",
+                                                         "inconclusive", "not measured"}
 
     (tmp_path / "sweep").mkdir()
     _trials().to_csv(tmp_path / "sweep" / "trials.csv", index=False)
@@ -430,19 +486,21 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
                                                                    pd.DataFrame)
     assert made["sweep"] is None and made["dataset"] == "digits"
-    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 6
+    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 8
+    assert list(made["findings"].columns) == ["claim", "paper", "ours", "interval", "verdict",
+                                              "rule"]
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("missing", "dvc repro evaluate@eps_vlb_fixed"),
-    ("corrupt", "eps_vlb_fixed.json: not valid JSON"),
+    ("missing", "dvc repro evaluate@eps_vlb_fixed-0"),
+    ("corrupt", "eps_vlb_fixed-0.json: not valid JSON"),
     ("params", "unknown section"),
     ("dataset", "are for dataset 'digits', but params.yaml names 'cifar10'"),
 ])
 def test_stage_bad_input_exits_2_with_a_short_message(tmp_path, metrics_dir, capsys, damage,
                                                       expected):
     params = _params(tmp_path, dataset="cifar10" if damage == "dataset" else "digits")
-    target = metrics_dir / "eps_vlb_fixed.json"
+    target = metrics_dir / "eps_vlb_fixed-0.json"
     if damage == "missing":
         target.unlink()
     elif damage == "corrupt":

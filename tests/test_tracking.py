@@ -20,7 +20,7 @@ from pipeline import tracking
 from pipeline.config import StudyConfig, TrackingConfig
 from pipeline.tracking import Tracker, TrackingError, resolve_artifact_root, resolve_tracking_uri
 
-STUDY = StudyConfig(name="ddpm-test", seed=0)
+STUDY = StudyConfig(name="ddpm-test")
 CONFIG = {"name": "eps_simple", "diffusion": {"mean_type": "eps", "loss": "simple"},
           "train": {"lr": 0.0002, "steps": 10}}
 
@@ -137,8 +137,10 @@ def test_run_for_is_shared_between_stage_processes(root, monkeypatch):
     experiment = _client(train).get_experiment(run.info.experiment_id)
     assert experiment.name == STUDY.name
     assert experiment.artifact_location == (root.resolve() / "mlartifacts" / "ddpm-test").as_uri()
-    assert run.info.run_name == "eps_simple"
+    assert run.info.run_name == "eps_simple-0"  # experiment-seed
     assert run.data.tags["ddpm.experiment"] == "eps_simple"
+    assert run.data.tags["ddpm.seed"] == "0"
+    assert train.run_for("eps_simple", CONFIG, seed=1) != run_id  # another seed, another run
     assert run.data.tags["ddpm.config_hash"] == tracking.config_hash(CONFIG)
     assert run.data.tags["git.commit"] == run.data.tags["mlflow.source.git.commit"] == "0123abcd"
 
@@ -338,7 +340,7 @@ def test_concurrent_processes_log_into_one_store(tmp_path):
     parent = parents.pop()
     assert [r.info.run_id for r in client.search_runs([tracker.experiment_id],
                                                       run_view_type=ViewType.ALL)
-            if r.info.run_name == "sweep"] == [parent]
+            if r.info.run_name == "sweep-0"] == [parent]
     children = client.search_runs([tracker.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
                                   run_view_type=ViewType.ALL)

@@ -9,8 +9,9 @@ import torch
 
 from pipeline.config import parse_params
 from pipeline.data import prepare_dataset, prepared_path
-from pipeline.training import (STATE_FILE, CheckpointError, LocalSession, load_training_state,
-                               make_ema, train_worker)
+from pipeline.training import (STATE_FILE, CheckpointError, LocalSession, ema_decay_at,
+                               ema_initial_weight, load_training_state, lr_factor, make_ema,
+                               make_optimizer, train_worker)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_same_seed_is_bitwise_reproducible_and_another_seed_is_not(digits, tmp_p
     a = final_state(run(exp, digits, tmp_path / "a"))
     b = final_state(run(exp, digits, tmp_path / "b"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    other = dataclasses.replace(exp, study=dataclasses.replace(exp.study, seed=1))
+    other = dataclasses.replace(exp, seed=1)
     c = final_state(run(other, digits, tmp_path / "c"))
     assert not all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
 
@@ -90,7 +91,7 @@ def test_divergence_is_recorded_as_unstable(digits, tmp_path):
 
 def test_ema_tracks_the_weights():
     model = torch.nn.Linear(2, 1)
-    ema = make_ema(model, decay=0.5)
+    ema = make_ema(model, decay=0.5, warmup=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
     ema.update_parameters(model)  # the first update copies
@@ -98,6 +99,81 @@ def test_ema_tracks_the_weights():
         model.weight.fill_(3.0)
     ema.update_parameters(model)
     torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 2.0))
+
+
+def _ema_weight_on_first(ema_updates, decay, warmup, resume_after=None):
+    """The EMA of a weight that is 1 at the first update and 0 afterwards, i.e. the share of
+    the first update's parameters, optionally saved and reloaded into a fresh EMA midway."""
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    ema = make_ema(model, decay, warmup)
+    for update in range(ema_updates):
+        if update == resume_after:
+            state = ema.state_dict()
+            ema = make_ema(model, decay, warmup)
+            ema.load_state_dict(state)
+        with torch.no_grad():
+            model.weight.fill_(1.0 if update == 0 else 0.0)
+        ema.update_parameters(model)
+    return float(ema.module.weight.detach())
+
+
+@pytest.mark.parametrize("updates", [1, 2, 10, 400, 3000])
+def test_ema_weight_on_the_initial_parameters_has_its_closed_form(updates):
+    """With the warm-up, decay_n = min(d, (1 + n) / (10 + n)) at the update after n earlier
+    ones; while it stays below d the product telescopes to 10! (k - 1)! ... : after k updates
+    the first one's share is prod_{n=1}^{k-1} (1 + n) / (10 + n) = 10! k! / (k + 9)!. Without
+    the warm-up it is d^(k-1): 0.995^399 = 13.5 % after 400 steps."""
+    decay = 0.995
+    closed = math.factorial(10) * math.factorial(updates) / math.factorial(updates + 9)
+    switch = 1790  # (1 + n) / (10 + n) reaches 0.995 at n = 1790
+    if updates > switch:
+        closed = (math.factorial(10) * math.factorial(switch) / math.factorial(switch + 9)
+                  * decay ** (updates - switch))
+    assert ema_initial_weight(updates, decay) == pytest.approx(closed, rel=1e-9)
+    assert _ema_weight_on_first(updates, decay, warmup=True) == pytest.approx(closed, rel=1e-6,
+                                                                             abs=1e-300)
+    assert _ema_weight_on_first(updates, decay, warmup=False) == \
+        pytest.approx(decay ** (updates - 1), rel=1e-9)
+    if updates == 400:
+        assert ema_initial_weight(400, decay, warmup=False) == pytest.approx(0.1353, abs=1e-4)
+        assert closed < 1e-15
+
+
+def test_ema_warmup_carries_on_across_a_resume():
+    for resume_after in (1, 5, 37):
+        assert _ema_weight_on_first(60, 0.995, True, resume_after) == \
+            _ema_weight_on_first(60, 0.995, True)
+    assert ema_decay_at(0, 0.995) == pytest.approx(0.1)
+    assert ema_decay_at(10_000, 0.995) == 0.995
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up over warmup_steps; then constant, or a cosine from lr down to
+    lr_final * lr at the last step (half way at the middle of the decay)."""
+    steps, warmup = 100, 10
+    assert [lr_factor(s, steps, warmup) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, steps, warmup, "cosine", final=0.1) for s in range(steps)]
+    assert cosine[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert cosine[-1] == pytest.approx(0.1)
+    assert cosine[54] == pytest.approx(0.1 + 0.9 * 0.5)  # (55 - 10) / 90 of the decay
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
+    # the optimizer follows it, and a resumed scheduler carries on where it stopped
+    exp = tiny_experiment(lr=1e-3, steps=20, warmup_steps=4, lr_schedule="cosine",
+                          lr_final=0.0).experiment("eps_simple")
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, exp)
+    seen = []
+    for step in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        if step == 7:
+            state = scheduler.state_dict()
+            optimizer, scheduler = make_optimizer(model, exp)
+            scheduler.load_state_dict(state)
+            optimizer.param_groups[0]["lr"] = scheduler.get_last_lr()[0]
+    assert seen == pytest.approx([1e-3 * lr_factor(s, 20, 4, "cosine") for s in range(20)])
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(digits, tmp_path):

@@ -1,0 +1,285 @@
+"""What the evaluate and reference stages measure, and the files it lives in.
+
+One run (experiment E, seed S) is scored by `evaluate_run`:
+- FID and KID of its N samples against the train split, and their Inception Score, through
+  the study's feature extractor (the digits classifier, or inception-v3-compat), each with its
+  jackknife standard error over the samples (`pipeline.stats`);
+- the NLL bound in bits/dim of the first `evaluate.nll_num_images` test and train images, on
+  the data's own levels (its ceiling: log2(levels), a uniform distribution over the levels),
+  with the bound of every image kept so that two runs can be compared image by image.
+
+The reference rows (`reference_scores`) are measured the way the runs are:
+- real data: `evaluate.reference_draws` draws of N real images (N = sample.num_samples), drawn
+  at random from all prepared images (train and test) without regard to their labels, as a
+  model's samples are, each scored against the other prepared images; mean and sd over draws.
+  This is the FID a perfect model would score with N samples (not 0: FID is biased at small N);
+- an untrained model (fresh, seeded weights), sampled and scored like a run;
+- the ceiling of the bound: log2(levels) bits/dim.
+
+Files: metrics/<E>-<S>.json (`save_run_metrics` / `load_run_metrics`), metrics/<E>-<S>_nll.csv
+(`save_nll_per_image` / `load_nll_per_image`), metrics/reference.json (`save_reference` /
+`load_reference`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stats import Estimate, FrechetReference, KernelReference, fidelity_scores
+
+# Every score of a run; each has a standard error `<score>_se` beside it in metrics/<key>.json.
+SCORES = ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train")
+METRICS = tuple(name for score in SCORES for name in (score, f"{score}_se"))
+FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> record names
+DESCRIPTORS = ("experiment", "seed", "status", "dataset", "mean_type", "var_type", "loss",
+               "weighting", "schedule", "num_timesteps")
+STATUSES = ("ok", "unstable")
+REFERENCE_FILE = "reference.json"
+NLL_SPLITS = {"test": "nll_bpd", "train": "nll_bpd_train"}
+
+
+class ResultsError(ValueError):
+    """A missing or unreadable results file: which file, and the command that remakes it."""
+
+
+def nll_ceiling(levels: int) -> float:
+    """Bits/dim of the uniform distribution over `levels` levels: log2(levels)."""
+    return math.log2(levels)
+
+
+# --------------------------------------------------------------------------------------------
+# The measuring apparatus of a study
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Apparatus:
+    """What measures every run of a study: the prepared splits, the FID / IS feature extractor
+    and the train split's features (the reference side of FID and KID)."""
+
+    train: Any  # pipeline.data.Prepared
+    test: Any
+    extractor: str
+    weights: Optional[str]
+    device: str
+    download: bool
+    reference_features: np.ndarray
+    frechet: FrechetReference
+    kernel: KernelReference
+
+    @classmethod
+    def load(cls, exp, data_dir: Path, classifier_path: Path, device: str = "cpu") -> "Apparatus":
+        from pipeline import metrics
+        from pipeline.data import load_prepared, prepared_path
+
+        train = load_prepared(prepared_path(data_dir, exp.data.dataset, "train"))
+        test = load_prepared(prepared_path(data_dir, exp.data.dataset, "test"))
+        extractor, weights = metrics.study_extractor(
+            exp.data.dataset, exp.evaluate.inception_weights, classifier_path,
+            exp.evaluate.feature_extractor)
+        features, _ = metrics.extract_features(train.images, extractor=extractor,
+                                               weights_path=weights, device=device,
+                                               download=exp.data.download)
+        return cls(train=train, test=test, extractor=extractor, weights=weights, device=device,
+                   download=exp.data.download, reference_features=features,
+                   frechet=FrechetReference(features), kernel=KernelReference(features))
+
+    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline import metrics
+
+        return metrics.extract_features(images, extractor=self.extractor,
+                                        weights_path=self.weights, device=self.device,
+                                        download=self.download)
+
+    def fidelity(self, images: np.ndarray, is_splits: int, seed: int = 0) -> dict[str, Estimate]:
+        """FID, IS and KID of `images` against the train split, with standard errors."""
+        features, logits = self.features(images)
+        scores = fidelity_scores(features, logits, self.frechet, self.kernel,
+                                 is_splits=is_splits, seed=seed)
+        return {FIDELITY_KEYS[name]: value for name, value in scores.items()}
+
+    def nll(self, model, diffusion, cfg, seed: int,
+            progress: bool = False) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
+        """The bound of the first `cfg.nll_num_images` test and train images: estimates, and
+        the bound of each image."""
+        from pipeline import metrics
+
+        estimates, per_image = {}, {}
+        for split, key in NLL_SPLITS.items():
+            images = (self.test if split == "test" else self.train).images
+            nll = metrics.nll_bpd(model, diffusion, images[:cfg.nll_num_images],
+                                  method=cfg.nll, num_strata=cfg.nll_strata,
+                                  batch_size=cfg.nll_batch_size, seed=seed, device=self.device,
+                                  progress=progress)
+            estimates[key] = Estimate(nll["nll_bpd"], nll["nll_bpd_se"])
+            per_image[split] = nll["per_image"]
+        return estimates, per_image
+
+
+def flatten(estimates: Mapping[str, Estimate]) -> dict[str, float]:
+    """{score: value, score_se: standard error} for a metrics record."""
+    out = {}
+    for name, estimate in estimates.items():
+        out[name], out[f"{name}_se"] = estimate.value, estimate.se
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The reference rows
+# --------------------------------------------------------------------------------------------
+
+
+def real_data_draws(apparatus: Apparatus, num_images: int, draws: int, is_splits: int,
+                    seed: int = 0) -> dict[str, Any]:
+    """`draws` draws of `num_images` real images from all prepared images, each scored against
+    the rest of them: {fid, fid_sd, is_mean, is_mean_sd, kid_mean, kid_mean_sd, draws,
+    num_images, reference_images}."""
+    from pipeline.stats import inception_score
+
+    pool = np.concatenate([apparatus.train.images, apparatus.test.images])
+    features, logits = apparatus.features(pool)
+    num_images = min(num_images, len(pool) - 2)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(draws):
+        order = rng.permutation(len(pool))
+        chosen, rest = order[:num_images], order[num_images:]
+        kernel = KernelReference(features[rest])
+        k_xx, sums = kernel.prepare(features[chosen])
+        rows.append({"fid": FrechetReference(features[rest]).distance(features[chosen]),
+                     "is_mean": inception_score(logits[chosen], is_splits),
+                     "kid_mean": kernel.distance(k_xx, sums, np.arange(num_images))})
+    frame = pd.DataFrame(rows)
+    out: dict[str, Any] = {"draws": draws, "num_images": int(num_images),
+                           "reference_images": int(len(pool) - num_images)}
+    for key in FIDELITY_KEYS.values():
+        out[key] = float(frame[key].mean())
+        out[f"{key}_sd"] = float(frame[key].std(ddof=1)) if draws > 1 else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _make_hint(key: str) -> str:
+    experiment, _, seed = key.rpartition("-")
+    return (f"make it with `dvc repro evaluate@{key}` (or `python -m stages.evaluate "
+            f"--experiment {experiment} --seed {seed}`)")
+
+
+def metrics_path(metrics_dir: str | Path, key: str) -> Path:
+    return Path(metrics_dir) / f"{key}.json"
+
+
+def nll_path(metrics_dir: str | Path, key: str) -> Path:
+    return Path(metrics_dir) / f"{key}_nll.csv"
+
+
+def save_run_metrics(path: str | Path, record: Mapping[str, Any]) -> None:
+    """metrics/<key>.json: the run's descriptors, scores and standard errors (null where not
+    measured), and timings."""
+    from pipeline.io import write_json
+
+    write_json(path, dict(record))
+
+
+def _read_json(path: Path, hint: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                           f"{exc.msg}); {hint}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path}: not valid JSON (not UTF-8 text); {hint}") from None
+
+
+def _number(value: Any, path: Path, key: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ResultsError(f"{path}: '{key}' must be a number or null, got {value!r}")
+    return float(value)
+
+
+def load_run_metrics(path: str | Path, key: str, allowed: Mapping[str, tuple]) -> dict[str, Any]:
+    """One run's metrics record, checked: its descriptors take values of `allowed` ({key:
+    values}), its METRICS are numbers (NaN where null; all NaN for an unstable run)."""
+    path = Path(path)
+    hint = f"re{_make_hint(key)}"
+    if not path.is_file():
+        raise ResultsError(f"{path}: metrics of run '{key}' not found; {_make_hint(key)}")
+    raw = _read_json(path, hint)
+    if not isinstance(raw, dict):
+        raise ResultsError(f"{path}: expected a JSON object of metrics, got "
+                           f"{type(raw).__name__}; {hint}")
+    record = dict(raw)
+    for name, values in {"status": STATUSES, **allowed}.items():
+        if name not in record:
+            raise ResultsError(f"{path}: missing key '{name}'; {hint}")
+        if record[name] not in values:
+            raise ResultsError(f"{path}: '{name}' is {record[name]!r}; expected one of: "
+                               f"{', '.join(map(str, values))}")
+    for name in METRICS:
+        record[name] = _number(raw.get(name), path, name)
+    if record["status"] == "unstable":  # diverged: no metric is meaningful
+        record.update({name: math.nan for name in METRICS})
+    return record
+
+
+def save_nll_per_image(path: str | Path, per_image: Mapping[str, np.ndarray]) -> None:
+    """metrics/<key>_nll.csv: split (test | train), image (its index in the split), bpd."""
+    from pipeline.io import atomic_path
+
+    frame = pd.concat([pd.DataFrame({"split": split, "image": np.arange(len(values)),
+                                     "bpd": np.asarray(values, dtype=np.float64)})
+                       for split, values in per_image.items()], ignore_index=True)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def load_nll_per_image(path: str | Path, key: str) -> dict[str, np.ndarray]:
+    """{split: bound of each image, in image order} from `save_nll_per_image`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: per-image NLL of run '{key}' not found; {_make_hint(key)}")
+    try:
+        frame = pd.read_csv(path)
+        return {split: group.sort_values("image")["bpd"].to_numpy(dtype=np.float64)
+                for split, group in frame.groupby("split")}
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as exc:
+        raise ResultsError(f"{path}: not a per-image NLL table ({type(exc).__name__}: {exc}); "
+                           f"re{_make_hint(key)}") from None
+
+
+def save_reference(path: str | Path, reference: Mapping[str, Any]) -> None:
+    """metrics/reference.json: {dataset, real_data, untrained, ceiling}."""
+    from pipeline.io import write_json
+
+    write_json(path, dict(reference))
+
+
+def load_reference(metrics_dir: str | Path) -> Optional[dict]:
+    """metrics/reference.json, or None if absent."""
+    path = Path(metrics_dir) / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    raw = _read_json(path, "rerun the stage that writes it (`dvc repro reference`)")
+    if not isinstance(raw, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("real_data", "untrained", "ceiling"):
+        entry = raw.get(key)
+        if entry is not None and not isinstance(entry, dict):
+            raise ResultsError(f"{path}: '{key}' must be an object of metrics, got {entry!r}")
+        for name, value in (entry or {}).items():
+            if name in METRICS or name.endswith("_sd"):
+                _number(value, path, f"{key}.{name}")
+    return raw

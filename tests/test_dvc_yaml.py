@@ -1,0 +1,66 @@
+"""dvc.yaml against the code: each stage's deps are exactly the project modules it imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module named by an import in `path`, at any depth (imports inside functions too),
+    with `from a import b` also naming `a.b` (b may be a module)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def module_file(name: str) -> Path | None:
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = PROJECT / (name.replace(".", "/") + ".py")
+    return path if path.is_file() else None
+
+
+def import_closure(module: str) -> set[str]:
+    """The project files reached from `module` through its imports, itself included."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        path = module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(imported_modules(path))
+    return {str(p.relative_to(PROJECT)) for p in seen}
+
+
+STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_are_the_import_closure_of_its_command(name):
+    stage = STAGES[name]
+    command = stage["cmd"].split()
+    module = command[command.index("-m") + 1]
+    listed = {d for d in stage["deps"] if d.endswith(".py")}
+    closure = import_closure(module)
+    assert listed == closure, (f"dvc.yaml stage '{name}': missing {sorted(closure - listed)}, "
+                               f"not imported {sorted(listed - closure)}")
+
+
+def test_the_closure_follows_imports_inside_functions():
+    closure = import_closure("stages.tabulate")
+    assert {"stages/tabulate.py", "stages/_common.py", "pipeline/findings.py",
+            "pipeline/stats.py"} <= closure  # imported inside main() and run_tabulate()
+    assert "stages/train.py" not in closure
