@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nll-images", type=int, default=100)
     p.add_argument("--nll-strata", type=int, default=50)
     p.add_argument("--fid-samples", type=int, default=200)
+    p.add_argument("--classifier-steps", type=int, default=None,
+                   help="training steps of the digits classifier (default: params.yaml's)")
     p.add_argument("--seed", type=int, default=0)
     common.add_common_args(p)
     args = p.parse_args(argv)
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         train = load_prepared(train_path)
         test = load_prepared(prepared_path(tmp / "data", "digits", "test"))
         classifier = tmp / "classifier.pt"
-        save_classifier(train_digits_classifier(train.images, train.labels,
-                                                steps=params.evaluate.classifier_steps,
+        steps = args.classifier_steps or params.evaluate.classifier_steps
+        save_classifier(train_digits_classifier(train.images, train.labels, steps=steps,
                                                 seed=params.data.seed), classifier)
+
         for name, overrides in variants:
             for experiment in args.experiments.split(","):
                 exp = params.experiment(experiment)

@@ -63,8 +63,9 @@ def stage_spans(lines: list[tuple[float, str]]) -> list[dict]:
     for t, text in lines:
         match = STAGE_START.search(text)
         if match:
-            if current is not None:
+            if current is not None and current["end"] is None:
                 current["end"] = t
+
             current = {"stage": match.group(1), "start": t, "end": None, "lines": []}
             spans.append(current)
         elif current is not None and current["end"] is None:
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                         "read --log)")
     p.add_argument("--log", type=Path, default=None,
                    help="time-stamped log to write (with --command) or to read (without)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH")
+    common.add_common_args(p)
     args = p.parse_args(argv)
+
     if args.command is None and args.log is None:
         p.error("give --command to run the study, or --log to read an earlier run's log")
     info = common.machine()

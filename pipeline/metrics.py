@@ -447,7 +447,6 @@ def extract_features(images_uint8: Any, *, extractor: str, weights_path: str | N
 # --------------------------------------------------------------------------------------------
 
 
-
 def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exact",
             num_strata: int = 50, batch_size: int = 200, seed: int = 0,
             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
@@ -474,7 +473,7 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     terms_per_call = max(1, batch_size // images_per_call)
     for first in range(0, len(images), images_per_call):
         x0 = to_model_range(images[first:first + images_per_call].to(device),
-                              diffusion.data_levels)
+                            diffusion.data_levels)
         with matmul_precision("fp32"):
             if method == "exact":
                 bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress,
@@ -486,7 +485,6 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     values = torch.cat(per_image)
     mean, se = summarize_nll(values)
     return {"nll_bpd": mean, "nll_bpd_se": se, "per_image": values.numpy()}
-
 
 
 def check_inception_weights(weights_path: str | None, download: bool) -> str:

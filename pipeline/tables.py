@@ -44,8 +44,8 @@ import pandas as pd
 
 from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
                              WEIGHTINGS, run_key)
-from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_reference,
-                                 load_run_metrics, metrics_path)
+from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
+                                 metrics_path)
 from pipeline.io import atomic_path, write_text
 from pipeline.stats import Estimate, combine_seeds
 

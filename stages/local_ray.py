@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     address = distributed.start_local_cluster(log_to_driver=False)
     print(f"started a local Ray instance at {address} for: {' '.join(command)}", flush=True)
     try:
-        return subprocess.call(command, env={**os.environ, "RAY_ADDRESS": address})
-    except KeyboardInterrupt:
-        return 130
+        proc = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": address})
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the command too: let it stop first
+                continue
     finally:
         distributed.shutdown()
+
 
 
 if __name__ == "__main__":

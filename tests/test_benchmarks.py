@@ -69,3 +69,41 @@ def test_digits_benchmark_times_ours_alone(tmp_path):
                     "--rounds", "1", "--warmup", "0", "--batch-size", "8")
     assert list(results["cases"]) == ["ours"] and "ratios" not in results
     assert results["image_shape"] == [1, 8, 8]
+
+
+def test_recipe_benchmark_scores_raw_and_ema_weights_under_each_variant(tmp_path):
+    results = bench("recipe.py", tmp_path, "--experiments", "eps_simple", "--steps", "4",
+                    "--eval-every", "2", "--nll-images", "4", "--nll-strata", "2",
+                    "--fid-samples", "8", "--classifier-steps", "20",
+                    "--variant", "flat:lr_schedule=constant",
+                    "--variant", "decay:lr_schedule=cosine,lr_final=0.1")
+    assert [(r["variant"], r["step"]) for r in results] == [
+        ("flat", 2), ("flat", 4), ("decay", 2), ("decay", 4)]
+    for row in results:
+        assert row["nll_model"] > 0 and row["nll_ema"] > 0
+        assert ("fid_ema" in row) == (row["step"] == 4)
+
+
+def test_study_time_splits_each_stage_into_its_work_and_the_rest(tmp_path):
+    """On a time-stamped log of `dvc repro`: a stage runs from "Running stage" to "Updating
+    lock file"; its work is what it wrote down (the training loop's wall_s, "sampled ... in
+    Ns", evaluate_wall_s); the rest is start-up and bookkeeping."""
+    (tmp_path / "models" / "e-0").mkdir(parents=True)
+    (tmp_path / "models" / "e-0" / "state.json").write_text(json.dumps({"wall_s": 50.0}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "e-0.json").write_text(json.dumps({"evaluate_wall_s": 8.0}))
+    log = [(0.0, "Running stage 'prepare':"), (4.0, "Updating lock file 'dvc.lock'"),
+           (5.0, "Running stage 'train@e-0':"), (70.0, "Updating lock file 'dvc.lock'"),
+           (71.0, "Running stage 'sample@e-0':"), (75.0, "sampled e-0: 60 images in 2s"),
+           (80.0, "Updating lock file 'dvc.lock'"), (81.0, "Running stage 'evaluate@e-0':"),
+           (93.0, "Updating lock file 'dvc.lock'"), (95.0, "[exit 0]")]
+    (tmp_path / "study.log").write_text("".join(f"{t}\t{line}\n" for t, line in log))
+    results = bench("study_time.py", tmp_path, "--repo", str(tmp_path), "--log",
+                    str(tmp_path / "study.log"))
+    groups = {g["stages"]: g for g in results["groups"]}
+    assert results["total_s"] == 95.0
+    assert (groups["train"]["wall_s"], groups["train"]["work_s"]) == (65.0, 50.0)
+    assert (groups["sample"]["wall_s"], groups["sample"]["work_s"]) == (9.0, 2.0)
+    assert (groups["evaluate"]["wall_s"], groups["evaluate"]["work_s"]) == (12.0, 8.0)
+    assert groups["prepare"]["other_s"] == 0.0
+    assert groups["outside stages (install, DVC)"]["wall_s"] == 95.0 - 4.0 - 65.0 - 9.0 - 12.0

@@ -284,6 +284,27 @@ def test_local_ray_runs_the_command_on_one_instance_and_stops_it(tmp_path):
                            env=env_for(PROJECT), capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "give the command to run" in usage.stderr
 
+    # Ctrl-C (SIGINT to the foreground group): the command stops, then the instance
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.local_ray", sys.executable, "-c",
+                             "import time; print('running', flush=True); time.sleep(120)"],
+                            cwd=tmp_path, env=env_for(PROJECT), stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        port = re.search(r"127\.0\.0\.1:(\d+)", first)[1]
+        assert proc.stdout.readline().strip() == "running"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    leftovers = subprocess.run(["pgrep", "-f", f"gcs_server_port={port}"],
+                               capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
 
 ALL_STAGES = sorted(p.stem for p in (PROJECT / "stages").glob("*.py")
                     if not p.stem.startswith("_") and p.stem != "local_ray")  # new ones too
