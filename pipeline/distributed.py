@@ -6,11 +6,13 @@ around the shared per-worker training function, and (for the sweep) Ray Tune.
 - Training runs under a fixed run name and storage path (`checkpoints/<run name>`), outside every
   DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it, whether
   a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
-- The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that builds and fits
-  one TorchTrainer per trial around the same per-worker function; `TuneReportCallback` forwards
-  the trainer's reports (rank 0's) to Tune, where ASHA reads them. A trial's own actor holds no
-  CPU (its Train controller holds none either): the trial's workers hold the resources.
+- The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that runs the same
+  per-worker function: in the trial's own actor when a trial has one worker (the actor holds
+  its CPUs and is reused from trial to trial), or in a TorchTrainer of its own for DDP trials,
+  whose reports (rank 0's) `TuneReportCallback` forwards to Tune; ASHA reads them. A DDP
+  trial's actor holds no CPU (its Train controller holds none either): its workers do.
 """
+
 
 from __future__ import annotations
 
@@ -117,16 +119,28 @@ def shutdown() -> None:
 
 
 class RaySession:
-    """`pipeline.training.Session` backed by Ray Train (runs inside each training worker)."""
+    """`pipeline.training.Session` backed by Ray Train (runs inside each training worker), or
+    with `tune=True` by Ray Tune: a single-worker sweep trial that trains in its own Tune actor
+    (rank 0 of 1, reports and checkpoints through `ray.tune`). `defaults` fill the metrics a
+    report lacks (Tune checks every report for the scheduler's metric)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, tune: bool = False,
+                 defaults: Optional[dict[str, Any]] = None):
         import ray.train
         import ray.train.torch
+        import ray.tune
 
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self._api = ray.tune if tune else ray.train
+        self._defaults = dict(defaults or {})
+        if tune:
+            self.rank, self.world_size = 0, 1
+            gpu = ray.get_gpu_ids() and torch.cuda.is_available()
+            self.device = torch.device("cuda" if gpu else "cpu")
+        else:
+            context = ray.train.get_context()
+            self.rank = context.get_world_rank()
+            self.world_size = context.get_world_size()
+            self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         self._scratch = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{self.rank}-"))
@@ -139,9 +153,7 @@ class RaySession:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def latest_checkpoint(self) -> Optional[Path]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._api.get_checkpoint()
         if checkpoint is None:
             return None
         if type(checkpoint.filesystem).__name__ == "LocalFileSystem":
@@ -153,11 +165,10 @@ class RaySession:
         return local
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) \
+        checkpoint = self._api.Checkpoint.from_directory(str(checkpoint_dir)) \
             if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        self._api.report({**self._defaults, **metrics}, checkpoint=checkpoint)
+
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to storage by now
 
@@ -290,15 +301,25 @@ def _worker_error(error: BaseException) -> BaseException:
 
 
 # --------------------------------------------------------------------------------------------
-# The sweep: Ray Tune, one TorchTrainer per trial
+# The sweep: Ray Tune; a single-worker trial trains in its own actor, a DDP trial through a
+# TorchTrainer of its own
 # --------------------------------------------------------------------------------------------
 
 
-# A trial's own actor only drives its TorchTrainer (whose controller holds no CPU either): it
-# asks for no CPU and a sliver of the head node's marker resource, as Ray Train's own state
+# A DDP trial's own actor only drives its TorchTrainer (whose controller holds no CPU either):
+# it asks for no CPU and a sliver of the head node's marker resource, as Ray Train's own state
 # actor does. Trial drivers so run on the head node (the "safe node" Ray's docs advise for Train
 # drivers), and the trial's workers hold every CPU / GPU. Tune refuses an all-zero request.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.001}
+NLL_DEFAULTS = {"nll_bpd": float("nan")}  # an unstable run's last report has no NLL
+
+
+def trial_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What a trial's Tune actor asks for: a single-worker trial trains there, so it holds the
+    worker's CPUs (and GPU); a DDP trial's actor holds next to nothing (its workers do)."""
+    if sweep.num_workers > 1:
+        return TRIAL_DRIVER_RESOURCES
+    return {"cpu": sweep.cpus_per_worker, "gpu": 1 if sweep.use_gpu else 0}
 
 
 @dataclass
@@ -335,15 +356,25 @@ def _report_callback(defaults: dict[str, Any]):
 
 def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
                 train_data: str, storage: str, probe: Callable) -> None:
-    """One Tune trial: train `base` with this trial's schedule and weighting (a TorchTrainer
-    around the shared per-worker function) and forward its reports to Tune."""
+    """One Tune trial: train `base` with this trial's schedule and weighting with the shared
+    per-worker function and report to Tune. With one worker it trains right here, in the
+    trial's actor (reused from trial to trial): no Train controller and worker processes to
+    start, which cost about 25 s of a 2-core machine per trial. With several, a TorchTrainer of
+    its own runs DDP and its reports are forwarded to Tune."""
     import ray.tune
 
     exp = sweep.trial_experiment(base, config["schedule"], config["weighting"])
+    if exp.train.num_workers == 1:
+        session = RaySession(threads=int(exp.train.cpus_per_worker), tune=True,
+                             defaults=NLL_DEFAULTS)
+        train_worker(exp, train_data, session, checkpoint_root=session._scratch / "out",
+                     on_log=probe)
+        return
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = make_trainer(exp, Path(train_data), Path(storage), name=trial_id, on_log=probe,
-                           callbacks=[_report_callback({"nll_bpd": float("nan")})])
+                           callbacks=[_report_callback(NLL_DEFAULTS)])
     trainer.fit()
+
 
 
 def concurrent_trials(sweep: SweepConfig) -> int:
@@ -366,9 +397,10 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
               probe: Callable, seed: int = 0) -> SweepRun:
     """Ray Tune over `sweep.cells()` with ASHA on the validation NLL; returns every trial.
 
-    The Tune experiment lives in `storage_path/<sweep_name>` (trainer checkpoints under its
-    `trainers/` folder); an earlier run of the same name is replaced. Trials that fail are
-    recorded (`TrialOutcome.error`), not retried by Tune (Ray Train retries their workers).
+    The Tune experiment lives in `storage_path/<sweep_name>` (a DDP trial's trainer checkpoints
+    under its `trainers/` folder); an earlier run of the same name is replaced. Trials that
+    fail are recorded (`TrialOutcome.error`), not retried by Tune (Ray Train retries the
+    workers of a DDP trial). Single-worker trials reuse their actors from trial to trial.
     """
     import time
 
@@ -390,7 +422,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
         _tune_trial, sweep=sweep, base=base, train_data=str(Path(train_data).resolve()),
         storage=str(experiment_path / "trainers"), probe=probe)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        ray.tune.with_resources(trainable, trial_resources(sweep)),
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=METRIC, mode="min", num_samples=sweep.num_samples,
@@ -399,7 +431,9 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
                                     reduction_factor=sweep.asha_reduction_factor,
                                     stop_last_trials=False),
             search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials(sweep),
-                                             random_state=seed)),
+                                             random_state=seed),
+            reuse_actors=sweep.num_workers == 1),
+
         run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_path),
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )

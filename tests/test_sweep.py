@@ -413,6 +413,28 @@ def test_tiny_sweep_end_to_end(tiny_study):
     print(f"tiny sweep: {wall:.0f}s, {len(stopped)} of 4 trials stopped by ASHA")
 
 
+@pytest.mark.slow
+def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_path):
+    """sweep.num_workers 2: each trial is a DDP run (its own TorchTrainer, 2 workers of half a
+    CPU), reported to Tune like a single-worker trial; the same cell trained by one worker in
+    the trial's actor reports the same steps."""
+    root, params = tiny_study
+    raw = yaml.safe_load(params.read_text())
+    raw["sweep"].update(schedules=["cosine"], weightings=["uniform"], num_workers=2,
+                        cpus_per_worker=0.5, steps=10, asha_grace_period=5)
+    ddp = tmp_path / "params.yaml"
+    ddp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = run_stage(["stages.sweep", "--params", str(ddp), "--data", str(root / "data"),
+                      "--models", str(root / "models"), "--out", str(tmp_path / "out"),
+                      "--storage", str(tmp_path / "storage")], root, timeout=600)
+    assert "world_size=2" in proc.stdout + proc.stderr  # the trial's own TorchTrainer
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert len(trials) == 1 and trials["status"].tolist() == ["ok"], trials
+    assert trials["step"].tolist() == [10] and trials["fid"].notna().all()
+    assert any((tmp_path / "storage").glob("*/trainers/*"))  # Ray Train's run folder
+
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
