@@ -21,8 +21,8 @@ measured is an empty cell. Table 1's reference rows: real data at the samples' N
 draws), an untrained model, and the NLL ceiling of the data's levels.
 
 Row labels follow the paper: the objective ("L, fixed isotropic Σ", "L_simple", ...); in
-Table 1 the mean parameterization ("ε prediction", "μ̃ prediction") is added only where two
-rows would otherwise read the same; a schedule other than linear, a weighting other than
+Table 1, whose "Ours" rows predict ε in the paper, a row of another parameterization is always
+named ("μ̃ prediction, ...") and an ε row only where two rows would otherwise read the same; a schedule other than linear, a weighting other than
 uniform and a variance other than the paper's are appended in brackets, e.g.
 "Ours (L_simple) [cosine schedule, min-SNR weighting]". Rows that still collide get the
 experiment name in the brackets.
@@ -294,9 +294,10 @@ def _sorted_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def table1_labels(rows: list[dict], notation: Notation = TEXT) -> list[str]:
-    """'Ours (<objective>) [notes]' per row; the mean parameterization ("ε prediction") is
-    named only where rows of different parameterizations would otherwise read the same, and
-    the experiment name is added where rows still collide."""
+    """'Ours (<objective>) [notes]' per row. The paper's "Ours" rows predict ε, so every other
+    parameterization is named ("μ̃ prediction, L, ..."; an MSE objective names its target
+    itself), and ε is named only where a row of another parameterization would otherwise read
+    the same; the experiment name is added where rows still collide."""
     def plain(row, notes):
         return _with_notes(f"Ours ({_objective(row, notation, table=1)})", notes)
 
@@ -305,7 +306,9 @@ def table1_labels(rows: list[dict], notation: Notation = TEXT) -> list[str]:
     def make(row, notes):
         objective = _objective(row, notation, table=1)
         base = plain(row, _qualifiers(row, notation))
-        if len({r["mean_type"] for r, p in zip(rows, plains) if p == base}) > 1:
+        names_target = objective_key(row) == "simple"  # "||μ̃ − μ̃_θ||²" names μ̃ already
+        if (row["mean_type"] != "eps" and not names_target) or len(
+                {r["mean_type"] for r, p in zip(rows, plains) if p == base}) > 1:
             objective = f"{notation.predictions[row['mean_type']]}, {objective}"
         return _with_notes(f"Ours ({objective})", notes)
 

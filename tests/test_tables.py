@@ -270,7 +270,7 @@ def test_table2_puts_x0_hybrid_and_variants_where_they_belong(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_table1_labels_name_the_parameterization_only_where_needed(six):
+def test_table1_labels_name_every_parameterization_but_the_papers_eps(six):
     table = table1(six, None, "digits")
     assert list(table.columns) == ["Model", "IS", "FID", "NLL Test (Train)"]
     assert list(table["Model"]) == [
@@ -284,6 +284,13 @@ def test_table1_labels_name_the_parameterization_only_where_needed(six):
     only_eps = six[six["mean_type"] == "eps"]
     assert list(table1(only_eps, None, "digits")["Model"]) == [
         "Ours (L, learned diagonal Σ)", "Ours (L, fixed isotropic Σ)", "Ours (L_simple)"]
+    # a μ̃ row is never mistaken for the paper's ε rows, even when no ε row shares its objective
+    without_eps_learned = six[six["experiment"] != "eps_vlb_learned"]
+    assert list(table1(without_eps_learned, None, "digits")["Model"])[:2] == [
+        "Ours (μ̃ prediction, L, learned diagonal Σ)", "Ours (μ̃ prediction, L, fixed isotropic Σ)"]
+    only_mu_fixed = six[six["experiment"] == "mu_vlb_fixed"]
+    assert list(table1(only_mu_fixed, None, "digits")["Model"]) == [
+        "Ours (μ̃ prediction, L, fixed isotropic Σ)"]
 
 
 def test_table1_cells(six):
