@@ -64,3 +64,17 @@ def test_the_closure_follows_imports_inside_functions():
     assert {"stages/tabulate.py", "stages/_common.py", "pipeline/findings.py",
             "pipeline/stats.py"} <= closure  # imported inside main() and run_tabulate()
     assert "stages/train.py" not in closure
+
+
+# tabulate rebuilds its tables from the metrics in seconds, and they are kept in git
+REBUILT_IN_SECONDS = {"tabulate"}
+
+
+@pytest.mark.parametrize("name", sorted(set(STAGES) - REBUILT_IN_SECONDS))
+def test_a_stage_that_takes_time_keeps_its_run_cache(name):
+    """DVC deletes a stage's outputs before running it, and keeps no run-cache entry for a stage
+    with an uncached `outs` entry (uncached metrics and plots are fine): after a run refused for
+    broken params, such a stage's outputs could only come back by running it again."""
+    uncached = [next(iter(entry)) for entry in STAGES[name].get("outs", [])
+                if isinstance(entry, dict) and next(iter(entry.values())).get("cache") is False]
+    assert not uncached, f"dvc.yaml stage '{name}': uncached outs {uncached}"
