@@ -290,7 +290,9 @@ def test_local_ray_runs_the_command_on_one_instance_and_stops_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "stages.local_ray", sys.executable, "-c",
                              "import time; print('running', flush=True); time.sleep(120)"],
                             cwd=tmp_path, env=env_for(PROJECT), stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,  # as from a terminal, also
+                            # where this test runs as a background job (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         port = re.search(r"127\.0\.0\.1:(\d+)", first)[1]
