@@ -13,7 +13,6 @@ around the shared per-worker training function, and (for the sweep) Ray Tune.
   trial's actor holds no CPU (its Train controller holds none either): its workers do.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -168,7 +167,6 @@ class RaySession:
         checkpoint = self._api.Checkpoint.from_directory(str(checkpoint_dir)) \
             if checkpoint_dir is not None else None
         self._api.report({**self._defaults, **metrics}, checkpoint=checkpoint)
-
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to storage by now
 
@@ -376,7 +374,6 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
     trainer.fit()
 
 
-
 def concurrent_trials(sweep: SweepConfig) -> int:
     """`sweep.max_concurrent_trials`, or where it is 0 as many trials as the cluster's CPUs (and
     GPUs, with `use_gpu`) can hold at once, so that no trial's Train run waits for workers."""
@@ -433,7 +430,6 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
             search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials(sweep),
                                              random_state=seed),
             reuse_actors=sweep.num_workers == 1),
-
         run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_path),
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )

@@ -22,8 +22,9 @@ draws), an untrained model, and the NLL ceiling of the data's levels.
 
 Row labels follow the paper: the objective ("L, fixed isotropic Σ", "L_simple", ...); in
 Table 1, whose "Ours" rows predict ε in the paper, a row of another parameterization is always
-named ("μ̃ prediction, ...") and an ε row only where two rows would otherwise read the same; a schedule other than linear, a weighting other than
-uniform and a variance other than the paper's are appended in brackets, e.g.
+named ("μ̃ prediction, ...") and an ε row only where two rows would otherwise read the same; a
+schedule other than linear, a weighting other than uniform and a variance other than the
+paper's are appended in brackets, e.g.
 "Ours (L_simple) [cosine schedule, min-SNR weighting]". Rows that still collide get the
 experiment name in the brackets.
 

@@ -434,7 +434,6 @@ def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_p
     assert any((tmp_path / "storage").glob("*/trainers/*"))  # Ray Train's run folder
 
 
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
