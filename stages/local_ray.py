@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the command to run, e.g. `python -m stages.local_ray dvc repro`")
+    if shutil.which(command[0]) is None:
+        p.error(f"command not found: {command[0]} (is the project's .venv on PATH?)")
     if os.environ.get("RAY_ADDRESS"):
         return subprocess.call(command)
 

@@ -283,6 +283,11 @@ def test_local_ray_runs_the_command_on_one_instance_and_stops_it(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "stages.local_ray"], cwd=tmp_path,
                            env=env_for(PROJECT), capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "give the command to run" in usage.stderr
+    missing = subprocess.run([sys.executable, "-m", "stages.local_ray", "no-such-command"],
+                             cwd=tmp_path, env=env_for(PROJECT), capture_output=True, text=True,
+                             timeout=60)  # refused before Ray starts
+    assert missing.returncode == 2 and "command not found: no-such-command" in missing.stderr
+    assert "Traceback" not in missing.stderr and missing.stdout == ""
 
     # Ctrl-C (SIGINT to the foreground group): the command stops, then the instance
     import signal
