@@ -9,7 +9,7 @@ The command runs in `--repo` with every output line time-stamped (the log is kep
 `--log`, or read back from it when the command is omitted). A stage runs from DVC's
 "Running stage '<name>':" to its "Updating lock file"; its work is read from what the stage
 wrote: models/<run>/state.json (`wall_s`: the training loop), the sample stage's "sampled ...
-in Ns" line, metrics/<run>.json (`evaluate_wall_s`, `checkpoints_wall_s`) and the sweep's
+in Ns" line, metrics/<run>_run.json (`evaluate_wall_s`, `checkpoints_wall_s`) and the sweep's
 "sweep done in Ns" line. Stages without such a figure count as work (prepare, classifier,
 reference, tabulate).
 """
@@ -90,7 +90,7 @@ def work_seconds(span: dict, repo: Path) -> float | None:
         match = SAMPLED.search(text)
         return float(match.group(1)) if match else None
     if group == "evaluate":
-        path = repo / "metrics" / f"{run}.json"
+        path = repo / "metrics" / f"{run}_run.json"  # timings: the run's description
         if not path.is_file():
             return None
         record = json.loads(path.read_text())

@@ -87,6 +87,10 @@ class DataConfig:
     test_fraction: float = 0.2
     hflip: Optional[bool] = None  # None: the dataset's default (cifar10/folder yes, digits no)
 
+    def resolution(self) -> int:
+        """The side of the dataset's square images (digits 8, cifar10 32, folder image_size)."""
+        return {"digits": 8, "cifar10": 32}.get(self.dataset, self.image_size)
+
     def validate(self, where: str) -> None:
         _require(self.seed >= 0, f"{where}.seed", "must be >= 0")
         _require(self.image_size >= 4, f"{where}.image_size", "must be >= 4")
@@ -153,6 +157,10 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (4,)
     dropout: float = 0.1
+
+    def resolutions(self, image_size: int) -> list[int]:
+        """The feature-map sizes of the U-Net's levels for `image_size` input, highest first."""
+        return [image_size // 2 ** level for level in range(len(self.ch_mult))]
 
     def validate(self, where: str) -> None:
         _require(self.ch >= 8 and self.ch % 8 == 0, f"{where}.ch",
@@ -281,7 +289,24 @@ class TrackingConfig:
     artifact_root: str = "mlartifacts"
 
     def validate(self, where: str) -> None:
-        _require(bool(self.tracking_uri), f"{where}.tracking_uri", "must be non-empty")
+        problem = tracking_uri_problem(self.tracking_uri)
+        _require(problem is None, f"{where}.tracking_uri", str(problem))
+
+
+# What MLflow can track into: a database (sqlite, or a server's database with an optional
+# +driver, e.g. postgresql+psycopg2) or a tracking server (`mlflow server`).
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+
+
+def tracking_uri_problem(uri: str) -> Optional[str]:
+    """Why MLflow cannot track into `uri`, or None if its scheme is one it can use."""
+    scheme = uri.partition("://")[0].partition("+")[0].lower() if "://" in uri else ""
+    if scheme in TRACKING_SCHEMES:
+        return None
+    found = f"scheme '{scheme}'" if scheme else "no scheme"
+    return (f"{uri!r} has {found}, not a store MLflow can track into; use sqlite:///mlflow.db, "
+            "the http(s)://HOST:PORT of an `mlflow server`, or a postgresql:// / mysql:// / "
+            "mssql:// database URI")
 
 
 SECTIONS: dict[str, type] = {
@@ -515,7 +540,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -524,6 +551,24 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is None:
         raise ConfigError(f"{path}: the file is empty; it needs at least an 'experiments' mapping")
     return parse_params(raw, source=str(path))
+
+
+def _check_duplicate_keys(node: Any, path: Path, where: tuple[str, ...] = ()) -> None:
+    """Refuse a key written twice in one mapping (YAML loaders keep the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            line = key.start_mark.line + 1
+            if key.tag != "tag:yaml.org,2002:merge" and name in seen:
+                raise ConfigError(f"{path}: key '{'.'.join((*where, name))}' is written twice "
+                                  f"(lines {seen[name]} and {line}); YAML would keep only the "
+                                  "last, so delete one")
+            seen[name] = line
+            _check_duplicate_keys(value, path, (*where, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, path, (*where, str(index)))
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -545,6 +590,7 @@ def _parse_params(raw: Any) -> Params:
                 for name, cls in SECTIONS.items()}
     for name, section in sections.items():
         section.validate(name)
+    _check_attention(sections["model"], sections["data"])
 
     experiments_raw = raw.get("experiments")
     if experiments_raw is None:
@@ -561,6 +607,17 @@ def _parse_params(raw: Any) -> Params:
     if "sweep" in raw:  # without a sweep section the defaults need not fit these experiments
         _check_sweep(params)
     return params
+
+
+def _check_attention(model: ModelConfig, data: DataConfig) -> None:
+    """Every attention resolution must be a size some level of the U-Net works at."""
+    size = data.resolution()
+    reached = model.resolutions(size)
+    never = [r for r in model.attn_resolutions if r not in reached]
+    _require(not never, "model.attn_resolutions",
+             f"{', '.join(map(str, never))} is never reached: {data.dataset} images are "
+             f"{size}x{size} and ch_mult {list(model.ch_mult)} works at "
+             f"{', '.join(map(str, reached))}; use some of those (or [] for no attention)")
 
 
 def _check_sweep(params: Params) -> None:

@@ -16,9 +16,11 @@ The reference rows (`reference_scores`) are measured the way the runs are:
 - an untrained model (fresh, seeded weights), sampled and scored like a run;
 - the ceiling of the bound: log2(levels) bits/dim.
 
-Files: metrics/<E>-<S>.json (`save_run_metrics` / `load_run_metrics`), metrics/<E>-<S>_nll.csv
-(`save_nll_per_image` / `load_nll_per_image`), metrics/reference.json (`save_reference` /
-`load_reference`).
+Files: metrics/<E>-<S>.json and metrics/<E>-<S>_run.json (`save_run_metrics` /
+`load_run_metrics`), metrics/<E>-<S>_nll.csv (`save_nll_per_image` / `load_nll_per_image`),
+metrics/reference.json (`save_reference` / `load_reference`). The .json files DVC reads as
+metrics hold numbers only, so that `dvc metrics diff` and `dvc exp show` compare figures; what a
+run was (experiment, status, settings, sample counts, timings) is in its _run.json.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> r
 DESCRIPTORS = ("experiment", "seed", "status", "dataset", "mean_type", "var_type", "loss",
                "weighting", "schedule", "num_timesteps")
 STATUSES = ("ok", "unstable")
+# The numbers of metrics/<key>.json, the file DVC compares across revisions and experiments;
+# every other field of a run's record goes to metrics/<key>_run.json.
+DVC_METRICS = (*METRICS, "train_steps", "final_loss", "best_checkpoint_step",
+               "best_checkpoint_fid", "best_checkpoint_nll_bpd")
 REFERENCE_FILE = "reference.json"
 NLL_SPLITS = {"test": "nll_bpd", "train": "nll_bpd_train"}
 
@@ -177,19 +183,36 @@ def _make_hint(key: str) -> str:
 
 
 def metrics_path(metrics_dir: str | Path, key: str) -> Path:
+    """metrics/<key>.json: the run's DVC_METRICS (numbers only; those not measured left out)."""
     return Path(metrics_dir) / f"{key}.json"
+
+
+def run_info_path(metrics_dir: str | Path, key: str) -> Path:
+    """metrics/<key>_run.json: what the run was (descriptors, sample counts, timings)."""
+    return Path(metrics_dir) / f"{key}_run.json"
 
 
 def nll_path(metrics_dir: str | Path, key: str) -> Path:
     return Path(metrics_dir) / f"{key}_nll.csv"
 
 
-def save_run_metrics(path: str | Path, record: Mapping[str, Any]) -> None:
-    """metrics/<key>.json: the run's descriptors, scores and standard errors (null where not
-    measured), and timings."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def save_run_metrics(metrics_dir: str | Path, key: str,
+                     record: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write one run's record: its finite DVC_METRICS to metrics/<key>.json and every other
+    field to metrics/<key>_run.json; return both paths."""
     from pipeline.io import write_json
 
-    write_json(path, dict(record))
+    numbers = {name: record[name] for name in DVC_METRICS
+               if _is_number(record.get(name)) and math.isfinite(record[name])}
+    about = {name: value for name, value in record.items() if name not in DVC_METRICS}
+    paths = metrics_path(metrics_dir, key), run_info_path(metrics_dir, key)
+    write_json(paths[1], about)
+    write_json(paths[0], numbers)
+    return paths
 
 
 def _read_json(path: Path, hint: str) -> Any:
@@ -205,31 +228,44 @@ def _read_json(path: Path, hint: str) -> Any:
 def _number(value: Any, path: Path, key: str) -> float:
     if value is None:
         return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise ResultsError(f"{path}: '{key}' must be a number or null, got {value!r}")
     return float(value)
 
 
-def load_run_metrics(path: str | Path, key: str, allowed: Mapping[str, tuple]) -> dict[str, Any]:
-    """One run's metrics record, checked: its descriptors take values of `allowed` ({key:
-    values}), its METRICS are numbers (NaN where null; all NaN for an unstable run)."""
-    path = Path(path)
+def _read_object(path: Path, key: str, what: str) -> dict[str, Any]:
     hint = f"re{_make_hint(key)}"
     if not path.is_file():
-        raise ResultsError(f"{path}: metrics of run '{key}' not found; {_make_hint(key)}")
+        raise ResultsError(f"{path}: {what} of run '{key}' not found; {_make_hint(key)}")
     raw = _read_json(path, hint)
     if not isinstance(raw, dict):
-        raise ResultsError(f"{path}: expected a JSON object of metrics, got "
+        raise ResultsError(f"{path}: expected a JSON object of {what}, got "
                            f"{type(raw).__name__}; {hint}")
-    record = dict(raw)
+    return raw
+
+
+def load_run_metrics(metrics_dir: str | Path, key: str,
+                     allowed: Mapping[str, tuple]) -> dict[str, Any]:
+    """One run's record from `save_run_metrics`'s two files, checked: its descriptors take
+    values of `allowed` ({key: values}); metrics/<key>.json holds numbers only; METRICS are
+    floats (NaN where not measured; all NaN for an unstable run)."""
+    numbers_path = metrics_path(metrics_dir, key)
+    numbers = _read_object(numbers_path, key, "metrics")
+    info_path = run_info_path(metrics_dir, key)
+    record = _read_object(info_path, key, "description")
+    for name, value in numbers.items():
+        if not _is_number(value):
+            raise ResultsError(f"{numbers_path}: '{name}' must be a number, got {value!r}; "
+                               f"re{_make_hint(key)}")
+    record.update(numbers)
     for name, values in {"status": STATUSES, **allowed}.items():
         if name not in record:
-            raise ResultsError(f"{path}: missing key '{name}'; {hint}")
+            raise ResultsError(f"{info_path}: missing key '{name}'; re{_make_hint(key)}")
         if record[name] not in values:
-            raise ResultsError(f"{path}: '{name}' is {record[name]!r}; expected one of: "
+            raise ResultsError(f"{info_path}: '{name}' is {record[name]!r}; expected one of: "
                                f"{', '.join(map(str, values))}")
     for name in METRICS:
-        record[name] = _number(raw.get(name), path, name)
+        record[name] = _number(record.get(name), numbers_path, name)
     if record["status"] == "unstable":  # diverged: no metric is meaningful
         record.update({name: math.nan for name in METRICS})
     return record
@@ -260,11 +296,14 @@ def load_nll_per_image(path: str | Path, key: str) -> dict[str, np.ndarray]:
                            f"re{_make_hint(key)}") from None
 
 
-def save_reference(path: str | Path, reference: Mapping[str, Any]) -> None:
-    """metrics/reference.json: {dataset, real_data, untrained, ceiling}."""
+def save_reference(path: str | Path, reference: Mapping[str, Mapping[str, Any]]) -> None:
+    """metrics/reference.json: {real_data, untrained, ceiling}, each an object of numbers (a
+    value that is not a finite number, such as the sd of one draw, is left out)."""
     from pipeline.io import write_json
 
-    write_json(path, dict(reference))
+    write_json(path, {section: {name: value for name, value in entry.items()
+                                if _is_number(value) and math.isfinite(value)}
+                      for section, entry in reference.items()})
 
 
 def load_reference(metrics_dir: str | Path) -> Optional[dict]:

@@ -2,8 +2,8 @@
 
 Ho, Jain & Abbeel 2020, Table 1 ("CIFAR10 results. NLL measured in bits/dim.") and Table 2
 ("Unconditional CIFAR10 reverse process parameterization and training objective ablation"),
-built with pandas from the metrics/<experiment>-<seed>.json files the evaluate stages write
-(`load_runs`), one row per experiment: the mean over its seeds (`aggregate`).
+built with pandas from the metrics/<experiment>-<seed>.json and _run.json files the evaluate
+stages write (`load_runs`), one row per experiment: the mean over its seeds (`aggregate`).
 
 Each table comes in two forms:
 - raw (`table1_raw`, `table2_raw`, `sweep_raw`): one row per experiment (or sweep cell), float
@@ -46,7 +46,7 @@ import pandas as pd
 from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
                              WEIGHTINGS, run_key)
 from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
-                                 metrics_path)
+                                 metrics_path, run_info_path)
 from pipeline.io import atomic_path, write_text
 from pipeline.stats import Estimate, combine_seeds
 
@@ -146,9 +146,9 @@ TEX = Notation(
 
 
 def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.DataFrame:
-    """Read metrics/<experiment>-<seed>.json of each (experiment, seed) into one row each.
+    """Read the metrics of each (experiment, seed) (`load_run_metrics`) into one row each.
 
-    Columns: DESCRIPTORS, the float METRICS (NaN where null or the run is unstable), then
+    Columns: DESCRIPTORS, the float METRICS (NaN where not measured or the run is unstable), then
     whatever else the files hold. Raises ResultsError naming the first missing or corrupt
     file and the command that makes it.
     """
@@ -157,19 +157,20 @@ def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.Da
         raise TablesError(f"{metrics_dir}: no experiments to tabulate; define them under "
                           "'experiments' in params.yaml and run `dvc repro`")
     keys = [run_key(e, s) for e, s in runs]
-    missing = [k for k in keys if not metrics_path(metrics_dir, k).is_file()]
+    missing = [k for k in keys if not (metrics_path(metrics_dir, k).is_file()
+                                       and run_info_path(metrics_dir, k).is_file())]
     if missing:
         more = (f" ({len(missing) - 1} more missing: {', '.join(missing[1:])})"
                 if len(missing) > 1 else "")
         try:
-            load_run_metrics(metrics_path(metrics_dir, missing[0]), missing[0], {})
+            load_run_metrics(metrics_dir, missing[0], {})
         except ResultsError as exc:
             raise ResultsError(f"{exc}{more}") from None
     allowed = {"mean_type": MEAN_TYPES, "var_type": VAR_TYPES, "loss": LOSSES,
                "weighting": WEIGHTINGS, "schedule": SCHEDULES}
     records = []
     for (experiment, seed), key in zip(runs, keys):
-        record = load_run_metrics(metrics_path(metrics_dir, key), key, allowed)
+        record = load_run_metrics(metrics_dir, key, allowed)
         record.update(experiment=experiment, seed=seed)
         records.append(record)
     df = pd.DataFrame.from_records(records)

@@ -10,7 +10,16 @@ Layout of the records (`mlflow ui` shows it as is):
   a run is reused only while its `ddpm.config_hash` matches, so a re-run of the study after a
   params change starts a fresh run and keeps the old one for history;
 - one study run named "tables" (`ddpm.experiment=_study`) for study-level artifacts;
-- sweep trials as runs nested under a parent run (`mlflow.parentRunId`).
+- sweep trials as runs nested under a parent run (`mlflow.parentRunId`);
+- inside a DVC experiment (`dvc exp run`, queued or not; DVC sets `DVC_EXP_NAME`) every run is
+  tagged `dvc.exp_name=<its name>`, and the runs of one experiment are found again by that tag
+  as well, so each DVC experiment has runs of its own: two queued experiments never log into
+  one run, and `dvc exp show` rows match MLflow runs by name.
+
+Where the store lives. A relative sqlite path and a relative artifact root are resolved against
+the repo root: `DVC_ROOT` where DVC sets it (queued experiments run in a temporary copy of the
+repo; DVC_ROOT names the user's repo, so their runs land in the user's mlflow.db), else the
+folder the stage runs in.
 
 For `mlflow ui`: the experiment is tagged `mlflow.experimentKind = custom_model_development`
 ("Machine learning"), so that MLflow 3 opens it on the table of training runs and not on its
@@ -70,6 +79,7 @@ TAG_SEED = "ddpm.seed"
 TAG_CONFIG_HASH = "ddpm.config_hash"
 TAG_ROLE = "ddpm.role"  # experiment | study | trial: keeps run_for from matching other runs
 TAG_GIT_COMMIT = "git.commit"
+TAG_DVC_EXPERIMENT = "dvc.exp_name"  # the DVC experiment a run belongs to (env DVC_EXP_NAME)
 TAG_PARAM_CHANGED = "ddpm.param_changed."  # prefix; see Tracker.log_params
 STUDY_RUN_EXPERIMENT = "_study"
 STUDY_RUN_NAME = "tables"
@@ -122,6 +132,15 @@ def resolve_artifact_root(tracking_cfg: TrackingConfig, root: str | Path) -> str
     if not path.is_absolute():
         path = Path(root) / path
     return path.resolve().as_uri()
+
+
+def study_root(root: str | Path = ".") -> Path:
+    """The repo the study's records belong to: `DVC_ROOT` where DVC sets it (in a queued DVC
+    experiment, the user's repo, not the temporary copy the stage runs in), else `root`."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and Path(dvc_root).is_dir():
+        return Path(dvc_root).resolve()
+    return Path(root).resolve()
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -197,8 +216,17 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
     http(s): a TCP connect (and, for http, a GET of /health) with a short timeout, before
     MLflow's own retries (which can take minutes) get a chance. sqlite: the database folder is
-    created if missing and must be writable. Other schemes are left to MLflow.
+    created if missing and must be writable. A scheme MLflow cannot track into (see
+    `pipeline.config.TRACKING_SCHEMES`; MLFLOW_TRACKING_URI is not checked with params.yaml) is
+    refused; other database schemes are left to MLflow.
     """
+    from pipeline.config import tracking_uri_problem
+
+    problem = tracking_uri_problem(tracking_uri)
+    if problem is not None:
+        source = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri
+                  else "tracking store")
+        raise TrackingError(f"{source}: {problem}")
     parsed = urllib.parse.urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
         _probe_http(tracking_uri, parsed, timeout_s)
@@ -304,7 +332,8 @@ class Tracker:
 
     def __init__(self, tracking_cfg: TrackingConfig, study_cfg: StudyConfig,
                  root: str | Path = ".") -> None:
-        self.root = Path(root).resolve()
+        self.root = study_root(root)
+        self.dvc_experiment = os.environ.get("DVC_EXP_NAME") or None
         self.tracking_uri = resolve_tracking_uri(tracking_cfg, self.root)
         self.study_name = study_cfg.name
         # MLflow keeps a run's artifacts at <experiment artifact location>/<run id>/artifacts;
@@ -402,24 +431,32 @@ class Tracker:
         return run.info.run_id
 
     def _find_or_create(self, tags: Mapping[str, str], run_name: str) -> str:
+        """The newest active run with `tags` in the same DVC experiment (or, outside one, in
+        none), else a new one."""
         from mlflow.entities import ViewType
 
         experiment_id = self.experiment_id
         client = self.client
+        tags = {**tags, **self._experiment_tag()}
         query = " and ".join(f"tags.`{key}` = {_literal(value)}" for key, value in tags.items())
         with _store_lock(self.tracking_uri):
             runs = _retry_if_locked(client.search_runs, [experiment_id], filter_string=query,
-                                    run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
+                                    run_view_type=ViewType.ACTIVE_ONLY, max_results=100,
                                     order_by=["attributes.start_time DESC"])
-            if runs:
-                return runs[0].info.run_id
+            for run in runs:  # outside a DVC experiment, skip the runs of experiments
+                if run.data.tags.get(TAG_DVC_EXPERIMENT) == self.dvc_experiment:
+                    return run.info.run_id
             run = _retry_if_locked(client.create_run, experiment_id,
                                    tags={**tags, **self._source_tags()}, run_name=run_name)
         return run.info.run_id
 
+    def _experiment_tag(self) -> dict[str, str]:
+        return {TAG_DVC_EXPERIMENT: self.dvc_experiment} if self.dvc_experiment else {}
+
     def _source_tags(self) -> dict[str, str]:
         commit = git_commit(self.root)
-        return {TAG_GIT_COMMIT: commit, "mlflow.source.git.commit": commit} if commit else {}
+        tags = {TAG_GIT_COMMIT: commit, "mlflow.source.git.commit": commit} if commit else {}
+        return {**tags, **self._experiment_tag()}
 
     # -- logging --------------------------------------------------------------------------------
 

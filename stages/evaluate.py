@@ -4,10 +4,11 @@ the NLL bound (bits/dim) of its model, each with its standard error.
     python -m stages.evaluate --experiment eps_simple [--seed 0] [--params params.yaml]
 
 What is measured, and how, is `pipeline.evaluation`. Writes metrics/<E>-<S>.json (DVC
-metrics), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for comparing runs
+metrics: numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
+counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for comparing runs
 image by image) and, for scores over training, metrics/<E>-<S>_checkpoints.csv with its figure
 plots/fid_over_training/<E>-<S>.png (one row, the final model, without evaluate.checkpoints).
-An unstable model gets status "unstable" and no numbers.
+An unstable model gets status "unstable" and no scores.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         from pipeline.diffusion import GaussianDiffusion
-        from pipeline.evaluation import (METRICS, Apparatus, flatten, metrics_path,
-                                         nll_ceiling, nll_path, save_nll_per_image,
-                                         save_run_metrics)
+        from pipeline.evaluation import (METRICS, Apparatus, flatten, nll_ceiling, nll_path,
+                                         save_nll_per_image, save_run_metrics)
 
         from pipeline.figures import save_scores_over_training
         from pipeline.over_training import (best_by_fid, final_scores, score_checkpoints,
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                "checkpoints_wall_s": time.monotonic() - start})
         elif record["status"] == "ok":
             record["status"] = sample_status
-        out = metrics_path(args.out, exp.key)
-        save_run_metrics(out, record)
+        out, info_out = save_run_metrics(args.out, exp.key, record)
         save_nll_per_image(nll_path(args.out, exp.key), per_image)
         scores_csv = args.out / f"{exp.key}_checkpoints.csv"
         figure = args.figures / f"{exp.key}.png"
@@ -130,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                      and v is not None})
         tracker.set_tags(run_id, {"ddpm.status": record["status"]})
         tracker.log_artifact(run_id, out, "metrics")
+        tracker.log_artifact(run_id, info_out, "metrics")
         tracker.set_terminated(run_id, "FINISHED")  # evaluate is the run's last stage
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"
                           for k in ("fid", "is_mean", "nll_bpd") if record.get(k) is not None)

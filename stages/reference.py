@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               f"NLL {untrained['nll_bpd']:.3f} bits/dim (ceiling {nll_ceiling(levels):.3f})")
         g = exp.sample.grid_size
         save_sample_grid(run.images[: g * g], args.figures / "untrained_grid.png", nrow=g)
-        save_reference(args.out, {"dataset": exp.data.dataset, "real_data": real,
+        save_reference(args.out, {"real_data": real,
                                   "untrained": untrained,
                                   "ceiling": {"levels": levels,
                                               "nll_bpd": nll_ceiling(levels)}})

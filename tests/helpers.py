@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -91,3 +92,14 @@ def assert_refused(raw, needles):
     assert "\n" not in message and len(message) < 400
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def run_record(metrics_dir: str | Path, key: str) -> dict:
+    """A run's metrics/<key>.json and metrics/<key>_run.json as one dict, checking that the
+    first (the file DVC compares) holds numbers only."""
+    metrics_dir = Path(metrics_dir)
+    numbers = json.loads((metrics_dir / f"{key}.json").read_text())
+    text = {k: v for k, v in numbers.items()
+            if isinstance(v, bool) or not isinstance(v, (int, float))}
+    assert not text, f"{key}.json holds more than numbers: {text}"
+    return {**json.loads((metrics_dir / f"{key}_run.json").read_text()), **numbers}

@@ -91,7 +91,7 @@ def test_study_time_splits_each_stage_into_its_work_and_the_rest(tmp_path):
     (tmp_path / "models" / "e-0").mkdir(parents=True)
     (tmp_path / "models" / "e-0" / "state.json").write_text(json.dumps({"wall_s": 50.0}))
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "e-0.json").write_text(json.dumps({"evaluate_wall_s": 8.0}))
+    (tmp_path / "metrics" / "e-0_run.json").write_text(json.dumps({"evaluate_wall_s": 8.0}))
     log = [(0.0, "Running stage 'prepare':"), (4.0, "Updating lock file 'dvc.lock'"),
            (5.0, "Running stage 'train@e-0':"), (70.0, "Updating lock file 'dvc.lock'"),
            (71.0, "Running stage 'sample@e-0':"), (75.0, "sampled e-0: 60 images in 2s"),

@@ -116,6 +116,24 @@ CATALOGUE = [
     (broken("train.lr_final", 2.0), ["train.lr_final", "[0, 1]"]),
     (broken("train.ema_warmup", "on"), ["train.ema_warmup", "true or false"]),
     (broken("evaluate.reference_draws", 1), ["reference_draws", ">= 2"]),
+    # attention where no level of the U-Net works: digits are 8x8, ch_mult [1, 2] gives 8, 4
+    (broken("model.attn_resolutions", [16]), ["model.attn_resolutions", "16 is never reached",
+                                              "8x8", "8, 4"]),
+    (broken("model.attn_resolutions", [8, 4]), []),
+    (broken("model.attn_resolutions", []), []),
+    (broken("data.dataset", "cifar10"), ["model.attn_resolutions", "4 is never reached",
+                                         "32x32", "32, 16"]),
+    ({**broken("data.dataset", "folder"), "data": {"dataset": "folder", "image_size": 16}},
+     ["model.attn_resolutions", "4 is never reached", "16x16", "16, 8"]),
+    (broken("model.ch_mult", [1, 2, 2]), []),  # 8, 4, 2: 4 is reached
+    # tracking URIs MLflow cannot track into
+    (broken("tracking.tracking_uri", "mlflow.db"), ["tracking.tracking_uri", "no scheme",
+                                                    "sqlite:///mlflow.db"]),
+    (broken("tracking.tracking_uri", "s3://bucket/runs"), ["tracking.tracking_uri",
+                                                           "scheme 's3'", "mlflow server"]),
+    (broken("tracking.tracking_uri", "sqllite:///mlflow.db"), ["scheme 'sqllite'"]),
+    (broken("tracking.tracking_uri", "postgresql+psycopg2://u@db/mlflow"), []),
+    (broken("tracking.tracking_uri", "https://mlflow.example.org"), []),
     ([1, 2], ["top level", "mapping"]),
 ]
 
@@ -124,6 +142,31 @@ CATALOGUE = [
 def test_broken_params_are_refused_with_a_message_naming_the_key(raw, needles):
     assert_refused(raw, needles)
 
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  lr: 0.002\n  steps: 10\n  lr: 0.01\n", "train.lr", (2, 4)),
+    ("train:\n  steps: 10\ntrain:\n  steps: 20\n", "train", (1, 3)),
+    ("experiments:\n  a:\n    train: {lr: 1, lr: 2}\n", "experiments.a.train.lr", (3, 3)),
+])
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path, text, key, lines):
+    """YAML loaders keep the last of two equal keys silently; params.yaml refuses them."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert f"key '{key}' is written twice (lines {lines[0]} and {lines[1]})" in message
+    assert "\n" not in message and str(path) in message
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """`<<: *anchor` then an explicit key overrides the merged one: valid YAML, no duplicate."""
+    path = tmp_path / "params.yaml"
+    path.write_text("experiments:\n  a: &a {loss: simple, schedule: cosine}\n"
+                    "  b:\n    <<: *a\n    loss: vlb\n")
+    b = load_params(path).experiments["b"].diffusion
+    assert (b.loss, b.schedule) == ("vlb", "cosine")
 
 
 def test_yaml_syntax_error_and_empty_file(tmp_path):

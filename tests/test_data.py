@@ -391,7 +391,8 @@ def test_stage_prepare_reports_errors_briefly(tmp_path, capsys):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
     archive = tmp_path / "missing.tar.gz"
-    params.write_text(f"data:\n  dataset: cifar10\n  cifar10_archive: {archive}\n")
+    params.write_text(f"data:\n  dataset: cifar10\n  cifar10_archive: {archive}\n"
+                      "model:\n  attn_resolutions: [16]\n")
     assert prepare_stage.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(archive) in err and "Traceback" not in err

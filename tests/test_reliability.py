@@ -30,6 +30,7 @@ import yaml
 
 from conftest import STABLE_KEY as KEY
 from conftest import UNSTABLE_KEY, shared_study_params
+from helpers import run_record
 from test_stages import PROJECT, env_for, make_study_repo, mlflow_runs, sh, tiny
 
 STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
@@ -286,8 +287,8 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
                              load_state(study / "models" / name / weights)), weights
     assert ((repo / "samples" / name / "samples.npz").read_bytes()
             == (study / "samples" / name / "samples.npz").read_bytes())
-    resumed = json.loads((repo / "metrics" / f"{name}.json").read_text())
-    uninterrupted = json.loads((study / "metrics" / f"{name}.json").read_text())
+    resumed = run_record(repo / "metrics", name)
+    uninterrupted = run_record(study / "metrics", name)
     for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train", "train_steps"):
         assert resumed[key] == uninterrupted[key], key
     assert not sh(["dvc", "status", target], repo).stdout.count("changed"), \
@@ -296,14 +297,14 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
-    m = json.loads((study / "metrics" / f"{UNSTABLE_KEY}.json").read_text())
-    assert m["status"] == "unstable" and m["fid"] is None and m["nll_bpd"] is None
+    m = run_record(study / "metrics", UNSTABLE_KEY)
+    assert m["status"] == "unstable" and "fid" not in m and "nll_bpd" not in m
     assert m["train_steps"] < 40  # stopped early
     info = json.loads((study / "models" / UNSTABLE_KEY / "state.json").read_text())
     assert info["status"] == "unstable"
     with np.load(study / "samples" / UNSTABLE_KEY / "samples.npz") as f:
         assert len(f["images"]) == 0 and str(f["status"]) == "unstable"
-    assert json.loads((study / "metrics" / f"{KEY}.json").read_text())["status"] == "ok"
+    assert run_record(study / "metrics", KEY)["status"] == "ok"
 
     table2 = (study / "results" / "table2.md").read_text()
     rows = [line for line in table2.splitlines() if "L, fixed isotropic Σ" in line]
@@ -336,8 +337,8 @@ def test_one_worker_samples_and_metrics_are_bitwise_reproducible(study, tmp_path
                  "--models", study / "models", "--samples", tmp_path / "samples",
                  "--out", tmp_path / "metrics", **stage_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
-    first = json.loads((study / "metrics" / f"{name}.json").read_text())
+    again = run_record(tmp_path / "metrics", name)
+    first = run_record(study / "metrics", name)
     timings = {k for k in first if k.endswith("_s") or k == "images_per_s"}
     assert {k: v for k, v in again.items() if k not in timings} == \
         {k: v for k, v in first.items() if k not in timings}
@@ -389,6 +390,11 @@ BROKEN_PARAMS = {  # name: (params.yaml text from the study's params, what the m
     "nested_override": (_broken(lambda p: p["experiments"]["eps_simple"].update(
         train={"stepz": 3})), ["experiments.eps_simple.train", "stepz", "steps"]),
     "evaluate_key": (_broken(lambda p: p["evaluate"].update(fid=True)), ["evaluate", "fid"]),
+    "duplicate_key": (lambda p: yaml.safe_dump(p, sort_keys=False).replace(
+        "\n  steps: ", "\n  steps: 3\n  steps: ", 1), ["params.yaml", "key 'train.steps' is "
+                                                    "written twice", "delete one"]),
+    "tracking_scheme": (_broken(lambda p: p["tracking"].update(tracking_uri="s3://b/runs")),
+                        ["tracking.tracking_uri", "scheme 's3'"]),
 }
 
 
@@ -430,7 +436,8 @@ def test_broken_params_stop_every_stage_and_dvc_repro_fast_and_lose_nothing(stud
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert "started a local Ray" not in proc.stdout
         failed = re.search(r"failed to reproduce '([^']+)'", proc.stderr)
-        if variant in ("yaml_syntax", "empty"):  # DVC reads params.yaml for dvc.yaml's foreach
+        if variant in ("yaml_syntax", "empty", "duplicate_key"):  # DVC reads params.yaml
+            # itself (for dvc.yaml's matrix) and refuses these before any stage runs
             assert failed is None and ("params.yaml" in proc.stderr
                                        or "'experiments'" in proc.stderr), proc.stderr
         else:
@@ -481,6 +488,9 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare_dataset(parse_params({}).data, root, seed=0)
     return root
+
+
+CIFAR10_MODEL = {"attn_resolutions": [16]}  # the digits model's [4] is never reached at 32x32
 
 
 def tiny_params(folder: Path, **sections) -> Path:
@@ -559,7 +569,8 @@ def test_corrupt_cifar10_archive_names_the_file(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     make_cifar10_archive(archive, n_train=50, n_test=10)
     truncate(archive)
-    params = tiny_params(tmp_path, data={"dataset": "cifar10", "cifar10_archive": str(archive)})
+    params = tiny_params(tmp_path, data={"dataset": "cifar10", "cifar10_archive": str(archive)},
+                         model=CIFAR10_MODEL)
     proc = stage("prepare", "--params", params, "--out", tmp_path / "prepared", cwd=tmp_path,
                  timeout=60)
     assert_user_error(proc, archive, "cannot read the CIFAR10 archive", "download it again",
@@ -617,7 +628,7 @@ def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_pa
 def test_cifar10_archive_absent_offline_says_where_to_put_it(tmp_path):
     archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
     params = tiny_params(tmp_path, data={"dataset": "cifar10", "cifar10_archive": str(archive),
-                                         "download": False})
+                                         "download": False}, model=CIFAR10_MODEL)
     proc = stage("prepare", "--params", params, "--out", tmp_path / "prepared", cwd=tmp_path,
                  timeout=60)
     assert_user_error(proc, archive, "cifar-10-python.tar.gz", "data.cifar10_archive",
@@ -629,7 +640,8 @@ def test_inception_weights_absent_offline_say_where_to_put_them(tmp_path):
     cifar = {"dataset": "cifar10", "download": False}
     for weights, needles in ((str(missing), [missing, "file not found"]),
                              (None, [tmp_path / "hub", "downloading is off"])):
-        params = tiny_params(tmp_path, data=cifar, evaluate={"inception_weights": weights})
+        params = tiny_params(tmp_path, data=cifar, model=CIFAR10_MODEL,
+                             evaluate={"inception_weights": weights})
         proc = stage("classifier", "--params", params, "--out", tmp_path / "classifier",
                      cwd=tmp_path, env={"TORCH_HOME": str(tmp_path)}, timeout=60)
         assert_user_error(proc, *needles, "evaluate.inception_weights")

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.evaluation import ResultsError, load_reference, save_nll_per_image
+from pipeline.evaluation import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
+                                 save_nll_per_image, save_reference, save_run_metrics)
 from pipeline.tables import (TEX, TablesError, aggregate, build_tables, format_interval,
                              format_mean_std, format_nll, load_runs, load_sweep_trials,
                              sweep_raw, sweep_table, table1, table1_raw, table2, table2_raw,
@@ -64,7 +65,7 @@ def _write_metrics(metrics_dir, records) -> None:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for record in records:
         key = f"{record['experiment']}-{record.get('seed', 0)}"
-        (metrics_dir / f"{key}.json").write_text(json.dumps(record))
+        save_run_metrics(metrics_dir, key, record)
         values = np.full(20, record["nll_bpd"] or np.nan)
         save_nll_per_image(metrics_dir / f"{key}_nll.csv", {"test": values, "train": values})
 
@@ -155,16 +156,49 @@ def test_corrupt_metrics_json_names_the_file(metrics_dir):
         load_runs(metrics_dir, _runs(SIX))
 
 
+def test_run_metrics_split_numbers_for_dvc_from_the_description(tmp_path):
+    """metrics/<key>.json holds only the measured numbers (what `dvc metrics diff` compares);
+    everything else is in metrics/<key>_run.json; loading joins them back."""
+    record = _record("eps_simple", best_checkpoint_step=None, evaluate_wall_s=9.5)
+    numbers_path, info_path = save_run_metrics(tmp_path, "eps_simple-0", record)
+    numbers = json.loads(numbers_path.read_text())
+    info = json.loads(info_path.read_text())
+    assert set(numbers) == {k for k in DVC_METRICS if record.get(k) is not None}
+    assert all(type(v) in (int, float) for v in numbers.values())
+    assert info["experiment"] == "eps_simple" and info["loss"] == "simple"
+    assert info["evaluate_wall_s"] == 9.5 and "fid" not in info
+    loaded = load_run_metrics(tmp_path, "eps_simple-0", {})
+    assert {k: loaded[k] for k in record if record[k] is not None} == \
+        {k: v for k, v in record.items() if v is not None}
+    unstable = save_run_metrics(tmp_path, "u-0", _record(UNSTABLE))[0]
+    assert json.loads(unstable.read_text()) == {"train_steps": 2000, "final_loss": 0.03}
+
+
+def test_reference_keeps_finite_numbers_only(tmp_path):
+    save_reference(tmp_path / "reference.json",
+                   {"real_data": {"fid": 4.0, "fid_sd": math.nan, "draws": 1},
+                    "ceiling": {"levels": 17, "nll_bpd": 4.09}})
+    assert json.loads((tmp_path / "reference.json").read_text()) == {
+        "real_data": {"fid": 4.0, "draws": 1}, "ceiling": {"levels": 17, "nll_bpd": 4.09}}
+
+
+def test_text_in_the_dvc_metrics_file_names_the_file_and_key(tmp_path):
+    _write_metrics(tmp_path, [_record("eps_simple")])
+    (tmp_path / "eps_simple-0.json").write_text(json.dumps({"fid": "three"}))
+    with pytest.raises(ResultsError, match=r"eps_simple-0\.json: 'fid' must be a number, "
+                                           r"got 'three'; remake it with `dvc repro"):
+        load_runs(tmp_path, _runs(["eps_simple"]))
+
+
 @pytest.mark.parametrize("overrides, match", [
-    ({"fid": "three"}, r"'fid' must be a number or null"),
     ({"status": "diverged"}, r"'status' is 'diverged'"),
     ({"loss": "l1"}, r"'loss' is 'l1'; expected one of: simple, vlb, hybrid"),
 ])
-def test_bad_metrics_values_name_the_file_and_key(tmp_path, overrides, match):
+def test_bad_run_descriptions_name_the_file_and_key(tmp_path, overrides, match):
     _write_metrics(tmp_path, [{**_record("eps_simple"), **overrides}])
     with pytest.raises(ResultsError, match=match) as err:
         load_runs(tmp_path, _runs(["eps_simple"]))
-    assert "eps_simple-0.json" in str(err.value)
+    assert "eps_simple-0_run.json" in str(err.value)
 
 
 def test_metrics_without_mean_type_is_an_error(tmp_path):
@@ -453,8 +487,10 @@ def _params(tmp_path, dataset="digits"):
     path = tmp_path / "params.yaml"
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                 "artifact_root": str(tmp_path / "mlartifacts")}
+    model = {"attn_resolutions": [16]} if dataset == "cifar10" else {}  # reached at 32x32
     path.write_text(yaml.safe_dump({"data": {"dataset": dataset}, "experiments": SIX,
-                                    "tracking": tracking, "study": {"seeds": [0]}}))
+                                    "model": model, "tracking": tracking,
+                                    "study": {"seeds": [0]}}))
     return path
 
 

@@ -70,6 +70,48 @@ def test_relative_sqlite_uri_is_resolved_against_root(tmp_path, monkeypatch):
     assert resolve_artifact_root(http, tmp_path) == "s3://bucket/a"
 
 
+def test_tracking_uri_from_the_environment_with_an_unusable_scheme_is_refused(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    tracker = Tracker(TrackingConfig(), STUDY, ".")
+    with pytest.raises(TrackingError, match=r"^MLFLOW_TRACKING_URI: 'file:///tmp/mlruns' has "
+                                            r"scheme 'file', not a store MLflow can track into"):
+        tracker.check_reachable()
+
+
+def test_dvc_root_is_where_a_queued_experiment_keeps_its_records(tmp_path, monkeypatch):
+    """A queued DVC experiment runs in a temporary copy of the repo; DVC_ROOT names the user's
+    repo, where relative tracking paths must land (else the runs vanish with the copy)."""
+    copy, repo = tmp_path / "copy", tmp_path / "repo"
+    copy.mkdir(), repo.mkdir()
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert Tracker(TrackingConfig(), STUDY, copy).tracking_uri == f"sqlite:///{copy}/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    tracker = Tracker(TrackingConfig(artifact_root="mlartifacts"), STUDY, copy)
+    assert tracker.tracking_uri == f"sqlite:///{repo}/mlflow.db"
+    assert tracker.artifact_location == (repo / "mlartifacts" / "ddpm-test").as_uri()
+
+
+def test_each_dvc_experiment_has_runs_of_its_own(root, monkeypatch):
+    """Runs made inside a DVC experiment carry its name (DVC_EXP_NAME) and are found again by
+    it; the same config in another experiment, or outside any, gets another run."""
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    plain = _tracker(root).run_for("eps_simple", CONFIG)
+    runs = {}
+    for name in ("exp-a", "exp-b"):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        runs[name] = _tracker(root).run_for("eps_simple", CONFIG)
+        assert _tracker(root).run_for("eps_simple", CONFIG) == runs[name]
+        study = _tracker(root).study_run()
+        tags = _client(_tracker(root)).get_run(study).data.tags
+        assert tags["dvc.exp_name"] == name
+    assert len({plain, *runs.values()}) == 3
+    client = _client(_tracker(root))
+    assert client.get_run(runs["exp-a"]).data.tags["dvc.exp_name"] == "exp-a"
+    assert "dvc.exp_name" not in client.get_run(plain).data.tags
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert _tracker(root).run_for("eps_simple", CONFIG) == plain
+
+
 def test_env_var_overrides_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
     expected = f"sqlite:///{tmp_path.resolve()}/other.db"
