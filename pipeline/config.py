@@ -309,6 +309,35 @@ def tracking_uri_problem(uri: str) -> Optional[str]:
             "mssql:// database URI")
 
 
+# What pyarrow (and so Ray Train / Tune) can keep storage in, besides a local or shared path.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where Ray keeps and places the work. Nothing here changes a result, so no stage lists
+    this section among its DVC params.
+
+    storage: Ray Train storage (checkpoints, EMA snapshots): a local path, a path every node
+    mounts, or a URI every node reaches (`s3://bucket/prefix`; an S3-compatible endpoint such
+    as MinIO through `AWS_ENDPOINT_URL`); `DDPM_STORAGE` overrides it. A run resumes from the
+    last checkpoint it finds there.
+    placement: pack (Ray's default: fill a node before the next) | spread (the workers of one
+    run on as many nodes as hold them, one per node where there are enough).
+    """
+
+    storage: str = "checkpoints"
+    placement: Literal["pack", "spread"] = "pack"
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.storage.strip()), f"{where}.storage",
+                 "must be a path or a URI such as s3://bucket/prefix")
+        scheme = self.storage.partition("://")[0].lower() if "://" in self.storage else None
+        _require(scheme is None or scheme in STORAGE_SCHEMES, f"{where}.storage",
+                 f"scheme '{scheme}' is not one Ray storage can use; use a path or one of: "
+                 f"{', '.join(f'{s}://' for s in STORAGE_SCHEMES)}")
+
+
 SECTIONS: dict[str, type] = {
     "study": StudyConfig,
     "data": DataConfig,
@@ -318,6 +347,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -336,6 +366,7 @@ class ExperimentConfig:
     sample: SampleConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+    cluster: ClusterConfig
 
     @property
     def key(self) -> str:
@@ -488,6 +519,7 @@ class Params:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 

@@ -3,9 +3,12 @@ around the shared per-worker training function, and (for the sweep) Ray Tune.
 
 - With `RAY_ADDRESS` set (as `ray job submit` does), stages connect to that cluster; otherwise
   they start a local one sized to this machine.
-- Training runs under a fixed run name and storage path (`checkpoints/<run name>`), outside every
-  DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it, whether
-  a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
+- Training runs under a fixed run name in its storage (`cluster.storage`, `checkpoints/<run
+  name>` by default: a local or shared path, or a URI such as s3://bucket/prefix), outside
+  every DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it,
+  whether a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
+- The driver puts the training data into Ray's object store; workers on any node get it from
+  there, and EMA snapshots go to the run's storage, so a multi-node run needs no shared disk.
 - The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that runs the same
   per-worker function: in the trial's own actor when a trial has one worker (the actor holds
   its CPUs and is reused from trial to trial), or in a TorchTrainer of its own for DDP trials,
@@ -26,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pipeline.config import ExperimentConfig, SweepConfig
+from pipeline.io import storage_location
 from pipeline.training import STATE_FILE, CheckpointError, load_training_state, train_worker
 
 
@@ -179,11 +183,18 @@ class RaySession:
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker: rebuild the config, run the shared worker."""
+    """Entry point of every Ray Train worker: rebuild the config, get the training data (from
+    Ray's object store, where the driver put it, so no worker reads the driver's disk; or from
+    a path), run the shared worker."""
+    import ray
+
     exp = ExperimentConfig.from_dict(config["experiment"])
     session = RaySession(threads=config["threads"])
     on_log = config.get("on_log")
-    train_worker(exp, config["train_data"], session, checkpoint_root=session._scratch / "out",
+    train_data = config["train_data"]
+    if isinstance(train_data, ray.ObjectRef):
+        train_data = ray.get(train_data)
+    train_worker(exp, train_data, session, checkpoint_root=session._scratch / "out",
                  on_log=on_log, ema_snapshot_dir=config.get("ema_snapshot_dir"))
 
 
@@ -196,8 +207,9 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
 class FitOutcome:
     status: str
     state: dict[str, Any]
-    run_path: Path
-    ema_snapshot_dir: Optional[Path] = None  # EMA weights by step (evaluate.checkpoints set)
+    run_path: str  # the run's folder in storage (a path or a URI)
+    ema_snapshot_dir: Optional[Path] = None  # EMA weights by step (evaluate.checkpoints set),
+    # read back from storage into a local folder
 
 
 def code_digest() -> str:
@@ -221,35 +233,48 @@ def run_name(exp: ExperimentConfig) -> str:
     return f"{exp.study.name}-{exp.key}-{exp.config_hash()}-{code_digest()}{keep}"
 
 
+# cluster.placement -> the placement strategy of a run's worker group (Ray's bundle strategies:
+# SPREAD puts the workers on as many nodes as hold them, best effort, so it never waits for a
+# node that is not there)
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
+
+
 def scaling_config(exp: ExperimentConfig):
+    """`train.num_workers` workers of `train.cpus_per_worker` CPUs each (and one GPU each with
+    `use_gpu`), placed by `cluster.placement`."""
     import ray.train
 
     resources = {"CPU": exp.train.cpus_per_worker}
     if exp.train.use_gpu:
         resources["GPU"] = 1
     return ray.train.ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
-                                   resources_per_worker=resources)
+                                   resources_per_worker=resources,
+                                   placement_strategy=PLACEMENT[exp.cluster.placement])
 
 
-def make_trainer(exp: ExperimentConfig, train_data: Path, storage_path: Path, name: str,
+def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str,
                  on_log: Optional[Callable] = None, callbacks: Optional[list] = None,
-                 ema_snapshot_dir: Optional[Path] = None):
-    """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU); with
-    `ema_snapshot_dir`, rank 0 keeps the EMA weights of every checkpoint step there."""
+                 ema_snapshot_dir: Optional[str] = None):
+    """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU) on `train_data` (a
+    prepared split's path, or an object-store reference to the split), checkpointing to the
+    storage location `storage` (a path or a URI); with `ema_snapshot_dir` (the same), rank 0
+    keeps the EMA weights of every checkpoint step there."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if not isinstance(train_data, ray.ObjectRef):
+        train_data = str(train_data)
     return TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"experiment": exp.to_dict(), "train_data": str(train_data),
+        train_loop_config={"experiment": exp.to_dict(), "train_data": train_data,
                            "threads": max(1, int(exp.train.cpus_per_worker)),
-                           "on_log": on_log,
-                           "ema_snapshot_dir": str(ema_snapshot_dir) if ema_snapshot_dir else None},
+                           "on_log": on_log, "ema_snapshot_dir": ema_snapshot_dir},
         torch_config=TorchConfig(backend="nccl" if exp.train.use_gpu else "gloo"),
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=storage_location(storage),
             failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,
@@ -257,14 +282,21 @@ def make_trainer(exp: ExperimentConfig, train_data: Path, storage_path: Path, na
     )
 
 
-def fit(exp: ExperimentConfig, train_data: Path, storage_path: Path) -> FitOutcome:
-    """Train `exp` with Ray Train, resuming from its last checkpoint under `storage_path`, and
-    return the final training state (read from the last reported checkpoint)."""
+def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutcome:
+    """Train `exp` with Ray Train, resuming from its last checkpoint under `storage` (a local
+    or shared path, or a URI such as s3://bucket/prefix), and return the final training state
+    (read back from the last reported checkpoint). The training data goes to the workers
+    through Ray's object store, so that no worker reads the driver's disk."""
+    import ray
+
+    from pipeline.data import load_prepared
+    from pipeline.io import fetch_from_storage
+
     name = run_name(exp)
-    snapshots = (Path(storage_path).resolve() / name / "ema"
-                 if exp.evaluate.checkpoints is not None else None)
-    trainer = make_trainer(exp, Path(train_data).resolve(), Path(storage_path).resolve(), name,
-                           ema_snapshot_dir=snapshots)
+    run_path = f"{storage_location(storage)}/{name}"
+    snapshots = f"{run_path}/ema" if exp.evaluate.checkpoints is not None else None
+    data = ray.put(load_prepared(train_data))
+    trainer = make_trainer(exp, data, storage, name, ema_snapshot_dir=snapshots)
     try:
         result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
@@ -273,21 +305,22 @@ def fit(exp: ExperimentConfig, train_data: Path, storage_path: Path) -> FitOutco
             reason = re.split(r" \(|; ", str(cause), maxsplit=1)[0]
             raise CheckpointError(
                 f"training of '{exp.key}' cannot resume: {reason}; Ray Train resumes a run "
-                f"from its latest checkpoint only, so delete the run folder "
-                f"{Path(storage_path).resolve() / name} and rerun `dvc repro train@{exp.key}` "
-                "to train from step 0") from None
+                f"from its latest checkpoint only, so delete the run folder {run_path} and "
+                f"rerun `dvc repro train@{exp.key}` to train from step 0") from None
         raise TrainingError(
             f"training of '{exp.key}' failed after {exp.train.max_failures} retries: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}; "
-            f"checkpoints and logs are under {Path(storage_path).resolve() / name}") from exc
+            f"checkpoints and logs are under {run_path}") from exc
     if result.checkpoint is None:
         raise TrainingError(f"training of '{exp.key}' reported no checkpoint; see the logs "
-
-                            f"under {Path(storage_path).resolve() / name}")
+                            f"under {run_path}")
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(Path(folder) / STATE_FILE)
-    return FitOutcome(status=state["status"], state=state,
-                      run_path=Path(storage_path).resolve() / name, ema_snapshot_dir=snapshots)
+    local_snapshots = None
+    if snapshots is not None:
+        local_snapshots = fetch_from_storage(snapshots, tempfile.mkdtemp(prefix="ddpm-ema-"))
+    return FitOutcome(status=state["status"], state=state, run_path=run_path,
+                      ema_snapshot_dir=local_snapshots)
 
 
 def _worker_error(error: BaseException) -> BaseException:
@@ -324,7 +357,7 @@ def trial_resources(sweep: SweepConfig) -> dict[str, float]:
 class SweepRun:
     table: Any  # pandas.DataFrame: ResultGrid.get_dataframe(), one row per trial
     trials: list  # of pipeline.sweep.TrialOutcome
-    path: Path    # the Tune experiment folder
+    path: str     # the Tune experiment folder (a path or a URI)
     wall_s: float
 
 
@@ -353,7 +386,7 @@ def _report_callback(defaults: dict[str, Any]):
 
 
 def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
-                train_data: str, storage: str, probe: Callable) -> None:
+                storage: str, probe: Callable) -> None:
     """One Tune trial: train `base` with this trial's schedule and weighting with the shared
     per-worker function and report to Tune. With one worker it trains right here, in the
     trial's actor (reused from trial to trial): no Train controller and worker processes to
@@ -362,6 +395,7 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
     import ray.tune
 
     exp = sweep.trial_experiment(base, config["schedule"], config["weighting"])
+    train_data = probe.train_data  # the prepared split itself (trial_probe), or its path
     if exp.train.num_workers == 1:
         session = RaySession(threads=int(exp.train.cpus_per_worker), tune=True,
                              defaults=NLL_DEFAULTS)
@@ -369,7 +403,7 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
                      on_log=probe)
         return
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = make_trainer(exp, Path(train_data), Path(storage), name=trial_id, on_log=probe,
+    trainer = make_trainer(exp, train_data, storage, name=trial_id, on_log=probe,
                            callbacks=[_report_callback(NLL_DEFAULTS)])
     trainer.fit()
 
@@ -390,12 +424,14 @@ def concurrent_trials(sweep: SweepConfig) -> int:
     return max(1, math.floor(fits + 1e-9))
 
 
-def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, storage_path: Path,
+def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
               probe: Callable, seed: int = 0) -> SweepRun:
     """Ray Tune over `sweep.cells()` with ASHA on the validation NLL; returns every trial.
+    Trials train on `probe.train_data` (`pipeline.sweep.trial_probe`).
 
-    The Tune experiment lives in `storage_path/<sweep_name>` (a DDP trial's trainer checkpoints
-    under its `trainers/` folder); an earlier run of the same name is replaced. Trials that
+    The Tune experiment lives in `<storage>/<sweep_name>` (a local or shared path, or a URI;
+    a DDP trial's trainer checkpoints under its `trainers/` folder); an earlier run of the same
+    name is replaced. Trials that
     fail are recorded (`TrialOutcome.error`), not retried by Tune (Ray Train retries the
     workers of a DDP trial). Single-worker trials reuse their actors from trial to trial.
     """
@@ -408,16 +444,18 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
 
     from pipeline.sweep import METRIC, TrialOutcome
 
+    from pipeline.io import delete_from_storage
+
     name = sweep_name(sweep, base)
-    storage_path = Path(storage_path).resolve()
-    experiment_path = storage_path / name
-    shutil.rmtree(experiment_path, ignore_errors=True)
+    storage = storage_location(storage)
+    experiment_path = f"{storage}/{name}"
+    delete_from_storage(experiment_path)
     pick = ray.tune.grid_search if sweep.search == "grid" else ray.tune.choice
     param_space = {"schedule": pick(list(sweep.schedules)),
                    "weighting": pick(list(sweep.weightings))}
-    trainable = ray.tune.with_parameters(
-        _tune_trial, sweep=sweep, base=base, train_data=str(Path(train_data).resolve()),
-        storage=str(experiment_path / "trainers"), probe=probe)
+    trainable = ray.tune.with_parameters(  # each parameter goes to the object store once
+        _tune_trial, sweep=sweep, base=base, storage=f"{experiment_path}/trainers",
+        probe=probe)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, trial_resources(sweep)),
         param_space=param_space,
@@ -430,13 +468,13 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, stor
             search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials(sweep),
                                              random_state=seed),
             reuse_actors=sweep.num_workers == 1),
-        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_path),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     start = time.monotonic()
     grid = tuner.fit()
     wall = time.monotonic() - start
-    analysis = ray.tune.ExperimentAnalysis(grid.experiment_path)
+    analysis = ray.tune.ExperimentAnalysis(experiment_path)  # (grid's path has no scheme)
     unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:  # Tuner.fit() returns after Ctrl-C / SIGTERM: no partial results for DVC
         raise TrainingError(f"the sweep was interrupted with {len(unfinished)} trial(s) "

@@ -2,6 +2,11 @@
 
 Every writer goes to a temporary file in the destination folder and renames it into place
 (`os.replace` is atomic on POSIX within one filesystem).
+
+Storage locations (Ray Train / Tune storage, `cluster.storage`) are a local path or a URI
+(`s3://bucket/prefix`, `gs://...`) that every node of a cluster reaches; `write_to_storage` and
+`fetch_from_storage` move files there and back through pyarrow's filesystems, as Ray does (an
+S3-compatible endpoint such as MinIO through `AWS_ENDPOINT_URL`).
 """
 
 from __future__ import annotations
@@ -87,3 +92,62 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def is_uri(location: str | Path) -> bool:
+    """Whether a storage location is a URI (`s3://...`) rather than a local path."""
+    return "://" in str(location)
+
+
+def storage_location(location: str | Path) -> str:
+    """A storage location as Ray takes it: a URI as is, a local path made absolute."""
+    return str(location).rstrip("/") if is_uri(location) else str(Path(location).resolve())
+
+
+def storage_filesystem(location: str | Path):
+    """(pyarrow filesystem, path within it) of a storage location."""
+    import pyarrow.fs
+
+    if is_uri(location):
+        return pyarrow.fs.FileSystem.from_uri(str(location))
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def write_to_storage(location: str | Path, data: bytes) -> None:
+    """Write `data` as the file `location` (atomically: a rename locally, one PUT on S3)."""
+    if not is_uri(location):
+        with atomic_path(location) as tmp:
+            tmp.write_bytes(data)
+        return
+    fs, path = storage_filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def fetch_from_storage(location: str | Path, scratch: str | Path) -> Path:
+    """A local folder with the files of the storage folder `location`: the folder itself where
+    it is local, else a copy under `scratch` (empty if `location` does not exist)."""
+    if not is_uri(location):
+        return Path(location)
+    import pyarrow.fs
+
+    fs, path = storage_filesystem(location)
+    local = Path(scratch)
+    local.mkdir(parents=True, exist_ok=True)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        pyarrow.fs.copy_files(path, str(local.resolve()), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+def delete_from_storage(location: str | Path) -> None:
+    """Delete the storage folder `location` and everything in it (nothing if it is absent)."""
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    fs, path = storage_filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)

@@ -46,7 +46,7 @@ def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
     with atomic_dir(out) as tmp:
         torch.save(ema_weights(state["ema"]), tmp / "ema.pt")
         for step, source in (ema_snapshots or {}).items():
-            target = ema_snapshot_path(tmp / CHECKPOINTS_DIR, step)
+            target = Path(ema_snapshot_path(tmp / CHECKPOINTS_DIR, step))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         torch.save(state["model"], tmp / "model.pt")
@@ -85,7 +85,7 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
     info = read_model_info(model_dir, exp)
     path = Path(model_dir) / f"{weights}.pt"
     if checkpoint_step is not None:
-        path = ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step)
+        path = Path(ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step))
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

@@ -47,19 +47,20 @@ RANK_BY = "fid"             # what picks the best finished trial (nll_bpd where 
 class TrialProbe:
     """`on_log` hook of `train_worker` for sweep trials: validation NLL, and FID at the end.
 
-    Holds only paths and numbers (it is pickled to the Ray workers); the images and the feature
-    extractor are loaded on first use in the worker.
+    Goes to every trial through Ray's object store, with the prepared splits and the feature
+    extractor's weights inside (`trial_probe`), so that a trial on any node of a cluster reads
+    nothing from the driver's disk; given paths instead, it loads them on first use.
     """
 
-    test_data: str
-    train_data: str
+    test_data: Any  # pipeline.data.Prepared, or the path of a prepared split
+    train_data: Any
     total_steps: int
     val_images: int
     val_strata: int
     fid_num_samples: int
     fid_steps: int
     extractor: str
-    extractor_weights: Optional[str]
+    extractor_weights: Optional[bytes]  # the weights file's bytes (None: the extractor's own)
     seed: int = 0
     nll_batch_size: int = 800
     precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
@@ -79,11 +80,26 @@ class TrialProbe:
 
     def _images(self, split: str) -> torch.Tensor:
         if split not in self._cache:
-            from pipeline.data import load_prepared
+            from pipeline.data import Prepared, load_prepared
 
-            path = self.test_data if split == "test" else self.train_data
-            self._cache[split] = torch.from_numpy(load_prepared(path).images)
+            data = self.test_data if split == "test" else self.train_data
+            if not isinstance(data, Prepared):
+                data = load_prepared(data)
+            self._cache[split] = torch.from_numpy(data.images)
         return self._cache[split]
+
+    def _weights_path(self) -> Optional[str]:
+        """The extractor's weights as a file of this worker (written once from the bytes)."""
+        if self.extractor_weights is None:
+            return None
+        if "weights" not in self._cache:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
+                                             delete=False) as fh:
+                fh.write(self.extractor_weights)
+            self._cache["weights"] = fh.name
+        return self._cache["weights"]
 
     def validation_nll(self, model, diffusion) -> dict[str, float]:
         """Stratified bound in bits/dim on the first `val_images` test images (fixed seed)."""
@@ -118,7 +134,7 @@ class TrialProbe:
                                  steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
         samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu()
         fidelity = compute_fidelity(samples, self._images("train"), extractor=self.extractor,
-                                    weights_path=self.extractor_weights, is_splits=1,
+                                    weights_path=self._weights_path(), is_splits=1,
                                     kid_subset_size=min(100, self.fid_num_samples),
                                     kid_subsets=10, device=str(device), seed=self.seed)
         return fidelity["fid"]
@@ -137,11 +153,14 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
         metrics.load_classifier(weights)
     elif extractor == metrics.INCEPTION_EXTRACTOR:
         weights = metrics.check_inception_weights(weights, base.data.download)
+    from pipeline.data import load_prepared
+
     return TrialProbe(
-        test_data=str(Path(test_data).resolve()), train_data=str(Path(train_data).resolve()),
+        test_data=load_prepared(test_data), train_data=load_prepared(train_data),
         total_steps=sweep.steps, val_images=sweep.val_images, val_strata=sweep.val_strata,
         fid_num_samples=sweep.fid_num_samples, fid_steps=sweep.fid_steps, extractor=extractor,
-        extractor_weights=weights if weights and Path(weights).is_file() else None,
+        extractor_weights=Path(weights).read_bytes() if weights and Path(weights).is_file()
+        else None,
         seed=base.seed, nll_batch_size=base.evaluate.nll_batch_size,
         precision=base.sample.precision)
 

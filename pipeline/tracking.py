@@ -134,6 +134,10 @@ def resolve_artifact_root(tracking_cfg: TrackingConfig, root: str | Path) -> str
     return path.resolve().as_uri()
 
 
+def _is_server(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
 def study_root(root: str | Path = ".") -> Path:
     """The repo the study's records belong to: `DVC_ROOT` where DVC sets it (in a queued DVC
     experiment, the user's repo, not the temporary copy the stage runs in), else `root`."""
@@ -337,9 +341,14 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(tracking_cfg, self.root)
         self.study_name = study_cfg.name
         # MLflow keeps a run's artifacts at <experiment artifact location>/<run id>/artifacts;
-        # one folder per study keeps studies sharing an artifact root apart.
-        self.artifact_location = (resolve_artifact_root(tracking_cfg, self.root).rstrip("/")
-                                  + "/" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name))
+        # one folder per study keeps studies sharing an artifact root apart. A tracking server
+        # given a local artifact root keeps them where it is told (`mlflow server
+        # --artifacts-destination`): a local path here may be a machine's temporary folder.
+        self.artifact_location: Optional[str] = (
+            resolve_artifact_root(tracking_cfg, self.root).rstrip("/") + "/"
+            + re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name))
+        if _is_server(self.tracking_uri) and not _has_scheme(tracking_cfg.artifact_root):
+            self.artifact_location = None
         self._client: Optional[MlflowClient] = None
         self._experiment_id: Optional[str] = None
 
@@ -385,7 +394,8 @@ class Tracker:
         if experiment.lifecycle_stage == "deleted":
             log.warning("MLflow experiment %r was deleted; restoring it", self.study_name)
             client.restore_experiment(experiment.experiment_id)
-        if experiment.artifact_location.rstrip("/") != self.artifact_location.rstrip("/"):
+        if self.artifact_location is not None and \
+                experiment.artifact_location.rstrip("/") != self.artifact_location.rstrip("/"):
             log.warning("MLflow experiment %r keeps its artifacts at %s, not at %s",
                         self.study_name, experiment.artifact_location, self.artifact_location)
         return experiment.experiment_id

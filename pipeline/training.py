@@ -12,6 +12,7 @@ A non-finite loss stops training and is reported as status `unstable`.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import ImageBatches, default_hflip, load_prepared, to_model_range
+from pipeline.data import ImageBatches, Prepared, default_hflip, load_prepared, to_model_range
 from pipeline.diffusion import GaussianDiffusion, timestep_sampler
 from pipeline.precision import matmul_precision, with_precision
 from pipeline.progress import StepProgress
@@ -142,28 +143,31 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
+def train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, session: Session,
                  checkpoint_root: str | Path,
                  on_log: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None,
                  ema_snapshot_dir: Optional[str | Path] = None) -> None:
-    """Train experiment `exp` on the prepared train split `train_data` (Algorithm 1).
+    """Train experiment `exp` on the prepared train split `train_data` (its file, or the split
+    itself, as a Ray worker gets it from the object store) (Algorithm 1).
 
     Reports `{"step", "loss", "lr", "images_per_s", "status"}` every `log_every` steps through
     `session.report`, with a checkpoint folder every `checkpoint_every` steps and at the end.
     `on_log(step, metrics)` may add metrics (e.g. a validation NLL for Ray Tune) on rank 0.
-    With `ema_snapshot_dir`, rank 0 also keeps the EMA weights of every checkpoint step there
-    as `ema_<step>.pt` (`ema_snapshot_path`), for scores over training (FID by checkpoint).
+    With `ema_snapshot_dir` (a local folder or a storage URI), rank 0 also keeps the EMA weights
+    of every checkpoint step there as `ema_<step>.pt` (`ema_snapshot_path`), for scores over
+    training (FID by checkpoint).
     The U-Net runs at `train.precision` (pipeline/precision.py); everything else in float32.
     """
     with matmul_precision(exp.train.precision):
         _train_worker(exp, train_data, session, checkpoint_root, on_log, ema_snapshot_dir)
 
 
-def _train_worker(exp: ExperimentConfig, train_data: str | Path, session: Session,
+def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, session: Session,
                   checkpoint_root: str | Path, on_log, ema_snapshot_dir) -> None:
     torch.manual_seed(exp.seed)
     device = session.device
-    images, _, levels = load_prepared(train_data)
+    images, _, levels = train_data if isinstance(train_data, Prepared) else \
+        load_prepared(train_data)
     images_t = torch.from_numpy(images).to(device)
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
     model = build_model(exp, tuple(images.shape[1:])).to(device)
@@ -298,9 +302,10 @@ def ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
 
 
-def ema_snapshot_path(folder: str | Path, step: int) -> Path:
-    """Where the EMA weights at training step `step` are kept: <folder>/ema_<step>.pt."""
-    return Path(folder) / f"ema_{step}.pt"
+def ema_snapshot_path(folder: str | Path, step: int) -> str:
+    """Where the EMA weights at training step `step` are kept: <folder>/ema_<step>.pt (`folder`
+    a local path or a storage URI)."""
+    return f"{str(folder).rstrip('/')}/ema_{step}.pt"
 
 
 def ema_snapshot_steps(folder: str | Path) -> dict[int, Path]:
@@ -313,13 +318,14 @@ def ema_snapshot_steps(folder: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def save_ema_snapshot(ema: AveragedModel, path: Path) -> None:
-    """Write the EMA weights (a plain U-Net state dict, as models/<E>/ema.pt) atomically."""
-    from pipeline.io import atomic_path
+def save_ema_snapshot(ema: AveragedModel, location: str | Path) -> None:
+    """Write the EMA weights (a plain U-Net state dict, as models/<E>/ema.pt) atomically, to a
+    local path or into storage (`pipeline.io.write_to_storage`)."""
+    from pipeline.io import write_to_storage
 
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()},
-                   tmp)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()}, buffer)
+    write_to_storage(location, buffer.getvalue())
 
 
 def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,

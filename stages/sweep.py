@@ -12,6 +12,7 @@ results/sweep/best.yaml; logs one MLflow run for the sweep with one nested run p
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder holding models/classifier/ (default: %(default)s)")
     p.add_argument("--out", default="results/sweep", type=Path,
                    help="folder for trials.csv and best.yaml (default: %(default)s)")
-    p.add_argument("--storage", default="checkpoints/sweep", type=Path,
-                   help="Ray Tune storage path: trial logs and checkpoints "
-                        "(default: %(default)s)")
+    p.add_argument("--storage", default=None,
+                   help="Ray Tune storage for trial logs and checkpoints: a path or a URI "
+                        "(default: <$DDPM_STORAGE, else cluster.storage>/sweep)")
     args = p.parse_args(argv)
 
     def body(params) -> int:
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
               "the validation nll_bpd", flush=True)
         start = time.monotonic()
         try:
-            run = distributed.run_sweep(cfg, base, train_path, args.storage, probe,
-                                        seed=base.seed)
+            storage = args.storage or \
+                f"{(os.environ.get('DDPM_STORAGE') or params.cluster.storage).rstrip('/')}/sweep"
+            run = distributed.run_sweep(cfg, base, storage, probe, seed=base.seed)
         finally:
             distributed.shutdown()
         table = trials_table(run.table, run.trials, cfg)

@@ -4,10 +4,12 @@ study.seeds) on the prepared train split.
     python -m stages.train --experiment eps_simple [--seed 0] [--params params.yaml]
 
 Writes models/<E>-<S>/ (EMA and raw weights, optimizer state, state.json, config.yaml) and the
-loss curve plots/loss/<E>-<S>.csv. Checkpoints live under checkpoints/ (outside every DVC
-output), so a killed run resumes from its last checkpoint. With evaluate.checkpoints set, the
-workers also keep the EMA weights of every checkpoint step (checkpoints/<run name>/ema/) and the
-steps asked for are copied to models/<E>-<S>/checkpoints/ema_<step>.pt for the evaluate stage.
+loss curve plots/loss/<E>-<S>.csv, from what it reads back from Ray Train's storage:
+`cluster.storage` (checkpoints/ by default, outside every DVC output; a shared path or a URI
+such as s3://bucket/prefix on a cluster; DDPM_STORAGE or --storage override it), so a killed
+run resumes from its last checkpoint. With evaluate.checkpoints set, rank 0 also keeps the EMA
+weights of every checkpoint step (<storage>/<run name>/ema/) and the steps asked for are copied
+to models/<E>-<S>/checkpoints/ema_<step>.pt for the evaluate stage.
 A diverged run (non-finite loss) is written with status "unstable" and the stage succeeds, so
 the rest of the study goes on.
 """
@@ -15,6 +17,8 @@ the rest of the study goes on.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for models/<E>-<S>/ (default: %(default)s)")
     p.add_argument("--plots", default="plots/loss", type=Path,
                    help="folder for the loss curve <E>-<S>.csv (default: %(default)s)")
-    p.add_argument("--storage", default="checkpoints", type=Path,
-                   help="Ray Train storage path for checkpoints (default: %(default)s)")
+    p.add_argument("--storage", default=None,
+                   help="Ray Train storage for checkpoints: a path or a URI such as "
+                        "s3://bucket/prefix (default: $DDPM_STORAGE, else cluster.storage)")
     args = p.parse_args(argv)
 
     def body(params) -> int:
@@ -63,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
         from pipeline import distributed
-        from pipeline.io import write_text
+        from pipeline.io import is_uri, write_text
         from pipeline.sampling import write_model_dir
 
+        storage = args.storage or os.environ.get("DDPM_STORAGE") or exp.cluster.storage
         print(distributed.connect(), flush=True)
         start = time.monotonic()
         try:
-            outcome = distributed.fit(exp, train_path, args.storage)
+            outcome = distributed.fit(exp, train_path, storage)
         finally:
             distributed.shutdown()
         wall = time.monotonic() - start
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                  "checkpoints": str(outcome.run_path)}
         snapshots = kept_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
         write_model_dir(args.out / exp.key, state, extra, ema_snapshots=snapshots)
+        if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
+            shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
         write_text(args.plots / f"{exp.key}.csv",
                    "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in history))
 

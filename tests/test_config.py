@@ -126,6 +126,12 @@ CATALOGUE = [
     ({**broken("data.dataset", "folder"), "data": {"dataset": "folder", "image_size": 16}},
      ["model.attn_resolutions", "4 is never reached", "16x16", "16, 8"]),
     (broken("model.ch_mult", [1, 2, 2]), []),  # 8, 4, 2: 4 is reached
+    # where Ray keeps and places the work
+    (broken("cluster.storage", "s3://bucket/ddpm"), []),
+    (broken("cluster.storage", "/shared/ddpm"), []),
+    (broken("cluster.storage", "ftp://host/ddpm"), ["cluster.storage", "scheme 'ftp'", "s3://"]),
+    (broken("cluster.storage", " "), ["cluster.storage", "path or a URI"]),
+    (broken("cluster.placement", "strict"), ["cluster.placement", "pack, spread"]),
     # tracking URIs MLflow cannot track into
     (broken("tracking.tracking_uri", "mlflow.db"), ["tracking.tracking_uri", "no scheme",
                                                     "sqlite:///mlflow.db"]),

@@ -78,3 +78,10 @@ def test_a_stage_that_takes_time_keeps_its_run_cache(name):
     uncached = [next(iter(entry)) for entry in STAGES[name].get("outs", [])
                 if isinstance(entry, dict) and next(iter(entry.values())).get("cache") is False]
     assert not uncached, f"dvc.yaml stage '{name}': uncached outs {uncached}"
+
+
+def test_where_ray_runs_is_no_stage_param():
+    """`cluster` (storage, placement) changes no result: moving checkpoints to S3 or spreading
+    workers over nodes must not make DVC rerun a stage."""
+    for name, stage in STAGES.items():
+        assert not [p for p in stage.get("params", []) if str(p).startswith("cluster")], name

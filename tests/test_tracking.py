@@ -120,6 +120,19 @@ def test_env_var_overrides_config(tmp_path, monkeypatch):
     assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://tracking.example:5000"
 
 
+def test_a_tracking_server_keeps_artifacts_where_it_is_told(tmp_path, monkeypatch):
+    """With an `mlflow server`, a local artifact root would be a folder of whichever machine
+    logs (a Ray job's temporary copy): the server's own artifact store is used instead; an
+    artifact root that is a URI is kept."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert Tracker(TrackingConfig(), STUDY, tmp_path).artifact_location is None
+    shared = Tracker(TrackingConfig(artifact_root="s3://bucket/mlflow"), STUDY, tmp_path)
+    assert shared.artifact_location == "s3://bucket/mlflow/ddpm-test"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    local = Tracker(TrackingConfig(), STUDY, tmp_path).artifact_location
+    assert local == (tmp_path.resolve() / "mlartifacts" / "ddpm-test").as_uri()
+
+
 def test_config_hash_is_stable_and_order_free():
     reordered = {"train": {"steps": 10, "lr": 0.0002}, "diffusion": CONFIG["diffusion"],
                  "name": "eps_simple"}
