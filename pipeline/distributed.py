@@ -256,14 +256,13 @@ def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str
                  on_log: Optional[Callable] = None, callbacks: Optional[list] = None,
                  ema_snapshot_dir: Optional[str] = None):
     """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU) on `train_data` (a
-    prepared split's path, or an object-store reference to the split), checkpointing to the
+    prepared split's path, the split, or an object-store reference to it), checkpointing to the
     storage location `storage` (a path or a URI); with `ema_snapshot_dir` (the same), rank 0
     keeps the EMA weights of every checkpoint step there."""
-    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not isinstance(train_data, ray.ObjectRef):
+    if isinstance(train_data, os.PathLike):
         train_data = str(train_data)
     return TorchTrainer(
         _ray_train_loop,

@@ -21,6 +21,7 @@ while trials run, so concurrent trials never contend for the (sqlite) store.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -80,12 +81,12 @@ class TrialProbe:
 
     def _images(self, split: str) -> torch.Tensor:
         if split not in self._cache:
-            from pipeline.data import Prepared, load_prepared
+            from pipeline.data import load_prepared
 
             data = self.test_data if split == "test" else self.train_data
-            if not isinstance(data, Prepared):
+            if isinstance(data, (str, os.PathLike)):
                 data = load_prepared(data)
-            self._cache[split] = torch.from_numpy(data.images)
+            self._cache[split] = torch.from_numpy(data[0])  # (images, labels, levels)
         return self._cache[split]
 
     def _weights_path(self) -> Optional[str]:

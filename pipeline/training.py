@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -166,8 +167,9 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
                   checkpoint_root: str | Path, on_log, ema_snapshot_dir) -> None:
     torch.manual_seed(exp.seed)
     device = session.device
-    images, _, levels = train_data if isinstance(train_data, Prepared) else \
-        load_prepared(train_data)
+    # a path, or the split itself (a `Prepared`, which Ray may hand over as a plain tuple)
+    images, _, levels = load_prepared(train_data) \
+        if isinstance(train_data, (str, os.PathLike)) else train_data
     images_t = torch.from_numpy(images).to(device)
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
     model = build_model(exp, tuple(images.shape[1:])).to(device)

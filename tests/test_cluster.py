@@ -226,6 +226,13 @@ def cluster_study(root: Path, s3, mlflow_uri: str, edit) -> tuple[Path, dict]:
     return repo, env
 
 
+def save_log(text: str, name: str, tmp_path: Path) -> None:
+    """Keep a job's output under $TEST_ARTIFACTS (CI keeps it), else beside the test."""
+    folder = Path(os.environ.get("TEST_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
 def submit(repo: Path, env: dict, address: str, *command: str, on_line=None,
            timeout: float = 900) -> tuple[int, str]:
     """`python -m stages.submit` as a user runs it; `on_line(line)` sees each output line."""
@@ -280,7 +287,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_after_the_worker_node_d
     wall = time.monotonic() - start
     assert code == 0, out[-6000:]
     assert killed, out[-4000:]
-    (Path(os.environ.get("TEST_ARTIFACTS", tmp_path)) / "cluster_train.log").write_text(out)
+    save_log(out, "cluster_train.log", tmp_path)
     # the worker group, as Ray Train placed it: one worker on each node (the head reports the
     # machine's address, the worker node its own 127.0.0.2), again after the restart
     groups = re.findall(r"- \(ip=([\d.]+), pid=\d+\) world_rank=(\d)", out)
@@ -339,7 +346,7 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
     start = time.monotonic()
     code, out = submit(repo, env, cluster.address)
     wall = time.monotonic() - start
-    (Path(os.environ.get("TEST_ARTIFACTS", tmp_path)) / "cluster_study.log").write_text(out)
+    save_log(out, "cluster_study.log", tmp_path)
     assert code == 0, out[-6000:]
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
