@@ -84,6 +84,12 @@ def test_recipe_benchmark_scores_raw_and_ema_weights_under_each_variant(tmp_path
         assert ("fid_ema" in row) == (row["step"] == 4)
 
 
+def test_object_store_benchmark_hands_the_split_to_a_worker_both_ways(tmp_path):
+    results = bench("object_store.py", tmp_path, "--images", "100", "--rounds", "1")
+    assert set(results["seconds"]) == {"put", "get in a worker", "load in a worker"}
+    assert results["size_mib"] == 100 * 3 * 32 * 32 / 2**20 and results["get_over_load"] > 0
+
+
 def test_study_time_splits_each_stage_into_its_work_and_the_rest(tmp_path):
     """On a time-stamped log of `dvc repro`: a stage runs from "Running stage" to "Updating
     lock file"; its work is what it wrote down (the training loop's wall_s, "sampled ... in
