@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"started a local Ray instance at {address} for: {' '.join(command)}", flush=True)
         proc = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": address})
-        while True:
-            try:
-                code = proc.wait()
-                return 128 - code if code < 0 else code  # killed by signal N: 128 + N
-            except KeyboardInterrupt:  # Ctrl-C reached the command too: let it stop first
-                continue
+        # Ctrl-C reaches the command too and is the command's to act on: this process waits,
+        # not interrupted (a KeyboardInterrupt inside Popen.wait() right after the child was
+        # reaped loses its exit status, and the next wait() reports 0)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 128 - code if code < 0 else code  # killed by signal N: 128 + N
     finally:
         stop(holder)
 
