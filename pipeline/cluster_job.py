@@ -79,8 +79,9 @@ def source_files(repo: Path) -> list[str]:
     return sorted(files)
 
 
-def make_bundle(repo: Path) -> bytes:
-    """The results bundle of the study in `repo` (after `dvc repro`), as .tar.gz bytes."""
+def make_bundle(repo: Path) -> tuple[bytes, list[str]]:
+    """The results bundle of the study in `repo` (after `dvc repro`), as .tar.gz bytes, and
+    the files it holds (besides its manifest)."""
     repo = Path(repo)
     if not (repo / LOCK).is_file():
         raise BundleError(f"{repo / LOCK}: not found; the job ran no stage")
@@ -95,7 +96,7 @@ def make_bundle(repo: Path) -> bytes:
         tar.addfile(info, io.BytesIO(payload))
         for rel in members:
             tar.add(repo / rel, arcname=rel, recursive=False)
-    return buffer.getvalue()
+    return buffer.getvalue(), members
 
 
 def read_bundle(data: bytes) -> tuple[dict, dict[str, bytes]]:

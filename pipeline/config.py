@@ -329,6 +329,12 @@ class ClusterConfig:
     storage: str = "checkpoints"
     placement: Literal["pack", "spread"] = "pack"
 
+    def resolved_storage(self) -> str:
+        """Where runs keep their storage: `DDPM_STORAGE` where it is set, else `storage`."""
+        import os
+
+        return os.environ.get("DDPM_STORAGE") or self.storage
+
     def validate(self, where: str) -> None:
         _require(bool(self.storage.strip()), f"{where}.storage",
                  "must be a path or a URI such as s3://bucket/prefix")

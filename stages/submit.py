@@ -269,7 +269,7 @@ def write_to_remote(repo: Path, key: str, data: bytes) -> str:
 
 
 def run_in_job(repo: Path, job_id: str, command: list[str]) -> int:
-    from pipeline.cluster_job import bundle_key, make_bundle, summary, uncached_outputs
+    from pipeline.cluster_job import bundle_key, make_bundle, summary
 
     if not (repo / ".git").exists():  # --working-dir uploads leave .git out
         subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=repo, check=True)
@@ -285,9 +285,9 @@ def run_in_job(repo: Path, job_id: str, command: list[str]) -> int:
     if pushed != 0:
         print(f"job {job_id}: `dvc push` exited {pushed}; no results bundle", file=sys.stderr)
         return pushed
-    where = write_to_remote(repo, bundle_key(job_id), make_bundle(repo))
-    print(f"job {job_id}: results bundle ({summary(['dvc.lock', *uncached_outputs(repo)])}) -> "
-          f"{where}", flush=True)
+    bundle, members = make_bundle(repo)
+    where = write_to_remote(repo, bundle_key(job_id), bundle)
+    print(f"job {job_id}: results bundle ({summary(members)}) -> {where}", flush=True)
     return 0
 
 

@@ -12,7 +12,6 @@ results/sweep/best.yaml; logs one MLflow run for the sweep with one nested run p
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
               "the validation nll_bpd", flush=True)
         start = time.monotonic()
         try:
-            storage = args.storage or \
-                f"{(os.environ.get('DDPM_STORAGE') or params.cluster.storage).rstrip('/')}/sweep"
+            storage = args.storage or f"{params.cluster.resolved_storage().rstrip('/')}/sweep"
             run = distributed.run_sweep(cfg, base, storage, probe, seed=base.seed)
         finally:
             distributed.shutdown()

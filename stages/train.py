@@ -17,7 +17,6 @@ the rest of the study goes on.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.io import is_uri, write_text
         from pipeline.sampling import write_model_dir
 
-        storage = args.storage or os.environ.get("DDPM_STORAGE") or exp.cluster.storage
+        storage = args.storage or exp.cluster.resolved_storage()
         print(distributed.connect(), flush=True)
         start = time.monotonic()
         try:

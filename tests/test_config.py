@@ -232,3 +232,11 @@ def test_sections_are_frozen():
         params.train.steps = 5  # type: ignore[misc]
 
     assert DiffusionConfig().num_timesteps == 1000  # the paper's T is the library default
+
+
+def test_ddpm_storage_overrides_cluster_storage(monkeypatch):
+    cluster = parse_params(broken("cluster.storage", "/shared/ddpm")).cluster
+    monkeypatch.delenv("DDPM_STORAGE", raising=False)
+    assert cluster.resolved_storage() == "/shared/ddpm"
+    monkeypatch.setenv("DDPM_STORAGE", "s3://bucket/ray")
+    assert cluster.resolved_storage() == "s3://bucket/ray"

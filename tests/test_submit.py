@@ -60,8 +60,9 @@ def test_a_bundle_holds_the_lock_and_the_uncached_outputs_and_applies_where_sour
     files = cluster_job.uncached_outputs(study)
     assert files == ["metrics/m.json", "out/table.md", "plots/curve/0.csv", "plots/curve/1.csv"]
     assert cluster_job.source_files(study) == ["count.py", "dvc.yaml", "params.yaml"]
-    manifest, content = cluster_job.read_bundle(cluster_job.make_bundle(study))
-    assert set(content) == {*files, "dvc.lock"} and "out/data.bin" not in content
+    bundle, members = cluster_job.make_bundle(study)
+    manifest, content = cluster_job.read_bundle(bundle)
+    assert set(content) == {*files, "dvc.lock"} == set(members) and "out/data.bin" not in content
     assert content["metrics/m.json"] == (study / "metrics/m.json").read_bytes()
 
     client = tmp_path / "client"  # the checkout the job was submitted from, before the run
@@ -83,7 +84,7 @@ def test_a_bundle_holds_the_lock_and_the_uncached_outputs_and_applies_where_sour
 def test_fetch_refuses_a_bundle_whose_sources_changed_and_writes_nothing(study, tmp_path):
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "store", str(remote)], study)
-    write_to_storage(remote / cluster_job.bundle_key("job-1"), cluster_job.make_bundle(study))
+    write_to_storage(remote / cluster_job.bundle_key("job-1"), cluster_job.make_bundle(study)[0])
     (study / "params.yaml").write_text("n: 7\n")
     lock = (study / "dvc.lock").read_bytes()
     proc = subprocess.run([sys.executable, "-m", "stages.submit", "--fetch", "job-1"],
