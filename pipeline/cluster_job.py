@@ -28,12 +28,14 @@ from typing import Iterable, Mapping
 
 import yaml
 
+from pipeline.errors import UserError
+
 BUNDLE_FOLDER = "ddpm-jobs"
 MANIFEST = "manifest.json"
 LOCK = "dvc.lock"
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A results bundle that cannot be made or applied; the message says why and what to do."""
 
 

@@ -15,25 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid", "constant", "jsd")
-MEAN_TYPES = ("eps", "x0", "mu")
-VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
-LOSSES = ("simple", "vlb", "hybrid")
-WEIGHTINGS = ("uniform", "vlb", "p2", "min_snr")
-DATASETS = ("digits", "cifar10", "folder")
-SAMPLERS = ("ancestral", "ddim")
-NLL_METHODS = ("exact", "stratified")
-SWEEP_SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+from pipeline.coerce import (ConfigError, build_section, check_unknown, choices,
+                             describe_value, plain, suggest)
+
 # A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
 # hybrid loss (Nichol & Dhariwal) with the uniform weighting. Name -> (diffusion.loss, weighting).
+# Its keys are the choices of SweepConfig.weightings (tests/test_config.py holds them equal).
 SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
     "uniform": ("simple", "uniform"),  # L_simple (Ho et al. 2020 Eq. 14)
     "vlb": ("simple", "vlb"),          # the simple loss weighted as the true bound
@@ -41,12 +34,6 @@ SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
     "min_snr": ("simple", "min_snr"),  # Hang et al. 2023
     "hybrid": ("hybrid", "uniform"),   # L_simple + lambda L_vlb
 }
-SWEEP_WEIGHTINGS = tuple(SWEEP_OBJECTIVES)
-SWEEP_SEARCHES = ("grid", "random")
-
-
-class ConfigError(ValueError):
-    """A params.yaml problem, phrased for the user: which key, what is wrong, what is allowed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +368,7 @@ class ExperimentConfig:
         return run_key(self.name, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -399,7 +386,7 @@ class ExperimentConfig:
         import hashlib
         import json
 
-        payload = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in sections}
+        payload = {name: plain(dataclasses.asdict(getattr(self, name))) for name in sections}
         blob = json.dumps([self.study.name, self.name, self.seed, payload],
                           sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
@@ -513,6 +500,19 @@ class SweepConfig:
                                    diffusion=diffusion, train=train)
 
 
+# The choices of params.yaml, read from the annotations above (their only home); the library's
+# registries (pipeline.schedules.SCHEDULES, pipeline.diffusion.MEAN_TYPES, ...) are keyed by
+# the same names (tests/test_config.py checks each registry against its annotation).
+SCHEDULES = choices(DiffusionConfig, "schedule")
+MEAN_TYPES = choices(DiffusionConfig, "mean_type")
+VAR_TYPES = choices(DiffusionConfig, "var_type")
+LOSSES = choices(DiffusionConfig, "loss")
+WEIGHTINGS = choices(DiffusionConfig, "weighting")
+SAMPLERS = choices(SampleConfig, "sampler")
+SWEEP_SCHEDULES = choices(SweepConfig, "schedules")
+SWEEP_WEIGHTINGS = choices(SweepConfig, "weightings")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole params.yaml: base sections plus the `experiments` mapping of overrides."""
@@ -562,8 +562,8 @@ class Params:
                                            schedule, weighting)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
-        out["sweep"] = _plain(dataclasses.asdict(self.sweep))
+        out = {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        out["sweep"] = plain(dataclasses.asdict(self.sweep))
         return out
 
 
@@ -619,7 +619,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
 def _parse_params(raw: Any) -> Params:
     if not isinstance(raw, dict):
-        raise ConfigError(f"the top level must be a mapping of sections, got {_kind(raw)}")
+        raise ConfigError(f"the top level must be a mapping of sections, got {describe_value(raw)}")
     allowed = (*SECTIONS, "experiments", "sweep")
     for key in raw:
         if key not in allowed:
@@ -635,7 +635,7 @@ def _parse_params(raw: Any) -> Params:
         experiments_raw = {}
     if not isinstance(experiments_raw, dict):
         raise ConfigError(f"experiments must be a mapping of name -> overrides, "
-                          f"got {_kind(experiments_raw)}")
+                          f"got {describe_value(experiments_raw)}")
     experiments = {}
     for name, overrides in experiments_raw.items():
         experiments[str(name)] = _resolve_experiment(str(name), overrides, sections)
@@ -676,26 +676,26 @@ def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> 
     if overrides is None:
         overrides = {}
     if not isinstance(overrides, dict):
-        raise ConfigError(f"{where} must be a mapping of diffusion overrides, got {_kind(overrides)}")
+        raise ConfigError(f"{where} must be a mapping of diffusion overrides, got {describe_value(overrides)}")
     diffusion_keys = [f.name for f in fields(DiffusionConfig)]
     resolved = dict(sections)
     diffusion_overrides = {}
     for key, value in overrides.items():
         if key in _EXPERIMENT_NESTED:
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key} must be a mapping, got {_kind(value)}")
+                raise ConfigError(f"{where}.{key} must be a mapping, got {describe_value(value)}")
             base = sections[key]
-            merged = {**_plain(dataclasses.asdict(base)), **value}
-            _check_unknown(type(base), value, f"{where}.{key}")
+            merged = {**plain(dataclasses.asdict(base)), **value}
+            check_unknown(type(base), value, f"{where}.{key}")
             resolved[key] = build_section(type(base), merged, f"{where}.{key}")
             resolved[key].validate(f"{where}.{key}")
         elif key in diffusion_keys:
             diffusion_overrides[key] = value
         else:
             allowed = diffusion_keys + list(_EXPERIMENT_NESTED)
-            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, allowed)}; "
+            raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, allowed)}; "
                               f"allowed: {', '.join(allowed)}")
-    merged = {**_plain(dataclasses.asdict(sections["diffusion"])), **diffusion_overrides}
+    merged = {**plain(dataclasses.asdict(sections["diffusion"])), **diffusion_overrides}
     resolved["diffusion"] = build_section(DiffusionConfig, merged, where)
     resolved["diffusion"].validate(where)
     if resolved["sample"].steps is not None and resolved["sample"].sampler == "ancestral":
@@ -726,118 +726,6 @@ def _check_checkpoint_steps(name: str, evaluate: EvaluateConfig, train: TrainCon
              f"({train.steps}), train.steps itself, or 'all'")
 
 
-# --------------------------------------------------------------------------------------------
-# Generic typed construction
-# --------------------------------------------------------------------------------------------
-
-
-def build_section(cls: type, raw: Any, where: str):
-    """Build dataclass `cls` from a mapping, checking unknown keys and each value's type."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {_kind(raw)}")
-    _check_unknown(cls, raw, where)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields(cls):
-        if f.name in raw:
-            values[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}")
-    return cls(**values)
-
-
-def _check_unknown(cls: type, raw: dict, where: str) -> None:
-    names = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(str(key), names)}; "
-                              f"allowed: {', '.join(names)}")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], where)
-        for option in inner:  # e.g. 'all' or a list of steps: the first that fits
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        expected = [_describe(a) for a in args]
-        raise ConfigError(f"{where}: {_kind(value)} is not allowed; expected "
-                          f"{', '.join(expected[:-1])} or {expected[-1]}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: '{value}' is not allowed; choose one of: "
-                              f"{', '.join(map(str, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_kind(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {_kind(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_kind(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_kind(value)}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
-
-
-def _describe(hint: Any) -> str:
-    """A type hint in words, for error messages."""
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
-    return {int: "integer", float: "number", str: "string", bool: "true or false"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
-
-
 def _require(ok: bool, where: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: {message}")
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _suggest(key: str, names: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, names, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so the result round-trips through YAML/JSON."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DataConfig
+from pipeline.errors import UserError
 from pipeline.io import atomic_path, save_npz
 
 SPLITS = ("train", "test")
@@ -55,7 +56,7 @@ PIXEL_LEVELS = 256  # 8-bit images (cifar10, folder)
 PREPARE_COMMAND = "`dvc repro prepare` (or `python -m stages.prepare`)"
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Missing or unreadable data, phrased for the user: which file, and what to do about it."""
 
 

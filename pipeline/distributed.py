@@ -29,11 +29,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from pipeline.config import ExperimentConfig, SweepConfig
+from pipeline.errors import UserError
 from pipeline.io import storage_location
 from pipeline.training import STATE_FILE, CheckpointError, load_training_state, train_worker
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training failed after Ray's retries; the message says why and where the logs are."""
 
 

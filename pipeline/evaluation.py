@@ -34,7 +34,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import UserError
 from pipeline.stats import Estimate, FrechetReference, KernelReference, fidelity_scores
+from pipeline.status import Status
 
 # Every score of a run; each has a standard error `<score>_se` beside it in metrics/<key>.json.
 SCORES = ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train")
@@ -42,7 +44,7 @@ METRICS = tuple(name for score in SCORES for name in (score, f"{score}_se"))
 FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> record names
 DESCRIPTORS = ("experiment", "seed", "status", "dataset", "mean_type", "var_type", "loss",
                "weighting", "schedule", "num_timesteps")
-STATUSES = ("ok", "unstable")
+STATUSES = (Status.OK, Status.UNSTABLE)  # of a run: trained, or diverged
 # The numbers of metrics/<key>.json, the file DVC compares across revisions and experiments;
 # every other field of a run's record goes to metrics/<key>_run.json.
 DVC_METRICS = (*METRICS, "train_steps", "final_loss", "best_checkpoint_step",
@@ -51,7 +53,7 @@ REFERENCE_FILE = "reference.json"
 NLL_SPLITS = {"test": "nll_bpd", "train": "nll_bpd_train"}
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """A missing or unreadable results file: which file, and the command that remakes it."""
 
 
@@ -266,7 +268,7 @@ def load_run_metrics(metrics_dir: str | Path, key: str,
                                f"{', '.join(map(str, values))}")
     for name in METRICS:
         record[name] = _number(record.get(name), numbers_path, name)
-    if record["status"] == "unstable":  # diverged: no metric is meaningful
+    if record["status"] == Status.UNSTABLE:  # diverged: no metric is meaningful
         record.update({name: math.nan for name in METRICS})
     return record
 

@@ -6,13 +6,14 @@ Matplotlib with the non-interactive Agg backend; every file is written atomicall
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.io import atomic_path
-from pipeline.sampling import grid
+from pipeline.status import Status
 
 
 def _pyplot():
@@ -22,6 +23,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """Tile uint8 N x C x H x W images into one H' x W' x C array, `nrow` per row, 1px gaps."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = \
+            images[i].transpose(1, 2, 0)
+    return canvas
 
 
 def save_sample_grid(images: np.ndarray, path: Path, nrow: int, title: Optional[str] = None,
@@ -147,11 +160,11 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
     notes = [[""] * len(weightings) for _ in schedules]
     for row in cells.to_dict("records"):
         i, j = schedules.index(row["schedule"]), weightings.index(row["weighting"])
-        if row["status"] == "ok" and np.isfinite(row["fid"]):
+        if row["status"] == Status.OK and np.isfinite(row["fid"]):
             fid[i, j] = row["fid"]
             nll = f"\n{row['nll_bpd']:.2f} bpd" if np.isfinite(row["nll_bpd"]) else ""
             notes[i][j] = f"{row['fid']:.1f}{nll}"
-        elif row["status"] == "stopped":
+        elif row["status"] == Status.STOPPED:
             nll = f"\n{row['nll_bpd']:.2f} bpd" if np.isfinite(row["nll_bpd"]) else ""
             notes[i][j] = f"stopped{nll}"
         else:

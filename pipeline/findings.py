@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.stats import Estimate, paired_difference
+from pipeline.status import Status
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
     "reproduced", "contradicted", "inconclusive", "not measured")
@@ -118,7 +119,7 @@ def _interval(estimate: Estimate, digits: int = 2) -> str:
 
 
 def _unstable(row: Mapping[str, Any]) -> bool:
-    return row["status"] == "unstable"
+    return row["status"] == Status.UNSTABLE
 
 
 class _Judge:

@@ -34,6 +34,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from pipeline.errors import UserError
 from pipeline.io import atomic_path
 
 DIGITS_EXTRACTOR = "digits-classifier"
@@ -51,7 +52,7 @@ CLASSIFIER_REMAKE = "`dvc repro classifier` (or `python -m stages.classifier`)"
 _CHECKPOINT_FORMAT = "ddpm-study/digits-classifier"
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UserError, RuntimeError):
     """A metric cannot be computed: missing or unreadable weights, unusable inputs.
 
     The message names the file or the params.yaml key at fault and how to fix it.

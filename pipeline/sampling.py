@@ -9,7 +9,6 @@ weights at those training steps. Sampling uses the EMA weights (Ho et al. 2020 A
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,9 +22,11 @@ import yaml
 from pipeline.config import ExperimentConfig
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion
+from pipeline.errors import UserError
 from pipeline.io import atomic_dir
 from pipeline.precision import matmul_precision, with_precision
-from pipeline.training import STATUS_OK, build_model, ema_snapshot_path, ema_weights
+from pipeline.status import Status
+from pipeline.training import build_model, ema_snapshot_path, ema_weights
 
 CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
 
@@ -35,7 +36,7 @@ def train_command(exp: ExperimentConfig) -> str:
             f"--seed {exp.seed}`)")
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A trained model folder that is missing or unreadable: names the file and the fix."""
 
 
@@ -139,7 +140,7 @@ def load_samples(folder: Path, exp: ExperimentConfig) -> tuple[np.ndarray, str]:
 
 def is_ok(info: dict[str, Any]) -> bool:
 
-    return info.get("status") == STATUS_OK
+    return info.get("status") == Status.OK
 
 
 @dataclass
@@ -193,15 +194,3 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
     prog = torch.stack(snapshots, dim=1).numpy() if snapshots else \
         np.zeros((0, 0, *image_shape), np.uint8)
     return SampleRun(images=images, progressive=prog, progressive_t=snapshot_t, wall_s=wall)
-
-
-def grid(images: np.ndarray, nrow: int) -> np.ndarray:
-    """Tile uint8 N x C x H x W images into one H' x W' x C array, `nrow` per row, 1px gaps."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = \
-            images[i].transpose(1, 2, 0)
-    return canvas

@@ -30,11 +30,8 @@ import pandas as pd
 import torch
 
 from pipeline.config import SWEEP_OBJECTIVES, ExperimentConfig, SweepConfig
+from pipeline.status import Status
 
-STATUS_OK = "ok"            # ran every step; has its FID
-STATUS_UNSTABLE = "unstable"  # non-finite training loss
-STATUS_STOPPED = "stopped"  # stopped early by ASHA
-STATUS_ERROR = "error"      # raised (after Ray Train's retries)
 METRIC = "nll_bpd"          # what ASHA minimizes
 RANK_BY = "fid"             # what picks the best finished trial (nll_bpd where no FID)
 
@@ -185,14 +182,16 @@ class TrialOutcome:
 
 
 def trial_status(trial: TrialOutcome, steps: int) -> str:
-    """ok | unstable | stopped (by ASHA, before `steps`) | error."""
+    """ok | unstable | stopped (by ASHA, before `steps`) | error: a `Status` value."""
     if trial.error is not None:
-        return STATUS_ERROR
-    if trial.last.get("status") == STATUS_UNSTABLE:
-        return STATUS_UNSTABLE
-    if int(trial.last.get("step") or 0) < steps:
-        return STATUS_STOPPED
-    return STATUS_OK
+        status = Status.ERROR  # raised (after Ray Train's retries)
+    elif trial.last.get("status") == Status.UNSTABLE:
+        status = Status.UNSTABLE
+    elif int(trial.last.get("step") or 0) < steps:
+        status = Status.STOPPED
+    else:
+        status = Status.OK  # ran every step; has its FID
+    return status.value
 
 
 def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
@@ -215,11 +214,11 @@ def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
     table["weighting"] = [t.weighting for t in rows]
     table["status"] = [trial_status(t, sweep.steps) for t in rows]
     table["step"] = [t.last.get("step") for t in rows]
-    usable = table["status"].isin([STATUS_OK, STATUS_STOPPED])
+    usable = table["status"].isin([Status.OK, Status.STOPPED])
     for key in ("fid", "nll_bpd", "nll_bpd_se"):
         values = pd.to_numeric(table[key], errors="coerce") if key in table.columns \
             else pd.Series(math.nan, index=table.index)
-        table[key] = values.where(usable & (table["status"] == STATUS_OK if key == "fid"
+        table[key] = values.where(usable & (table["status"] == Status.OK if key == "fid"
                                             else usable)).astype("float64")
     table["rung_step"] = sweep.asha_grace_period
     table["nll_bpd_rung"] = [_value_at(t.history, "nll_bpd", sweep.asha_grace_period)
@@ -247,7 +246,7 @@ def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
 def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
 
     """The finished trial with the lowest FID (lowest NLL where no trial has a FID), or None."""
-    done = table[table["status"] == STATUS_OK]
+    done = table[table["status"] == Status.OK]
     for key in (RANK_BY, METRIC):
         ranked = done[done[key].notna()].sort_values(key, kind="stable")
         if len(ranked):
@@ -262,7 +261,7 @@ def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
     counts = table["status"].value_counts().to_dict()
     summary = {"trials": int(len(table)),
                **{f"{s}_trials": int(counts.get(s, 0))
-                  for s in (STATUS_OK, STATUS_STOPPED, STATUS_UNSTABLE, STATUS_ERROR)}}
+                  for s in (Status.OK, Status.STOPPED, Status.UNSTABLE, Status.ERROR)}}
     if best is None:
         return {"best": None, **summary, "base_experiment": sweep.base_experiment}
     loss, weighting = SWEEP_OBJECTIVES[best["weighting"]]
@@ -330,16 +329,16 @@ def log_sweep(tracker, sweep: SweepConfig, base: ExperimentConfig,
         final = {"fid": _number(row["fid"]), "final_step": _number(row["step"]),
                  "time_total_s": _number(trial.last.get("time_total_s"))}
         tracker.log_metrics(run_id, final, step=int(final["final_step"] or 0))
-        tracker.set_terminated(run_id, "FAILED" if status[trial.trial_id] == STATUS_ERROR
-                               else "KILLED" if status[trial.trial_id] == STATUS_STOPPED
+        tracker.set_terminated(run_id, "FAILED" if status[trial.trial_id] == Status.ERROR
+                               else "KILLED" if status[trial.trial_id] == Status.STOPPED
                                else "FINISHED")
         children[trial.trial_id] = run_id
     counts = table["status"].value_counts().to_dict()
-    done = table[table["status"] == STATUS_OK]
+    done = table[table["status"] == Status.OK]
     tracker.log_metrics(parent, {
         "sweep_wall_s": wall_s, "trials": float(len(table)),
         **{f"{s}_trials": float(counts.get(s, 0))
-           for s in (STATUS_OK, STATUS_STOPPED, STATUS_UNSTABLE, STATUS_ERROR)},
+           for s in (Status.OK, Status.STOPPED, Status.UNSTABLE, Status.ERROR)},
         "best_fid": _number(done["fid"].min()) if len(done) else None,
         "best_nll_bpd": _number(done["nll_bpd"].min()) if len(done) else None})
     tracker.set_terminated(parent, "FINISHED")

@@ -45,10 +45,12 @@ import pandas as pd
 
 from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
                              WEIGHTINGS, run_key)
+from pipeline.errors import UserError
 from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
                                  metrics_path, run_info_path)
 from pipeline.io import atomic_path, write_text
 from pipeline.stats import Estimate, combine_seeds
+from pipeline.status import Status
 
 GROUP_ORDER = ("mu", "eps", "x0")          # Table 2: baseline first, then ours, then extras
 OBJECTIVE_ORDER = ("learned", "fixed", "simple", "hybrid")  # within a group, as in the paper
@@ -71,7 +73,7 @@ PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float] | None] = {
 }
 
 
-class TablesError(ValueError):
+class TablesError(UserError, ValueError):
     """A missing or unreadable results file, phrased for the user: which file, how to make it."""
 
 
@@ -198,8 +200,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         record = {key: rows[0][key] for key in DESCRIPTORS if key != "seed"}
         record["seeds"] = len(rows)
         record["key"] = run_key(experiment, rows[0]["seed"]) if len(rows) == 1 else None
-        unstable = any(r["status"] == "unstable" for r in rows)
-        record["status"] = "unstable" if unstable else "ok"
+        unstable = any(r["status"] == Status.UNSTABLE for r in rows)
+        record["status"] = (Status.UNSTABLE if unstable else Status.OK).value
         for score in SCORES:
             combined = combine_seeds([estimate(r, score) for r in rows])
             low, high = combined.interval() if not unstable else (math.nan, math.nan)
@@ -395,7 +397,7 @@ def format_nll(test: str, train: Any, notation: Notation = TEXT) -> str:
 
 
 def _unstable(row: Mapping[str, Any]) -> bool:
-    return row.get("status") == "unstable"
+    return row.get("status") == Status.UNSTABLE
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +431,7 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
         if entry is None:
             continue
         record = {"model": _reference_label(key, entry, notation), "source": "reference",
-                  "experiment": None, "status": "ok", "seeds": 1}
+                  "experiment": None, "status": Status.OK.value, "seeds": 1}
         for score in TABLE1_SCORES:
             record[score] = entry.get(score)
             record[f"{score}_sd"] = entry.get(f"{score}_sd")
@@ -444,7 +446,7 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
                          "var_type": "fixed_large"}
             label = f"Paper: Ours ({_objective(paper_row, notation, table=1)})"
             records.append({"model": label, "source": "paper", "experiment": None,
-                            "status": "ok", "seeds": None, "is_mean": is_mean,
+                            "status": Status.OK.value, "seeds": None, "is_mean": is_mean,
                             "is_mean_sd": is_std, "fid": fid, "nll_bpd": nll,
                             "nll_bpd_train": nll_train})
     out = pd.DataFrame.from_records(records, columns=["model", "source", "experiment", "status",
@@ -510,7 +512,7 @@ def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
     if key not in PAPER_TABLE2:
         return None
     values = PAPER_TABLE2[key]
-    return ("unstable", None) if values is None else ("ok", values)
+    return (Status.UNSTABLE.value, None) if values is None else (Status.OK.value, values)
 
 
 def _table2_frame(df: pd.DataFrame, dataset: str, notation: Notation) -> pd.DataFrame:
@@ -597,7 +599,7 @@ def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.D
 
         theirs = []
         if paper:
-            if row["paper_status"] == "unstable":
+            if row["paper_status"] == Status.UNSTABLE:
                 theirs = [notation.dash, notation.dash]
             else:
                 theirs = [format_mean_std(row["is_mean_paper"], row["is_std_paper"], 2, notation),
@@ -610,8 +612,6 @@ def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.D
 # Sweep: schedule x weighting
 # --------------------------------------------------------------------------------------------
 
-_FAILED = ("unstable", "error", "errored", "failed")
-_STOPPED = ("stopped",)  # stopped early by the scheduler (ASHA): an NLL so far, no FID
 
 
 def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
@@ -631,10 +631,10 @@ def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
         trials["nll_bpd_rung"] = trials["nll_bpd"]
     trials["schedule"] = trials["schedule"].astype(str)
     trials["weighting"] = trials["weighting"].astype(str)
-    status = (trials["status"].astype(str).str.lower() if "status" in trials.columns
-              else pd.Series("ok", index=trials.index))
-    trials["_ok"] = ~status.isin(_FAILED + _STOPPED)
-    trials["_stopped"] = status.isin(_STOPPED)
+    status = (trials["status"].astype(str) if "status" in trials.columns
+              else pd.Series(Status.OK.value, index=trials.index))
+    trials["_ok"] = status == Status.OK
+    trials["_stopped"] = status == Status.STOPPED  # by ASHA: an NLL so far, no FID
     records = []
     for schedule in _ordered(trials["schedule"], SCHEDULES):
         for weighting in _ordered(trials["weighting"], SWEEP_WEIGHTINGS):
@@ -651,7 +651,8 @@ def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
                             if len(usable) else math.nan),
                 "nll_bpd_rung": (pd.to_numeric(usable["nll_bpd_rung"], errors="coerce").mean()
                                  if len(usable) else math.nan),
-                "status": "ok" if len(ok) else "stopped" if len(usable) else "unstable",
+                "status": (Status.OK if len(ok) else Status.STOPPED if len(usable)
+                           else Status.UNSTABLE).value,
             })
     out = pd.DataFrame.from_records(records, columns=["schedule", "weighting", "trials",
                                                       "ok_trials", "fid", "nll_bpd",
@@ -681,10 +682,10 @@ def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
             cell = cells.get((schedule, weighting))
             if cell is None:
                 row.append("")
-            elif cell["status"] not in ("ok", "stopped"):
+            elif cell["status"] not in (Status.OK, Status.STOPPED):
                 row.append(TEXT.dash)
             else:
-                fid = "stopped" if cell["status"] == "stopped" else \
+                fid = "stopped" if cell["status"] == Status.STOPPED else \
                     format_value(cell["fid"]) or "n/a"
                 rank = f" #{cell['rank']}" if not pd.isna(cell["rank"]) else ""
                 row.append(f"{fid} / {format_value(cell['nll_bpd_rung']) or 'n/a'}{rank}")

@@ -63,6 +63,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
+from pipeline.errors import UserError
+
 if TYPE_CHECKING:
     import pandas
     from mlflow import MlflowClient
@@ -101,7 +103,7 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 LOCK_RETRIES = 8
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used (unreachable server, unwritable sqlite folder, ...)."""
 
 

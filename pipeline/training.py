@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -27,13 +26,13 @@ from torch.optim.swa_utils import AveragedModel
 from pipeline.config import ExperimentConfig
 from pipeline.data import ImageBatches, Prepared, default_hflip, load_prepared, to_model_range
 from pipeline.diffusion import GaussianDiffusion, timestep_sampler
+from pipeline.errors import UserError
 from pipeline.precision import matmul_precision, with_precision
 from pipeline.progress import StepProgress
+from pipeline.status import Status
 from pipeline.unet import UNet, build_unet
 
 STATE_FILE = "state.pt"
-STATUS_OK = "ok"
-STATUS_UNSTABLE = "unstable"
 
 
 class Session(Protocol):
@@ -128,17 +127,6 @@ def seed_generators(seed: int, rank: int, device: torch.device) -> dict[str, tor
     return {"data": data, "noise": noise, "timesteps": steps}
 
 
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) training run hands back."""
-
-    status: str
-    step: int
-    loss_history: list[tuple[int, float]] = field(default_factory=list)
-    checkpoint_dir: Optional[Path] = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------------------------
 # The worker
 # --------------------------------------------------------------------------------------------
@@ -204,8 +192,8 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
             torch.manual_seed(exp.seed + 7919 * (session.rank + 1) + state["step"])
         step, loss_history = state["step"], [tuple(x) for x in state["loss_history"]]
         wall_before = state.get("wall_s", 0.0)
-        if state.get("status") == STATUS_UNSTABLE:
-            session.report({"step": step, "status": STATUS_UNSTABLE}, None)
+        if state.get("status") == Status.UNSTABLE:
+            session.report({"step": step, "status": Status.UNSTABLE.value}, None)
             return
 
     train_model = with_precision(session.prepare_model(model), exp.train.precision)
@@ -216,7 +204,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
     window_count = 0
     window_start = time.monotonic()
-    status = STATUS_OK
+    status = Status.OK.value
     log_every, ckpt_every, total = exp.train.log_every, exp.train.checkpoint_every, exp.train.steps
     last_checkpoint_step = step
     # rank 0's progress: a line per log step (Ray job logs, CI) or a tqdm bar on a terminal
@@ -238,19 +226,19 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
             elapsed = time.monotonic() - window_start
             metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                        "images_per_s": window_count * exp.train.batch_size / max(elapsed, 1e-9),
-                       "status": STATUS_OK}
+                       "status": Status.OK.value}
             window_loss.zero_()
             window_count, window_start = 0, time.monotonic()
             if not math.isfinite(mean_loss):
-                status = STATUS_UNSTABLE
+                status = Status.UNSTABLE.value
                 metrics["status"] = status
             loss_history.append((step, mean_loss))
             progress.update(step, loss=mean_loss, images_per_s=metrics["images_per_s"])
-            if on_log is not None and status == STATUS_OK and session.rank == 0:
+            if on_log is not None and status == Status.OK and session.rank == 0:
                 metrics.update(on_log(step, {"ema": ema.module, "model": model,
                                              "diffusion": diffusion}))
             checkpoint = None
-            if status != STATUS_OK or step % ckpt_every == 0 or step == total:
+            if status != Status.OK or step % ckpt_every == 0 or step == total:
                 checkpoint = _save_checkpoint(
                     session, checkpoint_root, step, status=status, model=model, ema=ema,
                     optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler,
@@ -258,10 +246,10 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
                     wall_s=wall_before + time.monotonic() - start, exp=exp,
                     image_shape=tuple(images.shape[1:]), data_levels=levels)
                 last_checkpoint_step = step
-                if ema_snapshot_dir is not None and status == STATUS_OK and session.rank == 0:
+                if ema_snapshot_dir is not None and status == Status.OK and session.rank == 0:
                     save_ema_snapshot(ema, ema_snapshot_path(ema_snapshot_dir, step))
             session.report(metrics, checkpoint)
-            if status != STATUS_OK:
+            if status != Status.OK:
                 break
     progress.close()
     if last_checkpoint_step != step:  # resumed at the end: report the final state once more
@@ -363,7 +351,7 @@ def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: s
     return folder
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A training checkpoint that cannot be read: names the file and what to do."""
 
 

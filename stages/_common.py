@@ -2,8 +2,8 @@
 
 A stage's `main()` parses paths, loads and validates the whole params.yaml (so a typo stops
 `dvc repro` in seconds, before Ray or a model starts), then calls one pipeline function. Known
-problems (bad params, missing or corrupt inputs, an unreachable tracking store) print
-`error: <message>` and exit 2, without a traceback.
+problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
+`pipeline.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,30 +13,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import Params, load_params
+from pipeline.errors import UserError
 
 EXIT_USER_ERROR = 2
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user.
-
-    Only the error classes of modules already imported are looked up: an error of a module that
-    was never imported cannot have been raised, and importing it (torch, pandas, Ray) would
-    delay the message by seconds.
-    """
-    from pipeline.tracking import TrackingError
-
-    errors: list[type[BaseException]] = [ConfigError, TrackingError]
-    for module, name in (("pipeline.data", "DataError"), ("pipeline.metrics", "MetricsError"),
-                         ("pipeline.evaluation", "ResultsError"),
-
-                         ("pipeline.sampling", "ModelError"), ("pipeline.tables", "TablesError"),
-                         ("pipeline.training", "CheckpointError"),
-                         ("pipeline.distributed", "TrainingError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 def parser(prog: str, description: str, experiment: bool = False) -> argparse.ArgumentParser:
@@ -54,13 +34,8 @@ def parser(prog: str, description: str, experiment: bool = False) -> argparse.Ar
 def run(body: Callable[[Params], int | None], params_path: Path) -> int:
     """Load and validate params, run `body(params)`, turn user errors into exit code 2."""
     try:
-        params = load_params(params_path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    try:
-        return body(params) or 0
-    except user_errors() as exc:
+        return body(load_params(params_path)) or 0
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

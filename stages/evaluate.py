@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.status import Status
 from stages import _common
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         samples, sample_status = load_samples(args.samples / exp.key, exp)
         d = exp.diffusion
         record = {"experiment": exp.name, "seed": exp.seed,
-                  "status": info.get("status", "unstable"), "dataset": exp.data.dataset,
+                  "status": info.get("status", Status.UNSTABLE.value), "dataset": exp.data.dataset,
                   "mean_type": d.mean_type, "var_type": d.var_type, "loss": d.loss,
                   "weighting": d.weighting, "schedule": d.schedule,
                   "num_timesteps": d.num_timesteps, **{k: None for k in METRICS},
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         per_image = {"test": [], "train": []}
         scores = final_scores(record)  # no scores unless evaluated below
-        if is_ok(info) and sample_status == "ok":
+        if is_ok(info) and sample_status == Status.OK:
             start = time.monotonic()
             device = _common.device_for(exp.train.use_gpu)
             apparatus = Apparatus.load(exp, args.data, args.models / "classifier" /
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                "best_checkpoint_fid": best.get("fid"),
                                "best_checkpoint_nll_bpd": best.get("nll_bpd"),
                                "checkpoints_wall_s": time.monotonic() - start})
-        elif record["status"] == "ok":
+        elif record["status"] == Status.OK:
             record["status"] = sample_status
         out, info_out = save_run_metrics(args.out, exp.key, record)
         save_nll_per_image(nll_path(args.out, exp.key), per_image)

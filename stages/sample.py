@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.status import Status
 from stages import _common
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / exp.key
         if not is_ok(info):
             with atomic_dir(out) as tmp:
-                save_samples(tmp, None, info.get("status", "unstable"), shape)
+                save_samples(tmp, None, info.get("status", Status.UNSTABLE.value), shape)
                 for name in ("grid.png", "progressive.png"):
                     save_placeholder(tmp / name, f"{exp.key}: training diverged (unstable)")
             print(f"{exp.key} is unstable: wrote empty samples")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(model, diffusion, exp, shape, seed=exp.seed + 1, device=device)
         n = exp.sample.grid_size
         with atomic_dir(out) as tmp:
-            save_samples(tmp, result.images, "ok", shape)
+            save_samples(tmp, result.images, Status.OK.value, shape)
             save_sample_grid(result.images[: n * n], tmp / "grid.png", nrow=n)
             save_progressive(result.progressive, result.progressive_t, tmp / "progressive.png",
                              f"{exp.key}: predicted x0 over time")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import UserError
 from stages import _common
 
 # Environment passed to the job where it is set here (the job runs with the cluster's own
@@ -76,20 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.fetch:
             return fetch(repo, args.fetch, pull=not args.no_pull)
         return submit(repo, args, command)
-    except _submit_errors() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return _common.EXIT_USER_ERROR
 
 
-def _submit_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.cluster_job import BundleError
-    from pipeline.config import ConfigError
-    from pipeline.tracking import TrackingError
-
-    return (SubmitError, BundleError, ConfigError, TrackingError)
-
-
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """A problem found before or after the job (not in it): what, and what to do."""
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.status import Status
 from stages import _common
 
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained {exp.key}: {steps_done} steps, status {status}, "
               f"{images_per_s or float('nan'):.0f} images/s, stage wall time {wall:.0f}s{kept}",
               flush=True)
-        if status != "ok":
+        if status != Status.OK:
             print(f"warning: {exp.key} diverged (non-finite loss); recorded as unstable",
                   file=sys.stderr)
         return 0

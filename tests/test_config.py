@@ -240,3 +240,35 @@ def test_ddpm_storage_overrides_cluster_storage(monkeypatch):
     assert cluster.resolved_storage() == "/shared/ddpm"
     monkeypatch.setenv("DDPM_STORAGE", "s3://bucket/ray")
     assert cluster.resolved_storage() == "s3://bucket/ray"
+
+
+def test_the_library_registries_are_keyed_by_the_params_choices():
+    """params.yaml's choices live in the config's Literal annotations (config imports no torch);
+    each registry of the library must be keyed by exactly those names."""
+    from pipeline import config, diffusion, schedules
+
+    assert config.SCHEDULES == tuple(schedules.SCHEDULES)
+    assert config.MEAN_TYPES == tuple(diffusion.MEAN_TYPES)
+    assert config.VAR_TYPES == tuple(diffusion.VAR_TYPES)
+    assert config.LOSSES == tuple(diffusion.LOSSES)
+    assert config.WEIGHTINGS == tuple(diffusion.WEIGHTINGS)
+    assert config.SAMPLERS == tuple(diffusion.SAMPLERS)
+    assert config.SWEEP_WEIGHTINGS == tuple(config.SWEEP_OBJECTIVES)
+    assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
+    for loss, weighting in config.SWEEP_OBJECTIVES.values():
+        assert loss in config.LOSSES and weighting in config.WEIGHTINGS
+
+
+def test_choices_reads_a_literal_field_and_a_list_of_literals():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from pipeline.coerce import choices
+
+    @dataclass
+    class Section:
+        one: Literal["a", "b"] = "a"
+        many: tuple[Literal["x", "y", "z"], ...] = ("x",)
+
+    assert choices(Section, "one") == ("a", "b")
+    assert choices(Section, "many") == ("x", "y", "z")

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from pipeline import config
 from pipeline.schedules import SCHEDULES, beta_schedule
 
 
@@ -73,7 +72,3 @@ def test_every_schedule_is_float64_in_unit_interval(name):
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="cosine"):
         beta_schedule("cosin", 10)
-
-
-def test_config_choices_match_the_table():
-    assert set(config.SCHEDULES) == set(SCHEDULES)

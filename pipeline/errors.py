@@ -1,0 +1,14 @@
+"""The one user-facing error type.
+
+A `UserError` is a problem the user can fix (a params.yaml key, a missing or corrupt input, an
+unreachable server, a diverged run that cannot continue); its message names the problem and the
+fix in one line. Each module subclasses it for its own problems (ConfigError, DataError, ...),
+and every stage catches it in one place (`stages._common.run`): `error: <message>`, exit 2, no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem phrased for the user: what is wrong and what to do about it."""

@@ -1,0 +1,61 @@
+"""One user-facing error type: every stage turns a `UserError` into one line and exit 2, and
+lets anything else (a bug) keep its traceback."""
+
+from pathlib import Path
+
+import pytest
+
+from stages import _common
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_a_missing_prepared_split_is_one_line_and_exit_2(tmp_path, capsys):
+    from pipeline.data import load_prepared
+
+    def body(params):
+        load_prepared(tmp_path / "digits" / "train.npz")  # a real DataError
+
+    assert _common.run(body, PROJECT / "params.yaml") == _common.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "train.npz" in err and "dvc repro prepare" in err
+
+
+def test_a_bad_params_file_is_refused_before_the_body_runs(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((PROJECT / "params.yaml").read_text().replace("steps:", "stepz:", 1))
+    ran = []
+    assert _common.run(ran.append, bad) == _common.EXIT_USER_ERROR
+    assert ran == [] and "stepz" in capsys.readouterr().err
+
+
+def test_every_error_meant_for_the_user_is_caught_in_the_one_place(capsys):
+    from pipeline.cluster_job import BundleError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.distributed import TrainingError
+    from pipeline.evaluation import ResultsError
+    from pipeline.metrics import MetricsError
+    from pipeline.sampling import ModelError
+    from pipeline.tables import TablesError
+    from pipeline.tracking import TrackingError
+    from pipeline.training import CheckpointError
+    from stages.submit import SubmitError
+
+    for error in (BundleError, ConfigError, DataError, TrainingError, ResultsError,
+                  MetricsError, ModelError, TablesError, TrackingError, CheckpointError,
+                  SubmitError):
+        def body(params, error=error):
+            raise error(f"{error.__name__}: what is wrong; what to do")
+
+        assert _common.run(body, PROJECT / "params.yaml") == _common.EXIT_USER_ERROR, error
+        assert capsys.readouterr().err == f"error: {error.__name__}: what is wrong; what to do\n"
+
+
+def test_a_bug_keeps_its_traceback():
+    def body(params):
+        return {}["missing"]
+
+    with pytest.raises(KeyError, match="missing"):
+        _common.run(body, PROJECT / "params.yaml")
