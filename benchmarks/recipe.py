@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_params
     from pipeline.data import load_prepared, prepare_dataset, prepared_path
-    from pipeline.metrics import DIGITS_EXTRACTOR, save_classifier, train_digits_classifier
+    from pipeline.classifier import save_classifier, train_digits_classifier
+    from pipeline.metrics import DIGITS_EXTRACTOR
     from pipeline.training import LocalSession, train_worker
 
     common.set_threads(args.threads)

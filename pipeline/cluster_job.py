@@ -19,7 +19,6 @@ each file atomically, `dvc.lock` last, then `dvc pull`s the cached outputs.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -29,6 +28,7 @@ from typing import Iterable, Mapping
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.io import sha256_hex
 
 BUNDLE_FOLDER = "ddpm-jobs"
 MANIFEST = "manifest.json"
@@ -41,10 +41,6 @@ class BundleError(UserError, RuntimeError):
 
 def bundle_key(job_id: str) -> str:
     return f"{BUNDLE_FOLDER}/{job_id}.tar.gz"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def uncached_outputs(repo: Path) -> list[str]:
@@ -87,7 +83,7 @@ def make_bundle(repo: Path) -> tuple[bytes, list[str]]:
     repo = Path(repo)
     if not (repo / LOCK).is_file():
         raise BundleError(f"{repo / LOCK}: not found; the job ran no stage")
-    manifest = {"sources": {rel: _sha256(repo / rel) for rel in source_files(repo)}}
+    manifest = {"sources": {rel: sha256_hex((repo / rel).read_bytes()) for rel in source_files(repo)}}
     members = [*uncached_outputs(repo), LOCK]
     manifest["files"] = members
     buffer = io.BytesIO()
@@ -122,7 +118,7 @@ def read_bundle(data: bytes) -> tuple[dict, dict[str, bytes]]:
 def changed_sources(repo: Path, manifest: Mapping) -> list[str]:
     """The files the job depended on that differ in (or are missing from) `repo` now."""
     return [rel for rel, digest in manifest["sources"].items()
-            if not (repo / rel).is_file() or _sha256(repo / rel) != digest]
+            if not (repo / rel).is_file() or sha256_hex((repo / rel).read_bytes()) != digest]
 
 
 def apply_bundle(repo: Path, files: Mapping[str, bytes]) -> list[str]:

@@ -383,13 +383,13 @@ class ExperimentConfig:
                                                           "train")) -> str:
         """Short hash of what determines a trained model: the study's name, the experiment, its
         seed and `sections` (names a training run; the study's other seeds do not enter)."""
-        import hashlib
         import json
 
+        from pipeline.io import sha256_hex
+
         payload = {name: plain(dataclasses.asdict(getattr(self, name))) for name in sections}
-        blob = json.dumps([self.study.name, self.name, self.seed, payload],
-                          sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        return sha256_hex(json.dumps([self.study.name, self.name, self.seed, payload],
+                                     sort_keys=True), length=10)
 
 
 def run_key(experiment: str, seed: int) -> str:

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import ExperimentConfig, SweepConfig
 from pipeline.errors import UserError
-from pipeline.io import storage_location
+from pipeline.io import sha256_hex, storage_location
 from pipeline.training import STATE_FILE, CheckpointError, load_training_state, train_worker
 
 
@@ -215,14 +215,11 @@ class FitOutcome:
 
 def code_digest() -> str:
     """Short hash of the source of every module that shapes a trained model."""
-    import hashlib
-
     from pipeline import data, diffusion, precision, schedules, training, unet
 
-    digest = hashlib.sha256()
-    for module in (data, diffusion, precision, schedules, training, unet):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:8]
+    return sha256_hex(*(Path(module.__file__).read_bytes()
+                        for module in (data, diffusion, precision, schedules, training, unet)),
+                      length=8)
 
 
 def run_name(exp: ExperimentConfig) -> str:

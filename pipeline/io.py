@@ -12,6 +12,7 @@ S3-compatible endpoint such as MinIO through `AWS_ENDPOINT_URL`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_hex(*chunks: bytes | str, length: int | None = None) -> str:
+    """SHA-256 of `chunks` in order (str as UTF-8) as hex digits, the first `length` of them:
+    the one hash of the project (run names, config hashes, the job bundle's source manifest)."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+    return digest.hexdigest()[:length]
 
 
 def _umask() -> int:

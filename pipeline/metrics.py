@@ -5,10 +5,10 @@ the Inception-v3 network; torch-fidelity's `inception-v3-compat` reproduces the 
 numbers and is what the real study uses (with a local weights file when offline).
 
 The embedded default study runs on scikit-learn's 8x8 grey digits, where Inception features mean
-nothing. There, FID / IS / KID use a small CNN classifier trained on the digits train split (its
-own pipeline stage) and registered with torch-fidelity as the feature extractor
-`digits-classifier`: its penultimate layer (`feat`) plays the role of Inception's pool3 features
-for FID and KID, and its logits play the role of Inception's logits for IS.
+nothing. There, FID / IS / KID use a small CNN classifier trained on the digits train split
+(`pipeline.classifier`, its own pipeline stage), registered with torch-fidelity as the feature
+extractor `digits-classifier`. `resolve_extractor` picks a study's extractor and checks its
+weights, in one place.
 
 torch-fidelity hands a feature extractor 3-channel uint8 NCHW batches, so every input goes
 through `_UInt8ImageDataset`, which expands grey images to 3 channels.
@@ -18,16 +18,13 @@ Nothing here does work at import time: extractors are registered on first use.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -35,7 +32,6 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_path
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -48,9 +44,6 @@ FIDELITY_EXTRACTORS = {
     "folder": INCEPTION_EXTRACTOR,
 }
 
-CLASSIFIER_REMAKE = "`dvc repro classifier` (or `python -m stages.classifier`)"
-_CHECKPOINT_FORMAT = "ddpm-study/digits-classifier"
-
 
 class MetricsError(UserError, RuntimeError):
     """A metric cannot be computed: missing or unreadable weights, unusable inputs.
@@ -59,48 +52,7 @@ class MetricsError(UserError, RuntimeError):
     """
 
 
-# --------------------------------------------------------------------------------------------
-# The digits classifier (feature extractor of the embedded default study)
-# --------------------------------------------------------------------------------------------
-
-
-class DigitsClassifier(nn.Module):
-    """A small CNN for 8x8 grey digits: three 3x3 conv layers, a dense `feat` layer, 10 logits.
-
-    Input: float images (B, 1, image_size, image_size) with values in [0, 1].
-    """
-
-    def __init__(self, image_size: int = 8, width: int = 16, feat_dim: int = 128,
-                 num_classes: int = 10):
-        super().__init__()
-        if image_size % 4 != 0:
-            raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
-        self.hparams = dict(image_size=image_size, width=width, feat_dim=feat_dim,
-                            num_classes=num_classes)
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        flat = 2 * width * (image_size // 4) ** 2
-        self.feat = nn.Sequential(nn.Flatten(), nn.Linear(flat, feat_dim), nn.ReLU())
-        self.head = nn.Linear(feat_dim, num_classes)
-
-    @property
-    def image_size(self) -> int:
-        return self.hparams["image_size"]
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (B, feat_dim): the analogue of Inception's pool3 for FID / KID."""
-        return self.feat(self.conv(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def _uint8_images(images: Any, what: str = "images") -> torch.Tensor:
+def uint8_images(images: Any, what: str = "images") -> torch.Tensor:
     """A uint8 (N, C, H, W) tensor from a numpy array or tensor, checked."""
     tensor = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
     if tensor.dtype != torch.uint8:
@@ -108,172 +60,6 @@ def _uint8_images(images: Any, what: str = "images") -> torch.Tensor:
     if tensor.dim() != 4 or tensor.shape[1] not in (1, 3):
         raise ValueError(f"{what} must be N x C x H x W with C = 1 or 3, got shape {tuple(tensor.shape)}")
     return tensor.contiguous()
-
-
-def _to_unit_grey(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, 1, H, W) in [0, 1], averaging colour channels."""
-    return images_uint8.float().mean(dim=1, keepdim=True) / 255.0
-
-
-def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Translate each image by an independent integer offset in [-max_shift, max_shift]^2."""
-    batch, _, height, width = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator)
-    rows = offsets[0][:, None] + torch.arange(height)  # (B, H)
-    cols = offsets[1][:, None] + torch.arange(width)  # (B, W)
-    index = torch.arange(batch)[:, None, None]
-    return padded[index, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(num_threads: int):
-    """Run torch ops on `num_threads` threads, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def train_digits_classifier(train_images: Any, train_labels: Any, *, steps: int, seed: int,
-                            batch_size: int = 128, lr: float = 2e-3,
-                            weight_decay: float = 1e-4) -> DigitsClassifier:
-    """Train the digits feature extractor with Adam (cosine-decayed lr) and +-1 pixel shifts.
-
-    train_images: uint8 (N, 1, H, W); train_labels: integer class labels (N,). Deterministic for
-    a given seed: initialization runs under a forked, seeded global RNG, and minibatches and
-    shifts are drawn from an explicit generator. Training runs on one CPU thread: on 8x8 inputs
-    intra-op parallelism costs more than it saves (several times slower on a busy 2-core
-    machine). Returns the model in eval mode, on the CPU.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    images = _to_unit_grey(_uint8_images(train_images, "train_images"))
-    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    if labels.shape != (len(images),):
-        raise ValueError(f"train_labels must have shape ({len(images)},), got {tuple(labels.shape)}")
-    num_classes = max(10, int(labels.max()) + 1)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsClassifier(image_size=images.shape[-1], num_classes=num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-
-    model.train()
-    with _intra_op_threads(1):
-        for _ in range(steps):
-            index = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=generator)
-            x = _random_shift(images[index], generator)
-            loss = F.cross_entropy(model(x), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_predict(model: DigitsClassifier, images: Any, batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, num_classes) of uint8 images (N, C, H, W)."""
-    images = _uint8_images(images)
-    model.eval()
-    return torch.cat([model(_to_unit_grey(images[i:i + batch_size]))
-                      for i in range(0, len(images), batch_size)])
-
-
-def classifier_accuracy(model: DigitsClassifier, images: Any, labels: Any) -> float:
-    """Top-1 accuracy of the classifier on uint8 images (N, C, H, W) with integer labels."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    predicted = classifier_predict(model, images).argmax(dim=1)
-    return float((predicted == labels).float().mean())
-
-
-def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
-    """Write the classifier (state_dict + architecture hyper-parameters) atomically."""
-    checkpoint = {
-        "format": _CHECKPOINT_FORMAT,
-        "hparams": dict(model.hparams),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_classifier(path: str | Path) -> DigitsClassifier:
-    """Read a classifier written by `save_classifier`; MetricsError if missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricsError(f"{path}: digits classifier weights not found; make them with "
-                           f"{CLASSIFIER_REMAKE}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, not a torch file at all
-        raise MetricsError(f"{path}: cannot read the digits classifier weights (truncated or "
-                           f"corrupt: {type(exc).__name__}); remake them with {CLASSIFIER_REMAKE}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
-        raise MetricsError(f"{path}: not a digits classifier checkpoint; remake it with "
-                           f"{CLASSIFIER_REMAKE}")
-    try:
-        model = DigitsClassifier(**checkpoint["hparams"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except Exception as exc:
-        raise MetricsError(f"{path}: the digits classifier weights do not fit the network "
-                           f"({type(exc).__name__}: {exc}); remake them with {CLASSIFIER_REMAKE}") from None
-    return model.eval()
-
-
-class DigitsFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity feature extractor around a trained `DigitsClassifier`.
-
-    Features: `feat` (penultimate layer; FID and KID), `logits` and `logits_unbiased` (logits
-    without the output bias, the convention of inception-v3-compat; IS). The weights come from
-    torch-fidelity's `feature_extractor_weights_path`.
-    """
-
-    def __init__(self, name: str, features_list: Sequence[str],
-                 feature_extractor_weights_path: str | None = None, **kwargs: Any):
-        super().__init__(name, list(features_list))
-        if feature_extractor_weights_path is None:
-            raise MetricsError(f"feature extractor '{name}' needs the digits classifier weights "
-                               f"(feature_extractor_weights_path); make them with {CLASSIFIER_REMAKE}")
-        self.classifier = load_classifier(feature_extractor_weights_path)
-        self.requires_grad_(False)
-        self.eval()
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("feat", "logits_unbiased", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return {"isc": "logits_unbiased", "fid": "feat", "kid": "feat", "prc": "feat"}[metric]
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected uint8 B x 3 x H x W images, got {x.dtype} {tuple(x.shape)}")
-        grey = _to_unit_grey(x)
-        size = self.classifier.image_size
-        if grey.shape[-2:] != (size, size):
-            grey = F.interpolate(grey, size=(size, size), mode="bilinear", antialias=True,
-                                 align_corners=False)
-        feat = self.classifier.features(grey)
-        head = self.classifier.head
-        logits_unbiased = feat @ head.weight.T
-        computed = {"feat": feat, "logits_unbiased": logits_unbiased,
-                    "logits": logits_unbiased + head.bias}
-        return tuple(computed[name].float() for name in self.features_list)
 
 
 def register_extractor(name: str, cls: type) -> None:
@@ -294,24 +80,9 @@ def register_extractor(name: str, cls: type) -> None:
     torch_fidelity.register_feature_extractor(name, cls)
 
 
-def register_digits_extractor() -> str:
-    """Register `DigitsFeatureExtractor` as 'digits-classifier' (idempotent); return the name."""
-    register_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
-    return DIGITS_EXTRACTOR
-
-
 # --------------------------------------------------------------------------------------------
 # FID / IS / KID
 # --------------------------------------------------------------------------------------------
-
-
-def fidelity_extractor_for(dataset: str) -> str:
-    """The torch-fidelity feature extractor that measures `dataset` (params `data.dataset`)."""
-    try:
-        return FIDELITY_EXTRACTORS[dataset]
-    except KeyError:
-        raise MetricsError(f"no feature extractor for dataset '{dataset}'; "
-                           f"known: {', '.join(FIDELITY_EXTRACTORS)}") from None
 
 
 class _UInt8ImageDataset(Dataset):
@@ -360,6 +131,8 @@ def _inception_weights(weights_path: str | None, download: bool) -> str | None:
 
 def _weights_for(extractor: str, weights_path: str | None, download: bool) -> str | None:
     if extractor == DIGITS_EXTRACTOR:
+        from pipeline.classifier import CLASSIFIER_REMAKE, load_classifier, register_digits_extractor
+
         register_digits_extractor()
         if weights_path is None:
             raise MetricsError(f"FID / IS on digits need the digits classifier weights; make them "
@@ -389,8 +162,8 @@ def compute_fidelity(samples_uint8: Any, reference_uint8: Any, *, extractor: str
 
     Returns {'fid', 'is_mean', 'is_std', 'kid_mean', 'kid_std'} as floats.
     """
-    samples = _uint8_images(samples_uint8, "samples")
-    reference = _uint8_images(reference_uint8, "reference images")
+    samples = uint8_images(samples_uint8, "samples")
+    reference = uint8_images(reference_uint8, "reference images")
     if len(samples) < 2 or len(reference) < 2:
         raise MetricsError(f"FID / KID need at least 2 images on each side, got {len(samples)} "
                            f"samples and {len(reference)} reference images")
@@ -429,7 +202,7 @@ def extract_features(images_uint8: Any, *, extractor: str, weights_path: str | N
     digits classifier; `2048` and `logits_unbiased` of inception-v3-compat), as float64."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    images = _uint8_images(images_uint8)
+    images = uint8_images(images_uint8)
     resolved_weights = _weights_for(extractor, weights_path, download)
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
     layers = (cls.get_default_feature_layer_for_metric("fid"),
@@ -467,7 +240,7 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
 
     if method not in ("exact", "stratified"):
         raise ValueError(f"unknown NLL method '{method}'; choose exact or stratified")
-    images = _uint8_images(images_uint8)
+    images = uint8_images(images_uint8)
     generator = torch.Generator(device=device).manual_seed(seed)
     per_image = []
     images_per_call = max(1, min(batch_size, len(images)))
@@ -488,12 +261,6 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     return {"nll_bpd": mean, "nll_bpd_se": se, "per_image": values.numpy()}
 
 
-def check_inception_weights(weights_path: str | None, download: bool) -> str:
-    """The inception-v3-compat weights file to use, or MetricsError saying where to put it."""
-    found = _inception_weights(weights_path, download)
-    return found if found is not None else "(downloaded by torch-fidelity)"
-
-
 def register_extractor_path(spec: str) -> str:
     """Import 'package.module:ClassName' (a FeatureExtractorBase subclass) and register it with
     torch-fidelity under `spec`; returns the name."""
@@ -512,14 +279,39 @@ def register_extractor_path(spec: str) -> str:
     return spec
 
 
-def study_extractor(dataset: str, inception_weights: str | None, classifier_path: str | Path,
-                    feature_extractor: str | None = None) -> tuple[str, str | None]:
-    """(torch-fidelity extractor name, weights path) for a study: evaluate.feature_extractor if
-    set, else the digits classifier (made by the `classifier` stage) for digits and
-    inception-v3-compat otherwise."""
-    extractor = feature_extractor or fidelity_extractor_for(dataset)
-    if extractor == DIGITS_EXTRACTOR:
-        return extractor, str(classifier_path)
-    if extractor == INCEPTION_EXTRACTOR:
-        return extractor, inception_weights
-    return register_extractor_path(extractor), None
+def extractor_name(dataset: str, feature_extractor: str | None = None) -> str:
+    """The torch-fidelity feature extractor that measures a study: evaluate.feature_extractor if
+    set, else the one for its dataset (the digits classifier for digits, inception-v3-compat
+    otherwise)."""
+    if feature_extractor is not None:
+        return feature_extractor
+    try:
+        return FIDELITY_EXTRACTORS[dataset]
+    except KeyError:
+        raise MetricsError(f"no feature extractor for dataset '{dataset}'; "
+                           f"known: {', '.join(FIDELITY_EXTRACTORS)}") from None
+
+
+def resolve_extractor(dataset: str, evaluate, classifier_path: str | Path,
+                      download: bool) -> tuple[str, str | None]:
+    """(extractor name, weights file) of a study (`evaluate`: its EvaluateConfig), checked before
+    any work: the digits classifier at `classifier_path` loads, the inception-v3-compat weights
+    are found (None: torch-fidelity downloads them), a 'package.module:Class' extractor imports
+    and is registered. MetricsError, naming the file or key and the fix, otherwise."""
+    name = extractor_name(dataset, evaluate.feature_extractor)
+    if name == DIGITS_EXTRACTOR:
+        return name, _weights_for(name, str(classifier_path), download)
+    if name == INCEPTION_EXTRACTOR:
+        return name, _inception_weights(evaluate.inception_weights, download)
+    return register_extractor_path(name), None
+
+
+def ensure_registered(name: str) -> None:
+    """Register extractor `name` with torch-fidelity in this process (a Ray worker), as
+    `resolve_extractor` did in the driver."""
+    if name == DIGITS_EXTRACTOR:
+        from pipeline.classifier import register_digits_extractor
+
+        register_digits_extractor()
+    elif name != INCEPTION_EXTRACTOR:
+        register_extractor_path(name)

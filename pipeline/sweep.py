@@ -114,12 +114,9 @@ class TrialProbe:
     def quick_fid(self, model, diffusion) -> float:
         """FID of `fid_num_samples` DDIM samples against the train split."""
         from pipeline.data import to_uint8
-        from pipeline.metrics import compute_fidelity
+        from pipeline.metrics import compute_fidelity, ensure_registered
 
-        if self.extractor not in {"digits-classifier", "inception-v3-compat"}:
-            from pipeline.metrics import register_extractor_path
-
-            register_extractor_path(self.extractor)
+        ensure_registered(self.extractor)
         device = next(model.parameters()).device
         shape = tuple(self._images("train").shape[1:])
         generator = torch.Generator(device=device).manual_seed(self.seed + 1)
@@ -144,14 +141,11 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
     now (a missing classifier or Inception weights file stops the stage before Ray starts)."""
     from pipeline import metrics
 
-    extractor, weights = metrics.study_extractor(
-        base.data.dataset, base.evaluate.inception_weights, Path(classifier).resolve(),
-        base.evaluate.feature_extractor)
-    if extractor == metrics.DIGITS_EXTRACTOR:
-        metrics.load_classifier(weights)
-    elif extractor == metrics.INCEPTION_EXTRACTOR:
-        weights = metrics.check_inception_weights(weights, base.data.download)
     from pipeline.data import load_prepared
+
+    extractor, weights = metrics.resolve_extractor(base.data.dataset, base.evaluate,
+                                                   Path(classifier).resolve(),
+                                                   base.data.download)
 
     return TrialProbe(
         test_data=load_prepared(test_data), train_data=load_prepared(train_data),

@@ -46,7 +46,6 @@ Nothing happens at import time; mlflow is imported inside the functions that nee
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from pipeline.errors import UserError
+from pipeline.io import sha256_hex
 
 if TYPE_CHECKING:
     import pandas
@@ -152,7 +152,7 @@ def study_root(root: str | Path = ".") -> Path:
 def config_hash(config: Mapping[str, Any]) -> str:
     """A short, stable hash of a resolved config dict (12 hex digits of SHA-256 of its JSON)."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return sha256_hex(text, length=12)
 
 
 def git_commit(root: str | Path) -> Optional[str]:
@@ -287,8 +287,7 @@ def _store_lock(tracking_uri: str) -> Iterator[None]:
     if path is None or fcntl is None:
         yield
         return
-    digest = hashlib.md5(str(path).encode("utf-8"), usedforsecurity=False).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"ddpm-mlflow-{digest}.lock"
+    lock_path = Path(tempfile.gettempdir()) / f"ddpm-mlflow-{sha256_hex(str(path), length=16)}.lock"
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

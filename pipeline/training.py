@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -170,26 +171,15 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
                            hflip=default_hflip(exp.data), rank=session.rank,
                            world_size=session.world_size)
     t_sampler = timestep_sampler(exp.diffusion, diffusion.num_timesteps)
+    training = TrainingState(exp=exp, model=model, ema=ema, optimizer=optimizer,
+                             scheduler=scheduler, t_sampler=t_sampler, batches=batches,
+                             gens=gens, image_shape=tuple(images.shape[1:]), data_levels=levels)
     step, loss_history, wall_before = 0, [], 0.0
 
     resume = session.latest_checkpoint()
     if resume is not None:
         state = load_training_state(resume / STATE_FILE, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        t_sampler.load_state_dict(state["timestep_sampler"])
-        batches.load_state_dict(state["batches"])
-        for name, gen in gens.items():
-            if name in state["generators"]:
-                gen.set_state(state["generators"][name])
-        if session.world_size == 1:  # rank 0's global generator; other ranks reseed
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        else:
-            torch.manual_seed(exp.seed + 7919 * (session.rank + 1) + state["step"])
+        training.restore(state, session)
         step, loss_history = state["step"], [tuple(x) for x in state["loss_history"]]
         wall_before = state.get("wall_s", 0.0)
         if state.get("status") == Status.UNSTABLE:
@@ -239,12 +229,9 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
                                              "diffusion": diffusion}))
             checkpoint = None
             if status != Status.OK or step % ckpt_every == 0 or step == total:
-                checkpoint = _save_checkpoint(
-                    session, checkpoint_root, step, status=status, model=model, ema=ema,
-                    optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler,
-                    batches=batches, gens=gens, loss_history=loss_history,
-                    wall_s=wall_before + time.monotonic() - start, exp=exp,
-                    image_shape=tuple(images.shape[1:]), data_levels=levels)
+                checkpoint = _save_checkpoint(session, checkpoint_root, training, step, status,
+                                              loss_history,
+                                              wall_before + time.monotonic() - start)
                 last_checkpoint_step = step
                 if ema_snapshot_dir is not None and status == Status.OK and session.rank == 0:
                     save_ema_snapshot(ema, ema_snapshot_path(ema_snapshot_dir, step))
@@ -253,11 +240,8 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
                 break
     progress.close()
     if last_checkpoint_step != step:  # resumed at the end: report the final state once more
-        checkpoint = _save_checkpoint(
-            session, checkpoint_root, step, status=status, model=model, ema=ema,
-            optimizer=optimizer, scheduler=scheduler, t_sampler=t_sampler, batches=batches,
-            gens=gens, loss_history=loss_history, wall_s=wall_before, exp=exp,
-            image_shape=tuple(images.shape[1:]), data_levels=levels)
+        checkpoint = _save_checkpoint(session, checkpoint_root, training, step, status,
+                                      loss_history, wall_before)
         session.report({"step": step, "status": status}, checkpoint)
 
 
@@ -318,35 +302,74 @@ def save_ema_snapshot(ema: AveragedModel, location: str | Path) -> None:
     write_to_storage(location, buffer.getvalue())
 
 
-def _save_checkpoint(session: Session, root: str | Path, step: int, *, status: str, model, ema,
-                     optimizer, scheduler, t_sampler, batches, gens, loss_history, wall_s, exp,
-                     image_shape, data_levels) -> Optional[Path]:
+@dataclass
+class TrainingState:
+    """The live objects of a training run that a checkpoint saves and a resume restores."""
+
+    exp: ExperimentConfig
+    model: torch.nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    t_sampler: Any
+    batches: ImageBatches
+    gens: dict[str, torch.Generator]
+    image_shape: tuple[int, int, int]
+    data_levels: int
+
+    def state_dict(self, step: int, status: str, loss_history: list,
+                   wall_s: float) -> dict[str, Any]:
+        """The checkpoint's content (`STATE_FILE`, read back by `load_training_state`)."""
+        return {
+            "format": "ddpm-train-state/1",
+            "step": step,
+            "status": status,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "timestep_sampler": self.t_sampler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "generators": {name: gen.get_state() for name, gen in self.gens.items()},
+            "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "loss_history": list(loss_history),
+            "wall_s": wall_s,
+            "config": self.exp.to_dict(),
+            "image_shape": list(self.image_shape),
+            "data_levels": int(self.data_levels),
+        }
+
+    def restore(self, state: dict[str, Any], session: "Session") -> None:
+        """Load a checkpoint's state into the live objects (step, history and time are the
+        caller's)."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.t_sampler.load_state_dict(state["timestep_sampler"])
+        self.batches.load_state_dict(state["batches"])
+        for name, gen in self.gens.items():
+            if name in state["generators"]:
+                gen.set_state(state["generators"][name])
+        device = session.device
+        if session.world_size == 1:  # rank 0's global generator; other ranks reseed
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        else:
+            torch.manual_seed(self.exp.seed + 7919 * (session.rank + 1) + state["step"])
+
+
+def _save_checkpoint(session: Session, root: str | Path, training: TrainingState, step: int,
+                     status: str, loss_history: list, wall_s: float) -> Optional[Path]:
     """Rank 0 writes the full training state into a fresh folder; other ranks write nothing."""
     if session.rank != 0:
         return None
     folder = Path(root) / f"step_{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": "ddpm-train-state/1",
-        "step": step,
-        "status": status,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "timestep_sampler": t_sampler.state_dict(),
-        "batches": batches.state_dict(),
-        "generators": {name: gen.get_state() for name, gen in gens.items()},
-        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "loss_history": list(loss_history),
-        "wall_s": wall_s,
-        "config": exp.to_dict(),
-        "image_shape": list(image_shape),
-        "data_levels": int(data_levels),
-    }
     tmp = folder / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
+    torch.save(training.state_dict(step, status, loss_history, wall_s), tmp)
     tmp.replace(folder / STATE_FILE)
     return folder
 

@@ -30,34 +30,34 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         _common.tracker_for(params)  # an unreachable tracking store stops the study here
-        from pipeline import metrics
+        from pipeline import classifier, metrics
         from pipeline.data import load_prepared, prepared_path
         from pipeline.io import write_json
 
         dataset = params.data.dataset
-        extractor = params.evaluate.feature_extractor or metrics.fidelity_extractor_for(dataset)
+        extractor = metrics.extractor_name(dataset, params.evaluate.feature_extractor)
         info = {"dataset": dataset, "extractor": extractor}
         if extractor == metrics.DIGITS_EXTRACTOR:
             train_x, train_y, _ = load_prepared(prepared_path(args.data, dataset, "train"))
             test_x, test_y, _ = load_prepared(prepared_path(args.data, dataset, "test"))
-            model = metrics.train_digits_classifier(train_x, train_y,
-                                                    steps=params.evaluate.classifier_steps,
-                                                    seed=params.data.seed)
-            accuracy = metrics.classifier_accuracy(model, test_x, test_y)
-            metrics.save_classifier(model, args.out / "classifier.pt")
+            model = classifier.train_digits_classifier(train_x, train_y,
+                                                       steps=params.evaluate.classifier_steps,
+                                                       seed=params.data.seed)
+            accuracy = classifier.classifier_accuracy(model, test_x, test_y)
+            classifier.save_classifier(model, args.out / "classifier.pt")
             info["test_accuracy"] = accuracy
             print(f"digits classifier: test accuracy {accuracy:.4f} "
                   f"({len(test_y)} images) -> {args.out / 'classifier.pt'}")
             if accuracy < MIN_ACCURACY:
                 print(f"warning: accuracy below {MIN_ACCURACY:.0%}; FID / IS on digits will be "
                       "noisy (raise evaluate.classifier_steps)")
-        elif extractor != metrics.INCEPTION_EXTRACTOR:
-            metrics.register_extractor_path(extractor)  # fails now if it cannot be imported
-            print(f"{dataset}: FID / IS use the feature extractor {extractor}")
-        else:
-            info["weights"] = metrics.check_inception_weights(params.evaluate.inception_weights,
-                                                              params.data.download)
-            print(f"{dataset}: FID / IS use {extractor} with weights {info['weights']}")
+        else:  # fails now if the extractor cannot be imported or its weights are missing
+            _, weights = metrics.resolve_extractor(dataset, params.evaluate, args.out,
+                                                   params.data.download)
+            if extractor == metrics.INCEPTION_EXTRACTOR:
+                info["weights"] = weights or "(downloaded by torch-fidelity)"
+            print(f"{dataset}: FID / IS use the feature extractor {extractor}"
+                  + (f" with weights {info['weights']}" if "weights" in info else ""))
         write_json(args.out / "info.json", info)
         return 0
 

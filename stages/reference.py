@@ -32,48 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        import torch
-
-        from pipeline.diffusion import GaussianDiffusion
-        from pipeline.evaluation import (Apparatus, flatten, nll_ceiling, real_data_draws,
-                                         save_reference)
+        from pipeline.evaluation import Apparatus, reference_scores, save_reference
         from pipeline.figures import save_sample_grid
-        from pipeline.sampling import generate
-        from pipeline.training import build_model
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)
         apparatus = Apparatus.load(exp, args.data, args.models / "classifier" / "classifier.pt")
-        levels = apparatus.train.levels
-        cfg = exp.evaluate
-        real = real_data_draws(apparatus, exp.sample.num_samples, cfg.reference_draws,
-                               cfg.is_splits, seed=exp.data.seed)
+        reference, untrained_images = reference_scores(exp, apparatus)
+        real, untrained = reference["real_data"], reference["untrained"]
         print(f"real data ({real['draws']} draws of {real['num_images']} images against the "
               f"other {real['reference_images']}): FID {real['fid']:.3f} ± {real['fid_sd']:.3f},"
               f" IS {real['is_mean']:.3f} ± {real['is_mean_sd']:.3f} (mean ± sd over draws)")
-
-        torch.manual_seed(exp.seed)
-        shape = tuple(apparatus.train.images.shape[1:])
-        model = build_model(exp, shape).eval()
-        # the DDPM U-Net starts with a zero output layer: perturb it so the untrained row shows
-        # what random weights do, not a network that predicts exactly zero
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.abs().sum() == 0:
-                    parameter.normal_(0.0, 0.02)
-        diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
-        run = generate(model, diffusion, exp, shape, seed=exp.seed + 1)
-        estimates = apparatus.fidelity(run.images, cfg.is_splits, seed=exp.seed)
-        nll, _ = apparatus.nll(model, diffusion, cfg, seed=exp.seed + 2)
-        untrained = flatten({**estimates, **nll})
         print(f"untrained model: FID {untrained['fid']:.3f}, IS {untrained['is_mean']:.3f}, "
-              f"NLL {untrained['nll_bpd']:.3f} bits/dim (ceiling {nll_ceiling(levels):.3f})")
+              f"NLL {untrained['nll_bpd']:.3f} bits/dim (ceiling "
+              f"{reference['ceiling']['nll_bpd']:.3f})")
         g = exp.sample.grid_size
-        save_sample_grid(run.images[: g * g], args.figures / "untrained_grid.png", nrow=g)
-        save_reference(args.out, {"real_data": real,
-                                  "untrained": untrained,
-                                  "ceiling": {"levels": levels,
-                                              "nll_bpd": nll_ceiling(levels)}})
+        save_sample_grid(untrained_images[: g * g], args.figures / "untrained_grid.png", nrow=g)
+        save_reference(args.out, reference)
         run_id = tracker.study_run()
         tracker.log_metrics(run_id, {f"real_{k}": v for k, v in real.items()})
         tracker.log_metrics(run_id, {f"untrained_{k}": v for k, v in untrained.items()})

@@ -21,10 +21,12 @@ from sklearn.model_selection import train_test_split
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from helpers_metrics import STANDIN_EXTRACTOR, TinyConvExtractor, register_standin_extractor
-from pipeline.metrics import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, DigitsFeatureExtractor,
-                              MetricsError, classifier_accuracy, classifier_predict,
-                              compute_fidelity, fidelity_extractor_for, load_classifier,
-                              register_digits_extractor, save_classifier, train_digits_classifier)
+from pipeline.classifier import (DigitsFeatureExtractor, classifier_accuracy,
+                                 classifier_predict, load_classifier, register_digits_extractor,
+                                 save_classifier, train_digits_classifier)
+from pipeline.config import EvaluateConfig
+from pipeline.metrics import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, MetricsError,
+                              compute_fidelity, extractor_name, resolve_extractor)
 
 CLASSIFIER_STEPS = 600
 METRIC_KEYS = {"fid", "is_mean", "is_std", "kid_mean", "kid_std"}
@@ -194,12 +196,32 @@ def test_inputs_must_be_uint8_nchw(digits, classifier):
 # --------------------------------------------------------------------------------------------
 
 
-def test_fidelity_extractor_for_each_dataset():
-    assert fidelity_extractor_for("digits") == DIGITS_EXTRACTOR
-    assert fidelity_extractor_for("cifar10") == INCEPTION_EXTRACTOR
-    assert fidelity_extractor_for("folder") == INCEPTION_EXTRACTOR
+def test_the_extractor_of_each_dataset_and_the_params_override():
+    assert extractor_name("digits") == DIGITS_EXTRACTOR
+    assert extractor_name("cifar10") == INCEPTION_EXTRACTOR
+    assert extractor_name("folder") == INCEPTION_EXTRACTOR
+    assert extractor_name("digits", INCEPTION_EXTRACTOR) == INCEPTION_EXTRACTOR
     with pytest.raises(MetricsError, match="mnist"):
-        fidelity_extractor_for("mnist")
+        extractor_name("mnist")
+
+
+def test_resolve_extractor_checks_the_digits_classifier_before_any_work(tmp_path):
+    missing = tmp_path / "classifier.pt"
+    with pytest.raises(MetricsError, match="dvc repro classifier") as info:
+        resolve_extractor("digits", EvaluateConfig(), missing, download=False)
+    assert str(missing) in str(info.value)
+    model = train_digits_classifier(np.zeros((20, 1, 8, 8), np.uint8), np.arange(20) % 10,
+                                    steps=1, seed=0)
+    save_classifier(model, missing)
+    assert resolve_extractor("digits", EvaluateConfig(), missing, download=False) == (
+        DIGITS_EXTRACTOR, str(missing))
+
+
+def test_resolve_extractor_refuses_a_custom_extractor_that_does_not_import(tmp_path):
+    cfg = EvaluateConfig(feature_extractor="no_such_module:Extractor")
+    with pytest.raises(MetricsError, match="evaluate.feature_extractor: cannot import "
+                                           "'no_such_module:Extractor'"):
+        resolve_extractor("cifar10", cfg, tmp_path / "unused.pt", download=False)
 
 
 def test_registration_is_idempotent():
