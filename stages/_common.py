@@ -1,7 +1,7 @@
 """What every stage shares: argument parsing, params loading and user-facing errors.
 
 A stage's `main()` parses paths, loads and validates the whole params.yaml (so a typo stops
-`dvc repro` in seconds, before Ray or a model starts), then calls one pipeline function. Known
+`dvc repro` in seconds, before Ray or a model starts), then calls the library. Known
 problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
 `pipeline.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
 """
