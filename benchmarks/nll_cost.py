@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     strata = [int(k) for k in args.strata.split(",") if k]
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=DIGITS_LEVELS)
     if args.model_dir is not None:
-        from pipeline.sampling import load_model
+        from pipeline.models import load_model
 
         model = load_model(exp, args.model_dir)
     else:

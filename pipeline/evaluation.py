@@ -162,8 +162,8 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
 
     from pipeline.diffusion import GaussianDiffusion
     from pipeline.over_training import best_by_fid, final_scores, score_checkpoints
-    from pipeline.sampling import (is_ok, kept_ema_snapshots, load_model, load_samples,
-                                   read_model_info)
+    from pipeline.models import is_ok, kept_ema_snapshots, load_model, read_model_info
+    from pipeline.sampling import load_samples
 
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)

@@ -151,7 +151,7 @@ def save_scores_over_training(steps: Sequence[int], fid: Sequence[float],
 def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x weighting"
                        ) -> None:
     """Heat map of the sweep's FID, schedules (rows) x weightings (columns), from
-    `pipeline.tables.sweep_raw`: each cell annotated with its FID and NLL (bits/dim); cells
+    `pipeline.sweep_report.sweep_raw`: each cell annotated with its FID and NLL (bits/dim); cells
     stopped early by ASHA (NLL only) and unstable cells ("–") are grey."""
     plt = _pyplot()
     schedules = list(dict.fromkeys(cells["schedule"]))

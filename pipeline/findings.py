@@ -60,7 +60,7 @@ class Finding:
 
 
 def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(mean type, objective): row of `tables.aggregate`} for the rows that play the paper's
+    """{(mean type, objective): row of `results.aggregate`} for the rows that play the paper's
     Table 2 rows (`tables.paper_table2_row`: the paper's schedule, weighting and objectives);
     the first such row where several do."""
     from pipeline.tables import objective_key, paper_table2_row
@@ -74,7 +74,7 @@ def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _estimate(row: Mapping[str, Any], score: str) -> Estimate:
-    from pipeline.tables import estimate
+    from pipeline.results import estimate
 
     return estimate(row, score)
 
@@ -244,7 +244,7 @@ class _Judge:
 def findings(table: pd.DataFrame,
              per_image: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> pd.DataFrame:
     """The findings table of a study: one row per claim of the paper (claim, paper, ours,
-    interval, verdict, rule), from `tables.aggregate`'s rows (with a `key` column naming each
+    interval, verdict, rule), from `results.aggregate`'s rows (with a `key` column naming each
     single-seed row's run) and the per-image NLL of the runs ({key: {split: values}})."""
     judge = _Judge(table, per_image or {})
     made = [

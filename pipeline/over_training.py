@@ -37,7 +37,8 @@ def score_checkpoints(exp: ExperimentConfig, model_dir: Path, steps: list[int],
     """One row per step of `steps` (EMA snapshots in `model_dir/checkpoints/`), `COLUMNS`."""
     from pipeline import metrics
     from pipeline.diffusion import GaussianDiffusion
-    from pipeline.sampling import generate, load_model
+    from pipeline.models import load_model
+    from pipeline.sampling import generate
 
     cfg = exp.evaluate
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=data_levels)

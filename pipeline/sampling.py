@@ -1,109 +1,25 @@
-"""Trained models in and out of `models/<E>/`, and batched sample generation.
-
-`models/<E>/` (written by the train stage) holds `ema.pt` and `model.pt` (U-Net state dicts),
-`optimizer.pt`, `state.json` (step, status, timings, run name) and `config.yaml` (the resolved
-experiment config); with `evaluate.checkpoints` set, also `checkpoints/ema_<step>.pt`, the EMA
-weights at those training steps. Sampling uses the EMA weights (Ho et al. 2020 App. B).
+"""Batched sample generation (Algorithm 2, or strided DDIM) from a trained model's EMA weights
+(Ho et al. 2020 App. B), and the samples' file `samples/<E>-<S>/samples.npz`
+(`save_samples` / `load_samples`) with its figures (`sample_run`).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline.config import ExperimentConfig
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion
-from pipeline.errors import UserError
 from pipeline.io import atomic_dir
 from pipeline.precision import matmul_precision, with_precision
 from pipeline.status import Status
-from pipeline.training import build_model, ema_snapshot_path, ema_weights
-
-CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
-
-def train_command(exp: ExperimentConfig) -> str:
-    """The commands that (re)make the trained model of `exp`."""
-    return (f"`dvc repro train@{exp.key}` (or `python -m stages.train --experiment {exp.name} "
-            f"--seed {exp.seed}`)")
-
-
-class ModelError(UserError, RuntimeError):
-    """A trained model folder that is missing or unreadable: names the file and the fix."""
-
-
-def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
-                    ema_snapshots: Optional[dict[int, Path]] = None) -> None:
-    """Write `models/<E>/` atomically from a final training state (see `pipeline.training`);
-    `ema_snapshots` ({step: file}) are copied to `models/<E>/checkpoints/ema_<step>.pt`."""
-    with atomic_dir(out) as tmp:
-        torch.save(ema_weights(state["ema"]), tmp / "ema.pt")
-        for step, source in (ema_snapshots or {}).items():
-            target = Path(ema_snapshot_path(tmp / CHECKPOINTS_DIR, step))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        torch.save(state["model"], tmp / "model.pt")
-        torch.save({"optimizer": state["optimizer"], "scheduler": state["scheduler"]},
-                   tmp / "optimizer.pt")
-        info = {"step": state["step"], "status": state["status"],
-                "image_shape": state["image_shape"], "data_levels": state["data_levels"],
-                "wall_s": state.get("wall_s"), **extra}
-        (tmp / "state.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
-
-
-def read_model_info(model_dir: Path, exp: ExperimentConfig) -> dict[str, Any]:
-    """models/<E>-<S>/state.json of `exp`: step, status, image shape, data levels, timings."""
-    path = Path(model_dir) / "state.json"
-    if not path.is_file():
-        raise ModelError(f"{path}: trained model not found; make it with {train_command(exp)}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: corrupt ({exc}); rerun {train_command(exp)}") from None
-
-
-def kept_ema_snapshots(model_dir: Path) -> dict[int, Path]:
-    """{step: file} of the EMA snapshots kept in `models/<E>/checkpoints/` (may be empty)."""
-    from pipeline.training import ema_snapshot_steps
-
-    return ema_snapshot_steps(Path(model_dir) / CHECKPOINTS_DIR)
-
-
-def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
-               device: str | torch.device = "cpu",
-               checkpoint_step: Optional[int] = None) -> torch.nn.Module:
-    """The experiment's U-Net with the saved `ema` (default) or raw `model` weights, eval mode;
-    with `checkpoint_step`, the EMA weights kept at that training step instead."""
-    info = read_model_info(model_dir, exp)
-    path = Path(model_dir) / f"{weights}.pt"
-    if checkpoint_step is not None:
-        path = Path(ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step))
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: weights not found; rerun "
-                         + train_command(exp)) from None
-    except Exception as exc:
-        raise ModelError(f"{path}: corrupt or truncated weights ({type(exc).__name__}); rerun "
-                         + train_command(exp)) from None
-    model = build_model(exp, tuple(info["image_shape"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit the model of params.yaml "
-                         f"({str(exc).splitlines()[0]}); rerun "
-                         + train_command(exp)) from None
-    return model.to(device).eval()
-
+from pipeline.models import ModelError, is_ok, load_model, read_model_info
 
 SAMPLES_FILE = "samples.npz"
 
@@ -136,11 +52,6 @@ def load_samples(folder: Path, exp: ExperimentConfig) -> tuple[np.ndarray, str]:
         raise ModelError(f"{path}: expected uint8 N x C x H x W images; remake them with "
                          f"{command}")
     return images, status
-
-
-def is_ok(info: dict[str, Any]) -> bool:
-
-    return info.get("status") == Status.OK
 
 
 @dataclass
@@ -194,3 +105,32 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
     prog = torch.stack(snapshots, dim=1).numpy() if snapshots else \
         np.zeros((0, 0, *image_shape), np.uint8)
     return SampleRun(images=images, progressive=prog, progressive_t=snapshot_t, wall_s=wall)
+
+
+def sample_run(exp: ExperimentConfig, models_dir: Path, out_dir: Path,
+               device: str = "cpu") -> Optional[SampleRun]:
+    """Sample run `exp` (models/<key>/, its EMA weights) into `out_dir`/<key>/: samples.npz,
+    grid.png and progressive.png (predicted x0 over time), written together. A model recorded
+    as unstable gets an empty samples.npz and figures that say so (returns None)."""
+    from pipeline.figures import save_placeholder, save_progressive, save_sample_grid
+
+    model_dir = Path(models_dir) / exp.key
+    info = read_model_info(model_dir, exp)
+    shape = tuple(info["image_shape"])
+    out = Path(out_dir) / exp.key
+    if not is_ok(info):
+        with atomic_dir(out) as tmp:
+            save_samples(tmp, None, info.get("status", Status.UNSTABLE.value), shape)
+            for name in ("grid.png", "progressive.png"):
+                save_placeholder(tmp / name, f"{exp.key}: training diverged (unstable)")
+        return None
+    model = load_model(exp, model_dir, "ema", device)
+    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=info["data_levels"])
+    result = generate(model, diffusion, exp, shape, seed=exp.seed + 1, device=device)
+    n = exp.sample.grid_size
+    with atomic_dir(out) as tmp:
+        save_samples(tmp, result.images, Status.OK.value, shape)
+        save_sample_grid(result.images[: n * n], tmp / "grid.png", nrow=n)
+        save_progressive(result.progressive, result.progressive_t, tmp / "progressive.png",
+                         f"{exp.key}: predicted x0 over time")
+    return result

@@ -1,14 +1,14 @@
-"""Results -> the paper's tables: Table 1 (sample quality and NLL), Table 2 (ablation), sweep.
+"""Results -> the paper's tables: Table 1 (sample quality and NLL) and Table 2 (ablation).
 
 Ho, Jain & Abbeel 2020, Table 1 ("CIFAR10 results. NLL measured in bits/dim.") and Table 2
 ("Unconditional CIFAR10 reverse process parameterization and training objective ablation"),
-built with pandas from the metrics/<experiment>-<seed>.json and _run.json files the evaluate
-stages write (`load_runs`), one row per experiment: the mean over its seeds (`aggregate`).
+built with pandas from the rows of `pipeline.results.aggregate`: one row per experiment, the
+mean over its seeds. The sweep's table is `pipeline.sweep_report`.
 
-Each table comes in two forms:
-- raw (`table1_raw`, `table2_raw`, `sweep_raw`): one row per experiment (or sweep cell), float
-  columns per metric with its interval; written as csv so `pandas.read_csv` gets them back;
-- formatted (`table1`, `table2`, `sweep_table`): strings shaped like the paper, written as
+Each table comes in two forms, from one pass over its rows (`build_tables`):
+- raw (`table1_raw`, `table2_raw`): one row per experiment, float columns per metric with its
+  interval; written as csv (`write_csv`) so `pandas.read_csv` gets them back;
+- formatted (`table1`, `table2`): strings shaped like the paper, written as
   markdown (`to_markdown`) and LaTeX (`to_latex`; symbols as math, e.g. `$\\Sigma$`; the
   tabular uses booktabs rules, so the including document needs `\\usepackage{booktabs}`).
 
@@ -38,18 +38,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import pandas as pd
 
-from pipeline.config import (LOSSES, MEAN_TYPES, SCHEDULES, SWEEP_WEIGHTINGS, VAR_TYPES,
-                             WEIGHTINGS, run_key)
-from pipeline.errors import UserError
-from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
-                                 metrics_path, run_info_path)
 from pipeline.io import atomic_path, write_text
-from pipeline.stats import Estimate, combine_seeds
+from pipeline.stats import Estimate
 from pipeline.status import Status
 
 GROUP_ORDER = ("mu", "eps", "x0")          # Table 2: baseline first, then ours, then extras
@@ -71,10 +65,6 @@ PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float] | None] = {
     ("eps", "fixed"): (7.67, 0.13, 13.51),
     ("eps", "simple"): (9.46, 0.11, 3.17),
 }
-
-
-class TablesError(UserError, ValueError):
-    """A missing or unreadable results file, phrased for the user: which file, how to make it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,107 +130,6 @@ TEX = Notation(
                 "learned_range": r"learned-range $\Sigma$"},
     pm=r" $\pm$ ", leq=r"$\leq$ ", dash="--", escape=tex_escape,
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Loading: one row per run, then one row per experiment (the mean over its seeds)
-# --------------------------------------------------------------------------------------------
-
-
-def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.DataFrame:
-    """Read the metrics of each (experiment, seed) (`load_run_metrics`) into one row each.
-
-    Columns: DESCRIPTORS, the float METRICS (NaN where not measured or the run is unstable), then
-    whatever else the files hold. Raises ResultsError naming the first missing or corrupt
-    file and the command that makes it.
-    """
-    runs = list(runs)
-    if not runs:
-        raise TablesError(f"{metrics_dir}: no experiments to tabulate; define them under "
-                          "'experiments' in params.yaml and run `dvc repro`")
-    keys = [run_key(e, s) for e, s in runs]
-    missing = [k for k in keys if not (metrics_path(metrics_dir, k).is_file()
-                                       and run_info_path(metrics_dir, k).is_file())]
-    if missing:
-        more = (f" ({len(missing) - 1} more missing: {', '.join(missing[1:])})"
-                if len(missing) > 1 else "")
-        try:
-            load_run_metrics(metrics_dir, missing[0], {})
-        except ResultsError as exc:
-            raise ResultsError(f"{exc}{more}") from None
-    allowed = {"mean_type": MEAN_TYPES, "var_type": VAR_TYPES, "loss": LOSSES,
-               "weighting": WEIGHTINGS, "schedule": SCHEDULES}
-    records = []
-    for (experiment, seed), key in zip(runs, keys):
-        record = load_run_metrics(metrics_dir, key, allowed)
-        record.update(experiment=experiment, seed=seed)
-        records.append(record)
-    df = pd.DataFrame.from_records(records)
-    for key in METRICS:
-        df[key] = df[key].astype("float64")
-    rest = [c for c in df.columns if c not in DESCRIPTORS and c not in METRICS]
-    return df[[*DESCRIPTORS, *METRICS, *rest]].reset_index(drop=True)
-
-
-def estimate(row: Mapping[str, Any], score: str) -> Estimate:
-    """The `Estimate` of `score` in a row of `aggregate` (or of `load_runs`)."""
-    return Estimate(float(row[score]), float(row[f"{score}_se"]),
-                    float(row.get(f"{score}_df", math.inf)))
-
-
-def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per experiment (in order of first appearance): its descriptors, `seeds` (how
-    many runs), `key` (the run's key where there is one seed), status
- (unstable if any seed diverged), and per score of SCORES the mean over
-    seeds with `_se`, `_df` (degrees of freedom: inf for one seed), `_sd` (between seeds, NaN
-    for one), `_low` and `_high` (the 95 % interval, `pipeline.stats.combine_seeds`)."""
-    records = []
-    for experiment, group in runs.groupby("experiment", sort=False):
-        rows = group.to_dict("records")
-        record = {key: rows[0][key] for key in DESCRIPTORS if key != "seed"}
-        record["seeds"] = len(rows)
-        record["key"] = run_key(experiment, rows[0]["seed"]) if len(rows) == 1 else None
-        unstable = any(r["status"] == Status.UNSTABLE for r in rows)
-        record["status"] = (Status.UNSTABLE if unstable else Status.OK).value
-        for score in SCORES:
-            combined = combine_seeds([estimate(r, score) for r in rows])
-            low, high = combined.interval() if not unstable else (math.nan, math.nan)
-            values = [r[score] for r in rows]
-            record.update({score: math.nan if unstable else combined.value,
-                           f"{score}_se": combined.se, f"{score}_df": combined.df,
-                           f"{score}_sd": float(np.std(values, ddof=1)) if len(rows) > 1
-                           else math.nan,
-                           f"{score}_low": low, f"{score}_high": high})
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def load_sweep_trials(path: str | Path) -> pd.DataFrame:
-    """Read the sweep's trials csv (a Ray Tune results table) with plain column names.
-
-    `config/schedule` and `config/weighting` (Ray Tune's spelling) become `schedule` and
-    `weighting`; the table needs schedule, weighting, fid and nll_bpd (status optional).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TablesError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")
-    try:
-        trials = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TablesError(f"{path}: not a readable csv ({str(exc).strip()}); "
-                          "rerun `dvc repro sweep`") from None
-    renames = {}
-    for key in ("schedule", "weighting"):
-        if key not in trials.columns:
-            nested = [c for c in trials.columns if str(c).split("/")[-1] == key]
-            if nested:
-                renames[nested[0]] = key
-    trials = trials.rename(columns=renames)
-    missing = [c for c in ("schedule", "weighting", "fid", "nll_bpd") if c not in trials.columns]
-    if missing:
-        raise TablesError(f"{path}: missing column(s) {', '.join(missing)}; "
-                          f"found: {', '.join(map(str, trials.columns))}")
-    return trials
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,19 +307,34 @@ def _reference_label(key: str, entry: Mapping[str, Any], notation: Notation) -> 
     return "Untrained model"
 
 
-def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
-                  notation: Notation) -> pd.DataFrame:
+def _paper_table1_label(objective: str, notation: Notation) -> str:
+    row = {"mean_type": "eps", "loss": "vlb" if objective == "fixed" else "simple",
+           "var_type": "fixed_large"}
+    return f"Paper: Ours ({_objective(row, notation, table=1)})"
+
+
+def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
+                  ) -> tuple[pd.DataFrame, Callable[[Notation], list[str]]]:
+    """Table 1's rows, built once: the numbers (`table1_raw`, its model column spelled in
+    TEXT) and a function giving each row's model label in a notation."""
     rows = _sorted_rows(df)
+    references = [(key, (reference or {})[key]) for key in ("real_data", "untrained", "ceiling")
+                  if (reference or {}).get(key) is not None]
+    papers = PAPER_TABLE1 if dataset == "cifar10" else ()
+
+    def labels(notation: Notation) -> list[str]:
+        return [*table1_labels(rows, notation),
+                *(_reference_label(key, entry, notation) for key, entry in references),
+                *(_paper_table1_label(paper[0], notation) for paper in papers)]
+
+    models = iter(labels(TEXT))
     records = []
-    for label, row in zip(table1_labels(rows, notation), rows):
-        records.append({"model": label, "source": "ours", "experiment": row["experiment"],
+    for row in rows:
+        records.append({"model": next(models), "source": "ours", "experiment": row["experiment"],
                         "status": row["status"], "seeds": row["seeds"],
                         **{k: row.get(k) for k in INTERVAL_COLUMNS}})
-    for key in ("real_data", "untrained", "ceiling"):
-        entry = (reference or {}).get(key)
-        if entry is None:
-            continue
-        record = {"model": _reference_label(key, entry, notation), "source": "reference",
+    for key, entry in references:
+        record = {"model": next(models), "source": "reference",
                   "experiment": None, "status": Status.OK.value, "seeds": 1}
         for score in TABLE1_SCORES:
             record[score] = entry.get(score)
@@ -440,43 +344,26 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str,
                 record[f"{score}_low"], record[f"{score}_high"] = \
                     Estimate(entry[score], se).interval()
         records.append(record)
-    if dataset == "cifar10":
-        for objective, is_mean, is_std, fid, nll, nll_train in PAPER_TABLE1:
-            paper_row = {"mean_type": "eps", "loss": "vlb" if objective == "fixed" else "simple",
-                         "var_type": "fixed_large"}
-            label = f"Paper: Ours ({_objective(paper_row, notation, table=1)})"
-            records.append({"model": label, "source": "paper", "experiment": None,
-                            "status": Status.OK.value, "seeds": None, "is_mean": is_mean,
-                            "is_mean_sd": is_std, "fid": fid, "nll_bpd": nll,
-                            "nll_bpd_train": nll_train})
+    for objective, is_mean, is_std, fid, nll, nll_train in papers:
+        records.append({"model": next(models), "source": "paper", "experiment": None,
+                        "status": Status.OK.value, "seeds": None, "is_mean": is_mean,
+                        "is_mean_sd": is_std, "fid": fid, "nll_bpd": nll,
+                        "nll_bpd_train": nll_train})
     out = pd.DataFrame.from_records(records, columns=["model", "source", "experiment", "status",
                                                       "seeds", *INTERVAL_COLUMNS])
     for key in INTERVAL_COLUMNS:
         out[key] = pd.to_numeric(out[key], errors="coerce").astype("float64")
-    return out
+    return out, labels
 
 
-def table1_raw(df: pd.DataFrame, reference: Mapping | None, dataset: str) -> pd.DataFrame:
-    """Table 1 as numbers: model, source (ours | reference | paper), experiment, status,
-    seeds, and for is_mean, fid, nll_bpd and nll_bpd_train the value, its 95 % interval
-    (`_low`, `_high`) and the sd over seeds or draws (`_sd`; the paper's IS ± for its rows)."""
-    return _table1_frame(df, reference, dataset, TEXT)
-
-
-def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
-           notation: Notation = TEXT) -> pd.DataFrame:
-    """Table 1 formatted like the paper: Model | IS | FID | NLL Test (Train).
-
-    Our experiments in the paper's order; then, when given, the reference rows (real data at
-    the samples' N, untrained model, NLL ceiling) from reference.json; for cifar10 the paper's
-    two rows ("Paper: ...")."""
-    raw = _table1_frame(df, reference, dataset, notation)
+def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> pd.DataFrame:
+    """Table 1 formatted in `notation` from its raw rows and their model labels."""
     cells = []
-    for row in raw.to_dict("records"):
+    for model, row in zip(models, raw.to_dict("records")):
         if _unstable(row):
-            cells.append([row["model"], *[notation.dash] * 3])
+            cells.append([model, *[notation.dash] * 3])
             continue
-        spread = row["source"] == "paper" or row["model"].startswith("Real data")
+        spread = row["source"] == "paper" or model.startswith("Real data")
         ceiling = row["source"] == "reference" and not _finite(row["fid"])
         if spread:  # the paper's ± and the real-data draws: mean ± sd
             is_cell = format_mean_std(row["is_mean"], row["is_mean_sd"], 2, notation)
@@ -487,12 +374,30 @@ def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
             fid_cell = format_score(row, "fid", 2, notation)
             nll_cell = format_score(row, "nll_bpd", 2, notation)
         if ceiling:  # the uniform distribution over the levels: an NLL, no samples
-            cells.append([row["model"], "", "", format_value(row["nll_bpd"])])
+            cells.append([model, "", "", format_value(row["nll_bpd"])])
             continue
 
-        cells.append([row["model"], is_cell, fid_cell,
+        cells.append([model, is_cell, fid_cell,
                       format_nll(nll_cell, row["nll_bpd_train"], notation)])
     return pd.DataFrame(cells, columns=["Model", "IS", "FID", "NLL Test (Train)"])
+
+
+def table1_raw(df: pd.DataFrame, reference: Mapping | None, dataset: str) -> pd.DataFrame:
+    """Table 1 as numbers: model, source (ours | reference | paper), experiment, status,
+    seeds, and for is_mean, fid, nll_bpd and nll_bpd_train the value, its 95 % interval
+    (`_low`, `_high`) and the sd over seeds or draws (`_sd`; the paper's IS ± for its rows)."""
+    return _table1_frame(df, reference, dataset)[0]
+
+
+def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
+           notation: Notation = TEXT) -> pd.DataFrame:
+    """Table 1 formatted like the paper: Model | IS | FID | NLL Test (Train).
+
+    Our experiments in the paper's order; then, when given, the reference rows (real data at
+    the samples' N, untrained model, NLL ceiling) from reference.json; for cifar10 the paper's
+    two rows ("Paper: ...")."""
+    raw, labels = _table1_frame(df, reference, dataset)
+    return _table1_cells(raw, labels(notation), notation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,14 +420,21 @@ def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
     return (Status.UNSTABLE.value, None) if values is None else (Status.OK.value, values)
 
 
-def _table2_frame(df: pd.DataFrame, dataset: str, notation: Notation) -> pd.DataFrame:
+def _table2_frame(df: pd.DataFrame, dataset: str
+                  ) -> tuple[pd.DataFrame, Callable[[Notation], list[tuple[str, str]]]]:
+    """Table 2's rows, built once: the numbers (`table2_raw`, its group and objective columns
+    spelled in TEXT) and a function giving each row's (group, objective) in a notation."""
     rows = _sorted_rows(df)
+
+    def labels(notation: Notation) -> list[tuple[str, str]]:
+        return [(notation.groups.get(row["mean_type"], str(row["mean_type"])), label)
+                for label, row in zip(table2_labels(rows, notation), rows)]
+
     columns = [f"{score}{suffix}" for score in TABLE2_SCORES
                for suffix in ("", "_low", "_high", "_sd")]
     records = []
-    for label, row in zip(table2_labels(rows, notation), rows):
-        record = {"group": notation.groups.get(row["mean_type"], str(row["mean_type"])),
-                  "objective": label,
+    for (group, objective), row in zip(labels(TEXT), rows):
+        record = {"group": group, "objective": objective,
                   **{k: row[k] for k in ("experiment", "mean_type", "var_type", "loss",
                                          "weighting", "schedule", "status", "seeds")},
                   **{k: row.get(k) for k in columns}}
@@ -537,14 +449,59 @@ def _table2_frame(df: pd.DataFrame, dataset: str, notation: Notation) -> pd.Data
     for key in (*columns, "is_mean_paper", "is_std_paper", "fid_paper"):
         if key in out.columns:
             out[key] = pd.to_numeric(out[key], errors="coerce").astype("float64")
-    return out
+    return out, labels
+
+
+def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str,
+                  notation: Notation) -> pd.DataFrame:
+    """Table 2 formatted in `notation` from its raw rows and their (group, objective)."""
+    columns = ["Objective", "IS", "FID", "NLL Test (Train)", "KID"]
+    paper = dataset == "cifar10"
+    if paper:
+        columns += ["IS (paper)", "FID (paper)"]
+    cells: list[list[str]] = []
+    group = None
+    for (row_group, objective), row in zip(labels, raw.to_dict("records")):
+        if row_group != group:
+            group = row_group
+            cells.append([group, *[""] * (len(columns) - 1)])
+        if _unstable(row):
+            ours = [notation.dash] * 4
+        else:
+            ours = [format_score(row, "is_mean", 2, notation),
+                    format_score(row, "fid", 2, notation),
+                    format_nll(format_score(row, "nll_bpd", 2, notation), row["nll_bpd_train"],
+                               notation),
+                    format_score(row, "kid_mean", significant_digits(row["kid_mean"]),
+                                 notation)]
+
+        theirs = []
+        if paper:
+            if row["paper_status"] == Status.UNSTABLE:
+                theirs = [notation.dash, notation.dash]
+            else:
+                theirs = [format_mean_std(row["is_mean_paper"], row["is_std_paper"], 2, notation),
+                          format_value(row["fid_paper"])]
+        cells.append([objective, *ours, *theirs])
+    return pd.DataFrame(cells, columns=columns)
 
 
 def table2_raw(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Table 2 as numbers: group, objective, the experiment's settings, status, seeds, and for
     is_mean, fid, nll_bpd, nll_bpd_train and kid_mean the value, `_low`, `_high`, `_sd`; for
     cifar10 also paper_status (ok | unstable | empty), is_mean_paper, is_std_paper, fid_paper."""
-    return _table2_frame(df, dataset, TEXT)
+    return _table2_frame(df, dataset)[0]
+
+
+def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.DataFrame:
+    """Table 2 formatted like the paper: Objective | IS | FID | NLL Test (Train) | KID.
+
+    Rows grouped under "μ̃ prediction (baseline)", "ε prediction (ours)" (and "x₀ prediction"),
+    each a header row with empty cells; within a group learned Σ, fixed Σ, simple, hybrid.
+    For cifar10 two more columns, "IS (paper)" and "FID (paper)", hold the paper's numbers.
+    """
+    raw, labels = _table2_frame(df, dataset)
+    return _table2_cells(raw, labels(notation), dataset, notation)
 
 
 def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
@@ -569,131 +526,6 @@ def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.DataFrame:
-    """Table 2 formatted like the paper: Objective | IS | FID | NLL Test (Train) | KID.
-
-    Rows grouped under "μ̃ prediction (baseline)", "ε prediction (ours)" (and "x₀ prediction"),
-    each a header row with empty cells; within a group learned Σ, fixed Σ, simple, hybrid.
-    For cifar10 two more columns, "IS (paper)" and "FID (paper)", hold the paper's numbers.
-    """
-    raw = _table2_frame(df, dataset, notation)
-    columns = ["Objective", "IS", "FID", "NLL Test (Train)", "KID"]
-    paper = dataset == "cifar10"
-    if paper:
-        columns += ["IS (paper)", "FID (paper)"]
-    cells: list[list[str]] = []
-    group = None
-    for row in raw.to_dict("records"):
-        if row["group"] != group:
-            group = row["group"]
-            cells.append([group, *[""] * (len(columns) - 1)])
-        if _unstable(row):
-            ours = [notation.dash] * 4
-        else:
-            ours = [format_score(row, "is_mean", 2, notation),
-                    format_score(row, "fid", 2, notation),
-                    format_nll(format_score(row, "nll_bpd", 2, notation), row["nll_bpd_train"],
-                               notation),
-                    format_score(row, "kid_mean", significant_digits(row["kid_mean"]),
-                                 notation)]
-
-        theirs = []
-        if paper:
-            if row["paper_status"] == Status.UNSTABLE:
-                theirs = [notation.dash, notation.dash]
-            else:
-                theirs = [format_mean_std(row["is_mean_paper"], row["is_std_paper"], 2, notation),
-                          format_value(row["fid_paper"])]
-        cells.append([row["objective"], *ours, *theirs])
-    return pd.DataFrame(cells, columns=columns)
-
-
-# --------------------------------------------------------------------------------------------
-# Sweep: schedule x weighting
-# --------------------------------------------------------------------------------------------
-
-
-
-def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
-    values = set(values)
-    return [v for v in known if v in values] + sorted(v for v in values if v not in known)
-
-
-def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per (schedule, weighting) cell: trials, ok_trials, fid, nll_bpd and nll_bpd_rung
-    (the means over the cell's usable trials: FID of the finished ones, the last NLL, the NLL at
-    the first ASHA rung), status ("ok"; "stopped" when every usable trial was stopped early,
-    with the NLL they reached and no FID; "unstable" when no trial is usable), and rank (1 =
-    best) by the NLL at the first rung, which every cell that trains has, measured on the same
-    images with the same noise draws in every trial."""
-    trials = trials.copy()
-    if "nll_bpd_rung" not in trials.columns:  # an older trials.csv: its last NLL
-        trials["nll_bpd_rung"] = trials["nll_bpd"]
-    trials["schedule"] = trials["schedule"].astype(str)
-    trials["weighting"] = trials["weighting"].astype(str)
-    status = (trials["status"].astype(str) if "status" in trials.columns
-              else pd.Series(Status.OK.value, index=trials.index))
-    trials["_ok"] = status == Status.OK
-    trials["_stopped"] = status == Status.STOPPED  # by ASHA: an NLL so far, no FID
-    records = []
-    for schedule in _ordered(trials["schedule"], SCHEDULES):
-        for weighting in _ordered(trials["weighting"], SWEEP_WEIGHTINGS):
-            cell = trials[(trials["schedule"] == schedule) & (trials["weighting"] == weighting)]
-            if cell.empty:
-                continue
-            ok = cell[cell["_ok"]]
-            usable = ok if len(ok) else cell[cell["_stopped"]]
-            records.append({
-                "schedule": schedule, "weighting": weighting,
-                "trials": len(cell), "ok_trials": len(ok),
-                "fid": pd.to_numeric(ok["fid"], errors="coerce").mean() if len(ok) else math.nan,
-                "nll_bpd": (pd.to_numeric(usable["nll_bpd"], errors="coerce").mean()
-                            if len(usable) else math.nan),
-                "nll_bpd_rung": (pd.to_numeric(usable["nll_bpd_rung"], errors="coerce").mean()
-                                 if len(usable) else math.nan),
-                "status": (Status.OK if len(ok) else Status.STOPPED if len(usable)
-                           else Status.UNSTABLE).value,
-            })
-    out = pd.DataFrame.from_records(records, columns=["schedule", "weighting", "trials",
-                                                      "ok_trials", "fid", "nll_bpd",
-                                                      "nll_bpd_rung", "status"])
-    for key in ("fid", "nll_bpd", "nll_bpd_rung"):
-        out[key] = out[key].astype("float64")
-    out["rank"] = out["nll_bpd_rung"].rank(method="min").astype("Int64")
-    return out
-
-
-SWEEP_CORNER = "Schedule (cells: FID / NLL at the first rung, #rank by that NLL)"
-
-
-def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Pivot schedule (rows) x weighting (columns); each cell "FID / NLL #rank"
-    ("3.17 / 3.75 #1"), with the NLL at the first ASHA rung, which compares every cell;
-    "stopped / NLL #rank" where the scheduler stopped every trial of the cell there (no FID);
-    "–" where every trial of the cell was unstable; empty where the sweep has no such cell."""
-    raw = sweep_raw(trials)
-    schedules = list(dict.fromkeys(raw["schedule"]))
-    weightings = _ordered(raw["weighting"], SWEEP_WEIGHTINGS)
-    cells = {(r["schedule"], r["weighting"]): r for r in raw.to_dict("records")}
-    rows = []
-    for schedule in schedules:
-        row = [schedule]
-        for weighting in weightings:
-            cell = cells.get((schedule, weighting))
-            if cell is None:
-                row.append("")
-            elif cell["status"] not in (Status.OK, Status.STOPPED):
-                row.append(TEXT.dash)
-            else:
-                fid = "stopped" if cell["status"] == Status.STOPPED else \
-                    format_value(cell["fid"]) or "n/a"
-                rank = f" #{cell['rank']}" if not pd.isna(cell["rank"]) else ""
-                row.append(f"{fid} / {format_value(cell['nll_bpd_rung']) or 'n/a'}{rank}")
-
-        rows.append(row)
-    return pd.DataFrame(rows, columns=[SWEEP_CORNER, *weightings])
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -716,7 +548,9 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
                           caption=caption, label=label)
 
 
-def _write_csv(path: Path, table: pd.DataFrame) -> Path:
+def write_csv(path: str | Path, table: pd.DataFrame) -> Path:
+    """Write `table` as csv (no index) atomically; return its path."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return path
@@ -727,42 +561,27 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def check_dataset(runs: pd.DataFrame, dataset: str) -> None:
-    """Every metrics file must come from the dataset the tables are for (no stale results)."""
-    for row in runs.to_dict("records"):
-        found = row.get("dataset")
-        if isinstance(found, str) and found and found != dataset:
-            key = run_key(row["experiment"], row["seed"])
-            raise TablesError(f"{key}.json: the metrics of run '{key}' are for dataset "
-                              f"'{found}', but params.yaml names '{dataset}'; rerun "
-                              f"`dvc repro evaluate@{key}`")
-
-
-def build_tables(metrics: pd.DataFrame, dataset: str, reference: Mapping | None = None,
-                 trials: pd.DataFrame | None = None) -> dict[str, Any]:
-    """Every table in every form from `aggregate`'s rows: table1 / table2 / sweep (formatted
-    text), *_tex (formatted LaTeX), *_raw (numbers); the sweep entries are None without trials;
-    plus dataset."""
-    tables: dict[str, Any] = {
+def build_tables(metrics: pd.DataFrame, dataset: str,
+                 reference: Mapping | None = None) -> dict[str, Any]:
+    """Tables 1 and 2 in every form from `aggregate`'s rows, each table's rows built once:
+    table1 / table2 (formatted text), *_tex (formatted LaTeX), *_raw (numbers); plus
+    dataset."""
+    raw1, models = _table1_frame(metrics, reference, dataset)
+    raw2, objectives = _table2_frame(metrics, dataset)
+    return {
         "dataset": dataset,
-        "table1": table1(metrics, reference, dataset),
-        "table1_tex": table1(metrics, reference, dataset, notation=TEX),
-        "table1_raw": table1_raw(metrics, reference, dataset),
-        "table2": table2(metrics, dataset),
-        "table2_tex": table2(metrics, dataset, notation=TEX),
-        "table2_raw": table2_raw(metrics, dataset),
-        "sweep": None,
-        "sweep_raw": None,
+        "table1": _table1_cells(raw1, models(TEXT), TEXT),
+        "table1_tex": _table1_cells(raw1, models(TEX), TEX),
+        "table1_raw": raw1,
+        "table2": _table2_cells(raw2, objectives(TEXT), dataset, TEXT),
+        "table2_tex": _table2_cells(raw2, objectives(TEX), dataset, TEX),
+        "table2_raw": raw2,
     }
-    if trials is not None:
-        tables["sweep"] = sweep_table(trials)
-        tables["sweep_raw"] = sweep_raw(trials)
-    return tables
 
 
 def write_tables(results_dir: str | Path, tables: Mapping[str, Any]) -> list[Path]:
-    """Write the output of `build_tables`, each file atomically: <results_dir>/table1.{md,csv,tex},
-    table2.{md,csv,tex} and, when the sweep was given, sweep.{md,csv}. Returns the paths."""
+    """Write the output of `build_tables`, each file atomically: <results_dir>/table1.{md,csv,tex}
+    and table2.{md,csv,tex}. Returns the paths."""
     results_dir = Path(results_dir)
     name = DATASET_NAMES.get(tables["dataset"], tables["dataset"])
     intervals = ("[a, b]: 95 \\% interval (jackknife over the samples; over the images for "
@@ -777,10 +596,7 @@ def write_tables(results_dir: str | Path, tables: Mapping[str, Any]) -> list[Pat
     paths = []
     for stem in ("table1", "table2"):
         paths.append(_write(results_dir / f"{stem}.md", to_markdown(tables[stem])))
-        paths.append(_write_csv(results_dir / f"{stem}.csv", tables[f"{stem}_raw"]))
+        paths.append(write_csv(results_dir / f"{stem}.csv", tables[f"{stem}_raw"]))
         paths.append(_write(results_dir / f"{stem}.tex",
                             to_latex(tables[f"{stem}_tex"], captions[stem], f"tab:{stem}")))
-    if tables.get("sweep") is not None:
-        paths.append(_write(results_dir / "sweep.md", to_markdown(tables["sweep"])))
-        paths.append(_write_csv(results_dir / "sweep.csv", tables["sweep_raw"]))
     return paths

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.status import Status
 from stages import _common
 
 
@@ -25,36 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.diffusion import GaussianDiffusion
-        from pipeline.figures import save_placeholder, save_progressive, save_sample_grid
-        from pipeline.io import atomic_dir
-        from pipeline.sampling import (generate, is_ok, load_model, read_model_info,
-                                       save_samples)
+        from pipeline.sampling import sample_run
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
-        model_dir = args.models / exp.key
-        info = read_model_info(model_dir, exp)
-        shape = tuple(info["image_shape"])
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         out = args.out / exp.key
-        if not is_ok(info):
-            with atomic_dir(out) as tmp:
-                save_samples(tmp, None, info.get("status", Status.UNSTABLE.value), shape)
-                for name in ("grid.png", "progressive.png"):
-                    save_placeholder(tmp / name, f"{exp.key}: training diverged (unstable)")
+        result = sample_run(exp, args.models, args.out, _common.device_for(exp.train.use_gpu))
+        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
+        if result is None:
             print(f"{exp.key} is unstable: wrote empty samples")
             return 0
-        device = _common.device_for(exp.train.use_gpu)
-        model = load_model(exp, model_dir, "ema", device)
-        diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=info["data_levels"])
-        result = generate(model, diffusion, exp, shape, seed=exp.seed + 1, device=device)
-        n = exp.sample.grid_size
-        with atomic_dir(out) as tmp:
-            save_samples(tmp, result.images, Status.OK.value, shape)
-            save_sample_grid(result.images[: n * n], tmp / "grid.png", nrow=n)
-            save_progressive(result.progressive, result.progressive_t, tmp / "progressive.png",
-                             f"{exp.key}: predicted x0 over time")
         tracker.log_metrics(run_id, {"sample_wall_s": result.wall_s,
                                      "sample_images_per_s": result.images_per_s})
         tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})

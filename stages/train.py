@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
         from pipeline import distributed
-        from pipeline.io import is_uri, write_text
-        from pipeline.sampling import write_model_dir
+        from pipeline.io import is_uri
+        from pipeline.loss_curve import save_loss_curve
+        from pipeline.models import write_model_dir
 
         storage = args.storage or exp.cluster.resolved_storage()
         print(distributed.connect(), flush=True)
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         write_model_dir(args.out / exp.key, state, extra, ema_snapshots=snapshots)
         if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
             shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
-        write_text(args.plots / f"{exp.key}.csv",
-                   "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in history))
+        save_loss_curve(args.plots / f"{exp.key}.csv", history)
 
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         tracker.log_params(run_id, exp.to_dict())

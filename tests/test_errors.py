@@ -37,8 +37,8 @@ def test_every_error_meant_for_the_user_is_caught_in_the_one_place(capsys):
     from pipeline.distributed import TrainingError
     from pipeline.evaluation import ResultsError
     from pipeline.metrics import MetricsError
-    from pipeline.sampling import ModelError
-    from pipeline.tables import TablesError
+    from pipeline.models import ModelError
+    from pipeline.results import TablesError
     from pipeline.tracking import TrackingError
     from pipeline.training import CheckpointError
     from stages.submit import SubmitError

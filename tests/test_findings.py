@@ -9,7 +9,7 @@ import pytest
 from pipeline import findings
 from pipeline.findings import (CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, REPRODUCED,
                                paper_rows)
-from pipeline.tables import aggregate
+from pipeline.results import aggregate
 
 ROWS = {
     "mu_vlb_learned": ("mu", "learned", "vlb"),
@@ -156,5 +156,5 @@ def test_findings_markdown_has_a_row_per_claim():
     md = findings.to_markdown(table)
     assert md.split("\n\n")[0].count("\n") == len(CLAIMS) + 1 and "jackknife" in md
     assert "| Verdict" in md or "Verdict |" in md
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="verdict"):  # no table without its verdicts
         findings.to_markdown(table.drop(columns="verdict"))

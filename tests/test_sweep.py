@@ -230,7 +230,8 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
 
 def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
     from pipeline.figures import save_sweep_heatmap
-    from pipeline.tables import SWEEP_CORNER, load_sweep_trials, sweep_raw, sweep_table
+    from pipeline.results import load_sweep_trials
+    from pipeline.sweep_report import SWEEP_CORNER, sweep_raw, sweep_table
 
     sweep, trials, tune_table = synthetic_sweep()
     path = tmp_path / "trials.csv"

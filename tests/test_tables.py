@@ -1,10 +1,15 @@
-"""pipeline.tables and stages.tabulate: the paper's Tables 1 and 2 and the sweep table."""
+"""pipeline.results, pipeline.tables, pipeline.sweep_report, pipeline.loss_curve and
+stages.tabulate: the study's results loaded, the paper's Tables 1 and 2, the sweep table, the
+loss curves."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,11 +18,15 @@ import yaml
 
 from pipeline.evaluation import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
                                  save_nll_per_image, save_reference, save_run_metrics)
-from pipeline.tables import (TEX, TablesError, aggregate, build_tables, format_interval,
-                             format_mean_std, format_nll, load_runs, load_sweep_trials,
-                             sweep_raw, sweep_table, table1, table1_raw, table2, table2_raw,
-                             to_markdown, write_tables)
+from pipeline.loss_curve import load_loss_curve, save_loss_curve
+from pipeline.results import (TablesError, aggregate, load_runs, load_sweep_trials, loss_figure,
+                              report, run_tabulate)
+from pipeline.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
+from pipeline.tables import (TEX, build_tables, format_interval, format_mean_std, format_nll,
+                             table1, table1_raw, table2, table2_raw, to_markdown, write_tables)
 from stages import tabulate as tabulate_stage
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 # The six rows of the paper's Table 2, in params.yaml order (not the table's order).
 SIX = {
@@ -440,8 +449,9 @@ def test_sweep_csv_missing_columns_is_an_error(tmp_path):
 
 def test_write_tables_md_csv_tex(six, tmp_path):
     trials = _trials().rename(columns=lambda c: c.split("/")[-1])
-    tables = build_tables(six.assign(dataset="cifar10"), "cifar10", REFERENCE, trials)
+    tables = build_tables(six.assign(dataset="cifar10"), "cifar10", REFERENCE)
     paths = write_tables(tmp_path / "results", tables)
+    paths += write_sweep(tmp_path / "results", build_sweep(trials))
     names = sorted(p.name for p in paths)
     assert names == sorted(["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv",
                             "table2.tex", "sweep.md", "sweep.csv"])
@@ -524,14 +534,137 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
 def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
     from pipeline.config import load_params
 
-    made = tabulate_stage.run_tabulate(load_params(_params(tmp_path)), metrics_dir,
-                                       tmp_path / "results", None)
+    made = run_tabulate(load_params(_params(tmp_path)), metrics_dir, tmp_path / "results", None)
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
                                                                    pd.DataFrame)
     assert made["sweep"] is None and made["dataset"] == "digits"
     assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 8
     assert list(made["findings"].columns) == ["claim", "paper", "ours", "interval", "verdict",
                                               "rule"]
+
+
+def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tmp_path,
+                                                                               metrics_dir):
+    from pipeline.config import load_params
+
+    plots = tmp_path / "plots"
+    save_loss_curve(plots / "eps_simple-0.csv", [(10, 0.5), (20, 0.25)])
+    (tmp_path / "sweep").mkdir()
+    _trials().to_csv(tmp_path / "sweep" / "trials.csv", index=False)
+    made = run_tabulate(load_params(_params(tmp_path)), metrics_dir, tmp_path / "results",
+                        tmp_path / "sweep" / "trials.csv", plots)
+    assert [p.name for p in made["paths"]] == [
+        "table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
+        "sweep.md", "sweep.csv", "findings.md", "findings.csv", "loss_curves.png",
+        "sweep_heatmap.png"]
+    assert all(p.is_file() for p in made["paths"])
+    pd.testing.assert_frame_equal(made["sweep"], sweep_table(load_sweep_trials(
+        tmp_path / "sweep" / "trials.csv")))
+    printed = report(made)
+    assert printed.startswith("Table 1\n\n| Model") and "\nSweep\n\n| Schedule" in printed
+
+
+@pytest.mark.parametrize("dataset, reference", [("digits", REFERENCE), ("cifar10", None),
+                                                ("cifar10", REFERENCE)])
+def test_build_tables_builds_each_table_once_and_matches_each_form_alone(six, dataset,
+                                                                          reference,
+                                                                          monkeypatch):
+    """One pass over each table's rows gives the same frames as building every form alone."""
+    import pipeline.tables as tables_module
+
+    df = six.assign(dataset=dataset)
+    alone = {"table1": table1(df, reference, dataset),
+             "table1_tex": table1(df, reference, dataset, notation=TEX),
+             "table1_raw": table1_raw(df, reference, dataset),
+             "table2": table2(df, dataset), "table2_tex": table2(df, dataset, notation=TEX),
+             "table2_raw": table2_raw(df, dataset)}
+    calls = []
+    sorted_rows = tables_module._sorted_rows
+    monkeypatch.setattr(tables_module, "_sorted_rows",
+                        lambda frame: calls.append(1) or sorted_rows(frame))
+    built = build_tables(df, dataset, reference)
+    assert len(calls) == 2  # once for Table 1, once for Table 2
+    assert built["dataset"] == dataset
+    for name, frame in alone.items():
+        pd.testing.assert_frame_equal(built[name], frame, obj=name)
+    assert "$" in "".join(built["table2_tex"]["Objective"])  # the TEX labels, not TEXT's
+
+
+# --------------------------------------------------------------------------------------------
+# loss curves
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_curve_bytes_are_step_and_the_repr_of_the_loss(tmp_path):
+    path = tmp_path / "plots" / "eps_simple-0.csv"
+    save_loss_curve(path, [(50, 0.1 + 0.2), (100, 1e-05), (150, float("nan")),
+                           (200, float("inf"))])
+    assert path.read_bytes() == (b"step,loss\n50,0.30000000000000004\n100,1e-05\n150,nan\n"
+                                 b"200,inf\n")
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # atomic
+
+
+def test_loss_curve_round_trip_is_exact_and_drops_non_finite_losses(tmp_path):
+    path = tmp_path / "curve.csv"
+    rng = np.random.default_rng(0)
+    losses = [float(v) for v in rng.random(50) * 10.0 ** rng.integers(-8, 3, 50)]
+    history = [(10 * (i + 1), v) for i, v in enumerate(losses)]
+    save_loss_curve(path, history)
+    steps, loaded = load_loss_curve(path)
+    assert steps == [s for s, _ in history] and loaded == losses  # bit for bit
+    assert all(type(s) is int for s in steps)
+
+    save_loss_curve(path, [(10, 0.7), (20, float("nan")), (30, 0.2), (40, float("-inf"))])
+    assert load_loss_curve(path) == ([10, 30], [0.7, 0.2])
+    save_loss_curve(path, [])
+    assert load_loss_curve(path) == ([], [])
+
+
+def test_loss_curve_reader_reads_what_pandas_reads(tmp_path):
+    """The train stage's file is also a DVC plot, read by pandas elsewhere: same numbers."""
+    path = tmp_path / "curve.csv"
+    save_loss_curve(path, [(1, 0.123456789012345678), (2, 3e-300), (3, float("nan"))])
+    frame = pd.read_csv(path)
+    frame = frame[np.isfinite(frame["loss"])]
+    assert load_loss_curve(path) == (frame["step"].tolist(), frame["loss"].tolist())
+
+
+def test_a_file_that_is_not_a_loss_curve_is_an_error(tmp_path):
+    path = tmp_path / "curve.csv"
+    path.write_text("split,image,bpd\ntest,0,3.4\n")
+    with pytest.raises(ValueError, match=r"curve\.csv: not a loss curve"):
+        load_loss_curve(path)
+
+
+def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkeypatch):
+    import pipeline.figures
+
+    drawn = {}
+    monkeypatch.setattr(pipeline.figures, "save_loss_curves",
+                        lambda curves, out, title: drawn.update(curves))
+    save_loss_curve(tmp_path / "a-0.csv", [(10, 0.5), (20, float("nan")), (30, 0.25)])
+    save_loss_curve(tmp_path / "b-0.csv", [(10, float("nan"))])
+    out = loss_figure(tmp_path, ["a-0", "b-0", "missing-0"], tmp_path / "loss.png")
+    assert out == tmp_path / "loss.png"
+    assert drawn == {"a-0": ([10, 30], [0.5, 0.25])}
+
+
+def test_tabulate_imports_no_training_code_and_train_reads_the_curve_format_alone():
+    """tabulate reads results and never the training code; the train stage's loss-curve writer
+    drags in no pandas, torch or tables code."""
+    code = ("import sys, stages.tabulate, pipeline.results, pipeline.sweep_report, "
+            "pipeline.findings, pipeline.figures\n"
+            "print(sorted(m for m in ('pipeline.training', 'pipeline.sampling', 'ray') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = ("import sys, pipeline.loss_curve\n"
+            "print(sorted(m for m in ('pandas', 'torch', 'pipeline.tables', 'pipeline.results') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("damage, expected", [
