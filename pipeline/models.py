@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, checkpoint_steps
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir
 from pipeline.status import Status
-from pipeline.training import build_model, ema_snapshot_path, ema_weights
+from pipeline.training import build_model, ema_snapshot_path, ema_snapshot_steps, ema_weights
 
 CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
 
@@ -55,6 +56,21 @@ def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
         (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
 
 
+def wanted_ema_snapshots(exp: ExperimentConfig, folder: Path | None, steps_done: int) -> dict[int, Path]:
+    """The EMA snapshots evaluate.checkpoints asks for ({step: file}); warns about missing ones
+    (a diverged run stops early)."""
+    wanted = exp.evaluate.checkpoints
+    if wanted is None or folder is None:
+        return {}
+    found = ema_snapshot_steps(folder)
+    steps = checkpoint_steps(exp.train) if wanted == "all" else list(wanted)
+    missing = [s for s in steps if s not in found and s <= steps_done]
+    if missing:
+        print(f"warning: {exp.key}: no EMA snapshot for step(s) {missing} in {folder}",
+              file=sys.stderr)
+    return {s: found[s] for s in steps if s in found}
+
+
 def read_model_info(model_dir: Path, exp: ExperimentConfig) -> dict[str, Any]:
     """models/<E>-<S>/state.json of `exp`: step, status, image shape, data levels, timings."""
     path = Path(model_dir) / "state.json"
@@ -68,8 +84,6 @@ def read_model_info(model_dir: Path, exp: ExperimentConfig) -> dict[str, Any]:
 
 def kept_ema_snapshots(model_dir: Path) -> dict[int, Path]:
     """{step: file} of the EMA snapshots kept in `models/<E>/checkpoints/` (may be empty)."""
-    from pipeline.training import ema_snapshot_steps
-
     return ema_snapshot_steps(Path(model_dir) / CHECKPOINTS_DIR)
 
 

@@ -237,6 +237,22 @@ def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
     return float(pd.to_numeric(at[column], errors="coerce").iloc[-1]) if len(at) else math.nan
 
 
+def save_sweep(out_dir: Path, table: pd.DataFrame, record: dict[str, Any]) -> list[Path]:
+    """Write the sweep's results: `trials.csv` (`trials_table`; read back by
+    `pipeline.results.load_sweep_trials`) and `best.yaml` (`best_record`), each atomically;
+    return their paths."""
+    import yaml
+
+    from pipeline.io import atomic_path, write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out_dir / "best.yaml", yaml.safe_dump(record, sort_keys=False))
+    return [out_dir / "trials.csv", out_dir / "best.yaml"]
+
+
 def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
 
     """The finished trial with the lowest FID (lowest NLL where no trial has a FID), or None."""

@@ -19,7 +19,20 @@ from pipeline.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def parser(prog: str, description: str, experiment: bool = False) -> argparse.ArgumentParser:
+# The study's folders, as every stage names them: --<name> (default: the folder).
+FOLDERS = {
+    "data": ("data/prepared", "the prepared data, <dataset>/{train,test}.npz"),
+    "models": ("models", "the trained models, models/<E>-<S>/ and models/classifier/"),
+    "samples": ("samples", "the samples, samples/<E>-<S>/"),
+    "metrics": ("metrics", "the metrics, <E>-<S>.json, _run.json, _nll.csv, reference.json"),
+    "plots": ("plots/loss", "the training loss curves, <E>-<S>.csv"),
+}
+
+
+def parser(prog: str, description: str, experiment: bool = False, folders: tuple[str, ...] = (),
+           out: tuple[str, str] | None = None) -> argparse.ArgumentParser:
+    """The stage's argument parser: --params, with `experiment` --experiment and --seed, an
+    option per name of `folders` (FOLDERS), and with `out` = (default, what) --out."""
     p = argparse.ArgumentParser(prog=f"python -m stages.{prog}", description=description)
     p.add_argument("--params", default="params.yaml", type=Path,
                    help="the study's params file (default: %(default)s)")
@@ -28,6 +41,13 @@ def parser(prog: str, description: str, experiment: bool = False) -> argparse.Ar
                        help="which entry of the `experiments` mapping in params.yaml")
         p.add_argument("--seed", "-s", type=int, default=None,
                        help="which of study.seeds to train with (default: the first)")
+    for name in folders:
+        default, what = FOLDERS[name]
+        p.add_argument(f"--{name}", default=default, type=Path,
+                       help=f"folder of {what} (default: %(default)s)")
+    if out is not None:
+        p.add_argument("--out", default=out[0], type=Path,
+                       help=f"{out[1]} (default: %(default)s)")
     return p
 
 

@@ -12,8 +12,6 @@ Writes models/classifier/info.json either way.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from stages import _common
 
 MIN_ACCURACY = 0.95
@@ -21,11 +19,8 @@ MIN_ACCURACY = 0.95
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("classifier", "Train (digits) or check (cifar10) the FID / IS feature "
-                       "extractor.")
-    p.add_argument("--data", default="data/prepared", type=Path,
-                   help="prepared data folder (default: %(default)s)")
-    p.add_argument("--out", default="models/classifier", type=Path,
-                   help="output folder (default: %(default)s)")
+                       "extractor.", folders=("data",),
+                       out=("models/classifier", "folder for classifier.pt and info.json"))
     args = p.parse_args(argv)
 
     def body(params) -> int:

@@ -20,17 +20,9 @@ from stages import _common
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("evaluate", "Measure FID / IS / KID and NLL (bits/dim) of one run.",
-                       experiment=True)
-    p.add_argument("--data", default="data/prepared", type=Path,
-                   help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default="models", type=Path,
-                   help="folder holding models/<E>-<S>/ and models/classifier/ "
-                        "(default: %(default)s)")
-    p.add_argument("--samples", default="samples", type=Path,
-                   help="folder holding samples/<E>-<S>/ (default: %(default)s)")
-    p.add_argument("--out", default="metrics", type=Path,
-                   help="folder for <E>-<S>.json, _nll.csv and _checkpoints.csv "
-                        "(default: %(default)s)")
+                       experiment=True, folders=("data", "models", "samples"),
+                       out=("metrics", "folder for <E>-<S>.json, _run.json, _nll.csv and "
+                                       "_checkpoints.csv"))
     p.add_argument("--figures", default="plots/fid_over_training", type=Path,
                    help="folder for <E>-<S>.png, FID and NLL over training "
                         "(default: %(default)s)")

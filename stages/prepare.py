@@ -5,22 +5,15 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.prepare",
-        description="Prepare the dataset named by data.dataset in params.yaml: write "
-                    "<out>/<dataset>/train.npz and test.npz (uint8 images N x C x H x W, "
-                    "int64 labels). The train/test split is seeded by data.seed.")
-    parser.add_argument("--params", default="params.yaml", type=Path,
-                        help="the study's params file (default: %(default)s)")
-    parser.add_argument("--out", default="data/prepared", type=Path,
-                        help="folder for the prepared splits (default: %(default)s)")
+    parser = _common.parser(
+        "prepare", "Prepare the dataset named by data.dataset in params.yaml: write "
+                   "<out>/<dataset>/train.npz and test.npz (uint8 images N x C x H x W, int64 "
+                   "labels). The train/test split is seeded by data.seed.",
+        out=("data/prepared", "folder for the prepared splits"))
     args = parser.parse_args(argv)
 
     def body(params) -> int:

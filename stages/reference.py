@@ -20,13 +20,8 @@ from stages import _common
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("reference", "Score real data and an untrained model (Table 1's "
-                       "reference rows).")
-    p.add_argument("--data", default="data/prepared", type=Path,
-                   help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default="models", type=Path,
-                   help="folder holding models/classifier/ (default: %(default)s)")
-    p.add_argument("--out", default="metrics/reference.json", type=Path,
-                   help="output file (default: %(default)s)")
+                       "reference rows).", folders=("data", "models"),
+                       out=("metrics/reference.json", "output file"))
     p.add_argument("--figures", default="samples/reference", type=Path,
                    help="folder for the untrained model's sample grid (default: %(default)s)")
     args = p.parse_args(argv)

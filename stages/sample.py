@@ -10,17 +10,12 @@ A model recorded as unstable gets an empty samples.npz and figures that say so.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _common.parser("sample", "Sample one trained experiment of the study.", experiment=True)
-    p.add_argument("--models", default="models", type=Path,
-                   help="folder holding models/<E>-<S>/ (default: %(default)s)")
-    p.add_argument("--out", default="samples", type=Path,
-                   help="folder for samples/<E>-<S>/ (default: %(default)s)")
+    p = _common.parser("sample", "Sample one trained experiment of the study.", experiment=True,
+                       folders=("models",), out=("samples", "folder for samples/<E>-<S>/"))
     args = p.parse_args(argv)
 
     def body(params) -> int:

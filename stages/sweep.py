@@ -14,30 +14,22 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (ASHA).")
-    p.add_argument("--data", default="data/prepared", type=Path,
-                   help="prepared data folder (default: %(default)s)")
-    p.add_argument("--models", default="models", type=Path,
-                   help="folder holding models/classifier/ (default: %(default)s)")
-    p.add_argument("--out", default="results/sweep", type=Path,
-                   help="folder for trials.csv and best.yaml (default: %(default)s)")
+    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (ASHA).",
+                       folders=("data", "models"),
+                       out=("results/sweep", "folder for trials.csv and best.yaml"))
     p.add_argument("--storage", default=None,
                    help="Ray Tune storage for trial logs and checkpoints: a path or a URI "
                         "(default: <$DDPM_STORAGE, else cluster.storage>/sweep)")
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        import yaml
-
         from pipeline.data import load_prepared, prepared_path
-        from pipeline.io import atomic_path, write_text
-        from pipeline.sweep import (best_record, best_trial, log_sweep, trial_probe,
+        from pipeline.sweep import (best_record, best_trial, log_sweep, save_sweep, trial_probe,
                                     trials_table)
 
         cfg = params.sweep
@@ -73,12 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         record["mlflow_sweep_run_id"] = parent
         record["tune_path"] = str(run.path)
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out / "trials.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        write_text(args.out / "best.yaml", yaml.safe_dump(record, sort_keys=False))
-        for name in ("trials.csv", "best.yaml"):
-            tracker.log_artifact(parent, args.out / name, "sweep")
+        for path in save_sweep(args.out, table, record):
+            tracker.log_artifact(parent, path, "sweep")
 
         counts = table["status"].value_counts().to_dict()
         print(f"sweep done in {run.wall_s:.0f}s (stage {time.monotonic() - start:.0f}s): "

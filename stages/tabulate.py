@@ -58,16 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         "tabulate", "Collect metrics/<experiment>-<seed>.json of every run in params.yaml into "
         "the paper's Table 1 and Table 2, judge the paper's claims (findings), and tabulate the "
         "sweep's schedule x weighting table when its trials csv exists: "
-        "<results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, sweep.{md,csv}.")
-    parser.add_argument("--metrics", default="metrics", type=Path,
-                        help="folder of <experiment>-<seed>.json metrics (default: %(default)s)")
+        "<results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, sweep.{md,csv}.",
+        folders=("metrics", "plots"))
     parser.add_argument("--results", default="results", type=Path,
                         help="folder for the tables (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
-    parser.add_argument("--plots", default="plots/loss", type=Path,
-                        help="folder of the training loss curves <experiment>-<seed>.csv "
-                             "(default: %(default)s)")
     parser.add_argument("--lock", default="dvc.lock", type=Path,
                         help="dvc.lock, whose stage hashes are tagged on each MLflow run "
                              "(default: %(default)s)")

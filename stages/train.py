@@ -20,40 +20,15 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from pipeline.status import Status
 from stages import _common
 
 
-def kept_snapshots(exp, folder: Path | None, steps_done: int) -> dict[int, Path]:
-    """The EMA snapshots evaluate.checkpoints asks for ({step: file}); warns about missing ones
-    (a diverged run stops early)."""
-    from pipeline.config import checkpoint_steps
-    from pipeline.training import ema_snapshot_steps
-
-    wanted = exp.evaluate.checkpoints
-    if wanted is None or folder is None:
-        return {}
-    found = ema_snapshot_steps(folder)
-    steps = checkpoint_steps(exp.train) if wanted == "all" else list(wanted)
-    missing = [s for s in steps if s not in found and s <= steps_done]
-    if missing:
-        print(f"warning: {exp.key}: no EMA snapshot for step(s) {missing} in {folder}",
-
-              file=sys.stderr)
-    return {s: found[s] for s in steps if s in found}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("train", "Train one experiment of the study with Ray Train.",
-                       experiment=True)
-    p.add_argument("--data", default="data/prepared", type=Path,
-                   help="prepared data folder (default: %(default)s)")
-    p.add_argument("--out", default="models", type=Path,
-                   help="folder for models/<E>-<S>/ (default: %(default)s)")
-    p.add_argument("--plots", default="plots/loss", type=Path,
-                   help="folder for the loss curve <E>-<S>.csv (default: %(default)s)")
+                       experiment=True, folders=("data", "plots"),
+                       out=("models", "folder for models/<E>-<S>/"))
     p.add_argument("--storage", default=None,
                    help="Ray Train storage for checkpoints: a path or a URI such as "
                         "s3://bucket/prefix (default: $DDPM_STORAGE, else cluster.storage)")
@@ -70,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import distributed
         from pipeline.io import is_uri
         from pipeline.loss_curve import save_loss_curve
-        from pipeline.models import write_model_dir
+        from pipeline.models import wanted_ema_snapshots, write_model_dir
 
         storage = args.storage or exp.cluster.resolved_storage()
         print(distributed.connect(), flush=True)
@@ -89,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                  "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
                  "final_loss": history[-1][1] if history else None,
                  "checkpoints": str(outcome.run_path)}
-        snapshots = kept_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
+        snapshots = wanted_ema_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
         write_model_dir(args.out / exp.key, state, extra, ema_snapshots=snapshots)
         if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
             shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
