@@ -400,14 +400,15 @@ def _number(value: Any, path: Path, key: str) -> float:
     return float(value)
 
 
-def _read_object(path: Path, key: str, what: str) -> dict[str, Any]:
-    hint = f"re{_make_hint(key)}"
+def _read_object(path: Path, what: str, make: str) -> dict[str, Any]:
+    """The JSON object in `path`, or ResultsError naming the file and `make`, the sentence that
+    says how to (re)make it ("make it with ...")."""
     if not path.is_file():
-        raise ResultsError(f"{path}: {what} of run '{key}' not found; {_make_hint(key)}")
-    raw = _read_json(path, hint)
+        raise ResultsError(f"{path}: {what} not found; {make}")
+    raw = _read_json(path, f"re{make}")
     if not isinstance(raw, dict):
         raise ResultsError(f"{path}: expected a JSON object of {what}, got "
-                           f"{type(raw).__name__}; {hint}")
+                           f"{type(raw).__name__}; re{make}")
     return raw
 
 
@@ -417,9 +418,9 @@ def load_run_metrics(metrics_dir: str | Path, key: str,
     values of `allowed` ({key: values}); metrics/<key>.json holds numbers only; METRICS are
     floats (NaN where not measured; all NaN for an unstable run)."""
     numbers_path = metrics_path(metrics_dir, key)
-    numbers = _read_object(numbers_path, key, "metrics")
+    numbers = _read_object(numbers_path, f"metrics of run '{key}'", _make_hint(key))
     info_path = run_info_path(metrics_dir, key)
-    record = _read_object(info_path, key, "description")
+    record = _read_object(info_path, f"description of run '{key}'", _make_hint(key))
     for name, value in numbers.items():
         if not _is_number(value):
             raise ResultsError(f"{numbers_path}: '{name}' must be a number, got {value!r}; "
@@ -478,9 +479,7 @@ def load_reference(metrics_dir: str | Path) -> Optional[dict]:
     path = Path(metrics_dir) / REFERENCE_FILE
     if not path.is_file():
         return None
-    raw = _read_json(path, "rerun the stage that writes it (`dvc repro reference`)")
-    if not isinstance(raw, dict):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = _read_object(path, "reference scores", "make them with `dvc repro reference`")
     for key in ("real_data", "untrained", "ceiling"):
         entry = raw.get(key)
         if entry is not None and not isinstance(entry, dict):
