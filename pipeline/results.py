@@ -1,7 +1,7 @@
 """The study's results as the `tabulate` stage reads them, and what it makes of them.
 
-Loading (the files the evaluate and sweep stages write; their formats live beside their writers,
-`pipeline.evaluation` and `pipeline.loss_curve`):
+Loading (the files the train, evaluate and sweep stages write; their formats live with their
+writers in `pipeline.records`, `pipeline.loss_curve` and `pipeline.sweep`):
 - runs: metrics/<experiment>-<seed>.json and _run.json, one row per run (`load_runs`), checked
   against the study's dataset (`check_dataset`); then one row per experiment, the mean over
   its seeds (`aggregate`); `estimate` reads one score of such a row as a `pipeline.stats`
@@ -25,8 +25,8 @@ import pandas as pd
 
 from pipeline.config import LOSSES, MEAN_TYPES, SCHEDULES, VAR_TYPES, WEIGHTINGS, run_key
 from pipeline.errors import UserError
-from pipeline.evaluation import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
-                                 metrics_path, run_info_path)
+from pipeline.records import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
+                              metrics_path, run_info_path)
 from pipeline.stats import Estimate, combine_seeds
 from pipeline.status import Status
 
@@ -171,7 +171,7 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     sweep_raw (numbers); findings (one row per claim of the paper); paths (the files written).
     """
     from pipeline import findings as paper_findings
-    from pipeline.evaluation import load_nll_per_image, load_reference, nll_path
+    from pipeline.records import load_nll_per_image, load_reference, nll_path
     from pipeline.figures import save_sweep_heatmap
     from pipeline.io import write_text
     from pipeline.sweep_report import build_sweep, write_sweep

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.evaluation import Apparatus, reference_scores, save_reference
+        from pipeline.evaluation import Apparatus, reference_scores
+        from pipeline.records import save_reference
         from pipeline.figures import save_sample_grid
 
         exp = params.base_experiment("untrained")

@@ -35,7 +35,7 @@ def test_every_error_meant_for_the_user_is_caught_in_the_one_place(capsys):
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.distributed import TrainingError
-    from pipeline.evaluation import ResultsError
+    from pipeline.records import ResultsError
     from pipeline.metrics import MetricsError
     from pipeline.models import ModelError
     from pipeline.results import TablesError

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.evaluation import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
-                                 save_nll_per_image, save_reference, save_run_metrics)
 from pipeline.loss_curve import load_loss_curve, save_loss_curve
+from pipeline.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
+                              save_nll_per_image, save_reference, save_run_metrics)
 from pipeline.results import (TablesError, aggregate, load_runs, load_sweep_trials, loss_figure,
                               report, run_tabulate)
 from pipeline.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
