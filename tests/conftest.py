@@ -24,7 +24,7 @@ STABLE_KEY, UNSTABLE_KEY = f"{STABLE}-0", f"{UNSTABLE}-0"  # their runs (seed 0)
 def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:
     """The shared study's params.yaml, edited in place from the project's (a subset of its
     experiments keeps their settings, so a one-experiment study trains the same `eps_simple`)."""
-    from test_stages import tiny
+    from helpers import tiny
 
     tiny(params, experiments=experiments)
     params["evaluate"].update(checkpoints="all", checkpoint_num_samples=40)
@@ -37,7 +37,7 @@ def shared_study(tmp_path_factory) -> Path:
     """The shared tiny study after one uninterrupted `dvc repro` (a few minutes)."""
     import time
 
-    from test_stages import make_study_repo, sh
+    from helpers import make_study_repo, sh
 
     repo = make_study_repo(tmp_path_factory.mktemp("shared"), shared_study_params)
     start = time.monotonic()

@@ -1,16 +1,35 @@
-"""Builders of small test data in the real formats, and assertions shared by test modules
-(import as `from helpers import ...`)."""
+"""Builders of small test data in the real formats, tiny studies in fresh git repositories, the
+environment commands run in, and assertions shared by test modules (import as
+`from helpers import ...`; tests/ is on sys.path). Heavy libraries (torch, Ray, MLflow, pandas)
+are imported inside the functions that need them.
+
+The stand-in feature extractor lives in helpers_metrics.py: the pipeline loads it by name
+(`helpers_metrics:TinyConvExtractor`) and it subclasses a torch-fidelity class, so it cannot be
+imported without torch."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
+
+PROJECT = Path(__file__).resolve().parents[1]  # read at call time: a script may point it elsewhere
+TESTS = Path(__file__).resolve().parent
+COPIED = ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".gitignore", "params.yaml")
+# Settings that point a command at a developer's own services: removed by env_for.
+SERVICE_SETTINGS = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "DDPM_STORAGE")
+# With env_for(..., isolated=True), every variable with one of these prefixes is removed too.
+ISOLATED_PREFIXES = ("RAY_", "MLFLOW_", "AWS_", "DDPM_")
 
 CIFAR10_CLASSES = [b"airplane", b"automobile", b"bird", b"cat", b"deer",
                    b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -76,6 +95,22 @@ def make_image_folder(path: str | Path, n: int, size: tuple[int, int] | int = (1
     return files
 
 
+def png_pixels(path: str | Path) -> np.ndarray:
+    """The PNG at `path` as an H x W x 3 uint8 RGB array (failing if it is not a PNG)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG", (path, image.format)
+        return np.asarray(image.convert("RGB"))
+
+
+def pixels_of_colour(pixels: np.ndarray, colour, tolerance: int = 40) -> np.ndarray:
+    """Mask of the pixels within `tolerance` (summed over R, G, B, 0..255) of `colour`, a
+    matplotlib colour such as "tab:blue"."""
+    from matplotlib.colors import to_rgb
+
+    target = np.round(np.array(to_rgb(colour)) * 255).astype(int)
+    return np.abs(pixels[..., :3].astype(int) - target).sum(axis=-1) < tolerance
+
+
 def assert_refused(raw, needles):
     """`raw` parses if `needles` is empty; else it is refused in one short line that holds
     every needle."""
@@ -103,3 +138,91 @@ def run_record(metrics_dir: str | Path, key: str) -> dict:
             if isinstance(v, bool) or not isinstance(v, (int, float))}
     assert not text, f"{key}.json holds more than numbers: {text}"
     return {**json.loads((metrics_dir / f"{key}_run.json").read_text()), **numbers}
+
+
+# --------------------------------------------------------------------------------------------
+# Running the project's commands, and tiny studies in fresh git repositories
+# --------------------------------------------------------------------------------------------
+
+
+def env_for(repo: Path | None = None, *, isolated: bool = False,
+            extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to run the project's commands in.
+
+    The venv's bin first on PATH, Ray without authentication, a git identity, and PYTHONPATH =
+    `repo` (the pipeline code to run), tests/ (none without `repo`). MLFLOW_TRACKING_URI,
+    RAY_ADDRESS and DDPM_STORAGE are removed, so a command uses the study's own MLflow, a Ray
+    instance of its own and its own checkpoint storage; with `isolated`, so is every RAY_*, MLFLOW_*, AWS_* and DDPM_* variable (for tests that
+    start their own servers and pass their settings). `extra` is applied last.
+    """
+    env = dict(os.environ)
+    for key in list(env):
+        if key in SERVICE_SETTINGS or key == "PYTHONPATH" or (
+                isolated and key.startswith(ISOLATED_PREFIXES)):
+            del env[key]
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    if repo is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(repo), str(TESTS)])
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "study"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "study@example.invalid"
+    return {**env, **(extra or {})}
+
+
+def sh(args, repo: Path, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """`args` run in `repo` with env_for(repo); with `check`, a failure shows its output."""
+    proc = subprocess.run(args, cwd=repo, env=env_for(repo), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_study_repo(root: Path, edit) -> Path:
+    """A fresh git repo holding the project's pipeline with a params.yaml changed by `edit`."""
+    repo = root / "study"
+    repo.mkdir()
+    for name in COPIED:
+        src = PROJECT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy2(PROJECT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "study"], repo)
+    return repo
+
+
+def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
+    """Edit the project's params in place into a tiny digits study (T = 20, 40 steps) of
+    `experiments` (the first is the sweep's base)."""
+    params["diffusion"]["num_timesteps"] = 20
+    params["train"].update(steps=40, batch_size=32, log_every=10, checkpoint_every=20,
+                           warmup_steps=5)
+    params["sample"].update(num_samples=60, batch_size=60, grid_size=6)
+    params["evaluate"].update(nll_num_images=20, classifier_steps=300, kid_subset_size=20,
+                              is_splits=2, reference_draws=3)
+    params["experiments"] = {k: params["experiments"][k] for k in experiments}
+    params["sweep"].update(base_experiment=experiments[0], schedules=["linear", "cosine"],
+                           weightings=["uniform"], steps=20, report_every=10,
+                           asha_grace_period=10, val_images=20, val_strata=5,
+                           fid_num_samples=50, fid_steps=5)
+
+
+def mlflow_runs(repo: Path):
+    """An MlflowClient on the study's mlflow.db, and the runs (mlflow Run objects) of its
+    `ddpm-digits` experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddpm-digits")
+    assert experiment is not None, "the study's MLflow experiment was not created"
+    return client, client.search_runs([experiment.experiment_id])

@@ -25,7 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_stages import TESTS, env_for, make_study_repo, sh, tiny
+
+from helpers import env_for, make_study_repo, sh, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -87,14 +88,6 @@ class Service:
         self._fh.close()
 
 
-def base_env(extra: dict) -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("RAY_", "MLFLOW_", "AWS_", "PYTHONPATH", "DDPM_"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
-    return {**env, **extra}
-
-
 @pytest.fixture(scope="module")
 def namespaces_work(tmp_path_factory):
     folder = tmp_path_factory.mktemp("unshare")
@@ -118,7 +111,7 @@ def s3(tmp_path_factory):
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url,
            "MLFLOW_S3_ENDPOINT_URL": url}
     server = Service([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                     base_env({}), folder / "moto.log")
+                     env_for(isolated=True), folder / "moto.log")
     try:
         wait_for(lambda: port_open(port), "moto server", proc=server.proc, log=server.log)
         client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing",
@@ -138,7 +131,7 @@ def mlflow_server(s3, tmp_path_factory):
                       str(port), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                       "--artifacts-destination", f"s3://{BUCKETS[1]}/artifacts",
                       "--workers", "1"],
-                     base_env(s3.env), folder / "mlflow.log")
+                     env_for(isolated=True, extra=s3.env), folder / "mlflow.log")
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
@@ -208,7 +201,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(namespaces_work, s3, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cluster")
-    env = base_env({**s3.env, "RAY_TRAIN_V2_ENABLED": "1"})
+    env = env_for(isolated=True, extra={**s3.env, "RAY_TRAIN_V2_ENABLED": "1"})
     running = Cluster(folder, env, hidden=[tmp_path_factory.getbasetemp()])
     try:
         yield running
@@ -236,7 +229,7 @@ def save_log(text: str, name: str, tmp_path: Path) -> None:
 def submit(repo: Path, env: dict, address: str, *command: str, on_line=None,
            timeout: float = 900) -> tuple[int, str]:
     """`python -m stages.submit` as a user runs it; `on_line(line)` sees each output line."""
-    run_env = {**base_env(env), "PYTHONPATH": f"{repo}{os.pathsep}{TESTS}"}
+    run_env = env_for(repo, isolated=True, extra=env)
     args = [sys.executable, "-m", "stages.submit", "--address", address,
             "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
     if command:
@@ -357,7 +350,7 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
     assert (repo / "results" / "table1.md").is_file() and (repo / "results" / "sweep").is_dir()
     shutil.rmtree(repo / "models")
     shutil.rmtree(repo / "samples")
-    pull = subprocess.run(["dvc", "pull"], cwd=repo, env={**env_for(repo), **s3.env},
+    pull = subprocess.run(["dvc", "pull"], cwd=repo, env=env_for(repo, extra=s3.env),
                           capture_output=True, text=True, timeout=300)
     assert pull.returncode == 0, pull.stderr[-3000:]
     assert (repo / "models" / "eps_simple-0" / "ema.pt").is_file()

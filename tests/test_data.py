@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from helpers import make_cifar10_archive, make_image_folder
@@ -407,7 +407,32 @@ def test_stage_prepare_help(capsys):
     assert "--params" in text and "--out" in text
 
 
-def test_data_config_fields_used_here_exist():
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    assert {"dataset", "cifar10_archive", "download", "folder", "image_size", "channels",
-            "test_fraction", "hflip"} <= names
+def test_the_data_section_of_params_yaml_is_what_prepare_reads(tmp_path, capsys, monkeypatch):
+    """The keys of params.yaml's data section reach prepare: a folder dataset's folder,
+    image_size, channels, test_fraction and seed shape the prepared splits; a value prepare
+    cannot use is refused in one line naming the key, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images", 20, size=(12, 10))
+    out = tmp_path / "prepared"
+
+    def prepare(seed, channels=1):
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"data": {
+            "dataset": "folder", "folder": str(tmp_path / "images"), "image_size": 8,
+            "channels": channels, "test_fraction": 0.25, "seed": seed}}))
+        code = prepare_stage.main(["--params", str(params), "--out", str(out / str(seed))])
+        return code, capsys.readouterr()
+
+    assert prepare(3)[0] == 0
+    train = load_prepared(out / "3" / "folder" / "train.npz").images
+    test = load_prepared(out / "3" / "folder" / "test.npz").images
+    assert train.shape == (15, 1, 8, 8) and test.shape == (5, 1, 8, 8)
+    assert prepare(4)[0] == 0
+    other = load_prepared(out / "4" / "folder" / "test.npz").images
+    assert not np.array_equal(test, other)  # data.seed draws the split
+
+    code, captured = prepare(5, channels=2)
+    assert code == 2 and not (out / "5").exists()
+    message = captured.err.strip()
+    assert message.startswith("error: ") and "\n" not in message
+    assert "data.channels" in message and "must be 1 or 3" in message

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from pipeline import config
-from pipeline.diffusion import (LOSSES, MEAN_TYPES, SAMPLERS, VAR_TYPES, WEIGHTINGS,
+from pipeline.diffusion import (LOSSES, MEAN_TYPES, SAMPLERS, VAR_TYPES,
                                 GaussianDiffusion, LossSecondMomentTimesteps,
                                 discretized_gaussian_log_likelihood, normal_kl, summarize_nll)
 from pipeline.schedules import beta_schedule

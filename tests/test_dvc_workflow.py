@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_stages import mlflow_runs, sh
+
+from helpers import mlflow_runs, sh
 
 # A setting only the evaluate and reference stages read: each experiment below reruns them and
 # tabulate (about 30 s), not the training.
@@ -114,7 +115,7 @@ def test_dvc_experiments_run_queue_and_match_their_mlflow_runs(repo):
         assert mine["eps_simple-0"].data.metrics["nll_bpd"] == pytest.approx(metrics["nll_bpd"])
         assert mine["tables"].info.status == "FINISHED"
     assert len({rows[n][EXPERIMENT_FILE]["nll_bpd"] for n in ("nll15", "nll12", "nll8")}) == 3
-    keep = "Experiment|State|fid$|is_mean$|nll_bpd$|" + KNOB  # the README's columns
+    keep = "Experiment|State|fid$|is_mean$|nll_bpd$|" + KNOB  # docs/dvc.md's columns
     table = sh(["dvc", "exp", "show", "--drop", ".*", "--keep", keep], repo).stdout
     print(f"$ dvc exp show --drop '.*' --keep '{keep}'\n{table}")
 

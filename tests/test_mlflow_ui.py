@@ -8,7 +8,8 @@ Table 2 row) and metrics, and its artifact view shows the sample grid and the FI
 figure.
 
 Screenshots are kept in $TEST_ARTIFACTS (else pytest's temp folder, printed with -s); with
-UPDATE_DOCS_SCREENSHOT=1 the runs table is also copied to docs/mlflow_runs.png (the README's).
+UPDATE_DOCS_SCREENSHOT=1 the runs table is also copied to docs/mlflow_runs.png (the screenshot
+in docs/dvc.md).
 Skipped when Chromium is not installed (`apt-get install chromium chromium-driver`; .ci/run
 does this).
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from test_stages import PROJECT, env_for
+from helpers import PROJECT, env_for
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
                                                 "google-chrome"))), None)

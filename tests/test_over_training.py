@@ -3,8 +3,10 @@ checkpoints, the csv DVC plots and the figure."""
 
 import math
 
+import numpy as np
 import pandas as pd
 
+from helpers import pixels_of_colour, png_pixels
 from pipeline.figures import save_scores_over_training
 from pipeline.over_training import COLUMNS, best_by_fid, final_scores, write_scores
 
@@ -35,9 +37,43 @@ def test_without_checkpoints_the_table_is_the_final_model(tmp_path):
     assert list(again.columns) == list(COLUMNS) and again["step"].tolist() == [450]
 
 
-def test_figure_is_written_with_and_without_scores(tmp_path):
+def test_figure_shows_both_scores_and_says_when_there_are_none(tmp_path):
+    """FID (blue) and NLL (orange) curves with the best step marked (green); a diverged run's
+    figure has the same size and neither curve nor marker."""
     save_scores_over_training([200, 400, 450], [9.0, 4.0, 5.0], [2.0, 1.9, 1.85],
                               tmp_path / "a.png", "eps_simple", best_step=400, note="quick FID")
     save_scores_over_training([], [], [], tmp_path / "b.png", "unstable")
-    for name in ("a.png", "b.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scored, empty = png_pixels(tmp_path / "a.png"), png_pixels(tmp_path / "b.png")
+    assert scored.shape == empty.shape == (400, 700, 3)
+    assert pixels_of_colour(scored, "tab:orange").sum() > 500  # the NLL curve and its axis
+    assert pixels_of_colour(scored, "tab:green").sum() > 10  # the best-FID marker
+    assert not pixels_of_colour(empty, "tab:orange").any()
+    assert not pixels_of_colour(empty, "tab:green").any()
+    # blue in the empty figure is the FID axis alone; the scored one adds the curve
+    blue = [pixels_of_colour(pixels, "tab:blue").sum() for pixels in (scored, empty)]
+    assert blue[0] > 3 * blue[1]
+
+
+def test_figure_follows_the_scores_and_marks_the_best_step(tmp_path):
+    """FID falling then rising vs rising then falling, over the same range (so the same FID
+    axis) and with the same NLL: where the two FID curves differ in the figure's left half, the
+    first is drawn high and the second low; the best-FID marker sits at the best step (right of
+    the centre for step 400, left of it for step 200)."""
+    steps, nll = [200, 400, 450], [1.5, 1.0, 2.0]
+    save_scores_over_training(steps, [9.0, 4.0, 5.0], nll, tmp_path / "falls.png", "e",
+                              best_step=400)
+    save_scores_over_training(steps, [4.0, 9.0, 5.0], nll, tmp_path / "rises.png", "e",
+                              best_step=200)
+    falls, rises = png_pixels(tmp_path / "falls.png"), png_pixels(tmp_path / "rises.png")
+    height, width = falls.shape[:2]
+    blue_falls = pixels_of_colour(falls, "tab:blue")[:, : width // 2]
+    blue_rises = pixels_of_colour(rises, "tab:blue")[:, : width // 2]
+    only_falls = np.nonzero(blue_falls & ~blue_rises)[0]  # rows
+    only_rises = np.nonzero(blue_rises & ~blue_falls)[0]
+    assert only_falls.size > 100 and only_rises.size > 100
+    assert only_falls.mean() + height / 4 < only_rises.mean()  # image rows count downwards
+
+    def marker_column(pixels):
+        return np.nonzero(pixels_of_colour(pixels, "tab:green"))[1].mean()
+
+    assert marker_column(falls) > width / 2 > marker_column(rises)

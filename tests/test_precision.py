@@ -73,7 +73,7 @@ def test_matmul_precision_sets_tf32_or_strict_fp32_and_restores_the_settings():
             assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
         assert matmul.fp32_precision == "tf32"
     assert (matmul.fp32_precision, conv.fp32_precision) == before
-    with pytest.raises(RuntimeError), matmul_precision("bf16"):
+    with pytest.raises(RuntimeError, match="an error inside the block"), matmul_precision("bf16"):
         assert matmul.fp32_precision == "ieee"  # bf16 autocast leaves float32 ops strict
         raise RuntimeError("an error inside the block")
     assert (matmul.fp32_precision, conv.fp32_precision) == before

@@ -1,6 +1,6 @@
 """Reliability, proven by injecting each fault for real: a killed Ray worker, a killed `dvc repro`,
 a diverging run, an unreachable MLflow server, broken params, corrupt and missing files, a writer
-killed mid-write. The README's "Reliability" section lists what each test guarantees.
+killed mid-write. docs/reliability.md lists what each test guarantees.
 
 The slow tests read the session's shared tiny study (`shared_study` in conftest.py: T = 20, 40
 steps, two experiments of which one diverges on purpose), reproduced once with a real
@@ -30,8 +30,7 @@ import yaml
 
 from conftest import STABLE_KEY as KEY
 from conftest import UNSTABLE_KEY, shared_study_params
-from helpers import run_record
-from test_stages import PROJECT, env_for, make_study_repo, mlflow_runs, sh, tiny
+from helpers import PROJECT, env_for, make_study_repo, mlflow_runs, run_record, sh, tiny
 
 STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
 EXPERIMENT_STAGES = ("train", "sample", "evaluate")
@@ -54,7 +53,7 @@ def stage(name: str, *args, cwd: Path, code: Path = PROJECT, env: dict | None = 
           timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m stages.<name> *args` in `cwd`, with the pipeline code of `code`."""
     return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd,
-                          env={**env_for(code), **(env or {})}, capture_output=True, text=True,
+                          env=env_for(code, extra=env), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -249,7 +248,7 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     # Ray's default 2 s controller poll (a user's setting overrides the local cluster's 0.5 s):
     # the checkpoints of steps 20 and 40 then register seconds apart, and the kill lands between
     # them; with 0.5 s polls this tiny run registers step 40 within a second of step 20.
-    env = {**env_for(repo), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+    env = env_for(repo, extra={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
     with open(tmp_path / "killed.log", "w") as out:
         proc = subprocess.Popen(["dvc", "repro", target], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -556,7 +555,7 @@ def test_corrupt_model_weights_name_the_file(tmp_path):
 
 
 def test_corrupt_classifier_weights_name_the_file(prepared, tmp_path):
-    from pipeline.metrics import DigitsClassifier, save_classifier
+    from pipeline.classifier import DigitsClassifier, save_classifier
 
     bad = tmp_path / "models" / "classifier" / "classifier.pt"
     save_classifier(DigitsClassifier(), bad)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import PROJECT, env_for
 from pipeline import cluster_job
 from pipeline.cluster_job import BundleError
 from pipeline.io import fetch_from_storage, write_to_storage
 
-PROJECT = Path(__file__).resolve().parents[1]
 
 DVC_YAML = {"stages": {"count": {
     "cmd": "python count.py", "deps": ["count.py"], "params": ["n"],
@@ -89,7 +89,7 @@ def test_fetch_refuses_a_bundle_whose_sources_changed_and_writes_nothing(study, 
     lock = (study / "dvc.lock").read_bytes()
     proc = subprocess.run([sys.executable, "-m", "stages.submit", "--fetch", "job-1"],
                           cwd=study, capture_output=True, text=True, timeout=120,
-                          env={**_env(), "PYTHONPATH": str(PROJECT)})
+                          env=env_for(PROJECT, isolated=True))
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert line.startswith("error: params.yaml changed since job job-1 was submitted")
@@ -97,7 +97,7 @@ def test_fetch_refuses_a_bundle_whose_sources_changed_and_writes_nothing(study, 
     assert (study / "dvc.lock").read_bytes() == lock
     missing = subprocess.run([sys.executable, "-m", "stages.submit", "--fetch", "job-2"],
                              cwd=study, capture_output=True, text=True, timeout=120,
-                             env={**_env(), "PYTHONPATH": str(PROJECT)})
+                             env=env_for(PROJECT, isolated=True))
     assert missing.returncode == 2 and "no results bundle" in missing.stderr
     assert str(remote / "ddpm-jobs" / "job-2.tar.gz") in missing.stderr
 
@@ -128,19 +128,10 @@ def test_storage_round_trip_through_a_local_folder(tmp_path):
     assert not (tmp_path / "scratch").exists()
 
 
-def _env():
-    import os
-
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "RAY_", "DDPM_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def submit(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stages.submit", *args], cwd=repo,
                           capture_output=True, text=True, timeout=120,
-                          env={**_env(), "PYTHONPATH": str(PROJECT)})
+                          env=env_for(PROJECT, isolated=True))
 
 
 @pytest.fixture

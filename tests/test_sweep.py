@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import assert_refused
+from helpers import assert_refused, env_for
 
 from pipeline.config import (SWEEP_WEIGHTINGS, ConfigError, SweepConfig, load_params,
                              parse_params)
@@ -286,7 +286,7 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
 
 
 def test_sweep_stage_help_and_bad_params(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_AUTH_MODE": "disabled"}
+    env = env_for(PROJECT)
     proc = subprocess.run([sys.executable, "-m", "stages.sweep", "--help"], cwd=PROJECT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
@@ -328,10 +328,7 @@ def tiny_params(root: Path) -> Path:
 
 
 def run_stage(args, cwd, timeout=600, env=None):
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_AUTH_MODE": "disabled",
-           **(env or {})}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = env_for(PROJECT, extra=env)
     proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"

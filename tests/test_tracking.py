@@ -359,7 +359,7 @@ def test_database_is_locked_is_retried_then_raised(monkeypatch):
         raise MlflowException("RESOURCE_DOES_NOT_EXIST")
 
     calls.clear()
-    with pytest.raises(MlflowException):
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):  # passed on as it is
         tracking._retry_if_locked(other_error)
     assert len(calls) == 1
 
