@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import LOSSES, MEAN_TYPES, SCHEDULES, VAR_TYPES, WEIGHTINGS, run_key
-from pipeline.errors import UserError
 from pipeline.records import (DESCRIPTORS, METRICS, SCORES, ResultsError, load_run_metrics,
                               metrics_path, run_info_path)
 from pipeline.stats import Estimate, combine_seeds
@@ -32,10 +31,6 @@ from pipeline.status import Status
 
 if TYPE_CHECKING:
     from pipeline.config import Params
-
-
-class TablesError(UserError, ValueError):
-    """A missing or unreadable results file, phrased for the user: which file, how to make it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +47,7 @@ def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.Da
     """
     runs = list(runs)
     if not runs:
-        raise TablesError(f"{metrics_dir}: no experiments to tabulate; define them under "
+        raise ResultsError(f"{metrics_dir}: no experiments to tabulate; define them under "
                           "'experiments' in params.yaml and run `dvc repro`")
     keys = [run_key(e, s) for e, s in runs]
     missing = [k for k in keys if not (metrics_path(metrics_dir, k).is_file()
@@ -119,11 +114,11 @@ def load_sweep_trials(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise TablesError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")
+        raise ResultsError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")
     try:
         trials = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TablesError(f"{path}: not a readable csv ({str(exc).strip()}); "
+        raise ResultsError(f"{path}: not a readable csv ({str(exc).strip()}); "
                           "rerun `dvc repro sweep`") from None
     renames = {}
     for key in ("schedule", "weighting"):
@@ -134,7 +129,7 @@ def load_sweep_trials(path: str | Path) -> pd.DataFrame:
     trials = trials.rename(columns=renames)
     missing = [c for c in ("schedule", "weighting", "fid", "nll_bpd") if c not in trials.columns]
     if missing:
-        raise TablesError(f"{path}: missing column(s) {', '.join(missing)}; "
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}; "
                           f"found: {', '.join(map(str, trials.columns))}")
     return trials
 
@@ -145,7 +140,7 @@ def check_dataset(runs: pd.DataFrame, dataset: str) -> None:
         found = row.get("dataset")
         if isinstance(found, str) and found and found != dataset:
             key = run_key(row["experiment"], row["seed"])
-            raise TablesError(f"{key}.json: the metrics of run '{key}' are for dataset "
+            raise ResultsError(f"{key}.json: the metrics of run '{key}' are for dataset "
                               f"'{found}', but params.yaml names '{dataset}'; rerun "
                               f"`dvc repro evaluate@{key}`")
 
@@ -214,7 +209,12 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
     for key in keys:
         path = Path(plots_dir) / f"{key}.csv"
         if path.is_file():
-            steps, losses = load_loss_curve(path)
+            try:
+                steps, losses = load_loss_curve(path)
+            except ValueError as exc:  # a bad header (named by the reader), or a bad line
+                problem = str(exc) if str(exc).startswith(str(path)) else \
+                    f"{path}: not a loss curve ({exc})"
+                raise ResultsError(f"{problem}; remake it with `dvc repro train@{key}`") from None
             if steps:
                 curves[key] = (steps, losses)
     save_loss_curves(curves, out, "training loss by experiment")

@@ -38,13 +38,12 @@ def test_every_error_meant_for_the_user_is_caught_in_the_one_place(capsys):
     from pipeline.records import ResultsError
     from pipeline.metrics import MetricsError
     from pipeline.models import ModelError
-    from pipeline.results import TablesError
     from pipeline.tracking import TrackingError
     from pipeline.training import CheckpointError
     from stages.submit import SubmitError
 
     for error in (BundleError, ConfigError, DataError, TrainingError, ResultsError,
-                  MetricsError, ModelError, TablesError, TrackingError, CheckpointError,
+                  MetricsError, ModelError, TrackingError, CheckpointError,
                   SubmitError):
         def body(params, error=error):
             raise error(f"{error.__name__}: what is wrong; what to do")

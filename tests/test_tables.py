@@ -19,7 +19,7 @@ import yaml
 from pipeline.loss_curve import load_loss_curve, save_loss_curve
 from pipeline.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
                               save_nll_per_image, save_reference, save_run_metrics)
-from pipeline.results import (TablesError, aggregate, load_runs, load_sweep_trials, loss_figure,
+from pipeline.results import (aggregate, load_runs, load_sweep_trials, loss_figure,
                               report, run_tabulate)
 from pipeline.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
 from pipeline.tables import (TEX, build_tables, format_interval, format_mean_std, format_nll,
@@ -438,7 +438,7 @@ def test_sweep_pivot_ranks_every_cell_by_the_nll_at_the_first_rung(tmp_path):
 def test_sweep_csv_missing_columns_is_an_error(tmp_path):
     path = tmp_path / "trials.csv"
     _trials().drop(columns="fid").to_csv(path, index=False)
-    with pytest.raises(TablesError, match=r"trials\.csv: missing column\(s\) fid"):
+    with pytest.raises(ResultsError, match=r"trials\.csv: missing column\(s\) fid"):
         load_sweep_trials(path)
 
 
@@ -634,6 +634,16 @@ def test_a_file_that_is_not_a_loss_curve_is_an_error(tmp_path):
     path.write_text("split,image,bpd\ntest,0,3.4\n")
     with pytest.raises(ValueError, match=r"curve\.csv: not a loss curve"):
         load_loss_curve(path)
+
+
+def test_a_corrupt_loss_curve_stops_tabulate_naming_the_file_and_the_fix(tmp_path):
+    (tmp_path / "a-0.csv").write_text("step,loss\n10,0.5\n20,1e-")  # cut off mid-write
+    (tmp_path / "b-0.csv").write_text("step,loss\n10\n")
+    for key in ("a-0", "b-0"):
+        with pytest.raises(ResultsError, match=rf"{key}\.csv: not a loss curve .*; remake it "
+                                               rf"with `dvc repro train@{key}`"):
+            loss_figure(tmp_path, [key], tmp_path / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
 
 
 def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkeypatch):
