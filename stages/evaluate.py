@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         result = evaluate_run(exp, args.data, args.models, args.samples,
                               _common.device_for(exp.train.use_gpu))
         paths = save_evaluation(result, exp, args.out, args.figures)
+        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         log_evaluation(tracker, run_id, result, paths)
         record = result.record
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"
