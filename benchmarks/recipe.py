@@ -67,13 +67,14 @@ class Probe:
 
     def fid(self, net, diffusion) -> float:
         from pipeline.data import to_uint8
-        from pipeline.metrics import compute_fidelity
+        from pipeline.metrics import fidelity_of
+        from pipeline.seeding import item_generators
 
-        generator = torch.Generator().manual_seed(1)
-        x = diffusion.sample(net, (self.args.fid_samples, *self.train.shape[1:]), generator)
+        generators = item_generators("sample", 1, range(self.args.fid_samples))
+        x = diffusion.sample(net, (self.args.fid_samples, *self.train.shape[1:]), generators)
         samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels)
-        return compute_fidelity(samples, self.train, extractor=self.extractor,
-                                weights_path=self.weights, is_splits=1)["fid"]
+        return fidelity_of(samples, self.train, extractor=self.extractor,
+                           weights_path=self.weights)["fid"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,8 +211,13 @@ class SampleConfig:
     grid_size: int = 10
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/precision.py
     compile: bool = False  # torch.compile the U-Net's forward (pays off on long runs)
+    # where the batches run (Ray workers, as train's): changes no sample, but use_gpu does
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
 
     def validate(self, where: str) -> None:
+        _validate_workers(self, where)
         _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
         _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
         _require(self.steps is None or self.steps >= 1, f"{where}.steps", "must be >= 1")
@@ -232,7 +237,6 @@ class EvaluateConfig:
     nll_batch_size: int = 800  # (image, timestep) pairs per network call
     is_splits: int = 1  # IS over all samples at once: the least biased at small N
     reference_draws: int = 10  # real-data draws of sample.num_samples images
-    kid_subset_size: int = 100  # of the quick FID / KID over training and in the sweep
     inception_weights: Optional[str] = None  # local inception-v3-compat weights (cifar10, offline)
     # null: by dataset (digits-classifier / inception-v3-compat); or "package.module:Class", a
     # torch-fidelity FeatureExtractorBase subclass with `feat` and `logits_unbiased` outputs
@@ -244,8 +248,13 @@ class EvaluateConfig:
     # `checkpoint_num_samples` samples and the stratified NLL, and reports the best-FID step.
     checkpoints: Optional[Union[Literal["all"], tuple[int, ...]]] = None
     checkpoint_num_samples: int = 200
+    # where the bound, the features and the checkpoints' scores run (Ray workers, as train's)
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
 
     def validate(self, where: str) -> None:
+        _validate_workers(self, where)
         _require(self.nll_num_images >= 1, f"{where}.nll_num_images", "must be >= 1")
         if isinstance(self.checkpoints, tuple):
             _require(len(self.checkpoints) >= 1 and all(s >= 1 for s in self.checkpoints),
@@ -259,7 +268,6 @@ class EvaluateConfig:
         _require(self.reference_draws >= 2, f"{where}.reference_draws",
                  "must be >= 2 (a spread needs two draws)")
 
-        _require(self.kid_subset_size >= 2, f"{where}.kid_subset_size", "must be >= 2")
         _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
         fx = self.feature_extractor
         _require(fx is None or fx in ("digits-classifier", "inception-v3-compat") or
@@ -724,6 +732,16 @@ def _check_checkpoint_steps(name: str, evaluate: EvaluateConfig, train: TrainCon
              f"step(s) {', '.join(map(str, bad))} have no checkpoint in experiment '{name}'; use "
              f"multiples of train.checkpoint_every ({train.checkpoint_every}) up to train.steps "
              f"({train.steps}), train.steps itself, or 'all'")
+
+
+# The keys that say where a section's work runs, and change none of its results but use_gpu
+# (another device, other kernels): no stage lists them among its DVC params.
+WORKER_KEYS = ("num_workers", "cpus_per_worker")
+
+
+def _validate_workers(section, where: str) -> None:
+    _require(section.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+    _require(section.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
 
 
 def _require(ok: bool, where: str, message: str) -> None:

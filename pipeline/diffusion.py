@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -44,11 +44,57 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
 
 
-def randn(shape, generator: Optional[torch.Generator], device=None, dtype=torch.float32):
-    """Standard normal noise drawn from `generator` (on its own device), moved to `device`."""
-    gen_device = generator.device if generator is not None else device
-    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
-    return noise.to(device) if device is not None else noise
+class StackedGenerator:
+    """One `torch.Generator` per row of a batch (EDM's StackedRandomGenerator): row r of every
+    draw comes from generator r, so an image's noise does not depend on which other images
+    share its batch. `pipeline.seeding.item_generators` makes one per image."""
+
+    def __init__(self, generators):
+        self.generators = list(generators)
+        if not self.generators:
+            raise ValueError("a StackedGenerator needs at least one generator")
+        self.device = self.generators[0].device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def draw(self, fn, shape, dtype) -> torch.Tensor:
+        """`fn` (torch.randn or torch.rand) of `shape`, row r from generator r."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} generators cannot draw a batch of "
+                             f"{shape[0]}")
+        return torch.stack([fn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+
+Generator = Union[torch.Generator, StackedGenerator]
+# the noise source of a bound term: one generator for every term, or a function of the term
+TermGenerators = Union[None, Generator, Callable[[int], Generator]]
+NLL_METHODS = ("exact", "stratified")
+
+
+def _term_generator(generator: TermGenerators, term: int) -> Optional[Generator]:
+    return generator(term) if callable(generator) else generator
+
+
+def _draw(fn, shape, generator: Optional[Generator], device, dtype) -> torch.Tensor:
+    if isinstance(generator, StackedGenerator):
+        values = generator.draw(fn, shape, dtype)
+    else:
+        gen_device = generator.device if generator is not None else device
+        values = fn(shape, generator=generator, device=gen_device, dtype=dtype)
+    return values.to(device) if device is not None else values
+
+
+def randn(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
+    """Standard normal noise drawn from `generator` (on its own device; a StackedGenerator
+    draws each row from its own), moved to `device`."""
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
+    """Uniform [0, 1) values drawn like `randn`."""
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -460,64 +506,81 @@ class GaussianDiffusion:
         return list(self.vb_terms_bpd(model, xs, self.q_sample(xs, t, noise), t,
                                       clip_denoised).view(len(ts), x0.shape[0]))
 
-    @torch.inference_mode()
-    def nll_bpd(self, model: Model, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
-                clip_denoised: Optional[bool] = None, progress: bool = False,
-                terms_per_call: int = 1) -> torch.Tensor:
-        """The full variational bound L = L_T + sum_t L_{t-1} (Eq. 5) per image, in bits/dim.
+    def num_bound_terms(self, method: str, num_strata: int) -> int:
+        """How many terms `method` sums per image: T (exact) or K strata (stratified)."""
+        if method not in NLL_METHODS:
+            raise ValueError(f"unknown NLL method '{method}'; choose one of: "
+                             f"{', '.join(NLL_METHODS)}")
+        return self.num_timesteps if method == "exact" else min(num_strata, self.num_timesteps)
 
-        One fresh x_t ~ q(x_t | x_0) per term, every timestep evaluated: shape (B,). The terms
-        are evaluated `terms_per_call` timesteps at a time (one network call on B x that many
-        inputs); the draws and the sum run in the same order whatever it is.
+    @torch.inference_mode()
+    def nll_bpd(self, model: Model, x0: torch.Tensor, generator: TermGenerators = None,
+                clip_denoised: Optional[bool] = None, progress: bool = False,
+                terms_per_call: int = 1, terms: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The full variational bound L = L_T + sum_t L_{t-1} (Eq. 5) per image, in bits/dim,
+        float64, shape (B,).
+
+        One fresh x_t ~ q(x_t | x_0) per term, every timestep evaluated (t = T-1 down to 0).
+        Term t draws its noise from `generator`, or from `generator(t)` where it is a function
+        of the term (per-term streams: `pipeline.seeding`). With `terms` (timesteps), only
+        those terms are summed and not L_T: a part of the bound, for work split over workers.
+        The terms are evaluated `terms_per_call` timesteps at a time (one network call on
+        B x that many inputs); the draws and the sum run in the same order whatever it is.
         """
         from pipeline.progress import progress_bar
 
-        order = list(range(self.num_timesteps - 1, -1, -1))
-        chunks = [order[i:i + terms_per_call] for i in range(0, len(order), terms_per_call)]
-        total = self.prior_bpd(x0)
-        for chunk in progress_bar(chunks, total=len(chunks), desc="nll (exact)",
-                                  enabled=progress):
+        order = list(range(self.num_timesteps - 1, -1, -1)) if terms is None else list(terms)
+        total = self.prior_bpd(x0.double()) if terms is None else \
+            torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        calls = [order[i:i + terms_per_call] for i in range(0, len(order), terms_per_call)]
+        for call in progress_bar(calls, total=len(calls), desc="nll (exact)", enabled=progress):
             ts, noises = [], []
-            for t_index in chunk:
+            for t_index in call:
                 ts.append(torch.full((x0.shape[0],), t_index, dtype=torch.long, device=x0.device))
-                noises.append(randn(x0.shape, generator, x0.device, x0.dtype))
+                noises.append(randn(x0.shape, _term_generator(generator, t_index), x0.device,
+                                    x0.dtype))
             for term in self._vb_terms_stacked(model, x0, ts, noises, clip_denoised):
-                total = total + term
+                total = total + term.double()
         return total
 
     @torch.inference_mode()
     def nll_bpd_stratified(self, model: Model, x0: torch.Tensor, num_strata: int,
-                           generator: Optional[torch.Generator] = None,
-                           clip_denoised: Optional[bool] = None,
-                           terms_per_call: int = 1) -> torch.Tensor:
-        """Unbiased estimate of `nll_bpd` from `num_strata` timesteps per image, shape (B,).
+                           generator: TermGenerators = None,
+                           clip_denoised: Optional[bool] = None, terms_per_call: int = 1,
+                           strata: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Unbiased estimate of `nll_bpd` from `num_strata` timesteps per image, float64,
+        shape (B,).
 
         0..T-1 is cut into K contiguous strata of sizes n_k; one t_k is drawn uniformly in each
         (independently per image) and L ~= L_T + sum_k n_k L_{t_k - 1}. Its expectation over the
         draws is the exact bound; `summarize_nll` gives the mean and its standard error.
-        `terms_per_call` strata share one network call, as in `nll_bpd`.
+        Stratum k draws t_k, then its noise, from `generator` or `generator(k)`; with `strata`,
+        only those strata are summed and not L_T, as `terms` in `nll_bpd`. `terms_per_call`
+        strata share one network call.
         """
-        num_strata = min(num_strata, self.num_timesteps)
+        num_strata = self.num_bound_terms("stratified", num_strata)
         edges = torch.linspace(0, self.num_timesteps, num_strata + 1).round().long()
         batch = x0.shape[0]
-        total = self.prior_bpd(x0)
-        for first in range(0, num_strata, terms_per_call):
+        order = list(range(num_strata)) if strata is None else list(strata)
+        total = self.prior_bpd(x0.double()) if strata is None else \
+            torch.zeros(batch, dtype=torch.float64, device=x0.device)
+        for first in range(0, len(order), terms_per_call):
             ts, noises, sizes = [], [], []
-            for k in range(first, min(first + terms_per_call, num_strata)):
+            for k in order[first:first + terms_per_call]:
                 lo, hi = int(edges[k]), int(edges[k + 1])
-                u = torch.rand((batch,), generator=generator,
-                               device=generator.device if generator is not None else x0.device)
-                ts.append((lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1)).to(x0.device))
-                noises.append(randn(x0.shape, generator, x0.device, x0.dtype))
+                stream = _term_generator(generator, k)
+                u = rand((batch,), stream, x0.device)
+                ts.append(lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1))
+                noises.append(randn(x0.shape, stream, x0.device, x0.dtype))
                 sizes.append(hi - lo)
             for size, term in zip(sizes, self._vb_terms_stacked(model, x0, ts, noises,
                                                                  clip_denoised)):
-                total = total + size * term
+                total = total + size * term.double()
         return total
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def sample(self, model: Model, shape, generator: Optional[torch.Generator] = None, *,
+    def sample(self, model: Model, shape, generator: Optional[Generator] = None, *,
                sampler: str = "ancestral", device=None, **kwargs) -> torch.Tensor:
         """Draw x_0 with `sampler` (default: ancestral sampling, Algorithm 2) from x_T ~ N(0, I)."""
         if sampler not in SAMPLERS:

@@ -8,6 +8,12 @@ One run (experiment E, seed S) is scored by `evaluate_run`:
   the data's own levels (its ceiling: log2(levels), a uniform distribution over the levels),
   with the bound of every image kept so that two runs can be compared image by image.
 
+Every network evaluation of it (the features of the samples and of the train split, the bound
+in parts of images x terms, the checkpoints' quick FIDs and bounds) is one `ShardedJob`
+(`evaluation_job`) that runs on Ray workers (`pipeline.distributed.run_chunks`, evaluate.
+num_workers of them); what comes back are sums of features per jackknife group, the features
+KID needs and the bound of each image, from which the statistics are computed here.
+
 The reference rows (`reference_scores`) are measured the way the runs are:
 - real data: `evaluate.reference_draws` draws of N real images (N = sample.num_samples), drawn
   at random from all prepared images (train and test) without regard to their labels, as a
@@ -30,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.records import METRICS, nll_path, save_nll_per_image, save_run_metrics
-from pipeline.stats import Estimate, FrechetReference, KernelReference, fidelity_scores
+from pipeline.stats import (KID_MAX_IMAGES, Estimate, FeatureMoments, KernelReference,
+                            fidelity_scores, kid_subset)
 from pipeline.status import Status
 
 FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> record names
@@ -47,67 +54,108 @@ def nll_ceiling(levels: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+NLL_SEED_OFFSET = 2  # a run's bound: stream ("nll", seed + 2)
+CHECKPOINT_SAMPLE_OFFSET, CHECKPOINT_NLL_OFFSET = 3, 4  # the checkpoints' quick scores
+
+
 @dataclass
 class Apparatus:
-    """What measures every run of a study: the prepared splits, the FID / IS feature extractor
-    and the train split's features (the reference side of FID and KID)."""
+    """What measures every run of a study: the prepared splits and the FID / IS feature
+    extractor (its name and weights file, checked)."""
 
     train: Any  # pipeline.data.Prepared
     test: Any
     extractor: str
     weights: Optional[str]
-    device: str
-    download: bool
-    reference_features: np.ndarray
-    frechet: FrechetReference
-    kernel: KernelReference
+    train_path: Path
+    test_path: Path
 
     @classmethod
-    def load(cls, exp, data_dir: Path, classifier_path: Path, device: str = "cpu") -> "Apparatus":
+    def load(cls, exp, data_dir: Path, classifier_path: Path) -> "Apparatus":
         from pipeline import metrics
         from pipeline.data import load_prepared, prepared_path
 
-        train = load_prepared(prepared_path(data_dir, exp.data.dataset, "train"))
-        test = load_prepared(prepared_path(data_dir, exp.data.dataset, "test"))
+        paths = [prepared_path(data_dir, exp.data.dataset, split) for split in ("train", "test")]
+        train, test = (load_prepared(path) for path in paths)
         extractor, weights = metrics.resolve_extractor(exp.data.dataset, exp.evaluate,
                                                        classifier_path, exp.data.download)
-        features, _ = metrics.extract_features(train.images, extractor=extractor,
-                                               weights_path=weights, device=device,
-                                               download=exp.data.download)
-        return cls(train=train, test=test, extractor=extractor, weights=weights, device=device,
-                   download=exp.data.download, reference_features=features,
-                   frechet=FrechetReference(features), kernel=KernelReference(features))
+        return cls(train=train, test=test, extractor=extractor, weights=weights,
+                   train_path=paths[0], test_path=paths[1])
 
-    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline import metrics
+    def digests(self) -> list[str]:
+        """What the scores depend on besides the run: the splits' and the weights' bytes."""
+        from pipeline.sharding import file_digest
 
-        return metrics.extract_features(images, extractor=self.extractor,
-                                        weights_path=self.weights, device=self.device,
-                                        download=self.download)
+        files = [self.train_path, self.test_path] + ([self.weights] if self.weights else [])
+        return [self.extractor, *(file_digest(f) for f in files)]
 
-    def fidelity(self, images: np.ndarray, is_splits: int, seed: int = 0) -> dict[str, Estimate]:
-        """FID, IS and KID of `images` against the train split, with standard errors."""
-        features, logits = self.features(images)
-        scores = fidelity_scores(features, logits, self.frechet, self.kernel,
-                                 is_splits=is_splits, seed=seed)
-        return {FIDELITY_KEYS[name]: value for name, value in scores.items()}
+    def extractor_weights(self) -> Optional[bytes]:
+        """The extractor's weights file as bytes, for workers that cannot read this disk."""
+        return Path(self.weights).read_bytes() if self.weights else None
 
-    def nll(self, model, diffusion, cfg, seed: int,
-            progress: bool = False) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
-        """The bound of the first `cfg.nll_num_images` test and train images: estimates, and
-        the bound of each image."""
-        from pipeline import metrics
+    def reference_chunks(self) -> list:
+        """Features of the train split: the reference side of FID (its sums) and KID (the
+        features of `kid_subset` of it)."""
+        from pipeline.sharding import feature_chunks
 
-        estimates, per_image = {}, {}
-        for split, key in NLL_SPLITS.items():
-            images = (self.test if split == "test" else self.train).images
-            nll = metrics.nll_bpd(model, diffusion, images[:cfg.nll_num_images],
-                                  method=cfg.nll, num_strata=cfg.nll_strata,
-                                  batch_size=cfg.nll_batch_size, seed=seed, device=self.device,
-                                  progress=progress)
-            estimates[key] = Estimate(nll["nll_bpd"], nll["nll_bpd_se"])
-            per_image[split] = nll["per_image"]
-        return estimates, per_image
+        n = len(self.train.images)
+        return feature_chunks("train", n, groups=1, kid=kid_subset(n), prefix="reference")
+
+    @staticmethod
+    def reference_side(chunks, run) -> tuple[FeatureMoments, KernelReference]:
+        from pipeline.sharding import merge_feature_parts
+
+        merged = merge_feature_parts(run.of(chunks), groups=1,
+                                     total=sum(c.args["count"] for c in chunks))
+        return merged.features[0], KernelReference(merged.kid_features)
+
+
+def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list:
+    """Features of a run's n samples, in jackknife groups, with KID's first images."""
+    from pipeline.sharding import JACKKNIFE_GROUPS, feature_chunks
+
+    return feature_chunks(images, n, groups=JACKKNIFE_GROUPS, kid=range(min(n, KID_MAX_IMAGES)),
+                          prefix=prefix)
+
+
+def scores_of(chunks, run, reference: FeatureMoments, kernel: KernelReference, is_splits: int,
+              seed: int, total: int) -> dict[str, Estimate]:
+    """FID, IS and KID with their standard errors, from a run's feature chunks."""
+    from pipeline.sharding import JACKKNIFE_GROUPS, merge_feature_parts
+
+    groups = merge_feature_parts(run.of(chunks), groups=JACKKNIFE_GROUPS, total=total)
+    scores = fidelity_scores(groups, reference, kernel, is_splits=is_splits, seed=seed)
+    return {FIDELITY_KEYS[name]: value for name, value in scores.items()}
+
+
+def nll_job_chunks(exp, model: str, seed: int, sizes: Mapping[str, int], prefix: str = "nll",
+                   method: Optional[str] = None) -> dict[str, list]:
+    """{split: the chunks of the bound of its first evaluate.nll_num_images images (of the
+    split's `sizes[split]`)}."""
+    from pipeline.diffusion import GaussianDiffusion
+    from pipeline.sharding import nll_chunks
+
+    cfg = exp.evaluate
+    method = method or cfg.nll
+    terms = GaussianDiffusion.from_config(exp.diffusion).num_bound_terms(method, cfg.nll_strata)
+    return {split: nll_chunks(model, split, min(cfg.nll_num_images, size), terms, method,
+                              cfg.nll_strata, cfg.nll_batch_size, seed, prefix=f"{prefix}-{split}")
+            for split, size in sizes.items()}
+
+
+def nll_of(chunks_by_split: Mapping[str, list],
+           run) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
+    """(estimates, {split: bound of each image}) from `nll_job_chunks`' results."""
+    from pipeline.sharding import assemble_nll_chunks
+    from pipeline.stats import mean_estimate
+
+    estimates, per_image = {}, {}
+    for split, chunks in chunks_by_split.items():
+        num_images = max(c.args["first"] + c.args["count"] for c in chunks)
+        values = assemble_nll_chunks(chunks, run.of(chunks), num_images)
+        estimates[NLL_SPLITS[split]] = mean_estimate(values)
+        per_image[split] = values
+    return estimates, per_image
 
 
 def flatten(estimates: Mapping[str, Estimate]) -> dict[str, float]:
@@ -123,6 +171,63 @@ def flatten(estimates: Mapping[str, Estimate]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarray,
+                   info: Mapping[str, Any], snapshots: Mapping[int, Path]):
+    """The evaluate stage's `ShardedJob` and its chunks by purpose: {"reference", "samples",
+    "nll" (by split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}."""
+    from pipeline.config import WORKER_KEYS
+    from pipeline.models import load_weights
+    from pipeline.sharding import (Chunk, ShardedJob, Workers, file_digest, job_name,
+                                   sample_chunks)
+
+    cfg = exp.evaluate
+    workers = Workers.of(cfg, "evaluate")
+    sizes = {"test": len(apparatus.test.images), "train": len(apparatus.train.images)}
+    parts: dict[str, Any] = {"reference": apparatus.reference_chunks(),
+                             "samples": sample_feature_chunks("samples", len(samples)),
+                             "nll": nll_job_chunks(exp, "ema", exp.seed + NLL_SEED_OFFSET, sizes),
+                             "checkpoints": {}}
+    models = {"ema": load_weights(exp, model_dir, "ema")}
+    n, steps = cfg.checkpoint_num_samples, exp.sample.steps or exp.diffusion.num_timesteps
+    for step in snapshots:
+        name = f"ema@{step}"
+        models[name] = load_weights(exp, model_dir, checkpoint_step=step)
+        sampled = [Chunk(f"checkpoint{step}-sample-{first:06d}", "sample_features",
+                         count * (steps + 1),
+                         {"model": name, "first": first, "count": count,
+                          "seed": exp.seed + CHECKPOINT_SAMPLE_OFFSET, "total": n, "groups": 1,
+                          "kid": []})
+                   for first, count in sample_chunks(n, exp.sample.batch_size)]
+        bound = nll_job_chunks(exp, name, exp.seed + CHECKPOINT_NLL_OFFSET, {"test": sizes["test"]},
+                               prefix=f"checkpoint{step}-nll", method="stratified")["test"]
+        parts["checkpoints"][step] = (sampled, bound)
+    chunks = [*parts["reference"], *parts["samples"], *(c for cs in parts["nll"].values()
+                                                          for c in cs),
+              *(c for sampled, bound in parts["checkpoints"].values() for c in (*sampled, *bound))]
+    settings = {section: {k: v for k, v in exp.to_dict()[section].items()
+                          if k not in WORKER_KEYS} for section in ("evaluate", "sample")}
+    name = job_name(exp, "evaluate", workers, *apparatus.digests(),
+                    file_digest(Path(model_dir) / "ema.pt"),
+                    {s: file_digest(p) for s, p in snapshots.items()},
+                    settings, exp.to_dict()["diffusion"], exp.to_dict()["model"],
+                    info["data_levels"], _array_digest(samples))
+    job = ShardedJob(
+        name=name, label=f"evaluate {exp.key}", unit="evaluations", chunks=chunks,
+        workers=workers,
+        spec={"experiment": exp.to_dict(), "image_shape": info["image_shape"],
+              "data_levels": info["data_levels"], "extractor": apparatus.extractor},
+        objects={"models": models, "extractor_weights": apparatus.extractor_weights(),
+                 "images": {"samples": samples, "train": apparatus.train.images,
+                            "test": apparatus.test.images[:cfg.nll_num_images]}})
+    return job, parts
+
+
+def _array_digest(images: np.ndarray) -> str:
+    from pipeline.io import sha256_hex
+
+    return sha256_hex(np.ascontiguousarray(images).tobytes())
+
+
 @dataclass
 class RunEvaluation:
     """What `evaluate_run` measured of one run."""
@@ -130,20 +235,22 @@ class RunEvaluation:
     record: dict[str, Any]  # descriptors, scores with standard errors, counts, timings
     per_image: dict[str, Any]  # {split: bound of each image}; empty lists when not measured
     scores: pd.DataFrame  # scores over training (pipeline.over_training.COLUMNS)
+    chunks: Any = None  # the job's ChunkStore: discard it once the outputs are written
 
 
 def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
-                 device: str = "cpu") -> RunEvaluation:
-    """Score run `exp` (models/<key>/, samples/<key>/): FID / IS / KID of its samples, the NLL
-    bound of its EMA model and, with evaluate.checkpoints, a quick FID and the stratified NLL
-    of every kept EMA snapshot. An unstable run (or one without samples) gets no scores."""
+                 storage: str | Path) -> RunEvaluation:
+    """Score run `exp` (models/<key>/, samples/<key>/) on Ray workers, finished chunks kept in
+    `storage`: FID / IS / KID of its samples, the NLL bound of its EMA model and, with
+    evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot. An
+    unstable run (or one without samples) gets no scores."""
     import sys
-    import time
 
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.over_training import best_by_fid, final_scores, score_checkpoints
-    from pipeline.models import is_ok, kept_ema_snapshots, load_model, read_model_info
+    from pipeline import distributed
+    from pipeline.models import is_ok, kept_ema_snapshots, read_model_info
+    from pipeline.over_training import best_by_fid, checkpoint_rows, final_scores
     from pipeline.sampling import load_samples
+    from pipeline.sharding import ChunkStore
 
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)
@@ -162,39 +269,37 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
               "images_per_s": info.get("images_per_s")}
     per_image = {"test": [], "train": []}
     scores = final_scores(record)  # no scores unless evaluated below
-    if is_ok(info) and sample_status == Status.OK:
-        start = time.monotonic()
-        apparatus = Apparatus.load(exp, data_dir, Path(models_dir) / "classifier" /
-                                   "classifier.pt", device)
-        estimates = apparatus.fidelity(samples, exp.evaluate.is_splits, seed=exp.seed)
-        model = load_model(exp, model_dir, "ema", device)
-        diffusion = GaussianDiffusion.from_config(exp.diffusion,
-                                                  data_levels=apparatus.train.levels)
-        nll, per_image = apparatus.nll(model, diffusion, exp.evaluate, seed=exp.seed + 2,
-                                       progress=True)
-        record.update(flatten({**estimates, **nll}))
-        record["evaluate_wall_s"] = time.monotonic() - start
-        scores = final_scores(record)
-        if exp.evaluate.checkpoints is not None:
-            kept = list(kept_ema_snapshots(model_dir))
-            if not kept:
-                print(f"warning: evaluate.checkpoints is set but {model_dir} keeps no EMA "
-                      f"snapshots; rerun `dvc repro train@{exp.key}`", file=sys.stderr)
-            start = time.monotonic()
-            scores = score_checkpoints(
-                exp, model_dir, kept, apparatus.train.images, apparatus.test.images,
-                extractor=apparatus.extractor, weights=apparatus.weights,
-                image_shape=tuple(info["image_shape"]), device=device, seed=exp.seed + 3,
-                data_levels=apparatus.train.levels)
-            best = best_by_fid(scores) or {}
-            record.update({"checkpoint_num_samples": exp.evaluate.checkpoint_num_samples,
-                           "best_checkpoint_step": best.get("step"),
-                           "best_checkpoint_fid": best.get("fid"),
-                           "best_checkpoint_nll_bpd": best.get("nll_bpd"),
-                           "checkpoints_wall_s": time.monotonic() - start})
-    elif record["status"] == Status.OK:
-        record["status"] = sample_status
-    return RunEvaluation(record=record, per_image=per_image, scores=scores)
+    if not (is_ok(info) and sample_status == Status.OK):
+        if record["status"] == Status.OK:
+            record["status"] = sample_status
+        return RunEvaluation(record=record, per_image=per_image, scores=scores)
+    apparatus = Apparatus.load(exp, data_dir, Path(models_dir) / "classifier" / "classifier.pt")
+    snapshots = {}
+    if exp.evaluate.checkpoints is not None:
+        snapshots = kept_ema_snapshots(model_dir)
+        if not snapshots:
+            print(f"warning: evaluate.checkpoints is set but {model_dir} keeps no EMA "
+                  f"snapshots; rerun `dvc repro train@{exp.key}`", file=sys.stderr)
+    job, parts = evaluation_job(exp, apparatus, model_dir, samples, info, snapshots)
+    run = distributed.run_chunks(job, storage)
+    reference, kernel = apparatus.reference_side(parts["reference"], run)
+    estimates = scores_of(parts["samples"], run, reference, kernel, exp.evaluate.is_splits,
+                          exp.seed, len(samples))
+    nll, per_image = nll_of(parts["nll"], run)
+    record.update(flatten({**estimates, **nll}))
+    record.update({"evaluate_wall_s": run.wall_s, "evaluate_workers": run.workers,
+                   "evaluate_evaluations_per_s": run.units_per_s,
+                   "evaluate_chunks": len(job.chunks), "evaluate_chunks_reused": run.reused})
+    scores = final_scores(record)
+    if exp.evaluate.checkpoints is not None:
+        scores = checkpoint_rows(exp, parts["checkpoints"], run, reference)
+        best = best_by_fid(scores) or {}
+        record.update({"checkpoint_num_samples": exp.evaluate.checkpoint_num_samples,
+                       "best_checkpoint_step": best.get("step"),
+                       "best_checkpoint_fid": best.get("fid"),
+                       "best_checkpoint_nll_bpd": best.get("nll_bpd")})
+    return RunEvaluation(record=record, per_image=per_image, scores=scores,
+                         chunks=ChunkStore(storage, job.name))
 
 
 def save_evaluation(result: RunEvaluation, exp, metrics_dir: Path,
@@ -251,29 +356,28 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
 # --------------------------------------------------------------------------------------------
 
 
-def real_data_draws(apparatus: Apparatus, num_images: int, draws: int, is_splits: int,
-                    seed: int = 0) -> dict[str, Any]:
-    """`draws` draws of `num_images` real images from all prepared images, each scored against
-    the rest of them: {fid, fid_sd, is_mean, is_mean_sd, kid_mean, kid_mean_sd, draws,
-    num_images, reference_images}."""
-    from pipeline.stats import inception_score
+def real_data_draws(features: np.ndarray, logits: np.ndarray, num_images: int, draws: int,
+                    is_splits: int, seed: int = 0) -> dict[str, Any]:
+    """`draws` draws of `num_images` real images from all prepared images (their `features` and
+    `logits`), each scored against the rest of them: {fid, fid_sd, is_mean, is_mean_sd,
+    kid_mean, kid_mean_sd, draws, num_images, reference_images}."""
+    from pipeline.stats import frechet_distance, inception_score_of
 
-    pool = np.concatenate([apparatus.train.images, apparatus.test.images])
-    features, logits = apparatus.features(pool)
-    num_images = min(num_images, len(pool) - 2)
+    num_images = min(num_images, len(features) - 2)
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(draws):
-        order = rng.permutation(len(pool))
+        order = rng.permutation(len(features))
         chosen, rest = order[:num_images], order[num_images:]
-        kernel = KernelReference(features[rest])
-        k_xx, sums = kernel.prepare(features[chosen])
-        rows.append({"fid": FrechetReference(features[rest]).distance(features[chosen]),
-                     "is_mean": inception_score(logits[chosen], is_splits),
-                     "kid_mean": kernel.distance(k_xx, sums, np.arange(num_images))})
+        kernel = KernelReference(features[rest][kid_subset(len(rest))])
+        k_xx, sums = kernel.prepare(features[chosen[:KID_MAX_IMAGES]])
+        rows.append({"fid": frechet_distance(FeatureMoments.of(features[chosen]),
+                                             FeatureMoments.of(features[rest])),
+                     "is_mean": inception_score_of(logits[chosen], is_splits),
+                     "kid_mean": kernel.distance(k_xx, sums, np.arange(len(k_xx)))})
     frame = pd.DataFrame(rows)
     out: dict[str, Any] = {"draws": draws, "num_images": int(num_images),
-                           "reference_images": int(len(pool) - num_images)}
+                           "reference_images": int(len(features) - num_images)}
     for key in FIDELITY_KEYS.values():
         out[key] = float(frame[key].mean())
         out[f"{key}_sd"] = float(frame[key].std(ddof=1)) if draws > 1 else math.nan
@@ -297,22 +401,73 @@ def untrained_model(exp, image_shape: tuple[int, int, int]):
     return model
 
 
-def reference_scores(exp, apparatus: Apparatus) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
-    """Table 1's reference rows measured like the runs, for the base experiment `exp`:
-    ({"real_data", "untrained", "ceiling"} as `save_reference` writes them, the untrained
-    model's samples)."""
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.sampling import generate
+def reference_job(exp, apparatus: Apparatus):
+    """The reference stage's `ShardedJob` and its chunks by purpose: {"pool" (the features of
+    every prepared image, kept per image), "untrained" (its samples, sampled and featurized),
+    "nll" (its bound, by split)}."""
+    from pipeline.config import WORKER_KEYS
+    from pipeline.sampling import SAMPLE_SEED_OFFSET
+    from pipeline.sharding import (JACKKNIFE_GROUPS, Chunk, ShardedJob, Workers, feature_chunks,
+                                   job_name, sample_chunks)
+
+    cfg, n = exp.evaluate, exp.sample.num_samples
+    workers = Workers.of(cfg, "evaluate")
+    shape = tuple(apparatus.train.images.shape[1:])
+    pool = np.concatenate([apparatus.train.images, apparatus.test.images])
+    steps = exp.sample.steps or exp.diffusion.num_timesteps
+    sizes = {"test": len(apparatus.test.images), "train": len(apparatus.train.images)}
+    parts = {"pool": feature_chunks("pool", len(pool), groups=1, kid=[], keep=True),
+             "untrained": [Chunk(f"untrained-{first:06d}", "sample_features", count * (steps + 1),
+                                 {"model": "untrained", "first": first, "count": count,
+                                  "seed": exp.seed + SAMPLE_SEED_OFFSET, "total": n,
+                                  "groups": JACKKNIFE_GROUPS,
+                                  "kid": [i for i in range(first, first + count)
+                                          if i < KID_MAX_IMAGES],
+                                  "keep_images": True})
+                           for first, count in sample_chunks(n, exp.sample.batch_size)],
+             "nll": nll_job_chunks(exp, "untrained", exp.seed + NLL_SEED_OFFSET, sizes)}
+    settings = {section: {k: v for k, v in exp.to_dict()[section].items()
+                          if k not in WORKER_KEYS} for section in ("evaluate", "sample")}
+    name = job_name(exp, "reference", workers, *apparatus.digests(), settings,
+                    exp.to_dict()["diffusion"], exp.to_dict()["model"])
+    chunks = [*parts["pool"], *parts["untrained"], *(c for cs in parts["nll"].values()
+                                                     for c in cs)]
+    job = ShardedJob(
+        name=name, label="reference", unit="evaluations", chunks=chunks, workers=workers,
+        spec={"experiment": exp.to_dict(), "image_shape": list(shape),
+              "data_levels": apparatus.train.levels, "extractor": apparatus.extractor},
+        objects={"models": {"untrained": untrained_model(exp, shape).state_dict()},
+                 "extractor_weights": apparatus.extractor_weights(),
+                 "images": {"pool": pool, "train": apparatus.train.images,
+                            "test": apparatus.test.images[:cfg.nll_num_images]}})
+    return job, parts
+
+
+def reference_scores(exp, apparatus: Apparatus, storage: str | Path
+                     ) -> tuple[dict[str, dict[str, Any]], np.ndarray, Any]:
+    """Table 1's reference rows measured like the runs, for the base experiment `exp`, on Ray
+    workers (finished chunks kept in `storage`): ({"real_data", "untrained", "ceiling"} as
+    `save_reference` writes them, the untrained model's samples, the job's ChunkStore to discard
+    once the outputs are written)."""
+    from pipeline import distributed
+    from pipeline.sharding import ChunkStore, per_image
 
     levels = apparatus.train.levels
     cfg = exp.evaluate
-    real = real_data_draws(apparatus, exp.sample.num_samples, cfg.reference_draws,
+    job, parts = reference_job(exp, apparatus)
+    run = distributed.run_chunks(job, storage)
+    pool = run.of(parts["pool"])
+    features, logits = per_image(pool, "features"), per_image(pool, "logits")
+    real = real_data_draws(features, logits, exp.sample.num_samples, cfg.reference_draws,
                            cfg.is_splits, seed=exp.data.seed)
-    shape = tuple(apparatus.train.images.shape[1:])
-    model = untrained_model(exp, shape)
-    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
-    run = generate(model, diffusion, exp, shape, seed=exp.seed + 1)
-    estimates = apparatus.fidelity(run.images, cfg.is_splits, seed=exp.seed)
-    nll, _ = apparatus.nll(model, diffusion, cfg, seed=exp.seed + 2)
+    n_train = len(apparatus.train.images)
+    train = features[:n_train]
+    reference = FeatureMoments.of(train)
+    kernel = KernelReference(train[kid_subset(n_train)])
+    estimates = scores_of(parts["untrained"], run, reference, kernel, cfg.is_splits, exp.seed,
+                          exp.sample.num_samples)
+    nll, _ = nll_of(parts["nll"], run)
+    images = per_image(run.of(parts["untrained"]), "images")
     return ({"real_data": real, "untrained": flatten({**estimates, **nll}),
-             "ceiling": {"levels": levels, "nll_bpd": nll_ceiling(levels)}}, run.images)
+             "ceiling": {"levels": levels, "nll_bpd": nll_ceiling(levels)}}, images,
+            ChunkStore(storage, job.name))

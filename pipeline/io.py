@@ -135,6 +135,29 @@ def write_to_storage(location: str | Path, data: bytes) -> None:
         out.write(data)
 
 
+def read_from_storage(location: str | Path) -> bytes:
+    """The bytes of the storage file `location`."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = storage_filesystem(location)
+    with fs.open_input_stream(path) as src:
+        return src.read()
+
+
+def list_storage(location: str | Path) -> list[str]:
+    """The names of the files in the storage folder `location` (none if it does not exist)."""
+    if not is_uri(location):
+        folder = Path(location)
+        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    import pyarrow.fs
+
+    fs, path = storage_filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
+    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
+
+
 def fetch_from_storage(location: str | Path, scratch: str | Path) -> Path:
     """A local folder with the files of the storage folder `location`: the folder itself where
     it is local, else a copy under `scratch` (empty if `location` does not exist)."""

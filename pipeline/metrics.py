@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,78 +148,167 @@ def _weights_for(extractor: str, weights_path: str | None, download: bool) -> st
     return None if weights_path is None else str(weights_path)
 
 
-def compute_fidelity(samples_uint8: Any, reference_uint8: Any, *, extractor: str,
-                     weights_path: str | None, is_splits: int = 10, kid_subset_size: int = 100,
-                     batch_size: int = 256, device: str = "cpu", download: bool = False,
-                     kid_subsets: int = 100, seed: int = 2020,
-                     verbose: bool = False) -> dict[str, float]:
-    """FID and KID of samples against reference images, and the samples' Inception Score.
+class FeatureNetwork:
+    """A study's feature extractor, built once (in a worker) and run on uint8 N x C x H x W
+    images: the layers that torch-fidelity's `extractor` uses for FID / KID and for IS (`feat`
+    and `logits_unbiased` of the digits classifier; `2048` and `logits_unbiased` of
+    inception-v3-compat), in batches of `batch_size`, as float32 numpy arrays (as computed)."""
 
-    samples_uint8, reference_uint8: uint8 N x C x H x W (C = 1 or 3). `extractor` is a
-    torch-fidelity feature extractor name ('digits-classifier', 'inception-v3-compat' or any
-    registered one), each metric on that extractor's default feature layer. IS splits are
-    clipped to the number of samples and the KID subset size to the smaller set, so small runs
-    work. `download` lets torch-fidelity fetch the Inception weights when no local file is found.
+    def __init__(self, extractor: str, weights_path: str | None, device: str = "cpu",
+                 batch_size: int = 256):
+        from torch_fidelity.utils import create_feature_extractor
 
-    Returns {'fid', 'is_mean', 'is_std', 'kid_mean', 'kid_std'} as floats.
-    """
-    samples = uint8_images(samples_uint8, "samples")
-    reference = uint8_images(reference_uint8, "reference images")
-    if len(samples) < 2 or len(reference) < 2:
-        raise MetricsError(f"FID / KID need at least 2 images on each side, got {len(samples)} "
-                           f"samples and {len(reference)} reference images")
-    resolved_weights = _weights_for(extractor, weights_path, download)
-    on_gpu = torch.device(device).type == "cuda"
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_UInt8ImageDataset(samples),
-        input2=_UInt8ImageDataset(reference),
-        isc=True, fid=True, kid=True,
-        feature_extractor=extractor,
-        feature_extractor_weights_path=resolved_weights,
-        isc_splits=max(1, min(is_splits, len(samples))),
-        kid_subsets=kid_subsets,
-        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
-        batch_size=batch_size,
-        cuda=on_gpu,
-        rng_seed=seed,
-        cache=False,
-        save_cpu_ram=True,  # no DataLoader worker processes: the images are already in memory
-        verbose=verbose,
-    )
-    return {
-        "fid": float(metrics[torch_fidelity.KEY_METRIC_FID]),
-        "is_mean": float(metrics[torch_fidelity.KEY_METRIC_ISC_MEAN]),
-        "is_std": float(metrics[torch_fidelity.KEY_METRIC_ISC_STD]),
-        "kid_mean": float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]),
-        "kid_std": float(metrics[torch_fidelity.KEY_METRIC_KID_STD]),
-    }
+        ensure_registered(extractor)
+        cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+        self.layers = (cls.get_default_feature_layer_for_metric("fid"),
+                       cls.get_default_feature_layer_for_metric("isc"))
+        self.on_gpu = torch.device(device).type == "cuda"
+        self.batch_size = batch_size
+        self.network = create_feature_extractor(
+            extractor, list(dict.fromkeys(self.layers)), cuda=self.on_gpu,
+            feature_extractor_weights_path=weights_path, verbose=False)
+
+    def __call__(self, images_uint8: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(features, logits) of the images."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        images = uint8_images(images_uint8)
+        features = get_featuresdict_from_dataset(_UInt8ImageDataset(images), self.network,
+                                                 self.batch_size, self.on_gpu, True, False)
+        return tuple(features[layer].float().numpy() for layer in self.layers)
 
 
 def extract_features(images_uint8: Any, *, extractor: str, weights_path: str | None,
                      batch_size: int = 256, device: str = "cpu",
                      download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(FID / KID features, IS logits) of uint8 N x C x H x W images: the layers that
-    torch-fidelity's `extractor` uses for FID and for IS (`feat` and `logits_unbiased` of the
-    digits classifier; `2048` and `logits_unbiased` of inception-v3-compat), as float64."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    """(FID / KID features, IS logits) of uint8 N x C x H x W images in this process, with the
+    extractor's weights resolved and checked first (`FeatureNetwork`)."""
+    network = FeatureNetwork(extractor, _weights_for(extractor, weights_path, download), device,
+                             batch_size)
+    return network(images_uint8)
+
+
+def fidelity_of(samples_uint8: Any, reference_uint8: Any, *, extractor: str,
+                weights_path: str | None, is_splits: int = 1, device: str = "cpu",
+                download: bool = False) -> dict[str, float]:
+    """{"fid", "is_mean", "kid_mean"} of samples against reference images, computed here
+    through the study's one path (`pipeline.stats`: FID from feature sums, IS from class
+    probability sums, KID over at most KID_MAX_IMAGES images each side); values only, no
+    standard errors. uint8 N x C x H x W images (C = 1 or 3), at least 2 on each side."""
+    from pipeline.stats import (KID_MAX_IMAGES, FeatureMoments, KernelReference,
+                                frechet_distance, inception_score_of, kid_subset)
+
+    samples = uint8_images(samples_uint8, "samples")
+    reference = uint8_images(reference_uint8, "reference images")
+    if len(samples) < 2 or len(reference) < 2:
+        raise MetricsError(f"FID / KID need at least 2 images on each side, got {len(samples)} "
+                           f"samples and {len(reference)} reference images")
+    network = FeatureNetwork(extractor, _weights_for(extractor, weights_path, download), device)
+    features, logits = network(samples)
+    reference_features, _ = network(reference)
+    kernel = KernelReference(reference_features[kid_subset(len(reference_features))])
+    k_xx, sums = kernel.prepare(features[:KID_MAX_IMAGES])
+    return {"fid": frechet_distance(FeatureMoments.of(features),
+                                    FeatureMoments.of(reference_features)),
+            "is_mean": inception_score_of(logits, is_splits),
+            "kid_mean": kernel.distance(k_xx, sums, np.arange(len(k_xx)))}
+
+
+# --------------------------------------------------------------------------------------------
+# NLL in bits/dim (the variational bound of Ho et al. 2020 Eq. 5), in parts
+# --------------------------------------------------------------------------------------------
+
+
+NLL_CALLS_PER_PART = 25  # network calls of one part of the bound: the unit of work of a worker
+
+
+@dataclass(frozen=True)
+class NllPart:
+    """A part of the bound of a set of images: images `first` .. `first + count - 1`, terms
+    `term_first` .. `term_first + term_count - 1` of the method's term order (exact: t = T-1
+    down to 0; stratified: strata 0..K-1), and L_T where `term_first` is 0."""
+
+    first: int
+    count: int
+    term_first: int
+    term_count: int
+
+
+def nll_layout(num_images: int, batch_size: int) -> tuple[int, int]:
+    """(images, terms) per network call: `batch_size` (image, term) pairs, as many images as
+    fit (all of them, or `batch_size`), the rest of the batch filled with terms."""
+    images_per_call = max(1, min(batch_size, num_images))
+    return images_per_call, max(1, batch_size // images_per_call)
+
+
+def nll_parts(num_images: int, num_terms: int, batch_size: int,
+              calls_per_part: int = NLL_CALLS_PER_PART) -> list[NllPart]:
+    """The parts of the bound of `num_images` images with `num_terms` terms each: blocks of the
+    images of one network call x blocks of `calls_per_part` calls' terms, images outermost.
+    They depend on the sizes alone, so each image's network calls (and so its floats) are the
+    same whoever computes which part, in whatever order."""
+    images_per_call, terms_per_call = nll_layout(num_images, batch_size)
+    terms_per_part = terms_per_call * calls_per_part
+    return [NllPart(first, min(images_per_call, num_images - first), term_first,
+                    min(terms_per_part, num_terms - term_first))
+            for first in range(0, num_images, images_per_call)
+            for term_first in range(0, num_terms, terms_per_part)]
+
+
+def nll_term_order(diffusion: Any, method: str, num_strata: int) -> list[int]:
+    """The terms of `method` in the order they are summed: timesteps T-1..0, or strata."""
+    if method == "exact":
+        return list(range(diffusion.num_timesteps - 1, -1, -1))
+    return list(range(diffusion.num_bound_terms(method, num_strata)))
+
+
+def nll_part(model: Any, diffusion: Any, images_uint8: Any, part: NllPart, *,
+             method: str, num_strata: int, batch_size: int, seed: int,
+             device: str | torch.device = "cpu") -> np.ndarray:
+    """The part `part` of the bound of each of its images (`images_uint8` are all the images,
+    or just the part's), in bits/dim, float64: the sum of its terms, plus L_T where it holds
+    term 0. Term j of image i draws its x_t from a generator of its own, seeded by ("nll",
+    seed, i * J + j) (J terms per image), so a part's values do not depend on the others.
+    Always strict float32 (`matmul_precision("fp32")`: no TF32 on GPU)."""
+    from pipeline.data import to_model_range
+    from pipeline.precision import matmul_precision
+    from pipeline.seeding import item_generators
 
     images = uint8_images(images_uint8)
-    resolved_weights = _weights_for(extractor, weights_path, download)
-    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
-    layers = (cls.get_default_feature_layer_for_metric("fid"),
-              cls.get_default_feature_layer_for_metric("isc"))
-    on_gpu = torch.device(device).type == "cuda"
-    network = create_feature_extractor(extractor, list(dict.fromkeys(layers)), cuda=on_gpu,
-                                       feature_extractor_weights_path=resolved_weights,
-                                       verbose=False)
-    features = get_featuresdict_from_dataset(_UInt8ImageDataset(images), network, batch_size,
-                                             on_gpu, True, False)
-    return tuple(features[layer].double().numpy() for layer in layers)
+    if len(images) > part.count:
+        images = images[part.first:part.first + part.count]
+    order = nll_term_order(diffusion, method, num_strata)
+    position = {term: j for j, term in enumerate(order)}
+    num_terms = len(order)
+    terms = order[part.term_first:part.term_first + part.term_count]
+    _, terms_per_call = nll_layout(part.count, batch_size)
+    indices = range(part.first, part.first + part.count)
+
+    def generators(term: int):
+        return item_generators("nll", seed, [i * num_terms + position[term] for i in indices],
+                               device)
+
+    x0 = to_model_range(images.to(device), diffusion.data_levels)
+    with matmul_precision("fp32"):
+        if method == "exact":
+            bpd = diffusion.nll_bpd(model, x0, generator=generators, terms=terms,
+                                    terms_per_call=terms_per_call)
+        else:
+            bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generators,
+                                               strata=terms, terms_per_call=terms_per_call)
+        if part.term_first == 0:
+            bpd = diffusion.prior_bpd(x0.double()) + bpd
+    return bpd.cpu().numpy()
 
 
-# --------------------------------------------------------------------------------------------
-# NLL in bits/dim (the variational bound of Ho et al. 2020 Eq. 5)
-# --------------------------------------------------------------------------------------------
+def assemble_nll(parts: list[NllPart], values: list[np.ndarray], num_images: int) -> np.ndarray:
+    """Each image's bound from its parts' values (`values[k]` of `parts[k]`), summed in term
+    order: the same floats whichever worker made which part."""
+    per_image = np.zeros(num_images, dtype=np.float64)
+    for part, value in sorted(zip(parts, values), key=lambda pv: (pv[0].first,
+                                                                   pv[0].term_first)):
+        per_image[part.first:part.first + part.count] += value
+    return per_image
 
 
 def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exact",
@@ -226,39 +316,26 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
     """Mean negative log-likelihood bound in bits/dim over `images_uint8`, with its standard
     error (over images, plus the timestep draws for the stratified estimator), and the bound of
-    each image (`per_image`, float64 numpy).
+    each image (`per_image`, float64 numpy), computed here part by part (`nll_parts`): the
+    same numbers as the evaluate stage's workers give.
 
     method `exact` evaluates every one of the T terms per image; `stratified` the unbiased
     K-timestep estimator (`GaussianDiffusion.nll_bpd_stratified`). `batch_size` is the
     network's batch: (image, timestep) pairs per call, so 100 images with batch_size 800 are
-    evaluated at 8 timesteps per call. Always strict float32 (`matmul_precision("fp32")`: no
-    TF32 on GPU), whatever precision trained the model.
+    evaluated at 8 timesteps per call.
     """
-    from pipeline.data import to_model_range
     from pipeline.diffusion import summarize_nll
-    from pipeline.precision import matmul_precision
+    from pipeline.progress import progress_bar
 
-    if method not in ("exact", "stratified"):
-        raise ValueError(f"unknown NLL method '{method}'; choose exact or stratified")
     images = uint8_images(images_uint8)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    per_image = []
-    images_per_call = max(1, min(batch_size, len(images)))
-    terms_per_call = max(1, batch_size // images_per_call)
-    for first in range(0, len(images), images_per_call):
-        x0 = to_model_range(images[first:first + images_per_call].to(device),
-                            diffusion.data_levels)
-        with matmul_precision("fp32"):
-            if method == "exact":
-                bpd = diffusion.nll_bpd(model, x0, generator=generator, progress=progress,
-                                        terms_per_call=terms_per_call)
-            else:
-                bpd = diffusion.nll_bpd_stratified(model, x0, num_strata, generator=generator,
-                                                   terms_per_call=terms_per_call)
-        per_image.append(bpd.double().cpu())
-    values = torch.cat(per_image)
-    mean, se = summarize_nll(values)
-    return {"nll_bpd": mean, "nll_bpd_se": se, "per_image": values.numpy()}
+    parts = nll_parts(len(images), diffusion.num_bound_terms(method, num_strata), batch_size)
+    values = [nll_part(model, diffusion, images, part, method=method, num_strata=num_strata,
+                       batch_size=batch_size, seed=seed, device=device)
+              for part in progress_bar(parts, total=len(parts), desc=f"nll ({method})",
+                                       enabled=progress)]
+    per_image = assemble_nll(parts, values, len(images))
+    mean, se = summarize_nll(torch.from_numpy(per_image))
+    return {"nll_bpd": mean, "nll_bpd_se": se, "per_image": per_image}
 
 
 def register_extractor_path(spec: str) -> str:
@@ -313,5 +390,5 @@ def ensure_registered(name: str) -> None:
         from pipeline.classifier import register_digits_extractor
 
         register_digits_extractor()
-    elif name != INCEPTION_EXTRACTOR:
+    elif name not in FEATURE_EXTRACTORS_REGISTRY:
         register_extractor_path(name)

@@ -117,3 +117,9 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
 def is_ok(info: dict[str, Any]) -> bool:
     """Whether a model's state.json says it trained without diverging."""
     return info.get("status") == Status.OK
+
+
+def load_weights(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
+                 checkpoint_step: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """The checked state dict of `load_model` (on the CPU): what a stage hands its workers."""
+    return load_model(exp, model_dir, weights, "cpu", checkpoint_step).state_dict()

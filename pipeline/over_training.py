@@ -2,7 +2,8 @@
 
 Ho et al. (2020) report each model at the checkpoint with the best FID over training. With
 `evaluate.checkpoints` set, the train stage keeps the EMA weights of those steps
-(`models/<E>/checkpoints/ema_<step>.pt`); `score_checkpoints` scores each of them with
+(`models/<E>/checkpoints/ema_<step>.pt`); the evaluate stage's workers score each of them
+(`checkpoint_rows` makes the table) with
 
 - FID (and IS) of `evaluate.checkpoint_num_samples` samples against the train split, drawn with
   the experiment's sampler from the same seed at every step (common random numbers, so the
@@ -29,38 +30,28 @@ COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_se", "num_samples", "nl
            "source")
 
 
-def score_checkpoints(exp: ExperimentConfig, model_dir: Path, steps: list[int],
-                      train_images: np.ndarray, test_images: np.ndarray, *, extractor: str,
-                      weights: Optional[str], image_shape: tuple[int, int, int],
-                      device: str = "cpu", seed: int = 0, progress: bool = True,
-                      data_levels: int = 256) -> pd.DataFrame:
-    """One row per step of `steps` (EMA snapshots in `model_dir/checkpoints/`), `COLUMNS`."""
-    from pipeline import metrics
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.models import load_model
-    from pipeline.sampling import generate
+def checkpoint_rows(exp: ExperimentConfig, checkpoints: dict[int, tuple[list, list]], run,
+                    reference) -> pd.DataFrame:
+    """One row per kept step (`COLUMNS`), from the evaluate job's chunks of each step
+    (`pipeline.evaluation.evaluation_job`: its samples' features, its stratified bound) and
+    the train split's feature sums `reference`."""
+    from pipeline.evaluation import nll_of
+    from pipeline.sharding import merge_feature_parts
+    from pipeline.stats import frechet_distance, inception_score, total
 
     cfg = exp.evaluate
-    diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=data_levels)
     rows = []
-    for step in steps:
-        model = load_model(exp, model_dir, device=device, checkpoint_step=step)
-        run = generate(model, diffusion, exp, image_shape, seed=seed, device=device,
-                       num_samples=cfg.checkpoint_num_samples, progress=progress,
-                       num_progressive=0, progressive_steps=1)
-        scores = metrics.compute_fidelity(
-            run.images, train_images, extractor=extractor, weights_path=weights,
-            is_splits=cfg.is_splits, kid_subset_size=cfg.kid_subset_size, device=device,
-            download=exp.data.download)
-        nll = metrics.nll_bpd(model, diffusion, test_images[:cfg.nll_num_images],
-                              method="stratified", num_strata=cfg.nll_strata,
-                              batch_size=cfg.nll_batch_size, seed=seed + 1, device=device)
-        rows.append({"step": step, "fid": scores["fid"], "is_mean": scores["is_mean"],
-                     "nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"],
-                     "num_samples": len(run.images), "nll_method": "stratified",
+    for step, (sampled, bound) in sorted(checkpoints.items()):
+        groups = merge_feature_parts(run.of(sampled), groups=1, total=cfg.checkpoint_num_samples)
+        nll, _ = nll_of({"test": bound}, run)
+        fid = frechet_distance(total(groups.features), reference)
+        rows.append({"step": step, "fid": fid,
+                     "is_mean": inception_score(groups.logits, cfg.is_splits),
+                     "nll_bpd": nll["nll_bpd"].value, "nll_bpd_se": nll["nll_bpd"].se,
+                     "num_samples": groups.count, "nll_method": "stratified",
                      "source": "checkpoint"})
-        print(f"checkpoint {exp.name}@{step}: FID {scores['fid']:.4g} "
-              f"({len(run.images)} samples), NLL {nll['nll_bpd']:.4g} bits/dim", flush=True)
+        print(f"checkpoint {exp.name}@{step}: FID {fid:.4g} ({groups.count} samples), NLL "
+              f"{nll['nll_bpd'].value:.4g} bits/dim", flush=True)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 

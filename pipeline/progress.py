@@ -149,3 +149,64 @@ class StepProgress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class ChunkProgress:
+    """One progress line for a job cut into chunks and spread over workers, e.g.
+    `sample eps_simple-0: 200/400 images (50%), 2/4 chunks (1 from storage), 15.3 images/s,
+    2 workers, elapsed 13s, ETA 13s`.
+
+    `done(units)` when a chunk comes back: a line at most every `every_s` seconds, and always
+    for the last chunk; `idle()` while waiting: a line when none was written for
+    `heartbeat_s`. The rate counts what this run computed (not chunks found in storage), over
+    the time since the job started, worker start-up included."""
+
+    def __init__(self, label: str, total_units: int, total_chunks: int, unit: str = "images",
+                 reused_units: int = 0, reused_chunks: int = 0, workers: int = 1,
+                 stream: Optional[TextIO] = None, every_s: float = 5.0,
+                 heartbeat_s: float = 60.0, clock=time.monotonic):
+        self.label, self.unit, self.workers = label, unit, workers
+        self.total_units, self.total_chunks = int(total_units), int(total_chunks)
+        self.reused_units, self.reused_chunks = int(reused_units), int(reused_chunks)
+        self.units = self.chunks = 0
+        self.stream = sys.stdout if stream is None else stream
+        self.every_s, self.heartbeat_s, self.clock = every_s, heartbeat_s, clock
+        self.start = self.last = clock()
+
+    @property
+    def rate(self) -> float:
+        elapsed = self.clock() - self.start
+        return self.units / elapsed if elapsed > 0 else math.nan
+
+    def line(self) -> str:
+        elapsed = self.clock() - self.start
+        done_units = self.reused_units + self.units
+        left = self.total_units - done_units
+        eta = left / self.rate if self.units and self.rate > 0 else math.inf
+        reused = f" ({self.reused_chunks} from storage)" if self.reused_chunks else ""
+        pct = 100.0 * done_units / self.total_units if self.total_units else 100.0
+        return (f"{self.label}: {done_units}/{self.total_units} {self.unit} ({pct:.0f}%), "
+                f"{self.reused_chunks + self.chunks}/{self.total_chunks} chunks{reused}, "
+                f"{self.rate:.4g} {self.unit}/s, {self.workers} "
+                f"worker{'s' if self.workers != 1 else ''}, elapsed "
+                f"{format_duration(elapsed)}, ETA {format_duration(eta if left else 0)}")
+
+    def done(self, units: int) -> Optional[str]:
+        """A chunk of `units` came back; returns the line written, if any."""
+        self.units += int(units)
+        self.chunks += 1
+        finished = self.reused_chunks + self.chunks >= self.total_chunks
+        if finished or self.clock() - self.last >= self.every_s:
+            return self._write()
+        return None
+
+    def idle(self) -> Optional[str]:
+        if self.clock() - self.last >= self.heartbeat_s:
+            return self._write()
+        return None
+
+    def _write(self) -> str:
+        self.last = self.clock()
+        line = self.line()
+        _write_line(self.stream, line)
+        return line

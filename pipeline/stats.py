@@ -77,62 +77,137 @@ def welch_df(a: Estimate, b: Estimate) -> float:
     return (va + vb) ** 2 / denominator if denominator > 0 else math.inf
 
 
-def jackknife(statistic: Callable[[np.ndarray], float], n: int,
-              groups: int = JACKKNIFE_GROUPS, seed: int = 0) -> Estimate:
-    """statistic(all indices) and its delete-a-group jackknife standard error: the n items cut
-    into min(n, groups) random groups, the statistic recomputed without each,
+def delete_a_group(statistic: Callable[[np.ndarray], float], groups: int) -> Estimate:
+    """statistic(every group) and its delete-a-group jackknife standard error: `statistic`
+    takes the indices of the groups it keeps, and is recomputed without each group in turn,
     se^2 = (G - 1) / G * sum_g (theta_(g) - mean)^2."""
-    order = np.random.default_rng(seed).permutation(n)
-    parts = np.array_split(order, min(n, groups))
-    everything = np.arange(n)
+    everything = np.arange(groups)
     value = float(statistic(everything))
-    left_out = np.array([statistic(np.setdiff1d(everything, part)) for part in parts])
-    g = len(parts)
-    se = math.sqrt((g - 1) / g * np.sum((left_out - left_out.mean()) ** 2)) if g > 1 else math.nan
+    if groups < 2:
+        return Estimate(value, math.nan)
+    left_out = np.array([statistic(np.delete(everything, g)) for g in range(groups)])
+    se = math.sqrt((groups - 1) / groups * np.sum((left_out - left_out.mean()) ** 2))
     return Estimate(value, se)
 
 
+def jackknife(statistic: Callable[[np.ndarray], float], n: int,
+              groups: int = JACKKNIFE_GROUPS, seed: int = 0) -> Estimate:
+    """statistic(all indices) and its delete-a-group jackknife standard error: the n items cut
+    into min(n, groups) random groups (`delete_a_group`); `statistic` takes item indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(order, min(n, groups))
+    return delete_a_group(lambda kept: statistic(np.sort(np.concatenate([parts[g] for g in kept]))),
+                          len(parts))
+
+
+def group_bounds(n: int, groups: int = JACKKNIFE_GROUPS) -> np.ndarray:
+    """The edges of min(n, groups) contiguous groups of n items (sizes differ by at most one):
+    group g holds items bounds[g] .. bounds[g + 1] - 1. The jackknife groups of a run's samples,
+    whose images are independent draws (each has its own seed), so contiguous groups are
+    random groups."""
+    g = max(1, min(n, groups))
+    return np.array([i * n // g for i in range(g + 1)], dtype=np.int64)
+
+
 # --------------------------------------------------------------------------------------------
-# FID / IS / KID from features
+# FID / IS / KID from features, through sums that merge across chunks and workers
 # --------------------------------------------------------------------------------------------
 
 
-class FrechetReference:
-    """The reference side of FID: the mean and covariance of its features."""
+@dataclass
+class FeatureMoments:
+    """The sums FID needs of a set of images' features f (EDM's fid.py keeps the same): their
+    count, sum f and sum f f^T, in float64. Two sets merge by adding, so the sums of chunks
+    made on different workers give the set's FID, and leaving a group's sums out gives the
+    delete-a-group jackknife."""
 
-    def __init__(self, features: np.ndarray):
-        from torch_fidelity.metric_fid import fid_features_to_statistics
+    count: int
+    feature_sum: np.ndarray  # (D,)
+    outer_sum: np.ndarray  # (D, D)
 
-        self.features = np.asarray(features)
-        self.stats = fid_features_to_statistics(torch.as_tensor(self.features))
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureMoments":
+        f = np.asarray(features, dtype=np.float64)
+        return cls(len(f), f.sum(axis=0), f.T @ f)
 
-    def distance(self, features: np.ndarray) -> float:
-        """FID of `features` against this reference (torch-fidelity's computation)."""
-        from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
-                                               fid_statistics_to_metric)
+    def __add__(self, other: "FeatureMoments") -> "FeatureMoments":
+        return FeatureMoments(self.count + other.count, self.feature_sum + other.feature_sum,
+                              self.outer_sum + other.outer_sum)
 
-        stats = fid_features_to_statistics(torch.as_tensor(np.asarray(features)))
-        return fid_statistics_to_metric(stats, self.stats, verbose=False)[KEY_METRIC_FID]
+    def frechet_statistics(self) -> dict[str, np.ndarray]:
+        """{"mu", "sigma"}: the mean and the (n - 1)-normalized covariance, as torch-fidelity
+        computes them from the features themselves."""
+        mu = self.feature_sum / self.count
+        sigma = (self.outer_sum - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return {"mu": mu, "sigma": sigma}
 
 
-def inception_score(logits: np.ndarray, splits: int = 1) -> float:
-    """Inception Score of `logits` (torch-fidelity's computation), the mean over `splits`
-    consecutive splits (1: all images together, the least biased at small N)."""
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+@dataclass
+class LogitMoments:
+    """The sums the Inception Score needs of a set of images' class probabilities
+    p(y|x) = softmax(logits): their count, sum_x p(y|x) and sum_x sum_y p log p, in float64;
+    merged by adding, like `FeatureMoments`."""
 
-    logits = torch.as_tensor(np.asarray(logits))
+    count: int
+    prob_sum: np.ndarray  # (C,)
+    plogp_sum: float
+
+    @classmethod
+    def of(cls, logits: np.ndarray) -> "LogitMoments":
+        z = torch.as_tensor(np.asarray(logits)).double()
+        p, log_p = z.softmax(dim=1), z.log_softmax(dim=1)
+        return cls(len(z), p.sum(dim=0).numpy(), float((p * log_p).sum()))
+
+    def __add__(self, other: "LogitMoments") -> "LogitMoments":
+        return LogitMoments(self.count + other.count, self.prob_sum + other.prob_sum,
+                            self.plogp_sum + other.plogp_sum)
+
+    def inception_score(self) -> float:
+        """exp(E_x KL(p(y|x) || p(y))) = exp(mean_x sum_y p log p - sum_y p(y) log p(y)),
+        torch-fidelity's formula, with p(y) the mean of p(y|x) over the set."""
+        mean_p = self.prob_sum / self.count
+        return float(np.exp(self.plogp_sum / self.count - np.sum(mean_p * np.log(mean_p))))
+
+
+def total(parts: Sequence):
+    """The merged sums of `parts` (FeatureMoments or LogitMoments)."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
+def frechet_distance(a: FeatureMoments, b: FeatureMoments) -> float:
+    """FID between two sets of features from their sums (torch-fidelity's computation from
+    their means and covariances): the study's one FID."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return fid_statistics_to_metric(a.frechet_statistics(), b.frechet_statistics(),
+                                    verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(parts: Sequence[LogitMoments], splits: int = 1) -> float:
+    """Inception Score of the images of `parts` (in order), the mean over `splits` consecutive
+    runs of parts (1: all images together, the least biased at small N)."""
+    splits = max(1, min(splits, len(parts)))
+    return float(np.mean([total([parts[i] for i in run]).inception_score()
+                          for run in np.array_split(np.arange(len(parts)), splits)]))
+
+
+def inception_score_of(logits: np.ndarray, splits: int = 1) -> float:
+    """Inception Score of per-image `logits`: `splits` consecutive splits of the images."""
+    logits = np.asarray(logits)
     splits = max(1, min(splits, len(logits)))
-    return isc_features_to_metric(logits, splits, False)[KEY_METRIC_ISC_MEAN]
+    return inception_score([LogitMoments.of(part) for part in np.array_split(logits, splits)],
+                           splits)
 
 
 class KernelReference:
     """The reference side of KID: torch-fidelity's cubic polynomial kernel over all pairs of at
-    most KID_MAX_IMAGES reference images (a seeded subset of more)."""
+    most KID_MAX_IMAGES reference images (`kid_subset` of more)."""
 
-    def __init__(self, features: np.ndarray, seed: int = 2020):
+    def __init__(self, features: np.ndarray):
         y = np.asarray(features, dtype=np.float64)
-        if len(y) > KID_MAX_IMAGES:
-            y = y[np.sort(np.random.default_rng(seed).permutation(len(y))[:KID_MAX_IMAGES])]
         self.y = y
         k_yy = self.kernel(y, y)
         self.yy = (k_yy.sum() - np.trace(k_yy)) / (len(y) * (len(y) - 1))
@@ -157,19 +232,51 @@ class KernelReference:
         return float(xx + self.yy - 2 * xy_sums[index].sum() / (n * m))
 
 
-def fidelity_scores(features: np.ndarray, logits: np.ndarray, frechet: FrechetReference,
-                    kernel: KernelReference, *, is_splits: int = 1,
-                    seed: int = 0) -> dict[str, Estimate]:
-    """{"fid", "is", "kid"} of the generated images' features and logits, each with its
-    jackknife standard error over the generated images."""
-    features, logits = np.asarray(features), np.asarray(logits)
-    n = len(features)
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[:KID_MAX_IMAGES])
-    k_xx, xy_sums = kernel.prepare(features[keep])
+def kid_subset(n: int, seed: int = 2020) -> np.ndarray:
+    """The images of a reference set of n that KID compares with: all of them, or a seeded
+    random KID_MAX_IMAGES of more, in order."""
+    if n <= KID_MAX_IMAGES:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:KID_MAX_IMAGES])
+
+
+@dataclass
+class FeatureGroups:
+    """What FID, IS and KID need of a run's N images, in the jackknife groups of
+    `group_bounds(N)`: each group's `FeatureMoments` and `LogitMoments`, and the features of
+    the first KID_MAX_IMAGES images (KID compares all their pairs)."""
+
+    features: list[FeatureMoments]
+    logits: list[LogitMoments]
+    kid_features: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray, logits: np.ndarray,
+           groups: int = JACKKNIFE_GROUPS) -> "FeatureGroups":
+        """From per-image features and logits (in memory)."""
+        bounds = group_bounds(len(features), groups)
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        return cls([FeatureMoments.of(features[a:b]) for a, b in spans],
+                   [LogitMoments.of(logits[a:b]) for a, b in spans],
+                   np.asarray(features[:KID_MAX_IMAGES], dtype=np.float64))
+
+    @property
+    def count(self) -> int:
+        return sum(m.count for m in self.features)
+
+
+def fidelity_scores(groups: FeatureGroups, reference: FeatureMoments, kernel: KernelReference,
+                    *, is_splits: int = 1, seed: int = 0) -> dict[str, Estimate]:
+    """{"fid", "is", "kid"} of a run's images against the reference (`reference`: its feature
+    sums; `kernel`: its KID side), each with its delete-a-group jackknife standard error (FID
+    and IS over `groups`' groups, KID over random groups of its images)."""
+    k_xx, xy_sums = kernel.prepare(groups.kid_features)
     return {
-        "fid": jackknife(lambda i: frechet.distance(features[i]), n, seed=seed),
-        "is": jackknife(lambda i: inception_score(logits[i], is_splits), n, seed=seed),
-        "kid": jackknife(lambda i: kernel.distance(k_xx, xy_sums, i), len(keep), seed=seed),
+        "fid": delete_a_group(lambda kept: frechet_distance(
+            total([groups.features[g] for g in kept]), reference), len(groups.features)),
+        "is": delete_a_group(lambda kept: inception_score(
+            [groups.logits[g] for g in kept], is_splits), len(groups.logits)),
+        "kid": jackknife(lambda i: kernel.distance(k_xx, xy_sums, i), len(k_xx), seed=seed),
     }
 
 

@@ -111,28 +111,37 @@ class TrialProbe:
                           seed=self.seed + 2, device=device)
         return {"nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"]}
 
+    def _features(self, device):
+        """The feature network (built once) and the train split's feature sums."""
+        if "features" not in self._cache:
+            from pipeline.metrics import FeatureNetwork
+            from pipeline.stats import FeatureMoments
+
+            network = FeatureNetwork(self.extractor, self._weights_path(), str(device))
+            self._cache["features"] = (network,
+                                       FeatureMoments.of(network(self._images("train"))[0]))
+        return self._cache["features"]
+
     def quick_fid(self, model, diffusion) -> float:
-        """FID of `fid_num_samples` DDIM samples against the train split."""
+        """FID of `fid_num_samples` DDIM samples (a seed per image) against the train split,
+        the evaluate stage's FID (`pipeline.stats.frechet_distance`)."""
         from pipeline.data import to_uint8
-        from pipeline.metrics import compute_fidelity, ensure_registered
-
-        ensure_registered(self.extractor)
-        device = next(model.parameters()).device
-        shape = tuple(self._images("train").shape[1:])
-        generator = torch.Generator(device=device).manual_seed(self.seed + 1)
         from pipeline.precision import matmul_precision, with_precision
+        from pipeline.seeding import item_generators
+        from pipeline.stats import FeatureMoments, frechet_distance
 
+        device = next(model.parameters()).device
+        network, reference = self._features(device)
+        shape = tuple(self._images("train").shape[1:])
+        generators = item_generators("sweep-fid", self.seed + 1, range(self.fid_num_samples),
+                                     device)
         with torch.no_grad(), matmul_precision(self.precision):
             x = diffusion.sample(with_precision(model, self.precision),
-                                 (self.fid_num_samples, *shape), generator,
+                                 (self.fid_num_samples, *shape), generators,
                                  sampler="ddim", device=device,
                                  steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
         samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu()
-        fidelity = compute_fidelity(samples, self._images("train"), extractor=self.extractor,
-                                    weights_path=self._weights_path(), is_splits=1,
-                                    kid_subset_size=min(100, self.fid_num_samples),
-                                    kid_subsets=10, device=str(device), seed=self.seed)
-        return fidelity["fid"]
+        return frechet_distance(FeatureMoments.of(network(samples)[0]), reference)
 
 
 def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, test_data: Path,

@@ -67,9 +67,3 @@ def tracker_for(params: Params, root: Path = Path(".")):
     tracker = Tracker(params.tracking, params.study, root)
     tracker.check_reachable()
     return tracker
-
-
-def device_for(use_gpu: bool) -> str:
-    import torch
-
-    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"

@@ -8,6 +8,8 @@ metrics: numbers only), metrics/<E>-<S>_run.json (what the run was: settings, st
 counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for
 comparing runs image by image) and, for scores over training, metrics/<E>-<S>_checkpoints.csv with its figure
 plots/fid_over_training/<E>-<S>.png (one row, the final model, without evaluate.checkpoints).
+Every network evaluation runs on evaluate.num_workers Ray workers (a GPU each with
+evaluate.use_gpu), its finished chunks kept in Ray storage until the outputs are written.
 An unstable model gets status "unstable" and no scores.
 """
 
@@ -29,13 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        from pipeline import distributed
         from pipeline.evaluation import evaluate_run, log_evaluation, save_evaluation
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
-        result = evaluate_run(exp, args.data, args.models, args.samples,
-                              _common.device_for(exp.train.use_gpu))
+        try:
+            result = evaluate_run(exp, args.data, args.models, args.samples,
+                                  exp.cluster.resolved_storage())
+        finally:
+            distributed.shutdown()
         paths = save_evaluation(result, exp, args.out, args.figures)
+        if result.chunks is not None:  # the outputs are written: no chunk is needed any more
+            result.chunks.discard()
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         log_evaluation(tracker, run_id, result, paths)
         record = result.record

@@ -8,7 +8,8 @@
 - untrained model: the base `diffusion` / `model` sections with freshly initialized weights
   (the study's first seed), sampled and scored like a run, with its NLL bound;
 - the ceiling of the NLL bound: log2(levels) bits/dim (uniform over the data's levels).
-Writes metrics/reference.json and samples/reference/untrained_grid.png.
+The features, samples and bounds are computed on evaluate.num_workers Ray workers, as the
+evaluate stage's. Writes metrics/reference.json and samples/reference/untrained_grid.png.
 """
 
 from __future__ import annotations
@@ -27,14 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        from pipeline import distributed
         from pipeline.evaluation import Apparatus, reference_scores
-        from pipeline.records import save_reference
         from pipeline.figures import save_sample_grid
+        from pipeline.records import save_reference
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)
         apparatus = Apparatus.load(exp, args.data, args.models / "classifier" / "classifier.pt")
-        reference, untrained_images = reference_scores(exp, apparatus)
+        try:
+            reference, untrained_images, chunks = reference_scores(
+                exp, apparatus, exp.cluster.resolved_storage())
+        finally:
+            distributed.shutdown()
         real, untrained = reference["real_data"], reference["untrained"]
         print(f"real data ({real['draws']} draws of {real['num_images']} images against the "
               f"other {real['reference_images']}): FID {real['fid']:.3f} ± {real['fid_sd']:.3f},"
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         g = exp.sample.grid_size
         save_sample_grid(untrained_images[: g * g], args.figures / "untrained_grid.png", nrow=g)
         save_reference(args.out, reference)
+        chunks.discard()
         run_id = tracker.study_run()
         tracker.log_metrics(run_id, {f"real_{k}": v for k, v in real.items()})
         tracker.log_metrics(run_id, {f"untrained_{k}": v for k, v in untrained.items()})

@@ -3,9 +3,13 @@
     python -m stages.sample --experiment eps_simple [--seed 0] [--params params.yaml]
 
 Ancestral sampling (Algorithm 2), or the strided DDIM sampler when sample.sampler says so, on
-the data's own levels (17 grey levels for digits). Writes samples/<E>-<S>/samples.npz (uint8
-N x C x H x W), grid.png and progressive.png (predicted x0 over time, as the paper's Fig. 6).
-A model recorded as unstable gets an empty samples.npz and figures that say so.
+the data's own levels (17 grey levels for digits), with a seed per image. The batches of
+sample.batch_size images run on sample.num_workers Ray workers (a GPU each with
+sample.use_gpu); each finished batch is kept in Ray storage (cluster.storage, or
+DDPM_STORAGE) until the output is written, so a stopped stage redoes only the missing ones.
+Writes samples/<E>-<S>/samples.npz (uint8 N x C x H x W), grid.png and progressive.png
+(predicted x0 over time, as the paper's Fig. 6). A model recorded as unstable gets an empty
+samples.npz and figures that say so.
 """
 
 from __future__ import annotations
@@ -19,26 +23,39 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        from pipeline import distributed
         from pipeline.sampling import sample_run
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         out = args.out / exp.key
-        result = sample_run(exp, args.models, args.out, _common.device_for(exp.train.use_gpu))
+        try:
+            result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage())
+        finally:
+            distributed.shutdown()
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         if result is None:
             print(f"{exp.key} is unstable: wrote empty samples")
             return 0
         tracker.log_metrics(run_id, {"sample_wall_s": result.wall_s,
-                                     "sample_images_per_s": result.images_per_s})
+                                     "sample_images_per_s": result.images_per_s,
+                                     "sample_workers": result.workers,
+                                     "sample_chunks_computed": result.computed,
+                                     "sample_chunks_reused": result.reused})
         tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})
         for name in ("grid.png", "progressive.png"):
             tracker.log_artifact(run_id, out / name, "samples")
+        reused = f", {result.reused} found in storage" if result.reused else ""
         print(f"sampled {exp.key}: {len(result.images)} images in {result.wall_s:.0f}s "
-              f"({result.images_per_s:.1f} images/s) -> {out}")
+              f"({result.images_per_s:.1f} images/s; {_count(result.computed, 'chunk')} "
+              f"computed on {_count(result.workers, 'worker')}{reused}) -> {out}")
         return 0
 
     return _common.run(body, args.params)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 if __name__ == "__main__":

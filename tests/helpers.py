@@ -208,7 +208,7 @@ def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
     params["train"].update(steps=40, batch_size=32, log_every=10, checkpoint_every=20,
                            warmup_steps=5)
     params["sample"].update(num_samples=60, batch_size=60, grid_size=6)
-    params["evaluate"].update(nll_num_images=20, classifier_steps=300, kid_subset_size=20,
+    params["evaluate"].update(nll_num_images=20, classifier_steps=300,
                               is_splits=2, reference_draws=3)
     params["experiments"] = {k: params["experiments"][k] for k in experiments}
     params["sweep"].update(base_experiment=experiments[0], schedules=["linear", "cosine"],

@@ -6,7 +6,7 @@
 
     from helpers_metrics import register_standin_extractor  # tests/ is on sys.path
     name = register_standin_extractor()
-    compute_fidelity(samples, reference, extractor=name, weights_path=None)
+    fidelity_of(samples, reference, extractor=name, weights_path=None)
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from pipeline.classifier import (DigitsFeatureExtractor, classifier_accuracy,
                                  save_classifier, train_digits_classifier)
 from pipeline.config import EvaluateConfig
 from pipeline.metrics import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, MetricsError,
-                              compute_fidelity, extractor_name, resolve_extractor)
+                              fidelity_of, extractor_name, resolve_extractor)
 
 CLASSIFIER_STEPS = 600
-METRIC_KEYS = {"fid", "is_mean", "is_std", "kid_mean", "kid_std"}
+METRIC_KEYS = {"fid", "is_mean", "kid_mean"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def digit_metrics(digits, classifier):
         "noise": (generator.integers(0, 256, size=x_test.shape, dtype=np.uint8), x_test),
         "single": (np.repeat(x_test[:1], n, axis=0), x_test),
     }
-    results = {name: compute_fidelity(samples, reference, extractor=DIGITS_EXTRACTOR,
+    results = {name: fidelity_of(samples, reference, extractor=DIGITS_EXTRACTOR,
                                       weights_path=str(path))
                for name, (samples, reference) in image_sets.items()}
     for name, metrics in results.items():
@@ -114,7 +114,7 @@ def test_missing_classifier_weights_name_the_file_and_the_remake_command(digits,
     assert str(path) in str(info.value)
     _, _, x_test, _ = digits
     with pytest.raises(MetricsError) as info:
-        compute_fidelity(x_test, x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
+        fidelity_of(x_test, x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
     assert str(path) in str(info.value)
 
 
@@ -164,18 +164,18 @@ def test_inception_score_is_high_for_real_digits_and_near_one_for_degenerate_set
 def test_grey_and_three_channel_digits_give_the_same_metrics(digits, classifier):
     x_train, _, x_test, _ = digits
     _, path, _ = classifier
-    grey = compute_fidelity(x_test[:100], x_train[:100], extractor=DIGITS_EXTRACTOR,
-                            weights_path=str(path))
-    rgb = compute_fidelity(np.repeat(x_test[:100], 3, axis=1), torch.from_numpy(x_train[:100]),
-                           extractor=DIGITS_EXTRACTOR, weights_path=str(path))
+    grey = fidelity_of(x_test[:100], x_train[:100], extractor=DIGITS_EXTRACTOR,
+                       weights_path=str(path))
+    rgb = fidelity_of(np.repeat(x_test[:100], 3, axis=1), torch.from_numpy(x_train[:100]),
+                      extractor=DIGITS_EXTRACTOR, weights_path=str(path))
     assert rgb == pytest.approx(grey)
 
 
-def test_small_runs_clip_kid_subset_size_and_is_splits(digits, classifier):
+def test_small_runs_clip_is_splits(digits, classifier):
     x_train, _, x_test, _ = digits
     _, path, _ = classifier
-    metrics = compute_fidelity(x_test[:7], x_train[:30], extractor=DIGITS_EXTRACTOR,
-                               weights_path=str(path), is_splits=10, kid_subset_size=100)
+    metrics = fidelity_of(x_test[:7], x_train[:30], extractor=DIGITS_EXTRACTOR,
+                          weights_path=str(path), is_splits=10)
     assert all(math.isfinite(v) for v in metrics.values())
 
 
@@ -183,12 +183,12 @@ def test_inputs_must_be_uint8_nchw(digits, classifier):
     _, _, x_test, _ = digits
     _, path, _ = classifier
     with pytest.raises(ValueError, match="uint8"):
-        compute_fidelity(x_test.astype(np.float32), x_test, extractor=DIGITS_EXTRACTOR,
-                         weights_path=str(path))
+        fidelity_of(x_test.astype(np.float32), x_test, extractor=DIGITS_EXTRACTOR,
+                    weights_path=str(path))
     with pytest.raises(ValueError, match="C = 1 or 3"):
-        compute_fidelity(x_test[:, 0], x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
+        fidelity_of(x_test[:, 0], x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
     with pytest.raises(MetricsError, match="at least 2"):
-        compute_fidelity(x_test[:1], x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
+        fidelity_of(x_test[:1], x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,25 +246,25 @@ def test_inception_with_missing_weights_file_names_the_params_key(offline, tmp_p
     images = np.zeros((4, 3, 32, 32), dtype=np.uint8)
     missing = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(MetricsError, match="evaluate.inception_weights") as info:
-        compute_fidelity(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=str(missing))
+        fidelity_of(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=str(missing))
     assert str(missing) in str(info.value)
 
 
 def test_inception_without_weights_offline_says_where_to_get_them(offline, monkeypatch):
     images = np.zeros((4, 3, 32, 32), dtype=np.uint8)
     with pytest.raises(MetricsError, match="evaluate.inception_weights") as info:
-        compute_fidelity(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None)
+        fidelity_of(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None)
     assert "weights-inception-2015-12-05-6726825d.pth" in str(info.value)
     monkeypatch.setattr("pipeline.metrics._network_reachable", lambda *a, **k: False)
     with pytest.raises(MetricsError, match="unreachable"):
-        compute_fidelity(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None,
+        fidelity_of(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None,
                          download=True)
 
 
 def test_unregistered_extractor_is_an_error():
     images = np.zeros((4, 3, 8, 8), dtype=np.uint8)
     with pytest.raises(MetricsError, match="not registered"):
-        compute_fidelity(images, images, extractor="no-such-extractor", weights_path=None)
+        fidelity_of(images, images, extractor="no-such-extractor", weights_path=None)
 
 
 def test_standin_extractor_gives_finite_metrics_on_cifar_shaped_images():
@@ -272,13 +272,13 @@ def test_standin_extractor_gives_finite_metrics_on_cifar_shaped_images():
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, size=(60, 3, 32, 32), dtype=np.uint8)
     reference = rng.integers(0, 256, size=(80, 3, 32, 32), dtype=np.uint8)
-    metrics = compute_fidelity(samples, reference, extractor=name, weights_path=None)
+    metrics = fidelity_of(samples, reference, extractor=name, weights_path=None)
     print("stand-in, random 32x32x3: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     assert set(metrics) == METRIC_KEYS
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["is_mean"] >= 1.0 - 1e-9
-    again = compute_fidelity(samples, reference, extractor=name, weights_path=None)
-    assert again == metrics  # deterministic: fixed weights, seeded KID subsets and IS shuffle
+    again = fidelity_of(samples, reference, extractor=name, weights_path=None)
+    assert again == metrics  # deterministic: fixed weights, all pairs of KID
 
 
 def test_standin_extractor_tells_structured_images_from_noise():
@@ -288,7 +288,7 @@ def test_standin_extractor_tells_structured_images_from_noise():
     more_noise = rng.integers(0, 256, size=(60, 3, 32, 32), dtype=np.uint8)
     ramps = np.linspace(0, 255, 32)[None, None, None, :] * rng.uniform(0.2, 1.0, (60, 3, 1, 1))
     gradients = np.broadcast_to(ramps, (60, 3, 32, 32)).round().astype(np.uint8)
-    same = compute_fidelity(noise, more_noise, extractor=name, weights_path=None)["fid"]
-    different = compute_fidelity(gradients, noise, extractor=name, weights_path=None)["fid"]
+    same = fidelity_of(noise, more_noise, extractor=name, weights_path=None)["fid"]
+    different = fidelity_of(gradients, noise, extractor=name, weights_path=None)["fid"]
     print(f"stand-in FID: noise vs noise {same:.4g}, gradients vs noise {different:.4g}")
     assert same * 4 < different

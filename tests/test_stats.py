@@ -5,9 +5,21 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import (Estimate, FrechetReference, KernelReference, combine_seeds,
-                            fidelity_scores, inception_score, jackknife, mean_estimate,
-                            paired_difference)
+from pipeline.stats import (Estimate, FeatureGroups, FeatureMoments, KernelReference,
+                            LogitMoments, combine_seeds, delete_a_group, fidelity_scores,
+                            frechet_distance, group_bounds, inception_score,
+                            inception_score_of, jackknife, mean_estimate, paired_difference,
+                            total)
+
+
+class FrechetReference:
+    """FID against fixed reference features, from the sums `frechet_distance` takes."""
+
+    def __init__(self, features):
+        self.moments = FeatureMoments.of(features)
+
+    def distance(self, features) -> float:
+        return frechet_distance(FeatureMoments.of(features), self.moments)
 
 
 def whitened(n: int, d: int, seed: int) -> np.ndarray:
@@ -81,24 +93,81 @@ def test_inception_score_of_known_class_probabilities():
     """IS = exp(E_x KL(p(y|x) || p(y))): confident predictions spread evenly over 4 classes give
     4, identical predictions give 1; ten splits of 10 images each hold 1 class: IS 1."""
     confident = np.repeat(np.eye(4) * 50.0, 25, axis=0)
-    assert inception_score(confident) == pytest.approx(4.0, rel=1e-6)
-    assert inception_score(np.zeros((40, 4))) == pytest.approx(1.0)
-    assert inception_score(np.repeat(np.eye(10) * 50.0, 10, axis=0), splits=10) == \
+    assert inception_score_of(confident) == pytest.approx(4.0, rel=1e-6)
+    assert inception_score_of(np.zeros((40, 4))) == pytest.approx(1.0)
+    assert inception_score_of(np.repeat(np.eye(10) * 50.0, 10, axis=0), splits=10) == \
         pytest.approx(1.0, abs=1e-6)
+
+
+def test_sums_give_torch_fidelitys_statistics_and_scores():
+    """The mean and covariance from FeatureMoments' sums are torch-fidelity's (np.cov of the
+    features), and IS from LogitMoments' sums is torch-fidelity's isc_features_to_metric, for
+    one split and for five (consecutive, unshuffled)."""
+    import torch
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((500, 16)) * 3 + 1.5
+    logits = rng.standard_normal((500, 10)) * 2
+    ours = FeatureMoments.of(features).frechet_statistics()
+    theirs = fid_features_to_statistics(torch.from_numpy(features))
+    np.testing.assert_allclose(ours["mu"], theirs["mu"], rtol=1e-12)
+    np.testing.assert_allclose(ours["sigma"], theirs["sigma"], rtol=1e-10, atol=1e-12)
+    for splits in (1, 5):
+        expected = isc_features_to_metric(torch.from_numpy(logits), splits, False)
+        assert inception_score_of(logits, splits) == pytest.approx(
+            expected["inception_score_mean"], rel=1e-12)
+
+
+def test_sums_of_chunks_merge_into_the_sums_of_the_whole():
+    """Cutting the images anywhere and adding the parts' sums gives the whole set's FID and
+    IS: what the workers' chunks give the driver."""
+    rng = np.random.default_rng(6)
+    features, logits = rng.standard_normal((300, 8)), rng.standard_normal((300, 5)) * 3
+    reference = FeatureMoments.of(rng.standard_normal((400, 8)) + 0.3)
+    cuts = [0, 17, 120, 121, 300]
+    parts = [(FeatureMoments.of(features[a:b]), LogitMoments.of(logits[a:b]))
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    assert frechet_distance(total([f for f, _ in parts]), reference) == pytest.approx(
+        frechet_distance(FeatureMoments.of(features), reference), rel=1e-10)
+    assert inception_score([p for _, p in parts]) == pytest.approx(
+        inception_score_of(logits), rel=1e-12)
+
+
+def test_group_bounds_cut_contiguous_groups_of_near_equal_size():
+    assert group_bounds(10, 4).tolist() == [0, 2, 5, 7, 10]
+    assert group_bounds(3, 50).tolist() == [0, 1, 2, 3]  # no more groups than items
+    sizes = np.diff(group_bounds(50_000, 50))
+    assert set(sizes.tolist()) == {1000}
+
+
+def test_delete_a_group_jackknife_of_a_mean_is_the_standard_error_of_the_group_means():
+    """For a mean over G equal groups the delete-a-group jackknife is exactly
+    sd(group means) / sqrt(G)."""
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((20, 7))  # 20 groups of 7 items
+    estimate = delete_a_group(lambda kept: values[kept].mean(), 20)
+    means = values.mean(axis=1)
+    assert estimate.value == pytest.approx(values.mean())
+    assert estimate.se == pytest.approx(means.std(ddof=1) / np.sqrt(20), rel=1e-12)
+    assert math.isnan(delete_a_group(lambda kept: 1.0, 1).se)
 
 
 def test_fidelity_scores_of_a_run():
     rng = np.random.default_rng(3)
     reference_features = rng.standard_normal((300, 6))
     features, logits = rng.standard_normal((120, 6)) + 0.4, rng.standard_normal((120, 10)) * 3
-    frechet = FrechetReference(reference_features)
-    scores = fidelity_scores(features, logits, frechet, KernelReference(reference_features))
+    reference = FeatureMoments.of(reference_features)
+    groups = FeatureGroups.of(features, logits)
+    scores = fidelity_scores(groups, reference, KernelReference(reference_features))
     assert set(scores) == {"fid", "is", "kid"}
     for name, estimate in scores.items():
         low, high = estimate.interval()
         assert 0 < estimate.se < abs(estimate.value) and low < estimate.value < high, name
-    assert scores["fid"].value == frechet.distance(features)
-    assert scores["is"].value == inception_score(logits)
+    assert scores["fid"].value == pytest.approx(
+        frechet_distance(FeatureMoments.of(features), reference), rel=1e-10)
+    assert scores["is"].value == pytest.approx(inception_score_of(logits), rel=1e-12)
 
 
 def test_paired_differences_see_a_shift_that_each_run_alone_cannot():
