@@ -604,6 +604,12 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0)
     from pipeline.sharding import ChunkRun, ChunkStore, decode
 
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS") and job.workers.use_gpu and \
+                not torch.cuda.is_available():  # a local instance would have no GPU either
+            raise WorkersError(f"{job.workers.section}.use_gpu is true but this machine has no "
+                               f"GPU torch can use (and RAY_ADDRESS names no cluster); set "
+                               f"{job.workers.section}.use_gpu: false to run on CPUs, or "
+                               "submit the study to a cluster with GPU nodes")
         print(connect(), flush=True)
     store = ChunkStore(storage, job.name)
     finished = store.finished() & {c.id for c in job.chunks}
@@ -672,7 +678,8 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0)
 
 
 def _chunk_failure(job, error: BaseException, store, kept: int) -> UserError:
-    """One line for a failed job: the worker's own user error where there is one."""
+    """One line for a failed job: the worker's own user error where there is one (Ray hands it
+    back wrapped, or as the text of an ActorDiedError when the worker failed to start)."""
     cause = error
     for _ in range(10):  # Ray wraps a worker's exception (RayTaskError.cause, __cause__)
         if cause is None or isinstance(cause, UserError):
@@ -680,7 +687,11 @@ def _chunk_failure(job, error: BaseException, store, kept: int) -> UserError:
         cause = getattr(cause, "cause", None) or cause.__cause__
     if isinstance(cause, UserError):
         return type(cause)(str(cause))
+    named = re.findall(r"pipeline\.\w+\.\w+Error: ([^\n]+)", str(error))
+    if named:
+        return WorkersError(named[-1].rstrip(")"))
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    kept_text = f"the {kept} finished chunks are kept in {store.folder} and a rerun computes " \
+                "only the rest" if kept else "no chunk had finished"
     return WorkersError(f"{job.label}: a worker failed ({type(error).__name__}: "
-                        f"{lines[-1] if lines else ''}); the {kept} finished chunks are kept in "
-                        f"{store.folder} and a rerun computes only the rest")
+                        f"{lines[-1] if lines else ''}); {kept_text}")

@@ -263,11 +263,12 @@ def nll_term_order(diffusion: Any, method: str, num_strata: int) -> list[int]:
 
 
 def nll_part(model: Any, diffusion: Any, images_uint8: Any, part: NllPart, *,
-             method: str, num_strata: int, batch_size: int, seed: int,
+             method: str, num_strata: int, terms_per_call: int, seed: int,
              device: str | torch.device = "cpu") -> np.ndarray:
     """The part `part` of the bound of each of its images (`images_uint8` are all the images,
     or just the part's), in bits/dim, float64: the sum of its terms, plus L_T where it holds
-    term 0. Term j of image i draws its x_t from a generator of its own, seeded by ("nll",
+    term 0, `terms_per_call` terms of its images per network call (`nll_layout` of the whole
+    set). Term j of image i draws its x_t from a generator of its own, seeded by ("nll",
     seed, i * J + j) (J terms per image), so a part's values do not depend on the others.
     Always strict float32 (`matmul_precision("fp32")`: no TF32 on GPU)."""
     from pipeline.data import to_model_range
@@ -281,7 +282,6 @@ def nll_part(model: Any, diffusion: Any, images_uint8: Any, part: NllPart, *,
     position = {term: j for j, term in enumerate(order)}
     num_terms = len(order)
     terms = order[part.term_first:part.term_first + part.term_count]
-    _, terms_per_call = nll_layout(part.count, batch_size)
     indices = range(part.first, part.first + part.count)
 
     def generators(term: int):
@@ -329,8 +329,9 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
 
     images = uint8_images(images_uint8)
     parts = nll_parts(len(images), diffusion.num_bound_terms(method, num_strata), batch_size)
+    _, terms_per_call = nll_layout(len(images), batch_size)
     values = [nll_part(model, diffusion, images, part, method=method, num_strata=num_strata,
-                       batch_size=batch_size, seed=seed, device=device)
+                       terms_per_call=terms_per_call, seed=seed, device=device)
               for part in progress_bar(parts, total=len(parts), desc=f"nll ({method})",
                                        enabled=progress)]
     per_image = assemble_nll(parts, values, len(images))

@@ -279,15 +279,15 @@ def _sample_features_kind(ctx: ChunkContext, *, model: str, first: int, count: i
 
 
 def _nll_kind(ctx: ChunkContext, *, model: str, images: str, first: int, count: int,
-              term_first: int, term_count: int, method: str, num_strata: int, batch_size: int,
-              seed: int) -> dict[str, np.ndarray]:
+              term_first: int, term_count: int, method: str, num_strata: int,
+              terms_per_call: int, seed: int) -> dict[str, np.ndarray]:
     """Part of the bound of image set `images` (`metrics.nll_part`)."""
     from pipeline.metrics import NllPart, nll_part
 
     part = NllPart(first, count, term_first, term_count)
     bpd = nll_part(ctx.model(model), ctx.diffusion(), ctx.images(images)[first:first + count],
-                   part, method=method, num_strata=num_strata, batch_size=batch_size,
-                   seed=seed, device=ctx.device)
+                   part, method=method, num_strata=num_strata,
+                   terms_per_call=terms_per_call, seed=seed, device=ctx.device)
     return {"bpd": bpd}
 
 
@@ -431,13 +431,14 @@ def feature_chunks(images: str, total: int, groups: int, kid: Sequence[int],
 def nll_chunks(model: str, images: str, num_images: int, num_terms: int, method: str,
                num_strata: int, batch_size: int, seed: int, prefix: str = "nll") -> list[Chunk]:
     """The bound of the first `num_images` of image set `images` in parts (`nll_parts`)."""
-    from pipeline.metrics import nll_parts
+    from pipeline.metrics import nll_layout, nll_parts
 
+    _, terms_per_call = nll_layout(num_images, batch_size)
     return [Chunk(f"{prefix}-{images}-{p.first:06d}-{p.term_first:05d}", "nll",
                   p.count * p.term_count,
                   {"model": model, "images": images, "first": p.first, "count": p.count,
                    "term_first": p.term_first, "term_count": p.term_count, "method": method,
-                   "num_strata": num_strata, "batch_size": batch_size, "seed": seed})
+                   "num_strata": num_strata, "terms_per_call": terms_per_call, "seed": seed})
             for p in nll_parts(num_images, num_terms, batch_size)]
 
 
