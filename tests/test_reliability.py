@@ -315,6 +315,55 @@ def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
     assert status[UNSTABLE_KEY] == "unstable" and status[KEY] == "ok"
 
 
+@pytest.mark.slow
+def test_killed_sample_stage_redoes_only_the_missing_chunks(study, tmp_path):
+    """SIGKILL sample@eps_simple-0 (600 images in 6 chunks of 100) once 2 chunks are kept in
+    its storage: the rerun computes only the chunks not kept, its samples.npz is byte-identical
+    to an uninterrupted run's, and once it is written no chunk is left in storage."""
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    params["sample"].update(num_samples=600, batch_size=100)
+    params["experiments"] = {"eps_simple": params["experiments"]["eps_simple"]}
+    write_params(tmp_path / "params.yaml", params)
+
+    def sample(out: str, storage: Path, **popen):
+        args = [sys.executable, "-m", "stages.sample", "-e", "eps_simple", "--params",
+                "params.yaml", "--models", str(study / "models"), "--out", str(tmp_path / out)]
+        env = env_for(study, extra={"DDPM_STORAGE": str(storage)})
+        if popen:
+            return subprocess.Popen(args, cwd=tmp_path, env=env, **popen)
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    storage = tmp_path / "storage"
+    with open(tmp_path / "killed.log", "w") as out:
+        proc = sample("samples", storage, stdout=out, stderr=subprocess.STDOUT,
+                      start_new_session=True)
+        kept, deadline = [], time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and len(kept) < 2:
+            kept = sorted(storage.glob("chunks/*/*.npz"))
+            time.sleep(0.02)
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kill_all(wait_gone(tree, timeout=60))
+    log = (tmp_path / "killed.log").read_text()
+    assert proc.returncode == -signal.SIGKILL and 2 <= len(kept) < 6, log[-3000:]
+    assert not (tmp_path / "samples" / KEY).exists()  # nothing half-written
+    kept = sorted(p.stem for p in storage.glob("chunks/*/*.npz"))  # and any that came after
+
+    again = sample("samples", storage)
+    assert again.returncode == 0, again.stderr[-3000:]
+    todo = re.search(r"(\d+) of 6 chunks to compute on 1 worker .*, (\d+) found in storage",
+                     again.stdout)
+    assert todo and int(todo[1]) == 6 - len(kept) and int(todo[2]) == len(kept), again.stdout
+    assert not list(storage.glob("chunks/*/*"))  # discarded once samples.npz was written
+
+    whole = sample("uninterrupted", tmp_path / "storage-2")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert ((tmp_path / "samples" / KEY / "samples.npz").read_bytes()
+            == (tmp_path / "uninterrupted" / KEY / "samples.npz").read_bytes())
+
+
 # --------------------------------------------------------------------------------------------
 # Determinism
 # --------------------------------------------------------------------------------------------
