@@ -538,7 +538,7 @@ class _ChunkWorker:
     network it gets through the object store), then computes one chunk per call and returns its
     result to the driver, which keeps it in storage."""
 
-    def __init__(self, spec, chunks, objects, workers, store_folder):
+    def __init__(self, spec, chunks, objects, workers, store):
         import ray
 
         from pipeline.sharding import ChunkContext
@@ -551,19 +551,17 @@ class _ChunkWorker:
                                "false")
         self.ctx = ChunkContext(spec, ray.get(objects[0]), workers.device,
                                 max(1, int(workers.cpus_per_worker)))
-        self.chunks, self.store_folder = chunks, store_folder
+        self.chunks, self.store = chunks, store
         self.node = ray.util.get_node_ip_address()
 
     def __call__(self, batch):
         import numpy as np
 
-        from pipeline.io import write_to_storage
         from pipeline.sharding import run_chunk
 
         index = int(batch["chunk"][0])
         chunk = self.chunks[index]
-        write_to_storage(f"{self.store_folder}/started/{chunk.id}.{os.getpid()}."
-                         f"{time.time_ns()}", b"")
+        self.store.mark_started(chunk.id, self.node)
         start = time.monotonic()
         payload = run_chunk(self.ctx, chunk)
         return {"chunk": np.array([index]), "payload": np.array([payload], dtype=object),
@@ -639,7 +637,7 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0)
             _ChunkWorker, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs={"spec": job.spec, "chunks": job.chunks,
                                    "objects": [objects], "workers": job.workers,
-                                   "store_folder": store.folder},
+                                   "store": store},
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=w.cpus_per_worker, num_gpus=1 if w.use_gpu else 0)
         rows: queue.Queue = queue.Queue()

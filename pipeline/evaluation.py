@@ -289,7 +289,8 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
     record.update(flatten({**estimates, **nll}))
     record.update({"evaluate_wall_s": run.wall_s, "evaluate_workers": run.workers,
                    "evaluate_evaluations_per_s": run.units_per_s,
-                   "evaluate_chunks": len(job.chunks), "evaluate_chunks_reused": run.reused})
+                   "evaluate_chunks": len(job.chunks), "evaluate_chunks_reused": run.reused,
+                   "evaluate_chunks_redone": run.redone})
     scores = final_scores(record)
     if exp.evaluate.checkpoints is not None:
         scores = checkpoint_rows(exp, parts["checkpoints"], run, reference)
@@ -343,7 +344,7 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
     tracker.log_artifact(run_id, paths["scores"], "fid_over_training")
     tracker.log_artifact(run_id, paths["figure"], "fid_over_training")
     tracker.log_metrics(run_id, {k: v for k, v in record.items()
-                                 if k.startswith(("fid", "is_", "kid_", "nll_bpd"))
+                                 if k.startswith(("fid", "is_", "kid_", "nll_bpd", "evaluate_"))
                                  and v is not None})
     tracker.set_tags(run_id, {"ddpm.status": record["status"]})
     tracker.log_artifact(run_id, paths["metrics"], "metrics")

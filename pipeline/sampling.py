@@ -69,6 +69,7 @@ class SampleRun:
     workers: int = 1
     computed: int = 0  # chunks computed (the rest were found in storage)
     reused: int = 0
+    redone: int = 0  # chunks begun twice: a worker was lost
 
     @property
     def images_per_s(self) -> float:
@@ -200,7 +201,8 @@ def sample_run(exp: ExperimentConfig, models_dir: Path, out_dir: Path,
     result = SampleRun(images=np.concatenate([p["images"] for p in parts]),
                        progressive=parts[0]["progressive"],
                        progressive_t=parts[0]["progressive_t"].tolist(), wall_s=run.wall_s,
-                       workers=run.workers, computed=run.computed, reused=run.reused)
+                       workers=run.workers, computed=run.computed, reused=run.reused,
+                       redone=run.redone)
     n = exp.sample.grid_size
     with atomic_dir(out) as tmp:
         save_samples(tmp, result.images, Status.OK.value, shape)

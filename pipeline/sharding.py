@@ -343,17 +343,18 @@ class ChunkStore:
     def read(self, chunk_id: str) -> bytes:
         return read_from_storage(self._path(chunk_id))
 
-    def mark_started(self, chunk_id: str) -> None:
-        """Note that a worker began `chunk_id` (a chunk begun twice was redone: its first
-        worker was lost)."""
-        write_to_storage(f"{self.folder}/started/{chunk_id}.{os.getpid()}.{time.time_ns()}", b"")
+    def mark_started(self, chunk_id: str, node: str = "local") -> None:
+        """Note that a worker on `node` began `chunk_id` (a chunk begun twice was redone: its
+        first worker was lost): `started/<chunk id>.<node>.<pid>.<time>`."""
+        write_to_storage(f"{self.folder}/started/{chunk_id}.{node}.{os.getpid()}."
+                         f"{time.time_ns()}", b"")
 
     def starts(self) -> dict[str, int]:
         """{chunk id: how many times a worker began it} (where the markers are visible: a
         storage every node reaches)."""
         counts: dict[str, int] = {}
         for name in list_storage(f"{self.folder}/started"):
-            chunk_id = name.split(".", 1)[0]
+            chunk_id = name.split(".", 1)[0]  # ids hold no dot; node addresses do
             counts[chunk_id] = counts.get(chunk_id, 0) + 1
         return counts
 

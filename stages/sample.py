@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "sample_images_per_s": result.images_per_s,
                                      "sample_workers": result.workers,
                                      "sample_chunks_computed": result.computed,
-                                     "sample_chunks_reused": result.reused})
+                                     "sample_chunks_reused": result.reused,
+                                     "sample_chunks_redone": result.redone})
         tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})
         for name in ("grid.png", "progressive.png"):
             tracker.log_artifact(run_id, out / name, "samples")
         reused = f", {result.reused} found in storage" if result.reused else ""
+        if result.redone:
+            reused += f", {result.redone} begun again after its worker was lost"
         print(f"sampled {exp.key}: {len(result.images)} images in {result.wall_s:.0f}s "
               f"({result.images_per_s:.1f} images/s; {_count(result.computed, 'chunk')} "
               f"computed on {_count(result.workers, 'worker')}{reused}) -> {out}")

@@ -367,3 +367,95 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
     artifacts = s3.client.list_objects_v2(Bucket=BUCKETS[1])["Contents"]
     assert any(o["Key"].endswith("grid.png") for o in artifacts)  # through the server, to S3
     print(f"tiny study as a Ray job on 2 nodes: {wall:.0f} s")
+
+
+def test_sample_and_evaluate_on_two_nodes_give_one_local_workers_bytes_and_survive_a_lost_node(
+        cluster, s3, mlflow_server, tmp_path):
+    """sample@ and evaluate@eps_simple-0 run here with one worker each, then as a job on the
+    two nodes with two workers each (one per node, chunks in S3; one CPU per worker in both,
+    as small batches' kernels split their work by thread count), the trained model coming from
+    the DVC remote. The worker node is killed while it samples a chunk and started again: Ray
+    Data redoes that chunk alone, and samples.npz and the metrics that come home are the bytes
+    and numbers of the local run. The worker counts are no DVC param: changing them leaves
+    `dvc status` clean."""
+    import json
+    import threading
+
+    import mlflow
+
+    def edit(params):
+        tiny(params, experiments=("eps_simple",))
+        params["study"]["name"] = f"ddpm-sharded-{secrets.token_hex(2)}"
+        params["train"].update(cpus_per_worker=1.0)
+        params["sample"].update(num_samples=800, batch_size=200)  # 4 chunks of about 2 s
+        params["evaluate"].update(nll_batch_size=10)  # the bound in 4 parts
+        for section in ("sample", "evaluate"):  # one worker here; as many threads as there
+            params[section].update(num_workers=1, cpus_per_worker=1.0)  # (small batches'
+            # kernels split their work by thread count: the bytes need the same threads)
+
+    repo, env = cluster_study(tmp_path, s3, mlflow_server, edit)
+    sh(["dvc", "repro", "evaluate@eps_simple-0"], repo, timeout=900)
+    local = {name: (repo / name).read_bytes() for name in
+             ("samples/eps_simple-0/samples.npz", "metrics/eps_simple-0.json",
+              "metrics/eps_simple-0_nll.csv")}
+    push = subprocess.run(["dvc", "push"], cwd=repo, env=env_for(repo, extra=s3.env),
+                          capture_output=True, text=True, timeout=300)
+    assert push.returncode == 0, push.stderr[-3000:]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section in ("sample", "evaluate"):
+        params[section].update(num_workers=2)
+    storage = f"{tmp_path.name}/ray"
+    params["cluster"] = {"storage": f"s3://{BUCKETS[0]}/{storage}"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    targets = ["sample@eps_simple-0", "evaluate@eps_simple-0"]
+    assert "up to date" in sh(["dvc", "status", *targets], repo).stdout  # no param changed
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "the run; two workers per stage, chunks in S3"], repo)
+
+    lost = {}
+
+    def kill_the_worker_node_while_it_samples():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            listing = s3.client.list_objects_v2(Bucket=BUCKETS[0], Prefix=storage)
+            started = [o["Key"] for o in listing.get("Contents", [])
+                       if "-sample-" in o["Key"] and "/started/sample-" in o["Key"]
+                       and ".127.0.0.2." in o["Key"]]
+            if started:
+                lost["chunk"] = started[0].rsplit("/", 1)[1].split(".", 1)[0]
+                cluster.worker.stop(signal.SIGKILL)
+                cluster.start_worker("worker-restarted-sampling.log")
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_the_worker_node_while_it_samples, daemon=True)
+
+    def on_line(line):
+        if "sample eps_simple-0: 4 of 4 chunks to compute on 2 workers" in line:
+            watcher.start()
+
+    code, out = submit(repo, env, cluster.address, "dvc", "repro", "--force", "--single-item",
+                       *targets, on_line=on_line)
+    save_log(out, "cluster_sharded.log", tmp_path)
+    assert code == 0, out[-6000:]
+    watcher.join(timeout=60)
+    assert lost, out[-4000:]
+    sampled = re.search(r"sampled eps_simple-0: 800 images in \d+s \([\d.]+ images/s; "
+                        r"(\d) chunks? computed on (\d) workers?, (\d) begun again after its "
+                        r"worker was lost\)", out)
+    assert sampled and sampled.groups() == ("4", "2", "1"), out[-6000:]  # only the lost one
+    assert "evaluate eps_simple-0: " in out and "chunks to compute on 2 workers" in out
+    for name, data in local.items():
+        assert (repo / name).read_bytes() == data, name
+    left = s3.client.list_objects_v2(Bucket=BUCKETS[0], Prefix=f"{storage}/chunks/")
+    assert not [o["Key"] for o in left.get("Contents", [])  # none once the outputs exist
+                if not o["Key"].endswith("/")]  # (pyarrow's folder markers aside)
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name(params["study"]["name"])
+    run = client.search_runs([experiment.experiment_id],
+                             "attributes.run_name = 'eps_simple-0'")[0]
+    assert run.data.metrics["sample_workers"] == 2 and run.data.metrics["evaluate_workers"] == 2
+    assert run.data.metrics["sample_images_per_s"] > 0
+    assert json.loads(local["metrics/eps_simple-0.json"])["fid"] == pytest.approx(
+        run.data.metrics["fid"], rel=0)
