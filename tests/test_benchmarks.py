@@ -113,3 +113,18 @@ def test_study_time_splits_each_stage_into_its_work_and_the_rest(tmp_path):
     assert (groups["evaluate"]["wall_s"], groups["evaluate"]["work_s"]) == (12.0, 8.0)
     assert groups["prepare"]["other_s"] == 0.0
     assert groups["outside stages (install, DVC)"]["wall_s"] == 95.0 - 4.0 - 65.0 - 9.0 - 12.0
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_times_one_loop_here_and_ray_workers(tmp_path):
+    results = bench("sharded_throughput.py", tmp_path, "--num-samples", "8", "--batch-size",
+                    "4", "--steps", "3", "--nll-images", "4", "--rounds", "1",
+                    "--batch-sizes", "2")
+    cases = results["cases"]
+    for work in ("sampling", "nll"):
+        assert {f"{work} one loop", f"{work} chunks here", f"{work} Ray, 1 worker",
+                f"{work} Ray, 2 workers"} <= set(cases)
+        ray = cases[f"{work} Ray, 1 worker"]
+        assert 0 < ray["worker_share"] <= 1 and ray["chunks"] >= 2
+        assert results[f"{work}_speedup_2_over_1"] > 0
+    assert set(results["pixels_differing_by_batch_size"]) == {"2"}

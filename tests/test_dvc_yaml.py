@@ -85,3 +85,18 @@ def test_where_ray_runs_is_no_stage_param():
     workers over nodes must not make DVC rerun a stage."""
     for name, stage in STAGES.items():
         assert not [p for p in stage.get("params", []) if str(p).startswith("cluster")], name
+
+
+def test_how_many_workers_sample_and_evaluate_is_no_stage_param():
+    """sample.* and evaluate.* num_workers / cpus_per_worker change no sample and no score
+    (a seed per image, chunks fixed by the other params): moving the study onto more workers
+    must not make DVC rerun it. Every other key of those sections is listed where it is read."""
+    from pipeline.config import WORKER_KEYS
+
+    for name, stage in STAGES.items():
+        params = [str(p) for p in stage.get("params", [])]
+        assert not [p for p in params if p in ("sample", "evaluate")], name  # whole sections
+        assert not [p for p in params if p.split(".")[-1] in WORKER_KEYS
+                    and p.split(".")[0] in ("sample", "evaluate")], name
+    listed = {p for p in STAGES["sample"]["params"] if str(p).startswith("sample.")}
+    assert "sample.use_gpu" in listed and "sample.num_samples" in listed
