@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be >= 1")
 
     def body(params) -> int:
-        from pipeline.plan import measure_rates, plan_table, rate_key, study_work
+        from pipeline.plan import measure_rates, plan_table, study_work
         from pipeline.progress import format_duration
 
         works = study_work(params, args.workers, args.cpus)
