@@ -34,13 +34,15 @@ def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:
 
 @pytest.fixture(scope="session")
 def shared_study(tmp_path_factory) -> Path:
-    """The shared tiny study after one uninterrupted `dvc repro` (a few minutes)."""
+    """The shared tiny study after one uninterrupted `dvc repro` under one local Ray instance,
+    as `make study` runs it (a few minutes; test_stages.py runs a plain `dvc repro` too)."""
+    import sys
     import time
 
     from helpers import make_study_repo, sh
 
     repo = make_study_repo(tmp_path_factory.mktemp("shared"), shared_study_params)
     start = time.monotonic()
-    sh(["dvc", "repro"], repo, timeout=1800)
+    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo, timeout=1800)
     (repo.parent / "first_repro_s").write_text(f"{time.monotonic() - start:.1f}")
     return repo

@@ -318,7 +318,8 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
     def edit(params):
         tiny(params, experiments=("eps_simple",))
         params["study"]["name"] = f"ddpm-cluster-{secrets.token_hex(2)}"
-        params["train"].update(cpus_per_worker=1.0)
+        for section in ("train", "sample", "evaluate"):  # the nodes have 1 CPU each
+            params[section].update(cpus_per_worker=1.0)
         params["evaluate"].update(checkpoints="all", checkpoint_num_samples=20)  # EMA via S3
         params["cluster"] = {"storage": f"s3://{BUCKETS[0]}/{tmp_path.name}/ray"}
 
@@ -394,7 +395,8 @@ def test_sample_and_evaluate_on_two_nodes_give_one_local_workers_bytes_and_survi
             # kernels split their work by thread count: the bytes need the same threads)
 
     repo, env = cluster_study(tmp_path, s3, mlflow_server, edit)
-    sh(["dvc", "repro", "evaluate@eps_simple-0"], repo, timeout=900)
+    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro", "evaluate@eps_simple-0"], repo,
+       timeout=900)
     local = {name: (repo / name).read_bytes() for name in
              ("samples/eps_simple-0/samples.npz", "metrics/eps_simple-0.json",
               "metrics/eps_simple-0_nll.csv")}
