@@ -45,7 +45,6 @@ repo_on_path()
 
 import torch  # noqa: E402  (after the path set-up above)
 
-
 # --------------------------------------------------------------------------------------------
 # Configurations under test
 # --------------------------------------------------------------------------------------------
@@ -59,7 +58,7 @@ def load_experiment(config: str, experiment: str = "eps_simple",
     `cifar10`: the same experiment with the paper's CIFAR10 model, T and optimizer settings
     (`CIFAR10_*` above), for 32x32 RGB images.
     """
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     if config not in CONFIGS:
         raise ValueError(f"unknown config '{config}'; choose one of: {', '.join(CONFIGS)}")
@@ -79,7 +78,7 @@ def load_experiment(config: str, experiment: str = "eps_simple",
 
 
 def diffusers_unet(model_cfg, image_shape: Sequence[int], out_channels: Optional[int] = None):
-    """diffusers' `UNet2DModel` with the architecture of our `pipeline.unet.UNet`.
+    """diffusers' `UNet2DModel` with the architecture of our `pipeline.model.unet.UNet`.
 
     For the CIFAR10 model this is the configuration of google/ddpm-cifar10-32 (the official
     DDPM weights converted to diffusers): one attention head as wide as the block, GroupNorm 32
@@ -286,7 +285,7 @@ def write_json(path: Optional[str | Path], benchmark: str, args: Any,
     """Write {benchmark, args, machine, results} to `path` atomically (nothing if None)."""
     if path is None:
         return
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     payload = {"benchmark": benchmark, "args": vars(args) if hasattr(args, "__dict__") else args,
                "machine": info, "results": results}
@@ -311,8 +310,8 @@ def add_common_args(parser) -> None:
 def add_precision_arg(parser) -> None:
     parser.add_argument("--precisions", default="fp32",
                         help="comma-separated precisions to time, each for ours and diffusers: "
-                             "fp32, bf16 (ours: pipeline.precision; diffusers: torch.autocast "
-                             "to bfloat16) (default: %(default)s)")
+                             "fp32, bf16 (ours: pipeline.model.precision; diffusers: "
+                             "torch.autocast to bfloat16) (default: %(default)s)")
 
 
 def parse_precisions(parser, text: str) -> list[str]:

@@ -22,13 +22,11 @@ import argparse
 import statistics
 import sys
 
-import _common as common  # puts this checkout first on sys.path
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
 from train_throughput import our_train_step
 
+import _common as common  # puts this checkout first on sys.path
 
 # FlopCounterMode has no formula for the fused CPU attention kernel that diffusers' 4-D
 # (batch, heads, tokens, dim) attention dispatches to
@@ -76,9 +74,9 @@ def count_flops(fn) -> int:
 
 def model_flops(exp, image_shape, batch: int) -> dict[str, float]:
     """FLOPs per image: our forward, our training step (fwd + bwd), diffusers' forward."""
-    from pipeline.data import to_model_range
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.training import build_model
+    from pipeline.data.datasets import to_model_range
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.model.unet import build_model
 
     torch.manual_seed(0)
     model = build_model(exp, tuple(image_shape))
@@ -129,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{peak_before['best_gflops']:.1f} GFLOP/s best, "
           f"{peak_before['median_gflops']:.1f} median", flush=True)
 
-    from pipeline.data import to_model_range
-    from pipeline.training import build_model
+    from pipeline.data.datasets import to_model_range
+    from pipeline.model.unet import build_model
 
     results = {"configs": {}, "note": DIFFUSERS_NOTE}
     measured = []

@@ -1,6 +1,6 @@
 """Cost of the NLL bound: the exact T-term bound against the stratified K-timestep estimator.
 
-Both through `pipeline.metrics.nll_bpd` (the evaluate stage's function) on the digits test
+Both through `pipeline.measure.nll.nll_bpd` (the evaluate stage's function) on the digits test
 split, with the default study's model (params.yaml, `--experiment`): `exact` evaluates every
 one of the T bound terms per image, `stratified` one random timestep in each of K strata
 (`GaussianDiffusion.nll_bpd_stratified`, an unbiased estimate of the same bound). The table
@@ -21,14 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import _common as common  # puts this checkout first on sys.path
-
 import torch
+
+import _common as common  # puts this checkout first on sys.path
 
 
 def test_images(exp, seed: int) -> torch.Tensor:
     """The digits test split (uint8 N x 1 x 8 x 8), prepared in a temporary folder."""
-    from pipeline.data import load_prepared, prepare_dataset, prepared_path
+    from pipeline.data.datasets import load_prepared, prepare_dataset, prepared_path
 
     with tempfile.TemporaryDirectory(prefix="nll-cost-") as tmp:
         prepare_dataset(exp.data, tmp, seed)
@@ -58,17 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     common.check_pipeline_is_this_checkout()
 
-    from pipeline.data import DIGITS_LEVELS
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.metrics import nll_bpd
-    from pipeline.training import build_model
+    from pipeline.data.datasets import DIGITS_LEVELS
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.measure.nll import nll_bpd
+    from pipeline.model.unet import build_model
 
     exp, image_shape = common.load_experiment("digits", args.experiment)
     batch = args.batch_size or exp.evaluate.nll_batch_size
     strata = [int(k) for k in args.strata.split(",") if k]
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=DIGITS_LEVELS)
     if args.model_dir is not None:
-        from pipeline.models import load_model
+        from pipeline.artifacts.models import load_model
 
         model = load_model(exp, args.model_dir)
     else:

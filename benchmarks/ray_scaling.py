@@ -1,7 +1,7 @@
 """Ray Train scaling: the same training run with 1 worker and with N workers (DDP, gloo on CPU).
 
 The default study's experiment (`params.yaml`, `--experiment`) on the digits train split, fit
-through `pipeline.distributed.fit` exactly as the train stage does it, under a private local
+through `pipeline.cluster.train.fit` exactly as the train stage does it, under a private local
 Ray instance. Every case trains the same global batch (`train.batch_size`, split across the
 workers) for `--steps` steps and gets the same CPUs in all (`--cpus`, split across the workers:
 2 workers of 1 CPU on the 2-core machine). Reported per case:
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     common.check_pipeline_is_this_checkout()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from pipeline import distributed
-    from pipeline.data import prepare_dataset, prepared_path
+    from pipeline.cluster import connection, train
+    from pipeline.data.datasets import prepare_dataset, prepared_path
 
     base, _ = common.load_experiment("digits", args.experiment)
     counts = [int(n) for n in args.workers.split(",") if n]
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_dataset(base.data, work / "data", base.data.seed)
         train_data = prepared_path(work / "data", base.data.dataset, "train")
-        print(distributed.connect(num_cpus=int(round(args.cpus))), flush=True)
+        print(connection.connect(num_cpus=int(round(args.cpus))), flush=True)
         for r in range(args.rounds):
             for n in (counts if r % 2 == 0 else counts[::-1]):
                 exp = dataclasses.replace(base, train=dataclasses.replace(
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     log_every=max(1, args.steps // 4), checkpoint_every=args.steps))
                 storage = work / f"ckpt-{n}-{r}"
                 start = time.monotonic()
-                outcome = distributed.fit(exp, train_data, storage)
+                outcome = train.fit(exp, train_data, storage)
                 fit_s = time.monotonic() - start
                 shutil.rmtree(storage, ignore_errors=True)
                 train_s = float(outcome.state["wall_s"])
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"images/s, fit {fit_s:.1f} s (overhead {run['overhead_s']:.1f} s)",
                       flush=True)
     finally:
-        distributed.shutdown()
+        connection.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
     import statistics

@@ -6,7 +6,8 @@ training, and a quick FID at the end, for each row of the study under recipe var
         --json results/bench/recipe.json
 
 Each (variant, experiment) trains in this process with the train stage's per-worker function
-(`pipeline.training.train_worker`, no Ray) on the digits train split, prepared in a temporary
+(`pipeline.cluster.training.train_worker`, no Ray) on the digits train split, prepared in a
+temporary
 folder. Every `--eval-every` steps it measures the stratified NLL bound (bits/dim, the 17-level
 decoder) of the first `--nll-images` test images under the raw weights and under the EMA, with
 the same seed at every evaluation and in every run (common random numbers); at the end, the FID
@@ -23,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common as common
-
 import torch  # noqa: E402  (after _common put this checkout on sys.path)
+
+import _common as common
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -50,7 +51,7 @@ class Probe:
         self.rows: list[dict] = []
 
     def __call__(self, step: int, objects: dict) -> dict:
-        from pipeline.metrics import nll_bpd
+        from pipeline.measure.nll import nll_bpd
 
         row = {"step": step}
         for which in ("model", "ema"):
@@ -66,9 +67,9 @@ class Probe:
         return {}
 
     def fid(self, net, diffusion) -> float:
-        from pipeline.data import to_uint8
-        from pipeline.metrics import fidelity_of
-        from pipeline.seeding import item_generators
+        from pipeline.data.datasets import to_uint8
+        from pipeline.diffusion.seeding import item_generators
+        from pipeline.measure.extractors import fidelity_of
 
         generators = item_generators("sample", 1, range(self.args.fid_samples))
         x = diffusion.sample(net, (self.args.fid_samples, *self.train.shape[1:]), generators)
@@ -96,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(p)
     args = p.parse_args(argv)
 
-    from pipeline.config import load_params
-    from pipeline.data import load_prepared, prepare_dataset, prepared_path
-    from pipeline.classifier import save_classifier, train_digits_classifier
-    from pipeline.metrics import DIGITS_EXTRACTOR
-    from pipeline.training import LocalSession, train_worker
+    from pipeline.cluster.training import LocalSession, train_worker
+    from pipeline.core.config import load_params
+    from pipeline.data.datasets import load_prepared, prepare_dataset, prepared_path
+    from pipeline.measure.classifier import save_classifier, train_digits_classifier
+    from pipeline.measure.extractors import DIGITS_EXTRACTOR
 
     common.set_threads(args.threads)
     params = load_params(common.REPO_ROOT / "params.yaml")

@@ -16,7 +16,7 @@ Ours and diffusers alternate over `--rounds` rounds after one warm-up call each;
 medians and the median of the per-round throughput ratios (ours / diffusers).
 
 `--precisions fp32,bf16` also times both in mixed precision: ours with `sample.precision: bf16`
-(pipeline.precision), diffusers' pipelines called under `torch.autocast(bfloat16)`.
+(pipeline.model.precision), diffusers' pipelines called under `torch.autocast(bfloat16)`.
 
     nice -n 19 python benchmarks/sampling_throughput.py --batch-size 16
 """
@@ -27,18 +27,19 @@ import argparse
 import dataclasses
 import sys
 
+import torch
+
 import _common as common  # puts this checkout first on sys.path
 
-import torch
 
 def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: int,
                with_diffusers: bool, seed: int = 0, precisions=("fp32",)):
     """{sampler: {case: fn}} of closures drawing one batch each, a case per implementation and
     precision (`common.case_name`); and the models."""
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.precision import with_precision
-    from pipeline.schedules import schedule_from_config
-    from pipeline.training import build_model
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.diffusion.schedules import schedule_from_config
+    from pipeline.model.precision import with_precision
+    from pipeline.model.unet import build_model
 
     torch.manual_seed(seed)
     ours = build_model(exp, tuple(image_shape)).eval()

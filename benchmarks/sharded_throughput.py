@@ -1,11 +1,11 @@
-"""Sampling and the NLL bound on Ray workers (`pipeline.distributed.run_chunks`, what the sample
-and evaluate stages run) against the same work in one loop in this process, with 1 and 2
+"""Sampling and the NLL bound on Ray workers (`pipeline.cluster.ray_data.run_chunks`, what the
+sample and evaluate stages run) against the same work in one loop in this process, with 1 and 2
 workers on this machine's CPUs, in alternating rounds of one run.
 
 Cases, each a whole job (fresh weights of the configured U-Net; throughput does not depend on
 them):
 - `one loop`: the peer: `diffusion.sample` over all images in batches of sample.batch_size from
-  one generator (how sampling ran before it was sharded), or `metrics.nll_bpd`'s parts one
+  one generator (how sampling ran before it was sharded), or `nll.nll_bpd`'s parts one
   after another, in this process;
 - `chunks here`: the job's chunks run in this process (`sharding.run_here`): per-image seeds,
   results encoded as the workers send them;
@@ -31,10 +31,10 @@ import statistics
 import sys
 import tempfile
 
-import _common as common
-
 import numpy as np
 import torch
+
+import _common as common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     common.check_pipeline_is_this_checkout()
 
-    from pipeline import distributed
-    from pipeline.config import load_params
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.evaluation import untrained_model
-    from pipeline.sampling import sample_job, sampling_network
-    from pipeline.sharding import ShardedJob, Workers, nll_chunks, run_here
+    from pipeline.cluster import connection, ray_data
+    from pipeline.cluster.sharding import ShardedJob, Workers, nll_chunks, run_here
+    from pipeline.core.config import load_params
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.jobs.evaluation import untrained_model
+    from pipeline.jobs.sample import sample_job
+    from pipeline.measure.sampling import sampling_network
 
     params = load_params(common.REPO_ROOT / "params.yaml")
     exp = params.experiment("eps_simple")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 diffusion.sample(net, (n, *shape), generator, sampler=exp.sample.sampler)
 
     def one_loop_nll():
-        from pipeline.metrics import nll_bpd
+        from pipeline.measure.nll import nll_bpd
 
         for images in (digits[:n_nll], digits[n_nll:2 * n_nll]):
             nll_bpd(model, diffusion, images, method=exp.evaluate.nll,
@@ -119,16 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     info_machine = common.machine()
     print(f"machine: {common.describe(info_machine)}", flush=True)
     torch.set_num_threads(int(cpus))
-    distributed.start_local_cluster(num_cpus=int(cpus), log_to_driver=False)
+    connection.start_local_cluster(num_cpus=int(cpus), log_to_driver=False)
     runs: dict[str, list] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-chunks-") as storage:
             def ray_case(work: str, workers: int):
                 def run():
                     job = jobs(workers)[work]
-                    result = distributed.run_chunks(job, f"{storage}/{work}-{workers}",
+                    result = ray_data.run_chunks(job, f"{storage}/{work}-{workers}",
                                                     stream=open("/dev/null", "w"))
-                    from pipeline.sharding import ChunkStore
+                    from pipeline.cluster.sharding import ChunkStore
 
                     ChunkStore(f"{storage}/{work}-{workers}", job.name).discard()
                     runs.setdefault(f"{work} Ray, {workers} worker"
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         for n in counts}}
             seconds = common.alternate(cases, rounds=args.rounds, warmup=0)
     finally:
-        distributed.shutdown()
+        connection.shutdown()
 
     units = {"sampling": exp.sample.num_samples, "nll": 2 * n_nll * terms}
     rows, results = [], {"cases": {}, "settings": {
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{work}: 2 workers / 1 worker speed-up {results[f'{work}_speedup_2_over_1']:.3f}")
 
     if args.batch_sizes:
-        from pipeline.sampling import sample_batch
+        from pipeline.measure.sampling import sample_batch
 
         net = sampling_network(model, exp.sample)
         first = min(exp.sample.batch_size, exp.sample.num_samples)

@@ -1,7 +1,7 @@
 """Training throughput (images/s) of our train step against Hugging Face diffusers.
 
-Ours: one step of `pipeline.training.train_worker`'s loop (Algorithm 1) in one process, built
-from the pipeline's own pieces: `build_model` (pipeline.unet U-Net), the timestep sampler,
+Ours: one step of `pipeline.cluster.training.train_worker`'s loop (Algorithm 1) in one process,
+built from the pipeline's own pieces: `build_model` (pipeline.model.unet U-Net), the timestep sampler,
 `GaussianDiffusion.training_losses`, backward, gradient clipping, Adam with its warmup
 schedule (`make_optimizer`) and the EMA update (`make_ema`).
 
@@ -17,7 +17,8 @@ values), alternating ours / theirs over `--rounds` rounds of `--steps` steps eac
 warm-up; the table gives median images/s and the median of the per-round ratios.
 
 `--precisions fp32,bf16` also times both in mixed precision: ours with `train.precision: bf16`
-(pipeline.precision), diffusers' U-Net forward under `torch.autocast(bfloat16)` as accelerate's
+(pipeline.model.precision), diffusers' U-Net forward under `torch.autocast(bfloat16)` as
+accelerate's
 `mixed_precision="bf16"` runs it; the ratios are then ours / diffusers at each precision and
 ours bf16 / diffusers fp32.
 
@@ -31,20 +32,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _common as common  # puts this checkout first on sys.path
-
 import torch
 import torch.nn.functional as F
+
+import _common as common  # puts this checkout first on sys.path
 
 
 def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: str = "fp32"):
     """A closure running one training step of ours at `precision` (the U-Net wrapped as
     train_worker wraps it for train.precision); and the model (for its size)."""
-    from pipeline.data import to_model_range
-    from pipeline.diffusion import GaussianDiffusion, timestep_sampler
-    from pipeline.precision import with_precision
-    from pipeline.training import (build_model, make_ema, make_optimizer, seed_generators,
-                                   train_step)
+    from pipeline.cluster.training import make_optimizer, seed_generators, train_step
+    from pipeline.data.datasets import to_model_range
+    from pipeline.diffusion.gaussian import GaussianDiffusion, timestep_sampler
+    from pipeline.model.ema import make_ema
+    from pipeline.model.precision import with_precision
+    from pipeline.model.unet import build_model
 
     torch.manual_seed(seed)
     device = torch.device("cpu")
@@ -71,9 +73,10 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0,
     U-Net's forward under torch.autocast for bf16 (as accelerate's mixed precision runs it)."""
     from diffusers import DDPMScheduler
 
-    from pipeline.data import to_model_range
-    from pipeline.schedules import schedule_from_config
-    from pipeline.training import apply_gradients, make_ema, make_optimizer
+    from pipeline.cluster.training import apply_gradients, make_optimizer
+    from pipeline.data.datasets import to_model_range
+    from pipeline.diffusion.schedules import schedule_from_config
+    from pipeline.model.ema import make_ema
 
     if exp.diffusion.mean_type != "eps" or exp.diffusion.loss != "simple" or \
             exp.diffusion.weighting != "uniform":

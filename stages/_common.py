@@ -3,7 +3,7 @@
 A stage's `main()` parses paths, loads and validates the whole params.yaml (so a typo stops
 `dvc repro` in seconds, before Ray or a model starts), then calls the library. Known
 problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
-`pipeline.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
+`pipeline.core.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Params, load_params
-from pipeline.errors import UserError
+from pipeline.core.config import Params, load_params
+from pipeline.core.errors import UserError
 
 EXIT_USER_ERROR = 2
 
@@ -62,7 +62,7 @@ def run(body: Callable[[Params], int | None], params_path: Path) -> int:
 
 def tracker_for(params: Params, root: Path = Path(".")):
     """The study's MLflow tracker, checked reachable (fails fast, naming the URI)."""
-    from pipeline.tracking import Tracker
+    from pipeline.core.tracking import Tracker
 
     tracker = Tracker(params.tracking, params.study, root)
     tracker.check_reachable()

@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         _common.tracker_for(params)  # an unreachable tracking store stops the study here
-        from pipeline import classifier, metrics
-        from pipeline.data import load_prepared, prepared_path
-        from pipeline.io import write_json
+        from pipeline.core.io import write_json
+        from pipeline.data.datasets import load_prepared, prepared_path
+        from pipeline.measure import classifier, extractors
 
         dataset = params.data.dataset
-        extractor = metrics.extractor_name(dataset, params.evaluate.feature_extractor)
+        extractor = extractors.extractor_name(dataset, params.evaluate.feature_extractor)
         info = {"dataset": dataset, "extractor": extractor}
-        if extractor == metrics.DIGITS_EXTRACTOR:
+        if extractor == extractors.DIGITS_EXTRACTOR:
             train_x, train_y, _ = load_prepared(prepared_path(args.data, dataset, "train"))
             test_x, test_y, _ = load_prepared(prepared_path(args.data, dataset, "test"))
             model = classifier.train_digits_classifier(train_x, train_y,
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: accuracy below {MIN_ACCURACY:.0%}; FID / IS on digits will be "
                       "noisy (raise evaluate.classifier_steps)")
         else:  # fails now if the extractor cannot be imported or its weights are missing
-            _, weights = metrics.resolve_extractor(dataset, params.evaluate, args.out,
+            _, weights = extractors.resolve_extractor(dataset, params.evaluate, args.out,
                                                    params.data.download)
-            if extractor == metrics.INCEPTION_EXTRACTOR:
+            if extractor == extractors.INCEPTION_EXTRACTOR:
                 info["weights"] = weights or "(downloaded by torch-fidelity)"
             print(f"{dataset}: FID / IS use the feature extractor {extractor}"
                   + (f" with weights {info['weights']}" if "weights" in info else ""))

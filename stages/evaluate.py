@@ -3,7 +3,7 @@ the NLL bound (bits/dim) of its model, each with its standard error.
 
     python -m stages.evaluate --experiment eps_simple [--seed 0] [--params params.yaml]
 
-What is measured, and how, is `pipeline.evaluation`. Writes metrics/<E>-<S>.json (DVC
+What is measured, and how, is `pipeline.jobs.evaluation`. Writes metrics/<E>-<S>.json (DVC
 metrics: numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
 counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for
 comparing runs image by image) and, for scores over training, metrics/<E>-<S>_checkpoints.csv with its figure
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline import distributed
-        from pipeline.evaluation import evaluate_run, log_evaluation, save_evaluation
+        from pipeline.cluster import connection
+        from pipeline.jobs.evaluation import evaluate_run, log_evaluation, save_evaluation
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(exp, args.data, args.models, args.samples,
                                   exp.cluster.resolved_storage())
         finally:
-            distributed.shutdown()
+            connection.shutdown()
         paths = save_evaluation(result, exp, args.out, args.figures)
         if result.chunks is not None:  # the outputs are written: no chunk is needed any more
             result.chunks.discard()

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the process that holds the instance: prints its address, stops it at the end of its stdin
-HOLD = ("import sys; from pipeline import distributed; "
-        "print(distributed.start_local_cluster(log_to_driver=False), flush=True); "
-        "sys.stdin.read(); distributed.shutdown()")
+HOLD = ("import sys; from pipeline.cluster import connection; "
+        "print(connection.start_local_cluster(log_to_driver=False), flush=True); "
+        "sys.stdin.read(); connection.shutdown()")
 
 
 def stop(holder: subprocess.Popen) -> None:

@@ -8,7 +8,7 @@ workers, at a throughput measured here or given.
 With --gflops (GFLOP/s achieved by one worker, e.g. a GPU's) the times are extrapolated from
 FLOPs; without it the U-Net's forward and training step are timed here first, at each
 stage's batch and threads (a few seconds on the digits model, minutes on CIFAR10's on a CPU).
-How it counts: pipeline/plan.py.
+How it counts: pipeline/reporting/plan.py.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be >= 1")
 
     def body(params) -> int:
-        from pipeline.plan import measure_rates, plan_table, study_work
-        from pipeline.progress import format_duration
+        from pipeline.core.progress import format_duration
+        from pipeline.reporting.plan import measure_rates, plan_table, study_work
 
         works = study_work(params, args.workers, args.cpus)
         if args.gflops:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{format_duration(row['startup_s']):>8} {format_duration(row['total_s']):>9}"
                   f"  {row['note'] if isinstance(row['note'], str) else ''}")
         if args.csv is not None:
-            from pipeline.io import atomic_path
+            from pipeline.core.io import atomic_path
 
             with atomic_path(args.csv) as tmp:
                 table.to_csv(tmp, index=False)

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         _common.tracker_for(params)  # an unreachable tracking store stops the study here
-        from pipeline.data import prepare_dataset  # imports torch: after the quick checks
+        from pipeline.data.datasets import prepare_dataset
 
         summary = prepare_dataset(params.data, args.out, seed=params.data.seed)
         c, h, w = summary["image_shape"]

@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline import distributed
-        from pipeline.evaluation import Apparatus, reference_scores
-        from pipeline.figures import save_sample_grid
-        from pipeline.records import save_reference
+        from pipeline.artifacts.figures import save_sample_grid
+        from pipeline.artifacts.records import save_reference
+        from pipeline.cluster import connection
+        from pipeline.jobs.evaluation import Apparatus, reference_scores
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             reference, untrained_images, chunks = reference_scores(
                 exp, apparatus, exp.cluster.resolved_storage())
         finally:
-            distributed.shutdown()
+            connection.shutdown()
         real, untrained = reference["real_data"], reference["untrained"]
         print(f"real data ({real['draws']} draws of {real['num_images']} images against the "
               f"other {real['reference_images']}): FID {real['fid']:.3f} ± {real['fid_sd']:.3f},"

@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline import distributed
-        from pipeline.sampling import sample_run
+        from pipeline.cluster import connection
+        from pipeline.jobs.sample import sample_run
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage())
         finally:
-            distributed.shutdown()
+            connection.shutdown()
         run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
         if result is None:
             print(f"{exp.key} is unstable: wrote empty samples")

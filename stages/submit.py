@@ -9,7 +9,7 @@ s3://bucket/ddpm`) and an MLflow tracking server (`MLFLOW_TRACKING_URI=http://..
 checked before anything is uploaded. The checkout is uploaded with `--working-dir`
 semantics (what git ignores stays here); on the cluster the job pulls what the remote already
 holds, runs the command, pushes models, samples and DVC's run cache to the remote and leaves a
-results bundle there (`pipeline.cluster_job`). Here, when the job succeeds, the bundle's
+results bundle there (`pipeline.artifacts.bundle`). Here, when the job succeeds, the bundle's
 dvc.lock, metrics, plots and tables are written into the checkout and `dvc pull` restores the
 rest: `dvc status` is clean and `dvc metrics diff` compares the cluster's run with the last
 commit. A job that fails or is stopped changes nothing here, and the reason is printed.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages import _common
 
 # Environment passed to the job where it is set here (the job runs with the cluster's own
@@ -107,8 +107,8 @@ def remote_url(repo: Path) -> str:
 
 def check_tracking(repo: Path, params_path: Path) -> str:
     """The tracking URI the job will use: a server, reachable from here."""
-    from pipeline.config import load_params
-    from pipeline.tracking import check_reachable, resolve_tracking_uri
+    from pipeline.core.config import load_params
+    from pipeline.core.tracking import check_reachable, resolve_tracking_uri
 
     params = load_params(params_path)
     uri = resolve_tracking_uri(params.tracking, repo)
@@ -198,8 +198,8 @@ def follow(client, job_id: str) -> str:
 
 def fetch(repo: Path, job_id: str, pull: bool = True) -> int:
     """Apply the results bundle of job `job_id` to the checkout, then `dvc pull`."""
-    from pipeline.cluster_job import (apply_bundle, bundle_key, changed_sources, read_bundle,
-                                      summary)
+    from pipeline.artifacts.bundle import (apply_bundle, bundle_key, changed_sources, read_bundle,
+                                           summary)
 
     data = read_from_remote(repo, bundle_key(job_id))
     manifest, files = read_bundle(data)
@@ -262,7 +262,7 @@ def write_to_remote(repo: Path, key: str, data: bytes) -> str:
 
 
 def run_in_job(repo: Path, job_id: str, command: list[str]) -> int:
-    from pipeline.cluster_job import bundle_key, make_bundle, summary
+    from pipeline.artifacts.bundle import bundle_key, make_bundle, summary
 
     if not (repo / ".git").exists():  # --working-dir uploads leave .git out
         subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=repo, check=True)

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.data import load_prepared, prepared_path
-        from pipeline.sweep import (best_record, best_trial, log_sweep, save_sweep, trial_probe,
-                                    trials_table)
+        from pipeline.cluster.sweep import (best_record, best_trial, log_sweep, save_sweep,
+                                            trial_probe, trials_table)
+        from pipeline.data.datasets import load_prepared, prepared_path
 
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
@@ -43,20 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         probe = trial_probe(cfg, base, train_path, test_path,
                             args.models / "classifier" / "classifier.pt")
 
-        from pipeline import distributed
+        from pipeline.cluster import connection, tune
 
-        print(distributed.connect(), flush=True)
+        print(connection.connect(), flush=True)
         num_trials = len(trial_exps) if cfg.search == "grid" else cfg.num_samples
         print(f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over "
               f"{len(cfg.schedules)} schedules x {len(cfg.weightings)} weightings), "
-              f"{cfg.steps} steps each, {distributed.concurrent_trials(cfg)} at a time, ASHA on "
+              f"{cfg.steps} steps each, {tune.concurrent_trials(cfg)} at a time, ASHA on "
               "the validation nll_bpd", flush=True)
         start = time.monotonic()
         try:
             storage = args.storage or f"{params.cluster.resolved_storage().rstrip('/')}/sweep"
-            run = distributed.run_sweep(cfg, base, storage, probe, seed=base.seed)
+            run = tune.run_sweep(cfg, base, storage, probe, seed=base.seed)
         finally:
-            distributed.shutdown()
+            connection.shutdown()
         table = trials_table(run.table, run.trials, cfg)
         parent, children = log_sweep(tracker, cfg, base, run.trials, table, run.wall_s)
         best = best_trial(table)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: trial {row['trial_id']} ({row['schedule']}, {row['weighting']}) "
                   f"failed: {row['error']}", file=sys.stderr)
         if len(errors) == len(table):
-            from pipeline.distributed import TrainingError
+            from pipeline.cluster.train import TrainingError
 
             raise TrainingError(f"every sweep trial failed; logs are under {run.path}")
         return 0

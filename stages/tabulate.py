@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 
 
 def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> None:
@@ -22,8 +22,8 @@ def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> 
     hashes and a description naming its row of Table 2."""
     import yaml
 
-    from pipeline.tables import run_descriptions
-    from pipeline.tracking import TAG_NOTE
+    from pipeline.core.tracking import TAG_NOTE
+    from pipeline.reporting.tables import run_descriptions
 
     run_id = tracker.study_run()
     for name in ("table1", "table2", "sweep", "findings"):
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from pipeline.results import report, run_tabulate
+        from pipeline.reporting.tabulate import report, run_tabulate
 
         tracker = _common.tracker_for(params)
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots)

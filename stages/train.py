@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 
-from pipeline.status import Status
+from pipeline.core.status import Status
 from stages import _common
 
 
@@ -35,32 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.data import load_prepared, prepared_path
+        from pipeline.data.datasets import load_prepared, prepared_path
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
-        from pipeline import distributed
-        from pipeline.io import is_uri
-        from pipeline.loss_curve import save_loss_curve
-        from pipeline.models import wanted_ema_snapshots, write_model_dir
+        from pipeline.artifacts.loss_curve import save_loss_curve
+        from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
+        from pipeline.cluster import connection, train
+        from pipeline.core.io import is_uri
 
         storage = args.storage or exp.cluster.resolved_storage()
-        print(distributed.connect(), flush=True)
+        print(connection.connect(), flush=True)
         start = time.monotonic()
         try:
-            outcome = distributed.fit(exp, train_path, storage)
+            outcome = train.fit(exp, train_path, storage)
         finally:
-            distributed.shutdown()
+            connection.shutdown()
         wall = time.monotonic() - start
         state = outcome.state
         history = state["loss_history"]
         steps_done = state["step"]
         images_per_s = steps_done * exp.train.batch_size / state["wall_s"] \
             if state.get("wall_s") else None
-        extra = {"run_name": distributed.run_name(exp), "config_hash": exp.config_hash(),
+        extra = {"run_name": train.run_name(exp), "config_hash": exp.config_hash(),
                  "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
                  "final_loss": history[-1][1] if history else None,
                  "checkpoints": str(outcome.run_path)}
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "train_images_per_s": images_per_s,
                                      "train_steps": steps_done})
         tracker.set_tags(run_id, {"ddpm.status": state["status"],
-                                  "ddpm.ray_run_name": distributed.run_name(exp)})
+                                  "ddpm.ray_run_name": train.run_name(exp)})
         status = state["status"]
         kept = f", EMA kept at steps {list(snapshots)}" if snapshots else ""
         print(f"trained {exp.key}: {steps_done} steps, status {status}, "

@@ -116,7 +116,7 @@ def assert_refused(raw, needles):
     every needle."""
     import pytest
 
-    from pipeline.config import ConfigError, parse_params
+    from pipeline.core.config import ConfigError, parse_params
 
     if not needles:
         parse_params(raw)

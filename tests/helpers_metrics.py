@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from pipeline.metrics import register_extractor
+from pipeline.measure.extractors import register_extractor
 
 STANDIN_EXTRACTOR = "test-tiny-conv"
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import assert_refused
 
-from pipeline.config import (ConfigError, DiffusionConfig, ExperimentConfig, load_params,
-                             parse_params)
+from helpers import assert_refused
+from pipeline.core.config import (ConfigError, DiffusionConfig, ExperimentConfig, load_params,
+                                  parse_params)
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -188,7 +188,7 @@ def test_yaml_syntax_error_and_empty_file(tmp_path):
 
 
 def test_evaluate_checkpoints_forms():
-    from pipeline.config import checkpoint_steps
+    from pipeline.core.config import checkpoint_steps
 
     params = load_params(PROJECT / "params.yaml")
     assert params.evaluate.checkpoints is None  # the default study scores only the final model
@@ -245,14 +245,15 @@ def test_ddpm_storage_overrides_cluster_storage(monkeypatch):
 def test_the_library_registries_are_keyed_by_the_params_choices():
     """params.yaml's choices live in the config's Literal annotations (config imports no torch);
     each registry of the library must be keyed by exactly those names."""
-    from pipeline import config, diffusion, schedules
+    from pipeline.core import config
+    from pipeline.diffusion import gaussian, schedules
 
     assert config.SCHEDULES == tuple(schedules.SCHEDULES)
-    assert config.MEAN_TYPES == tuple(diffusion.MEAN_TYPES)
-    assert config.VAR_TYPES == tuple(diffusion.VAR_TYPES)
-    assert config.LOSSES == tuple(diffusion.LOSSES)
-    assert config.WEIGHTINGS == tuple(diffusion.WEIGHTINGS)
-    assert config.SAMPLERS == tuple(diffusion.SAMPLERS)
+    assert config.MEAN_TYPES == tuple(gaussian.MEAN_TYPES)
+    assert config.VAR_TYPES == tuple(gaussian.VAR_TYPES)
+    assert config.LOSSES == tuple(gaussian.LOSSES)
+    assert config.WEIGHTINGS == tuple(gaussian.WEIGHTINGS)
+    assert config.SAMPLERS == tuple(gaussian.SAMPLERS)
     assert config.SWEEP_WEIGHTINGS == tuple(config.SWEEP_OBJECTIVES)
     assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
     for loss, weighting in config.SWEEP_OBJECTIVES.values():
@@ -263,7 +264,7 @@ def test_choices_reads_a_literal_field_and_a_list_of_literals():
     from dataclasses import dataclass
     from typing import Literal
 
-    from pipeline.coerce import choices
+    from pipeline.core.coerce import choices
 
     @dataclass
     class Section:

@@ -1,4 +1,5 @@
-"""pipeline.data and stages.prepare: prepared formats, errors that say what to do, minibatches."""
+"""pipeline.data.datasets and stages.prepare: prepared formats, errors that say what to do,
+minibatches."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import yaml
 from PIL import Image
 
 from helpers import make_cifar10_archive, make_image_folder
-from pipeline.config import DataConfig
-from pipeline.data import (CIFAR10_URL, DataError, ImageBatches, default_hflip, level_to_uint8,
-                           load_prepared, prepare_dataset, prepared_path, to_model_range,
-                           to_uint8)
+from pipeline.core.config import DataConfig
+from pipeline.data.datasets import (CIFAR10_URL, DataError, ImageBatches, default_hflip,
+                                    level_to_uint8, load_prepared, prepare_dataset, prepared_path,
+                                    to_model_range, to_uint8)
 from stages import prepare as prepare_stage
 
 
@@ -112,7 +113,7 @@ def test_cifar10_missing_archive_says_where_to_get_it(tmp_path):
 
 
 def test_cifar10_download_is_used_when_enabled(tmp_path, monkeypatch):
-    import pipeline.data
+    import pipeline.data.datasets
 
     archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
     calls = []
@@ -121,7 +122,7 @@ def test_cifar10_download_is_used_when_enabled(tmp_path, monkeypatch):
         calls.append(path)
         make_cifar10_archive(path, n_train=10, n_test=5)
 
-    monkeypatch.setattr(pipeline.data, "_download_cifar10", fake_download)
+    monkeypatch.setattr(pipeline.data.datasets, "_download_cifar10", fake_download)
     summary, _, _ = _prepare(tmp_path, dataset="cifar10", cifar10_archive=str(archive),
                              download=True)
     assert calls == [archive] and summary["train"] == 10 and summary["test"] == 5

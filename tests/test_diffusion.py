@@ -7,11 +7,12 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline import config
-from pipeline.diffusion import (LOSSES, MEAN_TYPES, SAMPLERS, VAR_TYPES,
-                                GaussianDiffusion, LossSecondMomentTimesteps,
-                                discretized_gaussian_log_likelihood, normal_kl, summarize_nll)
-from pipeline.schedules import beta_schedule
+from pipeline.core import config
+from pipeline.diffusion.gaussian import (LOSSES, MEAN_TYPES, SAMPLERS, VAR_TYPES, GaussianDiffusion,
+                                         LossSecondMomentTimesteps,
+                                         discretized_gaussian_log_likelihood, normal_kl,
+                                         summarize_nll)
+from pipeline.diffusion.schedules import beta_schedule
 
 LINEAR_1000 = beta_schedule("linear", 1000)
 
@@ -264,7 +265,7 @@ def test_stratified_nll_is_unbiased():
 def test_bound_terms_batched_across_timesteps_equal_one_call_per_term(per_call):
     """Stacking several timesteps' inputs into one network call (a divisor of T or not, or all
     T at once) draws the same x_t and sums the same terms, in the same order."""
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     d = GaussianDiffusion(beta_schedule("linear", 40), var_type="fixed_large")
     net = UNet(image_size=8, in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2),
@@ -418,7 +419,7 @@ COMBINATIONS = [(m, v, l) for m in MEAN_TYPES for v in VAR_TYPES for l in LOSSES
 
 @pytest.mark.parametrize("mean_type,var_type,loss", COMBINATIONS)
 def test_every_variant_trains_a_tiny_unet(mean_type, var_type, loss):
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(13)
     d = GaussianDiffusion(beta_schedule("linear", 100), mean_type, var_type, loss)

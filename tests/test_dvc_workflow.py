@@ -124,7 +124,7 @@ def test_dvc_experiments_run_queue_and_match_their_mlflow_runs(repo):
 @pytest.mark.parametrize("module, fresh", [
     ("stages/_common.py", set()),           # every stage imports it
     # every stage that trains, samples or measures reports progress; prepare and tabulate do not
-    ("pipeline/progress.py", {"prepare", "tabulate"}),
+    ("pipeline/core/progress.py", {"prepare", "tabulate"}),
 ])
 def test_editing_a_shared_module_makes_the_stages_that_import_it_stale(repo, module, fresh):
     path = repo / module

@@ -61,8 +61,8 @@ def test_stage_deps_are_the_import_closure_of_its_command(name):
 
 def test_the_closure_follows_imports_inside_functions():
     closure = import_closure("stages.tabulate")
-    assert {"stages/tabulate.py", "stages/_common.py", "pipeline/findings.py",
-            "pipeline/stats.py"} <= closure  # imported inside main() and run_tabulate()
+    assert {"stages/tabulate.py", "stages/_common.py", "pipeline/reporting/findings.py",
+            "pipeline/measure/stats.py"} <= closure  # imported inside main() and run_tabulate()
     assert "stages/train.py" not in closure
 
 
@@ -91,7 +91,7 @@ def test_how_many_workers_sample_and_evaluate_is_no_stage_param():
     """sample.* and evaluate.* num_workers / cpus_per_worker change no sample and no score
     (a seed per image, chunks fixed by the other params): moving the study onto more workers
     must not make DVC rerun it. Every other key of those sections is listed where it is read."""
-    from pipeline.config import WORKER_KEYS
+    from pipeline.core.config import WORKER_KEYS
 
     for name, stage in STAGES.items():
         params = [str(p) for p in stage.get("params", [])]

@@ -1,4 +1,4 @@
-"""pipeline.findings: the verdicts on the paper's claims, on hand-made metrics."""
+"""pipeline.reporting.findings: the verdicts on the paper's claims, on hand-made metrics."""
 
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import findings
-from pipeline.findings import (CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, REPRODUCED,
-                               paper_rows)
-from pipeline.results import aggregate
+from pipeline.reporting import findings
+from pipeline.reporting.findings import (CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, REPRODUCED,
+                                         paper_rows)
+from pipeline.reporting.results import aggregate
 
 ROWS = {
     "mu_vlb_learned": ("mu", "learned", "vlb"),

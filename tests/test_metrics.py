@@ -21,12 +21,12 @@ from sklearn.model_selection import train_test_split
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from helpers_metrics import STANDIN_EXTRACTOR, TinyConvExtractor, register_standin_extractor
-from pipeline.classifier import (DigitsFeatureExtractor, classifier_accuracy,
-                                 classifier_predict, load_classifier, register_digits_extractor,
-                                 save_classifier, train_digits_classifier)
-from pipeline.config import EvaluateConfig
-from pipeline.metrics import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, MetricsError,
-                              fidelity_of, extractor_name, resolve_extractor)
+from pipeline.core.config import EvaluateConfig
+from pipeline.measure.classifier import (ClassifierError, classifier_accuracy, classifier_predict,
+                                         load_classifier, save_classifier, train_digits_classifier)
+from pipeline.measure.extractors import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR,
+                                         DigitsFeatureExtractor, MetricsError, extractor_name,
+                                         fidelity_of, register_digits_extractor, resolve_extractor)
 
 CLASSIFIER_STEPS = 600
 METRIC_KEYS = {"fid", "is_mean", "kid_mean"}
@@ -109,23 +109,23 @@ def test_save_load_round_trip_gives_identical_logits(digits, classifier, tmp_pat
 
 def test_missing_classifier_weights_name_the_file_and_the_remake_command(digits, tmp_path):
     path = tmp_path / "nowhere" / "digits_classifier.pt"
-    with pytest.raises(MetricsError, match="dvc repro classifier") as info:
+    with pytest.raises(ClassifierError, match="dvc repro classifier") as info:
         load_classifier(path)
     assert str(path) in str(info.value)
     _, _, x_test, _ = digits
-    with pytest.raises(MetricsError) as info:
+    with pytest.raises(ClassifierError) as info:
         fidelity_of(x_test, x_test, extractor=DIGITS_EXTRACTOR, weights_path=str(path))
     assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_corrupt_classifier_weights_raise_metrics_error(classifier, tmp_path, damage):
+def test_corrupt_classifier_weights_raise_a_classifier_error(classifier, tmp_path, damage):
     _, good_path, _ = classifier
     raw = good_path.read_bytes()
     bad = tmp_path / "digits_classifier.pt"
     bad.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"not a checkpoint" * 10,
                      "empty": b""}[damage])
-    with pytest.raises(MetricsError, match="python -m stages.classifier") as info:
+    with pytest.raises(ClassifierError, match="python -m stages.classifier") as info:
         load_classifier(bad)
     assert str(bad) in str(info.value)
 
@@ -207,7 +207,7 @@ def test_the_extractor_of_each_dataset_and_the_params_override():
 
 def test_resolve_extractor_checks_the_digits_classifier_before_any_work(tmp_path):
     missing = tmp_path / "classifier.pt"
-    with pytest.raises(MetricsError, match="dvc repro classifier") as info:
+    with pytest.raises(ClassifierError, match="dvc repro classifier") as info:
         resolve_extractor("digits", EvaluateConfig(), missing, download=False)
     assert str(missing) in str(info.value)
     model = train_digits_classifier(np.zeros((20, 1, 8, 8), np.uint8), np.arange(20) % 10,
@@ -255,7 +255,7 @@ def test_inception_without_weights_offline_says_where_to_get_them(offline, monke
     with pytest.raises(MetricsError, match="evaluate.inception_weights") as info:
         fidelity_of(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None)
     assert "weights-inception-2015-12-05-6726825d.pth" in str(info.value)
-    monkeypatch.setattr("pipeline.metrics._network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("pipeline.measure.extractors._network_reachable", lambda *a, **k: False)
     with pytest.raises(MetricsError, match="unreachable"):
         fidelity_of(images, images, extractor=INCEPTION_EXTRACTOR, weights_path=None,
                          download=True)

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 
 from helpers import pixels_of_colour, png_pixels
-from pipeline.figures import save_scores_over_training
-from pipeline.over_training import COLUMNS, best_by_fid, final_scores, write_scores
+from pipeline.artifacts.figures import save_scores_over_training
+from pipeline.jobs.over_training import COLUMNS, best_by_fid, final_scores, write_scores
 
 
 def scores(rows):

@@ -1,4 +1,4 @@
-"""The cost plan (pipeline/plan.py, stages/plan.py): its counts and arithmetic on a
+"""The cost plan (pipeline/reporting/plan.py, stages/plan.py): its counts and arithmetic on a
 hand-computed case, and the command as a user runs it."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from helpers import PROJECT, env_for
-from pipeline.config import parse_params
-from pipeline.plan import STARTUP_S, Work, plan_table, split_sizes, study_work, unet_gflops
+from pipeline.core.config import parse_params
+from pipeline.reporting.plan import (STARTUP_S, Work, plan_table, split_sizes, study_work,
+                                     unet_gflops)
 
 
 def small_params(**evaluate):

@@ -1,4 +1,4 @@
-"""Tests for pipeline.precision: bf16 autocast of the U-Net, TF32 settings, and sampling at
+"""Tests for pipeline.model.precision: bf16 autocast of the U-Net, TF32 settings, and sampling at
 sample.precision (training at train.precision is in test_training.py)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import parse_params
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.precision import PRECISIONS, Autocast, matmul_precision, with_precision
-from pipeline.sampling import generate
-from pipeline.training import build_model
+from pipeline.core.config import parse_params
+from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.measure.sampling import generate
+from pipeline.model.precision import PRECISIONS, Autocast, matmul_precision, with_precision
+from pipeline.model.unet import build_model
 
 
 def _digits_experiment(**sample):

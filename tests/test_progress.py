@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pipeline.progress import StepProgress, eta_seconds, format_duration, progress_bar
+from pipeline.core.progress import StepProgress, eta_seconds, format_duration, progress_bar
 
 
 class Terminal(io.StringIO):
@@ -53,7 +53,7 @@ def test_progress_bar_on_a_terminal_is_a_tqdm_bar():
 
 def test_step_progress_off_a_terminal_prints_a_line_per_update_with_eta(monkeypatch):
     times = [100.0, 110.0, 130.0]  # made at t=100; updates at t=110 and t=130
-    monkeypatch.setattr("pipeline.progress.time.monotonic",
+    monkeypatch.setattr("pipeline.core.progress.time.monotonic",
                         lambda: times.pop(0) if len(times) > 1 else times[0])
     stream = io.StringIO()
     progress = StepProgress(450, desc="train eps_simple", start_step=50, stream=stream)

@@ -28,8 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import STABLE_KEY as KEY
-from conftest import UNSTABLE_KEY, shared_study_params
+from conftest import STABLE_KEY as KEY, UNSTABLE_KEY, shared_study_params
 from helpers import PROJECT, env_for, make_study_repo, mlflow_runs, run_record, sh, tiny
 
 STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
@@ -536,8 +535,8 @@ def test_unreachable_mlflow_stops_every_stage_at_once(tmp_path):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """Prepared digits splits (data/prepared), made in-process."""
-    from pipeline.config import parse_params
-    from pipeline.data import prepare_dataset
+    from pipeline.core.config import parse_params
+    from pipeline.data.datasets import prepare_dataset
 
     root = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare_dataset(parse_params({}).data, root, seed=0)
@@ -605,7 +604,7 @@ def test_corrupt_model_weights_name_the_file(tmp_path):
 
 
 def test_corrupt_classifier_weights_name_the_file(prepared, tmp_path):
-    from pipeline.classifier import DigitsClassifier, save_classifier
+    from pipeline.measure.classifier import DigitsClassifier, save_classifier
 
     bad = tmp_path / "models" / "classifier" / "classifier.pt"
     save_classifier(DigitsClassifier(), bad)
@@ -709,7 +708,7 @@ def test_inception_weights_absent_offline_say_where_to_put_them(tmp_path):
 WRITER = """
 import sys, time
 import numpy as np
-from pipeline.io import atomic_dir, save_npz
+from pipeline.core.io import atomic_dir, save_npz
 kind, target = sys.argv[1], sys.argv[2]
 if kind == "npz":  # ~200 MB: the kill lands while the bytes are being written
     save_npz(target, images=np.full((200, 1000, 1000), 7, np.uint8))
@@ -722,9 +721,9 @@ else:
 
 
 def test_atomic_writes_killed_mid_write_leave_the_old_output(tmp_path):
-    """SIGKILL a writer of pipeline.io mid-write: the destination keeps its old, complete
+    """SIGKILL a writer of pipeline.core.io mid-write: the destination keeps its old, complete
     content (or stays absent); only a dot-named temporary is left beside it."""
-    from pipeline.io import atomic_dir, save_npz
+    from pipeline.core.io import atomic_dir, save_npz
 
     old = np.arange(10, dtype=np.uint8)
     target = tmp_path / "samples.npz"

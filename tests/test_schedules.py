@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.schedules import SCHEDULES, beta_schedule
+from pipeline.diffusion.schedules import SCHEDULES, beta_schedule
 
 
 def test_linear_matches_paper_constants():

@@ -1,4 +1,5 @@
-"""Work in chunks (pipeline/sharding.py, pipeline/seeding.py, distributed.run_chunks): a seed per
+"""Work in chunks (pipeline/cluster/sharding.py, pipeline/diffusion/seeding.py,
+ray_data.run_chunks): a seed per
 image and per bound term, so that samples and per-image bounds are the same bytes whichever
 worker made which chunk, in whatever order; sums of chunks that merge into the whole; finished
 chunks kept in storage; one progress line; where the work cannot run, a refusal."""
@@ -14,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_params
-from pipeline.seeding import item_generators, item_seed, stream_offset
-from pipeline.sharding import (Chunk, ChunkStore, ShardedJob, Workers, feature_chunks,
-                               feature_parts, merge_feature_parts, nll_chunks, run_here,
-                               assemble_nll_chunks)
-from pipeline.stats import FeatureGroups, frechet_distance, FeatureMoments, inception_score
 from helpers import PROJECT
+from pipeline.cluster.sharding import (Chunk, ChunkStore, ShardedJob, Workers, assemble_nll_chunks,
+                                       feature_chunks, feature_parts, merge_feature_parts,
+                                       nll_chunks, run_here)
+from pipeline.core.config import load_params
+from pipeline.diffusion.seeding import item_generators, item_seed, stream_offset
+from pipeline.measure.stats import FeatureGroups, FeatureMoments, frechet_distance, inception_score
 
 
 def tiny_experiment(**sample):
@@ -34,7 +35,7 @@ def tiny_experiment(**sample):
 
 def random_weights(exp):
     """A U-Net whose every weight is nonzero (the DDPM U-Net starts with a zero output)."""
-    from pipeline.training import build_model
+    from pipeline.model.unet import build_model
 
     torch.manual_seed(0)
     model = build_model(exp, (1, 8, 8))
@@ -47,8 +48,8 @@ def random_weights(exp):
 def mixed_job(exp, images: np.ndarray, calls_per_part: int = 6) -> ShardedJob:
     """A job of 3 sampling chunks and the exact bound of 9 images (12 terms) in parts: 4
     images and 1 term per network call (nll_batch_size 4), `calls_per_part` calls a part."""
-    from pipeline.metrics import nll_parts
-    from pipeline.sampling import sample_job
+    from pipeline.jobs.sample import sample_job
+    from pipeline.measure.nll import nll_parts
 
     job = sample_job(exp, None, {"image_shape": [1, 8, 8], "data_levels": 17},
                      weights=random_weights(exp))
@@ -148,12 +149,12 @@ def _run(job):
 
 
 def test_the_bound_in_parts_is_the_diffusions_bound_with_the_same_draws(digits_test):
-    """metrics.nll_bpd (every part, here) against GaussianDiffusion.nll_bpd fed the same
+    """nll.nll_bpd (every part, here) against GaussianDiffusion.nll_bpd fed the same
     per-term generators: the same per-image bound."""
-    from pipeline.data import to_model_range
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.metrics import nll_bpd
-    from pipeline.training import build_model
+    from pipeline.data.datasets import to_model_range
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.measure.nll import nll_bpd
+    from pipeline.model.unet import build_model
 
     exp = tiny_experiment()
     model = build_model(exp, (1, 8, 8)).eval()
@@ -221,7 +222,7 @@ def test_finished_chunks_are_kept_whole_in_storage_and_discarded_together(tmp_pa
 
 
 def test_one_progress_line_counts_images_chunks_rate_and_eta():
-    from pipeline.progress import ChunkProgress
+    from pipeline.core.progress import ChunkProgress
 
     now = [100.0]
     out = io.StringIO()
@@ -246,7 +247,7 @@ def test_work_no_node_can_hold_is_refused_at_once(monkeypatch):
     naming the key, instead of a request Ray would keep waiting on."""
     import ray
 
-    from pipeline.distributed import WorkersError, check_workers
+    from pipeline.cluster.ray_data import WorkersError, check_workers
 
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}},
              {"Alive": True, "Resources": {"CPU": 4.0}},
@@ -303,17 +304,17 @@ def test_two_ray_workers_give_the_bytes_of_one_worker_here_and_resume_from_stora
         digits_test, tmp_path):
     """The same job on a local Ray instance with 2 workers of 1 CPU: the samples and bounds of
     one worker in this process, byte for byte; run again, every chunk comes from storage."""
-    from pipeline import distributed
+    from pipeline.cluster import connection, ray_data
 
     exp = tiny_experiment(num_workers=2)
     job = mixed_job(exp, digits_test)
     here = run_here(job)
-    distributed.start_local_cluster(num_cpus=2, log_to_driver=False)
+    connection.start_local_cluster(num_cpus=2, log_to_driver=False)
     try:
-        first = distributed.run_chunks(job, tmp_path / "storage")
-        again = distributed.run_chunks(job, tmp_path / "storage")
+        first = ray_data.run_chunks(job, tmp_path / "storage")
+        again = ray_data.run_chunks(job, tmp_path / "storage")
     finally:
-        distributed.shutdown()
+        connection.shutdown()
     assert first.workers == 2 and first.computed == len(job.chunks) and first.reused == 0
     assert first.redone == 0
     assert again.computed == 0 and again.reused == len(job.chunks)

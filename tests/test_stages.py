@@ -218,9 +218,9 @@ def test_a_seed_the_study_does_not_list_is_refused(tmp_path):
 def test_local_ray_runs_the_command_on_one_instance_and_stops_it(tmp_path):
     """`python -m stages.local_ray COMMAND` starts one Ray instance, hands COMMAND its address
     (a stage joins it: "connected to Ray cluster"), passes on the exit code, and stops it."""
-    script = ("import ray, sys; from pipeline import distributed; "
-              "print(distributed.connect()); print(int(ray.cluster_resources()['CPU'])); "
-              "distributed.shutdown(); sys.exit(3)")
+    script = ("import ray, sys; from pipeline.cluster import connection; "
+              "print(connection.connect()); print(int(ray.cluster_resources()['CPU'])); "
+              "connection.shutdown(); sys.exit(3)")
     proc = subprocess.run([sys.executable, "-m", "stages.local_ray", sys.executable, "-c",
                            script], cwd=tmp_path, env=env_for(PROJECT), capture_output=True,
                           text=True, timeout=120)

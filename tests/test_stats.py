@@ -1,15 +1,15 @@
-"""pipeline.stats: standard errors and intervals against known values on synthetic cases."""
+"""pipeline.measure.stats: standard errors and intervals against known values on synthetic cases."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.stats import (Estimate, FeatureGroups, FeatureMoments, KernelReference,
-                            LogitMoments, combine_seeds, delete_a_group, fidelity_scores,
-                            frechet_distance, group_bounds, inception_score,
-                            inception_score_of, jackknife, mean_estimate, paired_difference,
-                            total)
+from pipeline.measure.stats import (Estimate, FeatureGroups, FeatureMoments, KernelReference,
+                                    LogitMoments, combine_seeds, delete_a_group, fidelity_scores,
+                                    frechet_distance, group_bounds, inception_score,
+                                    inception_score_of, jackknife, mean_estimate, paired_difference,
+                                    total)
 
 
 class FrechetReference:

@@ -1,4 +1,4 @@
-"""stages.submit and pipeline.cluster_job without a cluster: the results bundle on a small DVC
+"""stages.submit and pipeline.artifacts.bundle without a cluster: the results bundle on a small DVC
 repo, and the refusals before anything is submitted (the cluster itself: test_cluster.py)."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import pytest
 import yaml
 
 from helpers import PROJECT, env_for
-from pipeline import cluster_job
-from pipeline.cluster_job import BundleError
-from pipeline.io import fetch_from_storage, write_to_storage
-
+from pipeline.artifacts import bundle as cluster_job
+from pipeline.artifacts.bundle import BundleError
+from pipeline.core.io import fetch_from_storage, write_to_storage
 
 DVC_YAML = {"stages": {"count": {
     "cmd": "python count.py", "deps": ["count.py"], "params": ["n"],

@@ -19,12 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import assert_refused, env_for
 
-from pipeline.config import (SWEEP_WEIGHTINGS, ConfigError, SweepConfig, load_params,
-                             parse_params)
-from pipeline.sweep import (TrialOutcome, best_record, best_trial, trial_status,
-                            trials_table)
+from helpers import assert_refused, env_for
+from pipeline.cluster.sweep import TrialOutcome, best_record, best_trial, trial_status, trials_table
+from pipeline.core.config import (SWEEP_WEIGHTINGS, ConfigError, SweepConfig, load_params,
+                                  parse_params)
 
 PROJECT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -202,9 +201,9 @@ def test_trial_status_and_trials_table():
 def test_log_sweep_nests_one_run_per_trial(tmp_path):
     import mlflow
 
-    from pipeline.config import StudyConfig, TrackingConfig
-    from pipeline.sweep import log_sweep
-    from pipeline.tracking import Tracker
+    from pipeline.cluster.sweep import log_sweep
+    from pipeline.core.config import StudyConfig, TrackingConfig
+    from pipeline.core.tracking import Tracker
 
     sweep, trials, tune_table = synthetic_sweep()
     table = trials_table(tune_table, trials, sweep)
@@ -229,9 +228,9 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
 
 
 def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
-    from pipeline.figures import save_sweep_heatmap
-    from pipeline.results import load_sweep_trials
-    from pipeline.sweep_report import SWEEP_CORNER, sweep_raw, sweep_table
+    from pipeline.artifacts.figures import save_sweep_heatmap
+    from pipeline.reporting.results import load_sweep_trials
+    from pipeline.reporting.sweep_report import SWEEP_CORNER, sweep_raw, sweep_table
 
     sweep, trials, tune_table = synthetic_sweep()
     path = tmp_path / "trials.csv"
@@ -253,9 +252,9 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
     """The on_log hook of a sweep trial, on an untrained tiny model (no Ray)."""
     import numpy as np
 
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.sweep import TrialProbe
-    from pipeline.training import build_model
+    from pipeline.cluster.sweep import TrialProbe
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.model.unet import build_model
 
     sys.path.insert(0, str(TESTS))
     rng = np.random.default_rng(0)

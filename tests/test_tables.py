@@ -1,4 +1,5 @@
-"""pipeline.results, pipeline.tables, pipeline.sweep_report, pipeline.loss_curve and
+"""pipeline.reporting.results, pipeline.reporting.tables, pipeline.reporting.sweep_report,
+pipeline.artifacts.loss_curve and
 stages.tabulate: the study's results loaded, the paper's Tables 1 and 2, the sweep table, the
 loss curves."""
 
@@ -16,14 +17,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.loss_curve import load_loss_curve, save_loss_curve
-from pipeline.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
-                              save_nll_per_image, save_reference, save_run_metrics)
-from pipeline.results import (aggregate, load_runs, load_sweep_trials, loss_figure,
-                              report, run_tabulate)
-from pipeline.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
-from pipeline.tables import (TEX, build_tables, format_interval, format_mean_std, format_nll,
-                             table1, table1_raw, table2, table2_raw, to_markdown, write_tables)
+from pipeline.artifacts.loss_curve import load_loss_curve, save_loss_curve
+from pipeline.artifacts.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
+                                        save_nll_per_image, save_reference, save_run_metrics)
+from pipeline.reporting.results import aggregate, load_runs, load_sweep_trials
+from pipeline.reporting.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
+from pipeline.reporting.tables import (TEX, build_tables, format_interval, format_mean_std,
+                                       format_nll, table1, table1_raw, table2, table2_raw,
+                                       to_markdown, write_tables)
+from pipeline.reporting.tabulate import loss_figure, report, run_tabulate
 from stages import tabulate as tabulate_stage
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -532,7 +534,7 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
 
 
 def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     made = run_tabulate(load_params(_params(tmp_path)), metrics_dir, tmp_path / "results", None)
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
@@ -545,7 +547,7 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
 
 def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tmp_path,
                                                                                metrics_dir):
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     plots = tmp_path / "plots"
     save_loss_curve(plots / "eps_simple-0.csv", [(10, 0.5), (20, 0.25)])
@@ -570,7 +572,7 @@ def test_build_tables_builds_each_table_once_and_matches_each_form_alone(six, da
                                                                           reference,
                                                                           monkeypatch):
     """One pass over each table's rows gives the same frames as building every form alone."""
-    import pipeline.tables as tables_module
+    import pipeline.reporting.tables as tables_module
 
     df = six.assign(dataset=dataset)
     alone = {"table1": table1(df, reference, dataset),
@@ -647,10 +649,10 @@ def test_a_corrupt_loss_curve_stops_tabulate_naming_the_file_and_the_fix(tmp_pat
 
 
 def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkeypatch):
-    import pipeline.figures
+    import pipeline.artifacts.figures
 
     drawn = {}
-    monkeypatch.setattr(pipeline.figures, "save_loss_curves",
+    monkeypatch.setattr(pipeline.artifacts.figures, "save_loss_curves",
                         lambda curves, out, title: drawn.update(curves))
     save_loss_curve(tmp_path / "a-0.csv", [(10, 0.5), (20, float("nan")), (30, 0.25)])
     save_loss_curve(tmp_path / "b-0.csv", [(10, float("nan"))])
@@ -662,15 +664,18 @@ def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkey
 def test_tabulate_imports_no_training_code_and_train_reads_the_curve_format_alone():
     """tabulate reads results and never the training code; the train stage's loss-curve writer
     drags in no pandas, torch or tables code."""
-    code = ("import sys, stages.tabulate, pipeline.results, pipeline.sweep_report, "
-            "pipeline.findings, pipeline.figures\n"
-            "print(sorted(m for m in ('pipeline.training', 'pipeline.sampling', 'ray') "
+    code = ("import sys, stages.tabulate, pipeline.reporting.tabulate, "
+            "pipeline.reporting.sweep_report, pipeline.reporting.findings, "
+            "pipeline.artifacts.figures\n"
+            "print(sorted(m for m in ('pipeline.cluster.training', 'pipeline.measure.sampling', "
+            "'ray') "
             "if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
-    code = ("import sys, pipeline.loss_curve\n"
-            "print(sorted(m for m in ('pandas', 'torch', 'pipeline.tables', 'pipeline.results') "
+    code = ("import sys, pipeline.artifacts.loss_curve\n"
+            "print(sorted(m for m in ('pandas', 'torch', 'pipeline.reporting.tables', "
+            "'pipeline.reporting.results') "
             "if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
                          text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""pipeline.tracking against real MLflow sqlite stores in temp dirs.
+"""pipeline.core.tracking against real MLflow sqlite stores in temp dirs.
 
 Creating a fresh MLflow sqlite database runs ~50 schema migrations (seconds), so one database is
 migrated once per session and copied into each test's root as `mlflow.db`.
@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import tracking
-from pipeline.config import StudyConfig, TrackingConfig
-from pipeline.tracking import Tracker, TrackingError, resolve_artifact_root, resolve_tracking_uri
+from pipeline.core import tracking
+from pipeline.core.config import StudyConfig, TrackingConfig
+from pipeline.core.tracking import (Tracker, TrackingError, resolve_artifact_root,
+                                    resolve_tracking_uri)
 
 STUDY = StudyConfig(name="ddpm-test")
 CONFIG = {"name": "eps_simple", "diffusion": {"mean_type": "eps", "loss": "simple"},

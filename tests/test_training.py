@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import parse_params
-from pipeline.data import prepare_dataset, prepared_path
-from pipeline.training import (STATE_FILE, CheckpointError, LocalSession, ema_decay_at,
-                               ema_initial_weight, load_training_state, lr_factor, make_ema,
-                               make_optimizer, train_worker)
+from pipeline.cluster.training import (STATE_FILE, CheckpointError, LocalSession,
+                                       load_training_state, lr_factor, make_optimizer, train_worker)
+from pipeline.core.config import parse_params
+from pipeline.data.datasets import prepare_dataset, prepared_path
+from pipeline.model.ema import ema_decay_at, ema_initial_weight, make_ema
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_loss_decreases_on_digits(digits, tmp_path):
 
 
 def test_ema_snapshots_are_kept_at_every_checkpoint_step(digits, tmp_path, capsys):
-    from pipeline.training import ema_snapshot_steps, ema_weights
+    from pipeline.model.ema import ema_snapshot_steps, ema_weights
 
     exp = tiny_experiment().experiment("eps_simple")
     session = LocalSession(tmp_path / "ckpt")

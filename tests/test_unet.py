@@ -1,4 +1,4 @@
-"""Tests for pipeline.unet: the DDPM U-Net of Ho et al. 2020, App. B."""
+"""Tests for pipeline.model.unet: the DDPM U-Net of Ho et al. 2020, App. B."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.unet import (
-    AttnBlock,
-    Downsample,
-    UNet,
-    build_unet,
-    count_parameters,
-    timestep_embedding,
-)
+from pipeline.core.config import ModelConfig
+from pipeline.model.unet import (AttnBlock, Downsample, UNet, build_unet, count_parameters,
+                                 timestep_embedding)
 
 # The paper's CIFAR10 model: 35.7M parameters; the official diffusion_tf model has 35,746,307.
 CIFAR10_KWARGS = dict(image_size=32, in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2),

@@ -1,0 +1,1 @@
+"""The files the stages write, each writer beside its reader."""

@@ -1,0 +1,364 @@
+"""The sweep over noise schedule x loss weighting, without Ray: what every trial measures, and
+what the sweep's results become (trials.csv, best.yaml, MLflow runs).
+
+Ray Tune runs the trials (`pipeline.cluster.tune.run_sweep`). Each trial trains
+`sweep.base_experiment` with one schedule and one objective (`SweepConfig.trial_experiment`)
+through the same per-worker function as the train stage, `pipeline.cluster.training.train_worker`,
+whose `on_log` hook calls a `TrialProbe` on rank 0 at every report:
+
+- every `report_every` steps: the stratified estimate of the variational bound (Ho et al. 2020
+  Eq. 5) in bits/dim on the first `val_images` held-out test images, with `val_strata`
+  timesteps per image and the same seed at every report and in every trial (common random
+  numbers, so that ASHA compares trials, not draws): the metric ASHA stops trials on;
+- at the last step: a quick FID of `fid_num_samples` strided DDIM samples (`fid_steps` steps,
+  eta = 0) against the train split, with the study's feature extractor.
+
+MLflow records are written by the driver after `Tuner.fit()` returns, from each trial's reported
+metrics: one sweep run and one nested run per trial. Nothing is written to the tracking store
+while trials run, so concurrent trials never contend for the (sqlite) store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from pipeline.core.config import SWEEP_OBJECTIVES, ExperimentConfig, SweepConfig
+from pipeline.core.status import Status
+
+METRIC = "nll_bpd"          # what ASHA minimizes
+RANK_BY = "fid"             # what picks the best finished trial (nll_bpd where no FID)
+
+
+# --------------------------------------------------------------------------------------------
+# Inside a trial (rank 0 of its training workers)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialProbe:
+    """`on_log` hook of `train_worker` for sweep trials: validation NLL, and FID at the end.
+
+    Goes to every trial through Ray's object store, with the prepared splits and the feature
+    extractor's weights inside (`trial_probe`), so that a trial on any node of a cluster reads
+    nothing from the driver's disk; given paths instead, it loads them on first use.
+    """
+
+    test_data: Any  # pipeline.data.datasets.Prepared, or the path of a prepared split
+    train_data: Any
+    total_steps: int
+    val_images: int
+    val_strata: int
+    fid_num_samples: int
+    fid_steps: int
+    extractor: str
+    extractor_weights: Optional[bytes]  # the weights file's bytes (None: the extractor's own)
+    seed: int = 0
+    nll_batch_size: int = 800
+    precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __call__(self, step: int, objects: dict[str, Any]) -> dict[str, float]:
+        model, diffusion = objects["ema"], objects["diffusion"]
+        was_training = model.training
+        model.eval()
+        try:
+            out = self.validation_nll(model, diffusion)
+            if step >= self.total_steps:
+                out["fid"] = self.quick_fid(model, diffusion)
+        finally:
+            model.train(was_training)
+        return out
+
+    def _images(self, split: str) -> torch.Tensor:
+        if split not in self._cache:
+            from pipeline.data.datasets import load_prepared
+
+            data = self.test_data if split == "test" else self.train_data
+            if isinstance(data, (str, os.PathLike)):
+                data = load_prepared(data)
+            self._cache[split] = torch.from_numpy(data[0])  # (images, labels, levels)
+        return self._cache[split]
+
+    def _weights_path(self) -> Optional[str]:
+        """The extractor's weights as a file of this worker (written once from the bytes)."""
+        if self.extractor_weights is None:
+            return None
+        if "weights" not in self._cache:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
+                                             delete=False) as fh:
+                fh.write(self.extractor_weights)
+            self._cache["weights"] = fh.name
+        return self._cache["weights"]
+
+    def validation_nll(self, model, diffusion) -> dict[str, float]:
+        """Stratified bound in bits/dim on the first `val_images` test images (fixed seed)."""
+        from pipeline.measure.nll import nll_bpd
+
+        device = next(model.parameters()).device
+        images = self._images("test")[:self.val_images]
+        with torch.no_grad():
+            nll = nll_bpd(model, diffusion, images, method="stratified",
+                          num_strata=self.val_strata, batch_size=self.nll_batch_size,
+                          seed=self.seed + 2, device=device)
+        return {"nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"]}
+
+    def _features(self, device):
+        """The feature network (built once) and the train split's feature sums."""
+        if "features" not in self._cache:
+            from pipeline.measure.extractors import FeatureNetwork
+            from pipeline.measure.stats import FeatureMoments
+
+            network = FeatureNetwork(self.extractor, self._weights_path(), str(device))
+            self._cache["features"] = (network,
+                                       FeatureMoments.of(network(self._images("train"))[0]))
+        return self._cache["features"]
+
+    def quick_fid(self, model, diffusion) -> float:
+        """FID of `fid_num_samples` DDIM samples (a seed per image) against the train split,
+        the evaluate stage's FID (`pipeline.measure.stats.frechet_distance`)."""
+        from pipeline.data.datasets import to_uint8
+        from pipeline.diffusion.seeding import item_generators
+        from pipeline.measure.stats import FeatureMoments, frechet_distance
+        from pipeline.model.precision import matmul_precision, with_precision
+
+        device = next(model.parameters()).device
+        network, reference = self._features(device)
+        shape = tuple(self._images("train").shape[1:])
+        generators = item_generators("sweep-fid", self.seed + 1, range(self.fid_num_samples),
+                                     device)
+        with torch.no_grad(), matmul_precision(self.precision):
+            x = diffusion.sample(with_precision(model, self.precision),
+                                 (self.fid_num_samples, *shape), generators,
+                                 sampler="ddim", device=device,
+                                 steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
+        samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu()
+        return frechet_distance(FeatureMoments.of(network(samples)[0]), reference)
+
+
+def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, test_data: Path,
+                classifier: Path) -> TrialProbe:
+    """The probe of every trial, with the study's FID feature extractor resolved and checked
+    now (a missing classifier or Inception weights file stops the stage before Ray starts)."""
+    from pipeline.data.datasets import load_prepared
+    from pipeline.measure import extractors
+
+    extractor, weights = extractors.resolve_extractor(base.data.dataset, base.evaluate,
+                                                   Path(classifier).resolve(),
+                                                   base.data.download)
+
+    return TrialProbe(
+        test_data=load_prepared(test_data), train_data=load_prepared(train_data),
+        total_steps=sweep.steps, val_images=sweep.val_images, val_strata=sweep.val_strata,
+        fid_num_samples=sweep.fid_num_samples, fid_steps=sweep.fid_steps, extractor=extractor,
+        extractor_weights=Path(weights).read_bytes() if weights and Path(weights).is_file()
+        else None,
+        seed=base.seed, nll_batch_size=base.evaluate.nll_batch_size,
+        precision=base.sample.precision)
+
+
+# --------------------------------------------------------------------------------------------
+# After the sweep (the driver)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialOutcome:
+    """One trial as Ray Tune left it: its cell, every report, its last report, its error."""
+
+    trial_id: str
+    schedule: str
+    weighting: str
+    history: pd.DataFrame  # one row per report (empty if the trial never reported)
+    last: dict[str, Any]
+    error: Optional[str] = None
+    path: Optional[str] = None
+
+
+def trial_status(trial: TrialOutcome, steps: int) -> str:
+    """ok | unstable | stopped (by ASHA, before `steps`) | error: a `Status` value."""
+    if trial.error is not None:
+        status = Status.ERROR  # raised (after Ray Train's retries)
+    elif trial.last.get("status") == Status.UNSTABLE:
+        status = Status.UNSTABLE
+    elif int(trial.last.get("step") or 0) < steps:
+        status = Status.STOPPED
+    else:
+        status = Status.OK  # ran every step; has its FID
+    return status.value
+
+
+def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
+                 sweep: SweepConfig) -> pd.DataFrame:
+    """Ray Tune's results table (one row per trial, its last report) plus the columns the
+    tables read: schedule, weighting, status, fid and nll_bpd (NaN where not measured: no FID
+    before the last step, no metric at all for unstable and failed trials), nll_bpd_rung (the
+    validation NLL at the first ASHA rung, `rung_step`, which every trial that trains reaches:
+    the number that compares all cells) and error."""
+    by_id = {t.trial_id: t for t in trials}
+    table = tune_table.copy()
+    if "trial_id" not in table.columns:
+        table["trial_id"] = [t.trial_id for t in trials]
+    missing = [t for t in trials if t.trial_id not in set(table["trial_id"])]
+    if missing:  # trials that never reported are absent from Tune's table
+        table = pd.concat([table, pd.DataFrame({"trial_id": [t.trial_id for t in missing]})],
+                          ignore_index=True)
+    rows = [by_id[i] for i in table["trial_id"]]
+    table["schedule"] = [t.schedule for t in rows]
+    table["weighting"] = [t.weighting for t in rows]
+    table["status"] = [trial_status(t, sweep.steps) for t in rows]
+    table["step"] = [t.last.get("step") for t in rows]
+    usable = table["status"].isin([Status.OK, Status.STOPPED])
+    for key in ("fid", "nll_bpd", "nll_bpd_se"):
+        values = pd.to_numeric(table[key], errors="coerce") if key in table.columns \
+            else pd.Series(math.nan, index=table.index)
+        table[key] = values.where(usable & (table["status"] == Status.OK if key == "fid"
+                                            else usable)).astype("float64")
+    table["rung_step"] = sweep.asha_grace_period
+    table["nll_bpd_rung"] = [_value_at(t.history, "nll_bpd", sweep.asha_grace_period)
+                             for t in rows]
+    table["nll_bpd_rung"] = table["nll_bpd_rung"].where(usable).astype("float64")
+    table["error"] = [t.error for t in rows]
+    first = ["trial_id", "schedule", "weighting", "status", "step", "fid", "nll_bpd",
+             "nll_bpd_se", "rung_step", "nll_bpd_rung"]
+    table = table[first + [c for c in table.columns if c not in first]]
+    order = {cell: i for i, cell in enumerate(sweep.cells())}
+    table["_order"] = [order.get((s, w), len(order)) for s, w in
+                       zip(table["schedule"], table["weighting"])]
+    return table.sort_values(["_order", "trial_id"]).drop(columns="_order") \
+        .reset_index(drop=True)
+
+
+def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
+    """`column` of the report at training step `step` (NaN if there is none)."""
+    if history is None or column not in history.columns or "step" not in history.columns:
+        return math.nan
+    at = history[pd.to_numeric(history["step"], errors="coerce") == step]
+    return float(pd.to_numeric(at[column], errors="coerce").iloc[-1]) if len(at) else math.nan
+
+
+def save_sweep(out_dir: Path, table: pd.DataFrame, record: dict[str, Any]) -> list[Path]:
+    """Write the sweep's results: `trials.csv` (`trials_table`; read back by
+    `pipeline.reporting.results.load_sweep_trials`) and `best.yaml` (`best_record`), each
+    atomically;
+    return their paths."""
+    import yaml
+
+    from pipeline.core.io import atomic_path, write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "trials.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out_dir / "best.yaml", yaml.safe_dump(record, sort_keys=False))
+    return [out_dir / "trials.csv", out_dir / "best.yaml"]
+
+
+def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
+
+    """The finished trial with the lowest FID (lowest NLL where no trial has a FID), or None."""
+    done = table[table["status"] == Status.OK]
+    for key in (RANK_BY, METRIC):
+        ranked = done[done[key].notna()].sort_values(key, kind="stable")
+        if len(ranked):
+            return {"rank_by": key, **ranked.iloc[0].to_dict()}
+    return None
+
+
+def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
+                sweep: SweepConfig, base: ExperimentConfig,
+                mlflow_run_ids: dict[str, str]) -> dict[str, Any]:
+    """best.yaml: the winning cell, its metrics, and the `experiments` entry that trains it."""
+    counts = table["status"].value_counts().to_dict()
+    summary = {"trials": int(len(table)),
+               **{f"{s}_trials": int(counts.get(s, 0))
+                  for s in (Status.OK, Status.STOPPED, Status.UNSTABLE, Status.ERROR)}}
+    if best is None:
+        return {"best": None, **summary, "base_experiment": sweep.base_experiment}
+    loss, weighting = SWEEP_OBJECTIVES[best["weighting"]]
+    return {
+        "schedule": best["schedule"],
+        "weighting": best["weighting"],
+        "rank_by": best["rank_by"],
+        "fid": _number(best.get("fid")),
+        "nll_bpd": _number(best.get("nll_bpd")),
+        "nll_bpd_se": _number(best.get("nll_bpd_se")),
+        "steps": int(best["step"]),
+        "trial_id": str(best["trial_id"]),
+        "mlflow_run_id": mlflow_run_ids.get(str(best["trial_id"])),
+        "base_experiment": sweep.base_experiment,
+        # paste under `experiments:` in params.yaml to train the winner as a study row
+        "experiment": {"mean_type": base.diffusion.mean_type,
+                       "var_type": base.diffusion.var_type,
+                       "schedule": best["schedule"], "loss": loss, "weighting": weighting},
+        **summary,
+    }
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def log_sweep(tracker, sweep: SweepConfig, base: ExperimentConfig,
+              trials: Sequence[TrialOutcome], table: pd.DataFrame,
+              wall_s: float) -> tuple[str, dict[str, str]]:
+    """One MLflow run for the sweep and one nested run per trial (params, the train loss and
+    validation NLL curves by step, final fid / nll_bpd, status). Returns (sweep run id,
+    {trial id: run id})."""
+    import dataclasses
+
+    status = dict(zip(table["trial_id"], table["status"]))
+    parent = tracker.new_run("sweep", {"ddpm.role": "sweep",
+                                       "ddpm.base_experiment": sweep.base_experiment})
+    tracker.log_params(parent, {"sweep": dataclasses.asdict(sweep), **base.to_dict()})
+    children = {}
+    for trial in trials:
+        exp = sweep.trial_experiment(base, trial.schedule, trial.weighting)
+        run_id = tracker.nested_run(parent, f"{trial.schedule}-{trial.weighting}",
+                                    {"ddpm.trial_id": trial.trial_id,
+                                     "ddpm.status": status[trial.trial_id],
+                                     "ddpm.schedule": trial.schedule,
+                                     "ddpm.weighting": trial.weighting,
+                                     **({"ddpm.error": trial.error[-4000:]} if trial.error
+                                        else {})})
+        tracker.log_params(run_id, {"schedule": trial.schedule, "weighting": trial.weighting,
+                                    **exp.to_dict()})
+        history = trial.history
+        for column, name in (("loss", "train_loss"), ("nll_bpd", "nll_bpd"),
+                             ("nll_bpd_se", "nll_bpd_se"),
+                             ("images_per_s", "images_per_s")):
+            if column in history.columns and "step" in history.columns:
+                curve = history[["step", column]].apply(pd.to_numeric, errors="coerce")
+                curve = curve[curve[column].apply(lambda v: math.isfinite(v))].dropna()
+                tracker.log_metric_history(run_id, name, curve["step"].astype(int).tolist(),
+                                           curve[column].tolist())
+        row = table[table["trial_id"] == trial.trial_id].iloc[0]
+        final = {"fid": _number(row["fid"]), "final_step": _number(row["step"]),
+                 "time_total_s": _number(trial.last.get("time_total_s"))}
+        tracker.log_metrics(run_id, final, step=int(final["final_step"] or 0))
+        tracker.set_terminated(run_id, "FAILED" if status[trial.trial_id] == Status.ERROR
+                               else "KILLED" if status[trial.trial_id] == Status.STOPPED
+                               else "FINISHED")
+        children[trial.trial_id] = run_id
+    counts = table["status"].value_counts().to_dict()
+    done = table[table["status"] == Status.OK]
+    tracker.log_metrics(parent, {
+        "sweep_wall_s": wall_s, "trials": float(len(table)),
+        **{f"{s}_trials": float(counts.get(s, 0))
+           for s in (Status.OK, Status.STOPPED, Status.UNSTABLE, Status.ERROR)},
+        "best_fid": _number(done["fid"].min()) if len(done) else None,
+        "best_nll_bpd": _number(done["nll_bpd"].min()) if len(done) else None})
+    tracker.set_terminated(parent, "FINISHED")
+    return parent, children

@@ -1,0 +1,249 @@
+"""Every Ray import of the project lives here: the cluster connection, Ray Train's TorchTrainer
+around the shared per-worker training function, and (for the sweep) Ray Tune.
+
+- With `RAY_ADDRESS` set (as `ray job submit` does), stages connect to that cluster; otherwise
+  they start a local one sized to this machine.
+- Training runs under a fixed run name in its storage (`cluster.storage`, `checkpoints/<run
+  name>` by default: a local or shared path, or a URI such as s3://bucket/prefix), outside
+  every DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it,
+  whether a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
+- The driver puts the training data into Ray's object store; workers on any node get it from
+  there, and EMA snapshots go to the run's storage, so a multi-node run needs no shared disk.
+- The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that runs the same
+  per-worker function: in the trial's own actor when a trial has one worker (the actor holds
+  its CPUs and is reused from trial to trial), or in a TorchTrainer of its own for DDP trials,
+  whose reports (rank 0's) `TuneReportCallback` forwards to Tune; ASHA reads them. A DDP
+  trial's actor holds no CPU (its Train controller holds none either): its workers do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from pipeline.cluster.training import STATE_FILE, CheckpointError, load_training_state, train_worker
+from pipeline.core.config import ExperimentConfig
+from pipeline.core.errors import UserError
+from pipeline.core.io import storage_location
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training failed after Ray's retries; the message says why and where the logs are."""
+
+
+# --------------------------------------------------------------------------------------------
+# The worker side of Ray Train
+# --------------------------------------------------------------------------------------------
+
+
+class RaySession:
+    """`pipeline.cluster.training.Session` backed by Ray Train (runs inside each training worker),
+    or with `tune=True` by Ray Tune: a single-worker sweep trial that trains in its own Tune actor
+    (rank 0 of 1, reports and checkpoints through `ray.tune`). `defaults` fill the metrics a
+    report lacks (Tune checks every report for the scheduler's metric)."""
+
+    def __init__(self, threads: int, tune: bool = False,
+                 defaults: Optional[dict[str, Any]] = None):
+        import ray.train
+        import ray.train.torch
+        import ray.tune
+
+        self._api = ray.tune if tune else ray.train
+        self._defaults = dict(defaults or {})
+        if tune:
+            self.rank, self.world_size = 0, 1
+            gpu = ray.get_gpu_ids() and torch.cuda.is_available()
+            self.device = torch.device("cuda" if gpu else "cpu")
+        else:
+            context = ray.train.get_context()
+            self.rank = context.get_world_rank()
+            self.world_size = context.get_world_size()
+            self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{self.rank}-"))
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        checkpoint = self._api.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if type(checkpoint.filesystem).__name__ == "LocalFileSystem":
+            return Path(checkpoint.path)  # read in place: an error names the file in storage
+        local = self._scratch / "resume"
+        local.mkdir(parents=True, exist_ok=True)
+        with checkpoint.as_directory() as folder:
+            shutil.copy2(Path(folder) / STATE_FILE, local / STATE_FILE)
+        return local
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None) -> None:
+        checkpoint = self._api.Checkpoint.from_directory(str(checkpoint_dir)) \
+            if checkpoint_dir is not None else None
+        self._api.report({**self._defaults, **metrics}, checkpoint=checkpoint)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted to storage by now
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world_size
+        return value
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker: rebuild the config, get the training data (from
+    Ray's object store, where the driver put it, so no worker reads the driver's disk; or from
+    a path), run the shared worker."""
+    import ray
+
+    exp = ExperimentConfig.from_dict(config["experiment"])
+    session = RaySession(threads=config["threads"])
+    on_log = config.get("on_log")
+    train_data = config["train_data"]
+    if isinstance(train_data, ray.ObjectRef):
+        train_data = ray.get(train_data)
+    train_worker(exp, train_data, session, checkpoint_root=session._scratch / "out",
+                 on_log=on_log, ema_snapshot_dir=config.get("ema_snapshot_dir"))
+
+
+# --------------------------------------------------------------------------------------------
+# The driver side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitOutcome:
+    status: str
+    state: dict[str, Any]
+    run_path: str  # the run's folder in storage (a path or a URI)
+    ema_snapshot_dir: Optional[Path] = None  # EMA weights by step (evaluate.checkpoints set),
+    # read back from storage into a local folder
+
+
+def code_digest() -> str:
+    """Short hash of the source of every layer that shapes a trained model, and of the training
+    loop: a resumed run must match it."""
+    from pipeline.cluster import training
+    from pipeline.core.layers import SHAPES_A_MODEL, source_digest
+
+    return source_digest(SHAPES_A_MODEL, training.__file__)
+
+
+def run_name(exp: ExperimentConfig) -> str:
+    """Fixed per (study, experiment, training config, training code): a rerun finds and resumes
+    its checkpoints; a changed config or changed code trains afresh under a new name. A run
+    that keeps EMA snapshots (evaluate.checkpoints set) is named apart ("-ema"): snapshots are
+    made while training, so turning them on trains afresh (same seed, same final model)."""
+    keep = "-ema" if exp.evaluate.checkpoints is not None else ""
+    return f"{exp.study.name}-{exp.key}-{exp.config_hash()}-{code_digest()}{keep}"
+
+
+# cluster.placement -> the placement strategy of a run's worker group (Ray's bundle strategies:
+# SPREAD puts the workers on as many nodes as hold them, best effort, so it never waits for a
+# node that is not there)
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD"}
+
+
+def scaling_config(exp: ExperimentConfig):
+    """`train.num_workers` workers of `train.cpus_per_worker` CPUs each (and one GPU each with
+    `use_gpu`), placed by `cluster.placement`."""
+    import ray.train
+
+    resources = {"CPU": exp.train.cpus_per_worker}
+    if exp.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
+                                   resources_per_worker=resources,
+                                   placement_strategy=PLACEMENT[exp.cluster.placement])
+
+
+def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str,
+                 on_log: Optional[Callable] = None, callbacks: Optional[list] = None,
+                 ema_snapshot_dir: Optional[str] = None):
+    """A TorchTrainer for experiment `exp` (DDP: gloo on CPU, nccl on GPU) on `train_data` (a
+    prepared split's path, the split, or an object-store reference to it), checkpointing to the
+    storage location `storage` (a path or a URI); with `ema_snapshot_dir` (the same), rank 0
+    keeps the EMA weights of every checkpoint step there."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if isinstance(train_data, os.PathLike):
+        train_data = str(train_data)
+    return TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"experiment": exp.to_dict(), "train_data": train_data,
+                           "threads": max(1, int(exp.train.cpus_per_worker)),
+                           "on_log": on_log, "ema_snapshot_dir": ema_snapshot_dir},
+        torch_config=TorchConfig(backend="nccl" if exp.train.use_gpu else "gloo"),
+        scaling_config=scaling_config(exp),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_location(storage),
+            failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutcome:
+    """Train `exp` with Ray Train, resuming from its last checkpoint under `storage` (a local
+    or shared path, or a URI such as s3://bucket/prefix), and return the final training state
+    (read back from the last reported checkpoint). The training data goes to the workers
+    through Ray's object store, so that no worker reads the driver's disk."""
+    import ray
+
+    from pipeline.core.io import fetch_from_storage
+    from pipeline.data.datasets import load_prepared
+
+    name = run_name(exp)
+    run_path = f"{storage_location(storage)}/{name}"
+    snapshots = f"{run_path}/ema" if exp.evaluate.checkpoints is not None else None
+    data = ray.put(load_prepared(train_data))
+    trainer = make_trainer(exp, data, storage, name, ema_snapshot_dir=snapshots)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError and friends
+        cause = _worker_error(exc)
+        if isinstance(cause, CheckpointError):  # retrying cannot help: say which file, and why
+            reason = re.split(r" \(|; ", str(cause), maxsplit=1)[0]
+            raise CheckpointError(
+                f"training of '{exp.key}' cannot resume: {reason}; Ray Train resumes a run "
+                f"from its latest checkpoint only, so delete the run folder {run_path} and "
+                f"rerun `dvc repro train@{exp.key}` to train from step 0") from None
+        raise TrainingError(
+            f"training of '{exp.key}' failed after {exp.train.max_failures} retries: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}; "
+            f"checkpoints and logs are under {run_path}") from exc
+    if result.checkpoint is None:
+        raise TrainingError(f"training of '{exp.key}' reported no checkpoint; see the logs "
+                            f"under {run_path}")
+    with result.checkpoint.as_directory() as folder:
+        state = load_training_state(Path(folder) / STATE_FILE)
+    local_snapshots = None
+    if snapshots is not None:
+        local_snapshots = fetch_from_storage(snapshots, tempfile.mkdtemp(prefix="ddpm-ema-"))
+    return FitOutcome(status=state["status"], state=state, run_path=run_path,
+                      ema_snapshot_dir=local_snapshots)
+
+
+def _worker_error(error: BaseException) -> BaseException:
+    """The exception raised inside the first failed worker (Ray wraps it), else `error`."""
+    for _, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        cause = getattr(failure, "cause", None)
+        return cause if isinstance(cause, BaseException) else failure
+    return error

@@ -1,0 +1,1 @@
+"""Plumbing: errors, run statuses, the typed params, files and storage, progress, MLflow."""

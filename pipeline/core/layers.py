@@ -1,0 +1,42 @@
+"""The layers of `pipeline/`, bottom to top: a module imports only from its own layer and those
+below it (tests/test_layers.py checks every import, those inside functions too).
+
+- core: plumbing: errors, run statuses, the typed params, files and storage, progress, MLflow
+- diffusion: the math: variance schedules, the Gaussian process, its bound and samplers, seeds
+- model: the U-Net, its precision, the EMA of its weights
+- data: raw data to the prepared format, and minibatches of it
+- artifacts: the files the stages write, each writer beside its reader
+- measure: sampling a batch, feature extractors, the NLL bound in parts, FID / IS / KID
+- cluster: running on Ray: the training loop, Ray Train, Ray Tune, work in chunks on Ray Data
+- jobs: the sample, evaluate and reference stages' work, as jobs of chunks
+- reporting: results read back, the findings, the tables, the cost plan
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.io import sha256_hex
+
+LAYERS = ("core", "diffusion", "model", "data", "artifacts", "measure", "cluster", "jobs",
+          "reporting")
+PACKAGE = Path(__file__).resolve().parents[1]
+
+# What shapes a number: the layers whose code, changed, changes a trained model or a measured
+# chunk (the plumbing and the files around them do not).
+SHAPES_A_MODEL = ("diffusion", "model", "data")
+SHAPES_A_CHUNK = ("diffusion", "model", "data", "measure")
+
+
+def layer_files(*layers: str) -> list[Path]:
+    """The modules of `layers`, in a fixed order."""
+    unknown = set(layers) - set(LAYERS)
+    if unknown:
+        raise ValueError(f"unknown layers {sorted(unknown)}; known: {', '.join(LAYERS)}")
+    return [path for layer in layers for path in sorted((PACKAGE / layer).glob("*.py"))]
+
+
+def source_digest(layers: tuple[str, ...], *files: str | Path) -> str:
+    """Short hash of the source of every module of `layers`, and of `files`."""
+    paths = [*layer_files(*layers), *map(Path, files)]
+    return sha256_hex(*(path.read_bytes() for path in paths), length=8)

@@ -1,0 +1,606 @@
+"""MLflow tracking: every MLflow call of the project lives here.
+
+Layout of the records (`mlflow ui` shows it as is):
+- one MLflow experiment per study, named `study.name`, with its artifacts in the folder
+  <tracking.artifact_root>/<study name>/<run id>/artifacts (the root resolved against the repo
+  root, as a file:// URI);
+- one run per study experiment E (a row of Table 2) and training seed S, named `E-S` and tagged
+  `ddpm.experiment=E`, `ddpm.seed=S`, found again by the train, sample and evaluate stages
+  (separate processes) so that they all log into it;
+  a run is reused only while its `ddpm.config_hash` matches, so a re-run of the study after a
+  params change starts a fresh run and keeps the old one for history;
+- one study run named "tables" (`ddpm.experiment=_study`) for study-level artifacts;
+- sweep trials as runs nested under a parent run (`mlflow.parentRunId`);
+- inside a DVC experiment (`dvc exp run`, queued or not; DVC sets `DVC_EXP_NAME`) every run is
+  tagged `dvc.exp_name=<its name>`, and the runs of one experiment are found again by that tag
+  as well, so each DVC experiment has runs of its own: two queued experiments never log into
+  one run, and `dvc exp show` rows match MLflow runs by name.
+
+Where the store lives. A relative sqlite path and a relative artifact root are resolved against
+the repo root: `DVC_ROOT` where DVC sets it (queued experiments run in a temporary copy of the
+repo; DVC_ROOT names the user's repo, so their runs land in the user's mlflow.db), else the
+folder the stage runs in.
+
+For `mlflow ui`: the experiment is tagged `mlflow.experimentKind = custom_model_development`
+("Machine learning"), so that MLflow 3 opens it on the table of training runs and not on its
+GenAI overview, and carries a description (`mlflow.note.content`); each experiment's run gets
+a description naming its row of the paper's Table 2 (`set_description`, from the tabulate stage).
+
+Only the driver process of a stage logs (never Ray workers). MLflow 3 refuses its plain file
+store, so the tracking store is a sqlite database (`sqlite:///mlflow.db` by default) or a tracking
+server (http URI); artifacts go to a file artifact root.
+
+Concurrency. Several processes may write the same sqlite file at once (sweep trials). MLflow
+already sets `PRAGMA busy_timeout = 20000` on every session, but sqlite still answers
+"database is locked" at once where waiting could deadlock (a read transaction upgrading to a
+write), and MLflow re-raises that as an `MlflowException`. Every write here therefore goes
+through `_retry_if_locked`: up to `LOCK_RETRIES` attempts with jittered exponential backoff,
+then the error propagates. Finding-or-creating the experiment and a run, and the first opening
+of a fresh database (MLflow runs its schema migrations without a lock), are serialized between
+processes with an advisory file lock (POSIX `flock`), so that two stages never create two runs
+for one experiment and two trials never migrate the same new file at once.
+
+Nothing happens at import time; mlflow is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+
+from pipeline.core.errors import UserError
+from pipeline.core.io import sha256_hex
+
+if TYPE_CHECKING:
+    import pandas
+    from mlflow import MlflowClient
+
+    from pipeline.core.config import StudyConfig, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Tags of the project (mlflow.* tags are MLflow's own).
+TAG_EXPERIMENT = "ddpm.experiment"
+TAG_SEED = "ddpm.seed"
+TAG_CONFIG_HASH = "ddpm.config_hash"
+TAG_ROLE = "ddpm.role"  # experiment | study | trial: keeps run_for from matching other runs
+TAG_GIT_COMMIT = "git.commit"
+TAG_DVC_EXPERIMENT = "dvc.exp_name"  # the DVC experiment a run belongs to (env DVC_EXP_NAME)
+TAG_PARAM_CHANGED = "ddpm.param_changed."  # prefix; see Tracker.log_params
+STUDY_RUN_EXPERIMENT = "_study"
+STUDY_RUN_NAME = "tables"
+# MLflow's own tags read by its UI (mlflow/server/js: ExperimentKind, the run "Description").
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML = "custom_model_development"  # the UI's "Machine learning": runs table first
+TAG_NOTE = "mlflow.note.content"  # an experiment's or a run's description (markdown)
+STUDY_DESCRIPTION = ("DDPM study (Ho, Jain & Abbeel 2020): one run per experiment (a row of "
+                     "Table 2) with its params, `train_loss` curve, FID / IS / KID / NLL "
+                     "(bits/dim), sample grid and progressive figure; the `tables` run holds "
+                     "Tables 1 and 2. Made by `dvc repro`.")
+
+# MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+
+LOCK_RETRIES = 8
+
+
+class TrackingError(UserError, RuntimeError):
+    """The tracking store cannot be used (unreachable server, unwritable sqlite folder, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# URIs, hashes, git
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(tracking_cfg: TrackingConfig, root: str | Path) -> str:
+    """The tracking URI: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`.
+
+    A relative sqlite path (`sqlite:///mlflow.db`) is made absolute against `root` (the repo
+    root), so that stages started from another cwd (Ray workers, DVC) open the same file.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_cfg.tracking_uri
+    return _absolute_sqlite_uri(uri, Path(root))
+
+
+def resolve_artifact_root(tracking_cfg: TrackingConfig, root: str | Path) -> str:
+    """The artifact root as a URI: a local path resolved against `root`, as `file://...`.
+
+    A value that already is a URI (`s3://...`, `mlflow-artifacts:/...`) is returned as is.
+    """
+    value = tracking_cfg.artifact_root
+    if _has_scheme(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(root) / path
+    return path.resolve().as_uri()
+
+
+def _is_server(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def study_root(root: str | Path = ".") -> Path:
+    """The repo the study's records belong to: `DVC_ROOT` where DVC sets it (in a queued DVC
+    experiment, the user's repo, not the temporary copy the stage runs in), else `root`."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and Path(dvc_root).is_dir():
+        return Path(dvc_root).resolve()
+    return Path(root).resolve()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short, stable hash of a resolved config dict (12 hex digits of SHA-256 of its JSON)."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return sha256_hex(text, length=12)
+
+
+def git_commit(root: str | Path) -> Optional[str]:
+    """`git rev-parse HEAD` in `root`; None outside a git repository or without git."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(root), capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 2e-4}} -> {"train.lr": "0.0002"}; values as MLflow stores them (str).
+
+    Values longer than MLflow's limit (6000 characters) are truncated, with a warning.
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        text = str(value)
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            log.warning("param %s (%d characters) truncated to %d", name, len(text),
+                        MAX_PARAM_VALUE_LENGTH)
+            text = text[:MAX_PARAM_VALUE_LENGTH]
+        flat[name] = text
+    return flat
+
+
+def _has_scheme(value: str) -> bool:
+    scheme = urllib.parse.urlparse(value).scheme
+    return len(scheme) > 1  # not a Windows drive letter
+
+
+def _absolute_sqlite_uri(uri: str, root: Path) -> str:
+    if not uri.startswith("sqlite:///"):
+        return uri  # sqlite:// (in memory), http(s)://, postgresql://, ...
+    rest = uri[len("sqlite:///"):]
+    path_part, sep, query = rest.partition("?")
+    if path_part in ("", ":memory:") or path_part.startswith("/"):
+        return uri  # in memory, or already absolute (sqlite:////abs/path.db)
+    path = (root / urllib.parse.unquote(path_part)).resolve()
+    return f"sqlite:///{path.as_posix()}{sep}{query}"  # /abs -> sqlite:////abs
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a sqlite URI, None for other URIs and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path_part = uri[len("sqlite:///"):].partition("?")[0]
+    if path_part in ("", ":memory:"):
+        return None
+    return Path(urllib.parse.unquote(path_part))
+
+
+# --------------------------------------------------------------------------------------------
+# Reachability, locking, retries
+# --------------------------------------------------------------------------------------------
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with `TrackingError` naming the URI if the store cannot be used.
+
+    http(s): a TCP connect (and, for http, a GET of /health) with a short timeout, before
+    MLflow's own retries (which can take minutes) get a chance. sqlite: the database folder is
+    created if missing and must be writable. A scheme MLflow cannot track into (see
+    `pipeline.core.config.TRACKING_SCHEMES`; MLFLOW_TRACKING_URI is not checked with params.yaml) is
+    refused; other database schemes are left to MLflow.
+    """
+    from pipeline.core.config import tracking_uri_problem
+
+    problem = tracking_uri_problem(tracking_uri)
+    if problem is not None:
+        source = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri
+                  else "tracking store")
+        raise TrackingError(f"{source}: {problem}")
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        _probe_http(tracking_uri, parsed, timeout_s)
+    elif parsed.scheme == "sqlite":
+        _probe_sqlite(tracking_uri)
+
+
+def _probe_http(uri: str, parsed: urllib.parse.ParseResult, timeout_s: float) -> None:
+    host = parsed.hostname or "localhost"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it "
+                            "(mlflow server ...) or set MLFLOW_TRACKING_URI / "
+                            "tracking.tracking_uri to a reachable store") from None
+    if parsed.scheme != "http":
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # something answered (auth, proxy): the server is there, MLflow reports the rest
+    except (OSError, urllib.error.URLError) as exc:
+        raise TrackingError(f"MLflow tracking server {uri} accepts connections but does not "
+                            f"answer GET /health within {timeout_s:g} s ({exc})") from None
+
+
+def _probe_sqlite(uri: str) -> None:
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(f"tracking store {uri}: cannot create the folder {path.parent} "
+                            f"({exc.strerror or exc})") from None
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+    if not writable:
+        raise TrackingError(f"tracking store {uri}: {path if path.exists() else path.parent} "
+                            "is not writable")
+
+
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """An inter-process lock per sqlite store (no-op for other stores and off POSIX)."""
+    path = _sqlite_path(tracking_uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    lock_path = Path(tempfile.gettempdir()) / f"ddpm-mlflow-{sha256_hex(str(path), length=16)}.lock"
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_locked_error(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it wraps) is sqlite's "database is locked"."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if "database is locked" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _retry_if_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `fn`, retrying on "database is locked" with jittered exponential backoff."""
+    for attempt in range(LOCK_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == LOCK_RETRIES - 1 or not _is_locked_error(exc):
+                raise
+            delay = min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random())
+            log.warning("tracking store busy (database is locked); retry %d/%d in %.2f s",
+                        attempt + 1, LOCK_RETRIES - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# Tracker
+# --------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """The study's MLflow records: one experiment per study, one run per study experiment.
+
+    Opening a Tracker does no I/O; call `check_reachable()` first thing in a stage, so that a
+    wrong URI stops it before training starts. All methods take and return MLflow run ids.
+    """
+
+    def __init__(self, tracking_cfg: TrackingConfig, study_cfg: StudyConfig,
+                 root: str | Path = ".") -> None:
+        self.root = study_root(root)
+        self.dvc_experiment = os.environ.get("DVC_EXP_NAME") or None
+        self.tracking_uri = resolve_tracking_uri(tracking_cfg, self.root)
+        self.study_name = study_cfg.name
+        # MLflow keeps a run's artifacts at <experiment artifact location>/<run id>/artifacts;
+        # one folder per study keeps studies sharing an artifact root apart. A tracking server
+        # given a local artifact root keeps them where it is told (`mlflow server
+        # --artifacts-destination`): a local path here may be a machine's temporary folder.
+        self.artifact_location: Optional[str] = (
+            resolve_artifact_root(tracking_cfg, self.root).rstrip("/") + "/"
+            + re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name))
+        if _is_server(self.tracking_uri) and not _has_scheme(tracking_cfg.artifact_root):
+            self.artifact_location = None
+        self._client: Optional[MlflowClient] = None
+        self._experiment_id: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return (f"Tracker(study={self.study_name!r}, tracking_uri={self.tracking_uri!r}, "
+                f"artifact_location={self.artifact_location!r})")
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Raise `TrackingError` naming the URI, within about `timeout_s`, if unusable."""
+        check_reachable(self.tracking_uri, timeout_s)
+
+    # -- store, experiment, runs --------------------------------------------------------------
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            with _store_lock(self.tracking_uri):
+                # MlflowClient() builds the store at once; on a new sqlite file that runs
+                # MLflow's schema migrations, which must not run in two processes at once.
+                self._client = _retry_if_locked(MlflowClient, tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        """The study's MLflow experiment (named after the study), created if missing."""
+        if self._experiment_id is None:
+            client = self.client
+            with _store_lock(self.tracking_uri):
+                self._experiment_id = _retry_if_locked(self._get_or_create_experiment, client)
+        return self._experiment_id
+
+    def _get_or_create_experiment(self, client: MlflowClient) -> str:
+        experiment = client.get_experiment_by_name(self.study_name)
+        if experiment is None:
+            return client.create_experiment(
+                self.study_name, artifact_location=self.artifact_location,
+                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML, TAG_NOTE: STUDY_DESCRIPTION})
+        if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by an earlier version
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                                      EXPERIMENT_KIND_ML)
+        if experiment.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", self.study_name)
+            client.restore_experiment(experiment.experiment_id)
+        if self.artifact_location is not None and \
+                experiment.artifact_location.rstrip("/") != self.artifact_location.rstrip("/"):
+            log.warning("MLflow experiment %r keeps its artifacts at %s, not at %s",
+                        self.study_name, experiment.artifact_location, self.artifact_location)
+        return experiment.experiment_id
+
+    def run_for(self, experiment: str, config: Optional[Mapping[str, Any]] = None,
+                seed: int = 0) -> str:
+        """The run of study experiment `experiment` trained with `seed`: found by tags, or
+        created (named `<experiment>-<seed>`).
+
+        `config` is the resolved ExperimentConfig dict; every stage of one experiment must pass
+        the same dict. A run is reused only if its `ddpm.config_hash` matches; otherwise a new
+        run starts and the old one stays for history. Deleted runs are never reused.
+        """
+        from pipeline.core.config import run_key
+
+        digest = config_hash(config if config is not None else {})
+        tags = {TAG_EXPERIMENT: experiment, TAG_SEED: str(seed), TAG_CONFIG_HASH: digest,
+                TAG_ROLE: "experiment"}
+        return self._find_or_create(tags, run_name=run_key(experiment, seed))
+
+    def study_run(self) -> str:
+        """The study-level run ("tables", `ddpm.experiment=_study`) for the study's tables."""
+        tags = {TAG_EXPERIMENT: STUDY_RUN_EXPERIMENT, TAG_ROLE: "study"}
+        return self._find_or_create(tags, run_name=STUDY_RUN_NAME)
+
+    def new_run(self, name: str, tags: Optional[Mapping[str, Any]] = None) -> str:
+        """A fresh top-level run in the study's experiment (one per sweep), never reused."""
+        experiment_id = self.experiment_id
+        all_tags = {TAG_ROLE: "run", **self._source_tags(), **_str_values(tags or {})}
+        run = _retry_if_locked(self.client.create_run, experiment_id, tags=all_tags,
+                               run_name=name)
+        return run.info.run_id
+
+    def nested_run(self, parent_run_id: str, name: str,
+                   tags: Optional[Mapping[str, Any]] = None) -> str:
+        """A new run nested under `parent_run_id` (a sweep trial), in the parent's experiment."""
+        client = self.client
+        parent = _retry_if_locked(client.get_run, parent_run_id)
+        all_tags = {TAG_ROLE: "trial", **self._source_tags(), **_str_values(tags or {}),
+                    "mlflow.parentRunId": parent_run_id}
+        run = _retry_if_locked(client.create_run, parent.info.experiment_id, tags=all_tags,
+                               run_name=name)
+        return run.info.run_id
+
+    def _find_or_create(self, tags: Mapping[str, str], run_name: str) -> str:
+        """The newest active run with `tags` in the same DVC experiment (or, outside one, in
+        none), else a new one."""
+        from mlflow.entities import ViewType
+
+        experiment_id = self.experiment_id
+        client = self.client
+        tags = {**tags, **self._experiment_tag()}
+        query = " and ".join(f"tags.`{key}` = {_literal(value)}" for key, value in tags.items())
+        with _store_lock(self.tracking_uri):
+            runs = _retry_if_locked(client.search_runs, [experiment_id], filter_string=query,
+                                    run_view_type=ViewType.ACTIVE_ONLY, max_results=100,
+                                    order_by=["attributes.start_time DESC"])
+            for run in runs:  # outside a DVC experiment, skip the runs of experiments
+                if run.data.tags.get(TAG_DVC_EXPERIMENT) == self.dvc_experiment:
+                    return run.info.run_id
+            run = _retry_if_locked(client.create_run, experiment_id,
+                                   tags={**tags, **self._source_tags()}, run_name=run_name)
+        return run.info.run_id
+
+    def _experiment_tag(self) -> dict[str, str]:
+        return {TAG_DVC_EXPERIMENT: self.dvc_experiment} if self.dvc_experiment else {}
+
+    def _source_tags(self) -> dict[str, str]:
+        commit = git_commit(self.root)
+        tags = {TAG_GIT_COMMIT: commit, "mlflow.source.git.commit": commit} if commit else {}
+        return {**tags, **self._experiment_tag()}
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log `params`, nested dicts flattened with dots ("train.lr").
+
+        MLflow params are immutable. Logging a key again with the same value does nothing; with
+        a different value the param keeps its first value, the new one is recorded as the tag
+        `ddpm.param_changed.<key>` and a warning is logged (a changed config normally gets a new
+        run through `run_for`'s config hash, so this only happens for keys outside the hash).
+        """
+        from mlflow.entities import Param, RunTag
+
+        client = self.client
+        flat = flatten_params(params)
+        logged = _retry_if_locked(client.get_run, run_id).data.params
+        new = [Param(key, value) for key, value in flat.items() if key not in logged]
+        changed = {key: value for key, value in flat.items()
+                   if key in logged and logged[key] != value}
+        for key, value in changed.items():
+            log.warning("param %s of run %s is already %r; keeping it, new value %r is logged as "
+                        "tag %s%s", key, run_id, logged[key], value, TAG_PARAM_CHANGED, key)
+        tags = [RunTag(f"{TAG_PARAM_CHANGED}{key}", value[:MAX_TAG_VALUE_LENGTH])
+                for key, value in changed.items()]
+        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+            _retry_if_locked(client.log_batch, run_id, params=chunk)
+        for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
+            _retry_if_locked(client.log_batch, run_id, tags=chunk)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Optional[float]],
+                    step: Optional[int] = None) -> None:
+        """Log scalar metrics at `step` (0 if None); None values (not measured) are skipped."""
+        from mlflow.entities import Metric
+
+        timestamp = _now_ms()
+        batch = [Metric(key, float(value), timestamp, step or 0)
+                 for key, value in metrics.items() if value is not None]
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            _retry_if_locked(self.client.log_batch, run_id, metrics=chunk)
+
+    def log_metric_history(self, run_id: str, name: str, steps: Sequence[int],
+                           values: Sequence[float]) -> None:
+        """Log a whole curve (e.g. the training loss) in batches of MLflow's limit (1000).
+
+        Steps already logged for `name` are skipped, so that logging the history of a resumed
+        or repeated training into the same run does not duplicate points.
+        """
+        from mlflow.entities import Metric
+
+        if len(steps) != len(values):
+            raise ValueError(f"metric {name}: {len(steps)} steps but {len(values)} values")
+        client = self.client
+        done = {m.step for m in _retry_if_locked(client.get_metric_history, run_id, name)}
+        timestamp = _now_ms()
+        batch = [Metric(name, float(value), timestamp, int(step))
+                 for step, value in zip(steps, values) if int(step) not in done]
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            _retry_if_locked(client.log_batch, run_id, metrics=chunk)
+
+    def log_artifact(self, run_id: str, path: str | Path,
+                     artifact_path: Optional[str] = None) -> None:
+        """Copy a file (or a folder's contents) into the run's artifacts under `artifact_path`."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_table(self, run_id: str, table: pandas.DataFrame, artifact_file: str) -> None:
+        """Log a DataFrame as an MLflow table artifact (`.json` or `.parquet`).
+
+        MLflow appends to an existing table of the same name; here the new table replaces it,
+        so a re-run of the tabulate stage does not duplicate rows.
+        """
+        self._delete_artifact(run_id, artifact_file)
+        with warnings.catch_warnings():  # mlflow's own select_dtypes call, noisy on pandas 3
+            warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+            _retry_if_locked(self.client.log_table, run_id, table, artifact_file)
+
+    def _delete_artifact(self, run_id: str, artifact_file: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        client = self.client
+        parent = os.path.dirname(artifact_file) or None
+        if artifact_file not in {f.path for f in client.list_artifacts(run_id, parent)}:
+            return
+        artifact_uri = _retry_if_locked(client.get_run, run_id).info.artifact_uri
+        try:
+            get_artifact_repository(artifact_uri).delete_artifacts(artifact_file)
+        except Exception as exc:  # a store without deletes: MLflow appends, say so
+            log.warning("cannot replace table %s of run %s (%s); MLflow appends the new rows",
+                        artifact_file, run_id, exc)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) tags; values are converted to str and cut to MLflow's limit."""
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(key, value[:MAX_TAG_VALUE_LENGTH])
+                 for key, value in _str_values(tags).items()]
+        for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
+            _retry_if_locked(self.client.log_batch, run_id, tags=chunk)
+
+    def set_description(self, run_id: str, text: str) -> None:
+        """The run's description (markdown), shown on its page in `mlflow ui`."""
+        self.set_tags(run_id, {TAG_NOTE: text})
+
+    def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""
+        _retry_if_locked(self.client.set_terminated, run_id, status)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _str_values(tags: Mapping[str, Any]) -> dict[str, str]:
+    return {str(key): str(value) for key, value in tags.items()}
+
+
+def _literal(value: str) -> str:
+    """A string literal for an MLflow filter; its parser has no escapes, only two quote kinds."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search MLflow runs for a tag value with both quote kinds: {value!r}")

@@ -1,0 +1,1 @@
+"""Datasets: raw data to the prepared format, and minibatches of it."""

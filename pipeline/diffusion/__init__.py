@@ -1,0 +1,1 @@
+"""The diffusion math: variance schedules, the Gaussian process, its bound and samplers, seeds."""

@@ -1,0 +1,1 @@
+"""The sample, evaluate and reference stages' work, as jobs of chunks."""

@@ -1,0 +1,1 @@
+"""Measuring: sampling, feature extractors, the NLL bound, FID / IS / KID statistics."""

@@ -1,0 +1,1 @@
+"""The network: the DDPM U-Net, its precision, the EMA of its weights."""

@@ -1,0 +1,1 @@
+"""Reporting: results read back, the findings, the tables, the cost plan."""

@@ -1,0 +1,292 @@
+"""Which of the paper's claims the measured study reproduces: the findings table.
+
+Each qualitative claim of Ho et al. (2020) Tables 1-2 is judged from our scores and their
+uncertainty (`pipeline.measure.stats`), by a rule fixed before any result is seen:
+
+- "A is better than B" (lower FID or NLL, higher IS): the 95 % interval of the difference lies
+  on A's side of 0: reproduced; on B's side: contradicted; it contains 0: inconclusive.
+- "A has the best score": A is better than every other row (reproduced), worse than one of
+  them (contradicted), or neither.
+- "A is comparable to B" (FID): the interval of log(FID_A / FID_B) lies within
+  +- log(COMPARABLE_FACTOR) (reproduced), entirely outside it (contradicted), or across its
+  edge (inconclusive). The paper's two such FIDs differ by 2 %.
+- "A is unstable or poor": A diverged, or it is worse than every row the paper trained
+  (reproduced); better than one of them (contradicted); or neither (inconclusive).
+- "test and train NLL agree": the interval of test - train lies within +- AGREE_FRACTION of the
+  train bound (reproduced), outside it (contradicted), or across its edge (inconclusive).
+
+Rows are found by what they are (mean type, objective, the paper's linear schedule and uniform
+weighting), not by their names; a claim whose rows the study lacks is "not measured".
+NLL differences between two single-seed runs are paired image by image (both runs score the
+same test images with the same noise draws); otherwise the difference of two independent
+estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.status import Status
+from pipeline.measure.stats import Estimate, paired_difference
+
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
+    "reproduced", "contradicted", "inconclusive", "not measured")
+VERDICTS = (REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED)
+COMPARABLE_FACTOR = 1.25   # "comparable" FIDs: within a factor 1.25 of each other
+AGREE_FRACTION = 0.03      # "agree": test and train bounds within 3 % of the train bound
+
+# The paper's rows (Table 2) by (mean type, objective), as named in the findings.
+ROW_NAMES = {("mu", "learned"): "μ̃, L, learned Σ", ("mu", "fixed"): "μ̃, L, fixed Σ",
+             ("mu", "simple"): "μ̃, MSE", ("eps", "learned"): "ε, L, learned Σ",
+             ("eps", "fixed"): "ε, L, fixed Σ", ("eps", "simple"): "ε, L_simple"}
+TRAINABLE = (("mu", "learned"), ("mu", "fixed"), ("eps", "fixed"), ("eps", "simple"))
+LOWER_IS_BETTER = {"fid": True, "is_mean": False, "nll_bpd": True}
+SCORE_NAMES = {"fid": "FID", "is_mean": "IS", "nll_bpd": "NLL"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    claim: str
+    paper: str
+    ours: str
+    interval: str
+    verdict: str
+    rule: str
+
+
+def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(mean type, objective): row of `results.aggregate`} for the rows that play the paper's
+    Table 2 rows (`tables.paper_table2_row`: the paper's schedule, weighting and objectives);
+    the first such row where several do."""
+    from pipeline.reporting.tables import objective_key, paper_table2_row
+
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in table.to_dict("records"):
+        if paper_table2_row(row) is not None:
+            found.setdefault((row["mean_type"], objective_key(row)), row)
+    return found
+
+
+
+def _estimate(row: Mapping[str, Any], score: str) -> Estimate:
+    from pipeline.measure.stats import estimate
+
+    return estimate(row, score)
+
+
+def _advantage(a: Mapping[str, Any], b: Mapping[str, Any], score: str,
+               per_image: Mapping[str, Mapping[str, np.ndarray]]) -> Estimate:
+    """How much better A is than B on `score` (positive: A better), with its standard error."""
+    if score == "nll_bpd" and a["seeds"] == 1 and b["seeds"] == 1:
+        a_images = per_image.get(a["key"], {}).get("test")
+        b_images = per_image.get(b["key"], {}).get("test")
+        if a_images is not None and b_images is not None and len(a_images) == len(b_images):
+            return paired_difference(b_images, a_images)
+    diff = _estimate(b, score) - _estimate(a, score)
+    return diff if LOWER_IS_BETTER[score] else Estimate(-diff.value, diff.se, diff.df)
+
+
+def _side(estimate: Estimate) -> str:
+    low, high = estimate.interval()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return INCONCLUSIVE
+    return REPRODUCED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+
+
+def _all(verdicts: Sequence[str]) -> str:
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def _lead(value: float, digits: int = 2) -> str:
+    """"ahead by 1.20" or "behind by 1.20" (a negative advantage)."""
+    return f"{'ahead' if value >= 0 else 'behind'} by {_fmt(abs(value), digits)}"
+
+
+def _interval(estimate: Estimate, digits: int = 2) -> str:
+    low, high = estimate.interval()
+    return f"[{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _unstable(row: Mapping[str, Any]) -> bool:
+    return row["status"] == Status.UNSTABLE
+
+
+class _Judge:
+    """The claims, judged on one study's rows."""
+
+    def __init__(self, table: pd.DataFrame, per_image: Mapping[str, Mapping[str, np.ndarray]]):
+        self.rows = paper_rows(table)
+        self.per_image = per_image
+
+    def _value(self, key, score, digits=2) -> str:
+        row = self.rows[key]
+        return "unstable" if _unstable(row) else \
+            f"{SCORE_NAMES[score]} {_fmt(row[score], digits)}"
+
+    def better(self, claim: str, paper: str, a, b, score: str) -> Finding:
+        rule = (f"{SCORE_NAMES[score]}: 95 % interval of the difference excludes 0 "
+                "(paired on the test images for NLL)")
+        if a not in self.rows or b not in self.rows:
+            return Finding(claim, paper, "", "", NOT_MEASURED, rule)
+        ra, rb = self.rows[a], self.rows[b]
+        ours = f"{self._value(a, score)} vs {self._value(b, score)}"
+        if _unstable(ra) or _unstable(rb):
+            verdict = CONTRADICTED if _unstable(ra) and not _unstable(rb) else \
+                REPRODUCED if _unstable(rb) and not _unstable(ra) else INCONCLUSIVE
+            return Finding(claim, paper, ours, "", verdict, rule)
+        advantage = _advantage(ra, rb, score, self.per_image)
+        digits = 3 if score == "nll_bpd" else 2
+        return Finding(claim, paper, f"{ours}; {ROW_NAMES[a]} {_lead(advantage.value, digits)}",
+                       _interval(advantage, digits), _side(advantage), rule)
+
+
+    def best(self, claim: str, paper: str, a, score: str) -> Finding:
+        rule = (f"{SCORE_NAMES[score]}: better than every other row, each difference's 95 % "
+                "interval excluding 0")
+        if a not in self.rows:
+            return Finding(claim, paper, "", "", NOT_MEASURED, rule)
+        others = [k for k in self.rows if k != a]
+        ra = self.rows[a]
+        if _unstable(ra):
+            return Finding(claim, paper, "unstable", "", CONTRADICTED, rule)
+        stable = [k for k in others if not _unstable(self.rows[k])]
+        if not stable:
+            return Finding(claim, paper, self._value(a, score), "", REPRODUCED, rule)
+        advantages = {k: _advantage(ra, self.rows[k], score, self.per_image) for k in stable}
+        closest = min(advantages, key=lambda k: advantages[k].value)
+        verdict = _all([_side(e) for e in advantages.values()])
+        ours = (f"{self._value(a, score)}; the closest, {ROW_NAMES[closest]}: "
+                f"{self._value(closest, score)} ({_lead(advantages[closest].value)})")
+        return Finding(claim, paper, ours, _interval(advantages[closest]), verdict, rule)
+
+    def comparable(self, claim: str, paper: str, a, b) -> Finding:
+        bound = math.log(COMPARABLE_FACTOR)
+        rule = (f"FID ratio: 95 % interval within a factor {COMPARABLE_FACTOR} "
+                f"(reproduced), entirely outside it (contradicted)")
+        if a not in self.rows or b not in self.rows:
+            return Finding(claim, paper, "", "", NOT_MEASURED, rule)
+        ra, rb = self.rows[a], self.rows[b]
+        if _unstable(ra) or _unstable(rb):
+            return Finding(claim, paper, f"{self._value(a, 'fid')} vs {self._value(b, 'fid')}",
+                           "", CONTRADICTED, rule)
+        ratio = _estimate(ra, "fid").log() - _estimate(rb, "fid").log()
+        low, high = ratio.interval()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            verdict = INCONCLUSIVE
+        elif -bound <= low and high <= bound:
+            verdict = REPRODUCED
+        elif high < -bound or low > bound:
+            verdict = CONTRADICTED
+        else:
+            verdict = INCONCLUSIVE
+        ours = (f"{self._value(a, 'fid')} vs {self._value(b, 'fid')}: ratio "
+                f"{_fmt(math.exp(ratio.value))}")
+        return Finding(claim, paper, ours, f"[{_fmt(math.exp(low))}, {_fmt(math.exp(high))}]",
+                       verdict, rule)
+
+    def unstable_or_poor(self, claim: str, paper: str, a) -> Finding:
+        rule = ("diverged, or FID worse than every row the paper trained, each difference's "
+                "95 % interval excluding 0")
+        if a not in self.rows:
+            return Finding(claim, paper, "", "", NOT_MEASURED, rule)
+        ra = self.rows[a]
+        if _unstable(ra):
+            return Finding(claim, paper, "unstable", "", REPRODUCED, rule)
+        peers = [k for k in TRAINABLE if k in self.rows and not _unstable(self.rows[k])]
+        if not peers:
+            return Finding(claim, paper, self._value(a, "fid"), "", INCONCLUSIVE, rule)
+        behind = {k: _advantage(self.rows[k], ra, "fid", self.per_image) for k in peers}
+        closest = min(behind, key=lambda k: behind[k].value)
+        ours = (f"{self._value(a, 'fid')}; the closest trainable row, {ROW_NAMES[closest]}: "
+                f"{self._value(closest, 'fid')} ({_lead(behind[closest].value)})")
+        return Finding(claim, paper, ours, _interval(behind[closest]),
+                       _all([_side(e) for e in behind.values()]), rule)
+
+    def test_train_agree(self, claim: str, paper: str, keys) -> Finding:
+        rule = (f"95 % interval of test - train within {AGREE_FRACTION:.0%} of the train "
+                "bound (reproduced), entirely outside it (contradicted)")
+        present = [k for k in keys if k in self.rows and not _unstable(self.rows[k])]
+        if not present:
+            return Finding(claim, paper, "", "", NOT_MEASURED, rule)
+        verdicts, parts, intervals = [], [], []
+        for key in present:
+            row = self.rows[key]
+            gap = _estimate(row, "nll_bpd") - _estimate(row, "nll_bpd_train")
+            margin = AGREE_FRACTION * row["nll_bpd_train"]
+            low, high = gap.interval()
+            if not (math.isfinite(low) and math.isfinite(high)):
+                verdicts.append(INCONCLUSIVE)
+            elif -margin <= low and high <= margin:
+                verdicts.append(REPRODUCED)
+            elif high < -margin or low > margin:
+                verdicts.append(CONTRADICTED)
+            else:
+                verdicts.append(INCONCLUSIVE)
+            parts.append(f"{ROW_NAMES[key]}: {_fmt(row['nll_bpd'])} ({_fmt(row['nll_bpd_train'])})"
+                         f", margin ±{_fmt(margin, 3)}")
+            intervals.append(_interval(gap, 3))
+        return Finding(claim, paper, "; ".join(parts), "; ".join(intervals), _all(verdicts),
+                       rule)
+
+
+
+def findings(table: pd.DataFrame,
+             per_image: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> pd.DataFrame:
+    """The findings table of a study: one row per claim of the paper (claim, paper, ours,
+    interval, verdict, rule), from `results.aggregate`'s rows (with a `key` column naming each
+    single-seed row's run) and the per-image NLL of the runs ({key: {split: values}})."""
+    judge = _Judge(table, per_image or {})
+    made = [
+        judge.best("L_simple has the best FID", "FID 3.17; the next, μ̃ L fixed Σ: 13.22",
+                   ("eps", "simple"), "fid"),
+        judge.best("L_simple has the best IS", "IS 9.46; the next, μ̃ L fixed Σ: 8.06",
+                   ("eps", "simple"), "is_mean"),
+        judge.comparable("μ̃ with L and fixed Σ is comparable to ε with L and fixed Σ",
+                         "FID 13.22 vs 13.51", ("mu", "fixed"), ("eps", "fixed")),
+        judge.better("μ̃ with L: fixed Σ beats learned Σ", "FID 13.22 vs 23.69",
+                     ("mu", "fixed"), ("mu", "learned"), "fid"),
+        judge.unstable_or_poor("μ̃ with the MSE is unstable or poor", "unstable",
+                               ("mu", "simple")),
+        judge.unstable_or_poor("ε with L and learned Σ is unstable or poor", "unstable",
+                               ("eps", "learned")),
+        judge.better("training on the true bound gives a better NLL than L_simple",
+                     "NLL 3.70 vs 3.75 (ε, L fixed Σ vs L_simple)", ("eps", "fixed"),
+                     ("eps", "simple"), "nll_bpd"),
+        judge.test_train_agree("test and train NLL agree (no overfitting)",
+                               "3.75 (3.72) for L_simple; 3.70 (3.69) for L, fixed Σ",
+                               (("eps", "simple"), ("eps", "fixed"))),
+    ]
+    return pd.DataFrame([f.__dict__ for f in made])
+
+
+NOTES = (
+    "The interval is that of the claimed row's lead (positive: as the paper says) for "
+    "'better' and 'best' claims (against the closest row), of the FID ratio for "
+    "'comparable', and of test - train for 'agree'. Scores: FID / IS of N samples with "
+    "jackknife standard errors; NLL on the same test images for every run (paired where one "
+    "seed each). Verdicts: reproduced where the interval lies on the paper's side, "
+    "contradicted where it lies on the other, inconclusive where it straddles the line; "
+    f"'comparable' means within a factor {COMPARABLE_FACTOR}, 'agree' within "
+    f"{AGREE_FRACTION:.0%} of the train bound.")
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """The findings as a markdown table (the rule column left to the csv) and the notes."""
+    from pipeline.reporting.tables import to_markdown as table_markdown
+
+    shown = frame[["claim", "paper", "ours", "interval", "verdict"]].rename(columns={
+        "claim": "Claim (Ho et al. 2020)", "paper": "Paper", "ours": "Ours",
+        "interval": "95 % interval", "verdict": "Verdict"})
+    return table_markdown(shown) + "\n" + NOTES + "\n"
+

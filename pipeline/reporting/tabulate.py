@@ -1,0 +1,103 @@
+"""The `tabulate` stage's work (`run_tabulate`): the paper's Tables 1 and 2, the sweep report,
+the findings and the figures, written to results/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from pipeline.artifacts.records import ResultsError
+from pipeline.reporting.results import aggregate, check_dataset, load_runs, load_sweep_trials
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Params
+
+
+# --------------------------------------------------------------------------------------------
+# Tabulating: the tables, the sweep report, the findings and the figures
+# --------------------------------------------------------------------------------------------
+
+
+def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Path,
+                 sweep_csv: str | Path | None = None,
+                 plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Build and write the tables, the findings and the figures for the runs of `params`;
+    return what was made.
+
+    Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}; with a
+    sweep csv that exists, sweep.{md,csv} and sweep_heatmap.png; with `plots_dir` (the loss
+    curves <experiment>-<seed>.csv), loss_curves.png.
+
+    Keys: dataset; runs (one row per run, as loaded); metrics (one row per experiment: the mean
+    over its seeds); reference (dict or None); table1, table2, sweep (formatted frames; sweep
+    None without a trials csv); *_tex (the LaTeX-formatted frames); table1_raw, table2_raw,
+    sweep_raw (numbers); findings (one row per claim of the paper); paths (the files written).
+    """
+    from pipeline.artifacts.figures import save_sweep_heatmap
+    from pipeline.artifacts.records import load_nll_per_image, load_reference, nll_path
+    from pipeline.core.io import write_text
+    from pipeline.reporting import findings as paper_findings
+    from pipeline.reporting.sweep_report import build_sweep, write_sweep
+    from pipeline.reporting.tables import build_tables, write_csv, write_tables
+
+    results_dir = Path(results_dir)
+    dataset = params.data.dataset
+    runs = load_runs(metrics_dir, [(r.name, r.seed) for r in params.runs()])
+    check_dataset(runs, dataset)
+    metrics = aggregate(runs)
+    reference = load_reference(metrics_dir)
+    trials = None
+    if sweep_csv is not None and Path(sweep_csv).is_file():
+        trials = load_sweep_trials(sweep_csv)
+    tables = build_tables(metrics, dataset, reference=reference)
+    sweep = build_sweep(trials)
+    paths = write_tables(results_dir, tables) + write_sweep(results_dir, sweep)
+    per_image = {key: load_nll_per_image(nll_path(metrics_dir, key), key)
+                 for key in metrics["key"].dropna()}
+    found = paper_findings.findings(metrics, per_image)
+    write_text(results_dir / "findings.md", paper_findings.to_markdown(found))
+    paths += [results_dir / "findings.md", write_csv(results_dir / "findings.csv", found)]
+    if plots_dir is not None:
+        paths.append(loss_figure(plots_dir, [r.key for r in params.runs()],
+                                 results_dir / "loss_curves.png"))
+    if sweep["sweep_raw"] is not None:
+        save_sweep_heatmap(sweep["sweep_raw"], results_dir / "sweep_heatmap.png")
+        paths.append(results_dir / "sweep_heatmap.png")
+    return {**tables, **sweep, "runs": runs, "metrics": metrics, "reference": reference,
+            "findings": found, "paths": paths}
+
+
+def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
+    """Every run's training loss curve in one figure (results/loss_curves.png); a run without a
+    loss curve file, or without a finite loss, is left out."""
+    from pipeline.artifacts.figures import save_loss_curves
+    from pipeline.artifacts.loss_curve import load_loss_curve
+
+    curves = {}
+    for key in keys:
+        path = Path(plots_dir) / f"{key}.csv"
+        if path.is_file():
+            try:
+                steps, losses = load_loss_curve(path)
+            except ValueError as exc:  # a bad header (named by the reader), or a bad line
+                problem = str(exc) if str(exc).startswith(str(path)) else \
+                    f"{path}: not a loss curve ({exc})"
+                raise ResultsError(f"{problem}; remake it with `dvc repro train@{key}`") from None
+            if steps:
+                curves[key] = (steps, losses)
+    save_loss_curves(curves, out, "training loss by experiment")
+    return out
+
+
+def report(made: Mapping[str, Any]) -> str:
+    """What the stage prints: Table 1, Table 2, the findings (and the sweep) as markdown, each
+    under its title."""
+    from pipeline.reporting.findings import to_markdown as findings_markdown
+    from pipeline.reporting.tables import to_markdown
+
+    shown = {"Table 1": to_markdown(made["table1"]), "Table 2": to_markdown(made["table2"]),
+             "Findings": findings_markdown(made["findings"])}
+    if made["sweep"] is not None:
+        shown["Sweep"] = to_markdown(made["sweep"])
+    return "".join(f"{title}\n\n{text}\n" for title, text in shown.items())
