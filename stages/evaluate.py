@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = save_evaluation(result, exp, args.out, args.figures)
         if result.chunks is not None:  # the outputs are written: no chunk is needed any more
             result.chunks.discard()
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
+        run_id = tracker.run_of(exp)
         log_evaluation(tracker, run_id, result, paths)
         record = result.record
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage())
         finally:
             connection.shutdown()
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
+        run_id = tracker.run_of(exp)
         if result is None:
             print(f"{exp.key} is unstable: wrote empty samples")
             return 0

@@ -224,10 +224,17 @@ def fetch(repo: Path, job_id: str, pull: bool = True) -> int:
 
 
 def _remote(repo: Path):
+    from dvc.config import NoRemoteError
     from dvc.repo import Repo
 
     dvc_repo = Repo(str(repo))
-    return dvc_repo, dvc_repo.cloud.get_remote()
+    try:
+        return dvc_repo, dvc_repo.cloud.get_remote()
+    except NoRemoteError:
+        dvc_repo.close()
+        raise SubmitError("no default DVC remote in this checkout: a job's results bundle, models "
+                          "and samples are on the DVC remote it pushed to; add that one here "
+                          "(`dvc remote add -d store s3://bucket/ddpm`) and rerun") from None
 
 
 def read_from_remote(repo: Path, key: str) -> bytes:

@@ -22,7 +22,7 @@ def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> 
     hashes and a description naming its row of Table 2."""
     import yaml
 
-    from pipeline.core.tracking import TAG_NOTE
+    from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
     from pipeline.reporting.tables import run_descriptions
 
     run_id = tracker.study_run()
@@ -44,10 +44,9 @@ def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> 
             entry = stages.get(f"{stage}@{exp.key}") or {}
             outs = entry.get("outs") or []
             if outs and outs[0].get("md5"):
-                tags[f"dvc.{stage}.md5"] = outs[0]["md5"]
+                tags[tag_dvc_stage_md5(stage)] = outs[0]["md5"]
         if tags:
-            tracker.set_tags(tracker.run_for(exp.name, {"config_hash": exp.config_hash()},
-                                             exp.seed), tags)
+            tracker.set_tags(tracker.run_of(exp), tags)
     tracker.set_terminated(run_id, "FINISHED")
 
 

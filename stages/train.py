@@ -22,6 +22,7 @@ import sys
 import time
 
 from pipeline.core.status import Status
+from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS
 from stages import _common
 
 
@@ -70,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
         save_loss_curve(args.plots / f"{exp.key}.csv", history)
 
-        run_id = tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
+        run_id = tracker.run_of(exp)
         tracker.log_params(run_id, exp.to_dict())
         tracker.log_metric_history(run_id, "train_loss", [s for s, _ in history],
                                    [v for _, v in history])
         tracker.log_metrics(run_id, {"train_wall_s": state.get("wall_s"),
                                      "train_images_per_s": images_per_s,
                                      "train_steps": steps_done})
-        tracker.set_tags(run_id, {"ddpm.status": state["status"],
-                                  "ddpm.ray_run_name": train.run_name(exp)})
+        tracker.set_tags(run_id, {TAG_STATUS: state["status"],
+                                  TAG_RAY_RUN_NAME: train.run_name(exp)})
         status = state["status"]
         kept = f", EMA kept at steps {list(snapshots)}" if snapshots else ""
         print(f"trained {exp.key}: {steps_done} steps, status {status}, "

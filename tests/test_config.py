@@ -231,7 +231,39 @@ def test_sections_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.steps = 5  # type: ignore[misc]
 
-    assert DiffusionConfig().num_timesteps == 1000  # the paper's T is the library default
+
+def section_defaults() -> dict[str, object]:
+    """{section: its dataclass with every field at its default} of the base sections."""
+    import dataclasses
+
+    from pipeline.core.config import Params
+
+    return {f.name: f.default_factory() for f in dataclasses.fields(Params)
+            if f.default_factory is not dataclasses.MISSING
+            and dataclasses.is_dataclass(f.default_factory())}
+
+
+def test_each_default_has_one_value_the_field_and_params_yaml_agree():
+    """A key deleted from params.yaml leaves the study as it was: each field's default is the
+    value params.yaml gives it, and params.yaml (as docs/cifar10.params.yaml) lists every key."""
+    import dataclasses
+
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    disagree, missing = [], []
+    for section, default in section_defaults().items():
+        for f in dataclasses.fields(default):
+            value = getattr(default, f.name)
+            if f.name not in raw[section]:
+                missing.append(f"{section}.{f.name}")
+            elif raw[section][f.name] != (list(value) if isinstance(value, tuple) else value):
+                disagree.append(f"{section}.{f.name}: field {value!r}, params.yaml "
+                                f"{raw[section][f.name]!r}")
+    assert not disagree and not missing, (disagree, missing)
+    cifar = yaml.safe_load((PROJECT / "docs" / "cifar10.params.yaml").read_text())
+    assert not [f"{s}.{f.name}" for s, d in section_defaults().items()
+                for f in dataclasses.fields(d) if f.name not in cifar[s]]
+    # and the check can fail: the paper's T is not the default study's
+    assert cifar["diffusion"]["num_timesteps"] != DiffusionConfig().num_timesteps
 
 
 def test_ddpm_storage_overrides_cluster_storage(monkeypatch):
@@ -258,6 +290,17 @@ def test_the_library_registries_are_keyed_by_the_params_choices():
     assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
     for loss, weighting in config.SWEEP_OBJECTIVES.values():
         assert loss in config.LOSSES and weighting in config.WEIGHTINGS
+    # the vocabularies that config holds for the layers above it
+    assert config.PRECISIONS == config.choices(config.SampleConfig, "precision")
+    assert set(config.LEARNED_VAR_TYPES) <= set(config.VAR_TYPES)
+    betas = schedules.beta_schedule("linear", 10)
+    for var_type in config.VAR_TYPES:  # the network outputs a variance exactly for these
+        learned = gaussian.GaussianDiffusion(betas, "eps", var_type, "vlb").learns_variance
+        assert learned == (var_type in config.LEARNED_VAR_TYPES), var_type
+    from pipeline.measure import extractors
+
+    assert set(extractors.FIDELITY_EXTRACTORS.values()) == {config.DIGITS_EXTRACTOR,
+                                                            config.INCEPTION_EXTRACTOR}
 
 
 def test_choices_reads_a_literal_field_and_a_list_of_literals():

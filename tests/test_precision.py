@@ -58,7 +58,10 @@ def test_fp32_and_tf32_leave_the_network_as_it_is_and_unknown_names_are_refused(
     assert with_precision(net, "fp32") is net and with_precision(net, "tf32") is net
     wrapped = with_precision(net, "bf16")
     assert isinstance(wrapped, Autocast) and wrapped.net is net
-    assert set(PRECISIONS) == {"fp32", "tf32", "bf16"}
+    for precision in PRECISIONS:  # every precision params.yaml accepts is one with_precision knows
+        assert isinstance(with_precision(net, precision), nn.Module)
+        with matmul_precision(precision):
+            pass
     for call in (lambda: with_precision(net, "fp16"), lambda: matmul_precision("half").__enter__()):
         with pytest.raises(ValueError, match="unknown precision"):
             call()

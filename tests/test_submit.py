@@ -81,6 +81,14 @@ def test_a_bundle_holds_the_lock_and_the_uncached_outputs_and_applies_where_sour
 
 
 def test_fetch_refuses_a_bundle_whose_sources_changed_and_writes_nothing(study, tmp_path):
+    lock = (study / "dvc.lock").read_bytes()
+    no_remote = subprocess.run([sys.executable, "-m", "stages.submit", "--fetch", "job-1"],
+                               cwd=study, capture_output=True, text=True, timeout=120,
+                               env=env_for(PROJECT, isolated=True))
+    assert no_remote.returncode == 2, no_remote.stderr
+    assert no_remote.stderr.startswith("error: no default DVC remote in this checkout")
+    assert "dvc remote add -d" in no_remote.stderr and no_remote.stderr.count("\n") == 1
+    assert (study / "dvc.lock").read_bytes() == lock
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "store", str(remote)], study)
     write_to_storage(remote / cluster_job.bundle_key("job-1"), cluster_job.make_bundle(study)[0])

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.artifacts.loss_curve import load_loss_curve, save_loss_curve
+from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, save_loss_curve
 from pipeline.artifacts.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
                                         save_nll_per_image, save_reference, save_run_metrics)
 from pipeline.reporting.results import aggregate, load_runs, load_sweep_trials
@@ -634,7 +634,10 @@ def test_loss_curve_reader_reads_what_pandas_reads(tmp_path):
 def test_a_file_that_is_not_a_loss_curve_is_an_error(tmp_path):
     path = tmp_path / "curve.csv"
     path.write_text("split,image,bpd\ntest,0,3.4\n")
-    with pytest.raises(ValueError, match=r"curve\.csv: not a loss curve"):
+    with pytest.raises(LossCurveError, match=r"curve\.csv: not a loss curve"):
+        load_loss_curve(path)
+    path.write_text("step,loss\n10,0.5\n20,0.4,7\n")  # the reader says which line
+    with pytest.raises(LossCurveError, match=r"curve\.csv: not a loss curve \(line 3: "):
         load_loss_curve(path)
 
 

@@ -405,3 +405,41 @@ def test_concurrent_processes_log_into_one_store(tmp_path):
         history = client.get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == list(range(50))
         assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_run_of_an_experiment_is_one_run_per_name_seed_and_config(root):
+    """`run_of(exp)`, the stages' one way to find a row's run: the same resolved experiment finds
+    its run again; another seed or another config gets its own."""
+    import dataclasses
+
+    from pipeline.core.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    exp = params.experiment("eps_simple", seed=0)
+    tracker = _tracker(root)
+    first = tracker.run_of(exp)
+    assert tracker.run_of(params.experiment("eps_simple", seed=0)) == first
+    assert tracker.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed) == first
+    other_seed = tracker.run_of(dataclasses.replace(exp, seed=1))
+    changed = tracker.run_of(dataclasses.replace(exp, train=dataclasses.replace(exp.train,
+                                                                               steps=5)))
+    assert len({first, other_seed, changed}) == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_sqlite_store_is_one_error_naming_the_file_and_left_as_it_was(root, damage):
+    """A stage's first check refuses a damaged mlflow.db with the fix (move it aside) instead of
+    an SQLAlchemy traceback, and does not touch the file."""
+    tracker = _tracker(root)
+    tracker.check_reachable()
+    tracker.run_for("eps_simple", CONFIG)  # a real store with a run in it
+    db = root / "mlflow.db"
+    good = db.read_bytes()
+    bad = b"this is not a database" * 100 if damage == "garbage" else good[: len(good) // 3]
+    db.write_bytes(bad)
+    with pytest.raises(TrackingError, match=r"mlflow\.db is not a readable sqlite database "
+                                            r"\(.+\); move it aside \(mv "):
+        _tracker(root).check_reachable()
+    assert db.read_bytes() == bad
+    db.write_bytes(good)
+    _tracker(root).check_reachable()  # the sound file passes

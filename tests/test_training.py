@@ -182,8 +182,14 @@ def test_corrupt_checkpoint_is_a_clear_error(digits, tmp_path):
     path = session.latest_checkpoint() / STATE_FILE
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)) as info:
         load_training_state(path)
+    # the file and the reason are fields, kept when the error crosses from a Ray worker
+    import pickle
+
+    for error in (info.value, pickle.loads(pickle.dumps(info.value))):
+        assert (error.path, error.reason) == (str(path), f"{path}: corrupt or truncated checkpoint")
+        assert str(error) == str(info.value)
     with pytest.raises(CheckpointError, match="not found"):
         load_training_state(tmp_path / "missing" / STATE_FILE)
 

@@ -18,9 +18,14 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.core.errors import UserError
 from pipeline.core.io import write_text
 
 HEADER = "step,loss"
+
+
+class LossCurveError(UserError, ValueError):
+    """A loss curve file that cannot be read; the message names the file and what is wrong."""
 
 
 def save_loss_curve(path: str | Path, history: Iterable[tuple[int, float]]) -> None:
@@ -34,13 +39,17 @@ def load_loss_curve(path: str | Path) -> tuple[list[int], list[float]]:
     losses: list[float] = []
     lines = Path(path).read_text().splitlines()
     if not lines or lines[0].strip() != HEADER:
-        raise ValueError(f"{path}: not a loss curve (first line {lines[:1]}, expected {HEADER!r})")
-    for line in lines[1:]:
+        raise LossCurveError(f"{path}: not a loss curve (first line {lines[:1]}, expected "
+                             f"{HEADER!r})")
+    for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        step, loss = line.split(",")
-        value = float(loss)
+        try:
+            step, loss = line.split(",")
+            value, step = float(loss), int(step)
+        except ValueError as exc:
+            raise LossCurveError(f"{path}: not a loss curve (line {number}: {exc})") from None
         if math.isfinite(value):
-            steps.append(int(step))
+            steps.append(step)
             losses.append(value)
     return steps, losses

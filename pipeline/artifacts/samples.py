@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.artifacts.models import ModelError
 from pipeline.core.config import ExperimentConfig
+from pipeline.core.errors import remake
 
 SAMPLES_FILE = "samples.npz"
 
@@ -38,8 +39,8 @@ def load_samples(folder: Path, exp: ExperimentConfig) -> tuple[np.ndarray, str]:
             images, status = f["images"], str(f["status"])
     except Exception as exc:
         raise ModelError(f"{path}: corrupt or truncated samples ({type(exc).__name__}); "
-                         f"remake them with {command}") from None
+                         f"{remake(command, 'them')}") from None
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ModelError(f"{path}: expected uint8 N x C x H x W images; remake them with "
-                         f"{command}")
+        raise ModelError(f"{path}: expected uint8 N x C x H x W images; "
+                         f"{remake(command, 'them')}")
     return images, status

@@ -319,19 +319,22 @@ def log_sweep(tracker, sweep: SweepConfig, base: ExperimentConfig,
     {trial id: run id})."""
     import dataclasses
 
+    from pipeline.core.tracking import (TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE, TAG_SCHEDULE,
+                                        TAG_STATUS, TAG_TRIAL_ID, TAG_WEIGHTING)
+
     status = dict(zip(table["trial_id"], table["status"]))
-    parent = tracker.new_run("sweep", {"ddpm.role": "sweep",
-                                       "ddpm.base_experiment": sweep.base_experiment})
+    parent = tracker.new_run("sweep", {TAG_ROLE: "sweep",
+                                       TAG_BASE_EXPERIMENT: sweep.base_experiment})
     tracker.log_params(parent, {"sweep": dataclasses.asdict(sweep), **base.to_dict()})
     children = {}
     for trial in trials:
         exp = sweep.trial_experiment(base, trial.schedule, trial.weighting)
         run_id = tracker.nested_run(parent, f"{trial.schedule}-{trial.weighting}",
-                                    {"ddpm.trial_id": trial.trial_id,
-                                     "ddpm.status": status[trial.trial_id],
-                                     "ddpm.schedule": trial.schedule,
-                                     "ddpm.weighting": trial.weighting,
-                                     **({"ddpm.error": trial.error[-4000:]} if trial.error
+                                    {TAG_TRIAL_ID: trial.trial_id,
+                                     TAG_STATUS: status[trial.trial_id],
+                                     TAG_SCHEDULE: trial.schedule,
+                                     TAG_WEIGHTING: trial.weighting,
+                                     **({TAG_ERROR: trial.error[-4000:]} if trial.error
                                         else {})})
         tracker.log_params(run_id, {"schedule": trial.schedule, "weighting": trial.weighting,
                                     **exp.to_dict()})

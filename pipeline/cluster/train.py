@@ -19,7 +19,6 @@ around the shared per-worker training function, and (for the sweep) Ray Tune.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -127,7 +126,6 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
 
 @dataclass
 class FitOutcome:
-    status: str
     state: dict[str, Any]
     run_path: str  # the run's folder in storage (a path or a URI)
     ema_snapshot_dir: Optional[Path] = None  # EMA weights by step (evaluate.checkpoints set),
@@ -220,11 +218,10 @@ def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutc
     except Exception as exc:  # ray.train.TrainingFailedError and friends
         cause = _worker_error(exc)
         if isinstance(cause, CheckpointError):  # retrying cannot help: say which file, and why
-            reason = re.split(r" \(|; ", str(cause), maxsplit=1)[0]
             raise CheckpointError(
-                f"training of '{exp.key}' cannot resume: {reason}; Ray Train resumes a run "
+                f"training of '{exp.key}' cannot resume: {cause.reason}; Ray Train resumes a run "
                 f"from its latest checkpoint only, so delete the run folder {run_path} and "
-                f"rerun `dvc repro train@{exp.key}` to train from step 0") from None
+                f"rerun `dvc repro train@{exp.key}` to train from step 0", path=cause.path, reason=cause.reason) from None
         raise TrainingError(
             f"training of '{exp.key}' failed after {exp.train.max_failures} retries: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}; "
@@ -237,7 +234,7 @@ def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutc
     local_snapshots = None
     if snapshots is not None:
         local_snapshots = fetch_from_storage(snapshots, tempfile.mkdtemp(prefix="ddpm-ema-"))
-    return FitOutcome(status=state["status"], state=state, run_path=run_path,
+    return FitOutcome(state=state, run_path=run_path,
                       ema_snapshot_dir=local_snapshots)
 
 

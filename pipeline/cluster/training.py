@@ -306,7 +306,22 @@ def _save_checkpoint(session: Session, root: str | Path, training: TrainingState
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A training checkpoint that cannot be read: names the file and what to do."""
+    """A training checkpoint that cannot be read: names the file and what to do. `path` and
+    `reason` (what is wrong with it, without the fix) are kept as fields, through pickling too
+    (the error crosses from a Ray worker to the driver)."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.reason = reason or message
+
+    def __reduce__(self):
+        return (_checkpoint_error, (self.args[0], self.path, self.reason))
+
+
+def _checkpoint_error(message: str, path: str | None, reason: str | None) -> CheckpointError:
+    return CheckpointError(message, path=path, reason=reason)
 
 
 def load_training_state(path: str | Path, map_location="cpu") -> dict[str, Any]:
@@ -314,16 +329,19 @@ def load_training_state(path: str | Path, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; run the train stage first "
-                              "(`dvc repro train@<experiment>`)")
+                              "(`dvc repro train@<experiment>`)", path=path,
+                              reason=f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, unpickling error, ...
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc}); delete it "
-            "and rerun the train stage to retrain (or resume from an earlier checkpoint)") from None
+            "and rerun the train stage to retrain (or resume from an earlier checkpoint)",
+            path=path, reason=f"{path}: corrupt or truncated checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != "ddpm-train-state/1":
         raise CheckpointError(f"{path}: not a training checkpoint of this project; delete it and "
-                              "rerun the train stage")
+                              "rerun the train stage", path=path,
+                              reason=f"{path}: not a training checkpoint of this project")
     return state
 
 

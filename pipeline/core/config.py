@@ -6,9 +6,14 @@ message that names the key and the allowed values. Library code takes one sectio
 `ExperimentConfig`, the resolved view of one row of the study), never the raw mapping.
 
 Experiments (the rows of the paper's Table 2) are entries of the `experiments` mapping; each
-entry overrides fields of the `diffusion` section, and optionally of `train` under a nested
-`train:` key. The `sweep` section (Ray Tune over noise schedule x loss weighting) names one of
+entry overrides fields of the `diffusion` section, and optionally of `train` and `sample` under
+nested `train:` and `sample:` keys. The `sweep` section (Ray Tune over noise schedule x loss weighting) names one of
 them as the base of every trial.
+
+Defaults have one home, the dataclass fields here, and they are the default study's values:
+params.yaml repeats every key (so that `dvc params diff` shows each) and tests/test_config.py
+holds each of its values equal to its field's default, so a key deleted from params.yaml leaves
+the study as it was. The paper's CIFAR10 values are docs/cifar10.params.yaml, complete too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
     "min_snr": ("simple", "min_snr"),  # Hang et al. 2023
     "hybrid": ("hybrid", "uniform"),   # L_simple + lambda L_vlb
 }
+
+# The var_types whose variance the network outputs (its last layer has 2C channels).
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+# The feature extractors evaluate.feature_extractor may name besides a 'package.module:Class'.
+DIGITS_EXTRACTOR = "digits-classifier"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +106,7 @@ class DiffusionConfig:
     weighting (of the simple loss): uniform | vlb | p2 | min_snr.
     """
 
-    num_timesteps: int = 1000
+    num_timesteps: int = 200
     schedule: Literal["linear", "cosine", "quadratic", "sigmoid", "constant", "jsd"] = "linear"
     beta_start: Optional[float] = None  # None: the schedule's default
     beta_end: Optional[float] = None
@@ -119,7 +130,7 @@ class DiffusionConfig:
         if self.beta_start is not None and self.beta_end is not None:
             _require(self.beta_start <= self.beta_end, f"{where}.beta_start",
                      f"must be <= beta_end ({self.beta_end})")
-        if self.var_type in ("learned", "learned_range"):
+        if self.var_type in LEARNED_VAR_TYPES:
             _require(self.loss in ("vlb", "hybrid"), f"{where}.loss",
                      f"'{self.loss}' cannot train a learned variance (var_type '{self.var_type}'); "
                      "use loss 'vlb' or 'hybrid', or a fixed var_type")
@@ -141,9 +152,9 @@ class ModelConfig:
 
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2)
-    num_res_blocks: int = 2
+    num_res_blocks: int = 1
     attn_resolutions: tuple[int, ...] = (4,)
-    dropout: float = 0.1
+    dropout: float = 0.0
 
     def resolutions(self, image_size: int) -> list[int]:
         """The feature-map sizes of the U-Net's levels for `image_size` input, highest first."""
@@ -163,23 +174,23 @@ class TrainConfig:
     """Optimization (Adam with a linear warm-up, then a constant or cosine learning rate, and
     gradient clipping), EMA (with its warm-up), checkpoints, Ray."""
 
-    steps: int = 3000
+    steps: int = 700
     batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 100
+    lr: float = 0.002
+    warmup_steps: int = 50
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up
     lr_final: float = 0.0  # cosine: the last step's lr as a fraction of lr
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
     log_every: int = 50
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
     max_failures: int = 2
     compile: bool = False
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/model/precision.py
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # PRECISIONS (pipeline/model/precision.py)
 
     def validate(self, where: str) -> None:
         _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
@@ -203,17 +214,17 @@ class TrainConfig:
 class SampleConfig:
     """Sampling: ancestral (Algorithm 2, all T steps) or strided DDIM (`steps`, `eta`)."""
 
-    num_samples: int = 1000
-    batch_size: int = 500
+    num_samples: int = 400
+    batch_size: int = 400
     sampler: Literal["ancestral", "ddim"] = "ancestral"
     steps: Optional[int] = None  # None: all T steps
     eta: float = 0.0
     grid_size: int = 10
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # pipeline/model/precision.py
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # PRECISIONS (pipeline/model/precision.py)
     compile: bool = False  # torch.compile the U-Net's forward (pays off on long runs)
     # where the batches run (Ray workers, as train's): changes no sample, but use_gpu does
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
     use_gpu: bool = False
 
     def validate(self, where: str) -> None:
@@ -233,7 +244,7 @@ class EvaluateConfig:
     N (`reference_draws` draws)."""
 
     nll: Literal["exact", "stratified"] = "exact"
-    nll_num_images: int = 200
+    nll_num_images: int = 100
     nll_strata: int = 50
     nll_batch_size: int = 800  # (image, timestep) pairs per network call
     is_splits: int = 1  # IS over all samples at once: the least biased at small N
@@ -251,7 +262,7 @@ class EvaluateConfig:
     checkpoint_num_samples: int = 200
     # where the bound, the features and the checkpoints' scores run (Ray workers, as train's)
     num_workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
     use_gpu: bool = False
 
     def validate(self, where: str) -> None:
@@ -271,7 +282,7 @@ class EvaluateConfig:
 
         _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
         fx = self.feature_extractor
-        _require(fx is None or fx in ("digits-classifier", "inception-v3-compat") or
+        _require(fx is None or fx in (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR) or
                  (":" in fx and all(fx.split(":", 1))), f"{where}.feature_extractor",
                  f"'{fx}' is not allowed; use null, digits-classifier, inception-v3-compat or "
                  "'package.module:ClassName'")
@@ -427,13 +438,13 @@ class SweepConfig:
     schedules: tuple[Literal["linear", "cosine", "quadratic", "sigmoid"], ...] = (
         "linear", "cosine", "quadratic", "sigmoid")
     weightings: tuple[Literal["uniform", "vlb", "p2", "min_snr", "hybrid"], ...] = (
-        "uniform", "vlb", "p2", "min_snr", "hybrid")
+        "uniform", "min_snr")
     search: Literal["grid", "random"] = "grid"
     num_samples: int = 1  # random search: trials drawn; grid: must be 1
-    steps: int = 300
-    report_every: int = 50
+    steps: int = 120
+    report_every: int = 30
     ema_decay: Optional[float] = None  # None: the base experiment's; short trials want less
-    asha_grace_period: int = 100
+    asha_grace_period: int = 60
     asha_reduction_factor: float = 2.0
     max_concurrent_trials: int = 0  # 0: as many as the cluster's resources hold
     num_workers: int = 1
@@ -518,6 +529,7 @@ VAR_TYPES = choices(DiffusionConfig, "var_type")
 LOSSES = choices(DiffusionConfig, "loss")
 WEIGHTINGS = choices(DiffusionConfig, "weighting")
 SAMPLERS = choices(SampleConfig, "sampler")
+PRECISIONS = choices(TrainConfig, "precision")  # sample.precision has the same (tested)
 SWEEP_SCHEDULES = choices(SweepConfig, "schedules")
 SWEEP_WEIGHTINGS = choices(SweepConfig, "weightings")
 

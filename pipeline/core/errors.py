@@ -12,3 +12,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem phrased for the user: what is wrong and what to do about it."""
+
+
+def remake(command: str, what: str = "it") -> str:
+    """The fix for a stage's output that cannot be read: "remake it with <command>"."""
+    return f"remake {what} with {command}"

@@ -14,8 +14,3 @@ class Status(StrEnum):
     UNSTABLE = "unstable"  # the loss became non-finite: training diverged
     STOPPED = "stopped"    # a sweep trial stopped early by ASHA (an NLL, no FID)
     ERROR = "error"        # a sweep trial that raised
-
-    @classmethod
-    def failed(cls) -> tuple["Status", ...]:
-        """The statuses of runs with no usable model."""
-        return (cls.UNSTABLE, cls.ERROR)

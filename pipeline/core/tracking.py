@@ -24,7 +24,8 @@ folder the stage runs in.
 For `mlflow ui`: the experiment is tagged `mlflow.experimentKind = custom_model_development`
 ("Machine learning"), so that MLflow 3 opens it on the table of training runs and not on its
 GenAI overview, and carries a description (`mlflow.note.content`); each experiment's run gets
-a description naming its row of the paper's Table 2 (`set_description`, from the tabulate stage).
+a description naming its row of the paper's Table 2 (the `mlflow.note.content` tag the tabulate
+stage sets with its other tags).
 
 Only the driver process of a stage logs (never Ray workers). MLflow 3 refuses its plain file
 store, so the tracking store is a sqlite database (`sqlite:///mlflow.db` by default) or a tracking
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
     import pandas
     from mlflow import MlflowClient
 
-    from pipeline.core.config import StudyConfig, TrackingConfig
+    from pipeline.core.config import ExperimentConfig, StudyConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,18 @@ TAG_ROLE = "ddpm.role"  # experiment | study | trial: keeps run_for from matchin
 TAG_GIT_COMMIT = "git.commit"
 TAG_DVC_EXPERIMENT = "dvc.exp_name"  # the DVC experiment a run belongs to (env DVC_EXP_NAME)
 TAG_PARAM_CHANGED = "ddpm.param_changed."  # prefix; see Tracker.log_params
+TAG_STATUS = "ddpm.status"  # how a run or trial ended (pipeline.core.status.Status)
+TAG_RAY_RUN_NAME = "ddpm.ray_run_name"  # the training run's name in Ray storage
+TAG_BASE_EXPERIMENT = "ddpm.base_experiment"  # a sweep's base experiment
+TAG_TRIAL_ID = "ddpm.trial_id"
+TAG_SCHEDULE = "ddpm.schedule"
+TAG_WEIGHTING = "ddpm.weighting"
+TAG_ERROR = "ddpm.error"  # the end of a failed trial's traceback
+
+
+def tag_dvc_stage_md5(stage: str) -> str:
+    """The tag holding the md5 of a DVC stage's first output (`dvc.<stage>.md5`)."""
+    return f"dvc.{stage}.md5"
 STUDY_RUN_EXPERIMENT = "_study"
 STUDY_RUN_NAME = "tables"
 # MLflow's own tags read by its UI (mlflow/server/js: ExperimentKind, the run "Description").
@@ -274,6 +287,33 @@ def _probe_sqlite(uri: str) -> None:
     if not writable:
         raise TrackingError(f"tracking store {uri}: {path if path.exists() else path.parent} "
                             "is not writable")
+    problem = _sqlite_problem(path)
+    if problem is not None:
+        raise TrackingError(f"tracking store {uri}: {path} is not a readable sqlite database "
+                            f"({problem}); move it aside (mv {path} {path}.bad) and rerun to "
+                            "start a fresh store, or set tracking.tracking_uri / "
+                            "MLFLOW_TRACKING_URI to another store")
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """What is wrong with the sqlite file at `path` (None: missing, empty or sound); read only."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            return "no sqlite header"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return None  # another stage is writing it: a database, in use
+        return str(exc)
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if verdict == "ok" else verdict
 
 
 @contextlib.contextmanager
@@ -406,9 +446,10 @@ class Tracker:
         """The run of study experiment `experiment` trained with `seed`: found by tags, or
         created (named `<experiment>-<seed>`).
 
-        `config` is the resolved ExperimentConfig dict; every stage of one experiment must pass
-        the same dict. A run is reused only if its `ddpm.config_hash` matches; otherwise a new
-        run starts and the old one stays for history. Deleted runs are never reused.
+        `config` is what identifies the run's configuration (`run_of` passes the experiment's
+        config hash); every stage of one experiment must pass the same. A run is reused only if
+        its `ddpm.config_hash` matches; otherwise a new run starts and the old one stays for
+        history. Deleted runs are never reused.
         """
         from pipeline.core.config import run_key
 
@@ -416,6 +457,11 @@ class Tracker:
         tags = {TAG_EXPERIMENT: experiment, TAG_SEED: str(seed), TAG_CONFIG_HASH: digest,
                 TAG_ROLE: "experiment"}
         return self._find_or_create(tags, run_name=run_key(experiment, seed))
+
+    def run_of(self, exp: ExperimentConfig) -> str:
+        """The run of a resolved experiment (one row of the study, one seed): `run_for` of its
+        name, config hash and seed, as every stage finds it."""
+        return self.run_for(exp.name, {"config_hash": exp.config_hash()}, exp.seed)
 
     def study_run(self) -> str:
         """The study-level run ("tables", `ddpm.experiment=_study`) for the study's tables."""

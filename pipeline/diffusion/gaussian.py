@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from pipeline.core.config import LEARNED_VAR_TYPES
+
 LN2 = math.log(2.0)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -215,7 +217,6 @@ VAR_TYPES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "learned": _var_learned,
     "learned_range": _var_learned_range,
 }
-LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 
 # --------------------------------------------------------------------------------------------

@@ -333,6 +333,8 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
                    paths: Mapping[str, Path]) -> None:
     """The run's scores, its scores over training (by step) and its files on its MLflow run,
     which evaluate, the run's last stage, marks FINISHED."""
+    from pipeline.core.tracking import TAG_STATUS
+
     record, scores = result.record, result.scores
     for row in scores[scores["source"] == "checkpoint"].to_dict("records"):
         tracker.log_metrics(run_id, {"checkpoint_fid": row["fid"],
@@ -346,7 +348,7 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
     tracker.log_metrics(run_id, {k: v for k, v in record.items()
                                  if k.startswith(("fid", "is_", "kid_", "nll_bpd", "evaluate_"))
                                  and v is not None})
-    tracker.set_tags(run_id, {"ddpm.status": record["status"]})
+    tracker.set_tags(run_id, {TAG_STATUS: record["status"]})
     tracker.log_artifact(run_id, paths["metrics"], "metrics")
     tracker.log_artifact(run_id, paths["run"], "metrics")
     tracker.set_terminated(run_id, "FINISHED")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, remake
 from pipeline.core.io import atomic_path
 from pipeline.data.datasets import uint8_images
 
@@ -167,19 +167,21 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
     path = Path(path)
     if not path.is_file():
         raise ClassifierError(f"{path}: digits classifier weights not found; make them with "
-                           f"{CLASSIFIER_REMAKE}")
+                              f"{CLASSIFIER_REMAKE}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, not a torch file at all
         raise ClassifierError(f"{path}: cannot read the digits classifier weights (truncated or "
-                           f"corrupt: {type(exc).__name__}); remake them with {CLASSIFIER_REMAKE}") from None
+                              f"corrupt: {type(exc).__name__}); "
+                              f"{remake(CLASSIFIER_REMAKE, 'them')}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _CHECKPOINT_FORMAT:
-        raise ClassifierError(f"{path}: not a digits classifier checkpoint; remake it with "
-                           f"{CLASSIFIER_REMAKE}")
+        raise ClassifierError(f"{path}: not a digits classifier checkpoint; "
+                              f"{remake(CLASSIFIER_REMAKE)}")
     try:
         model = DigitsClassifier(**checkpoint["hparams"])
         model.load_state_dict(checkpoint["state_dict"])
     except Exception as exc:
         raise ClassifierError(f"{path}: the digits classifier weights do not fit the network "
-                           f"({type(exc).__name__}: {exc}); remake them with {CLASSIFIER_REMAKE}") from None
+                              f"({type(exc).__name__}: {exc}); "
+                              f"{remake(CLASSIFIER_REMAKE, 'them')}") from None
     return model.eval()

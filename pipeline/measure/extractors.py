@@ -34,12 +34,11 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from pipeline.core.config import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
 from pipeline.core.errors import UserError
 from pipeline.data.datasets import uint8_images
 from pipeline.measure.classifier import CLASSIFIER_REMAKE, load_classifier, to_unit_grey
 
-DIGITS_EXTRACTOR = "digits-classifier"
-INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
 
 # Which feature extractor measures which dataset (params.yaml `data.dataset`).

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+from pipeline.core.config import PRECISIONS
 
 
 class Autocast(nn.Module):

@@ -301,8 +301,10 @@ def count_parameters(model: nn.Module) -> int:
 
 def build_model(exp: ExperimentConfig, image_shape: tuple[int, int, int]) -> UNet:
     """The experiment's U-Net for images of shape (C, H, W)."""
+    from pipeline.core.config import LEARNED_VAR_TYPES
+
     channels, height, width = image_shape
     if height != width:
         raise ValueError(f"square images expected, got {height}x{width}")
     return build_unet(exp.model, image_size=height, channels=channels,
-                      learned_variance=exp.diffusion.var_type in ("learned", "learned_range"))
+                      learned_variance=exp.diffusion.var_type in LEARNED_VAR_TYPES)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from pipeline.artifacts.records import ResultsError
+from pipeline.core.errors import remake
 from pipeline.reporting.results import aggregate, check_dataset, load_runs, load_sweep_trials
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
     """Every run's training loss curve in one figure (results/loss_curves.png); a run without a
     loss curve file, or without a finite loss, is left out."""
     from pipeline.artifacts.figures import save_loss_curves
-    from pipeline.artifacts.loss_curve import load_loss_curve
+    from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve
 
     curves = {}
     for key in keys:
@@ -80,10 +81,8 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
         if path.is_file():
             try:
                 steps, losses = load_loss_curve(path)
-            except ValueError as exc:  # a bad header (named by the reader), or a bad line
-                problem = str(exc) if str(exc).startswith(str(path)) else \
-                    f"{path}: not a loss curve ({exc})"
-                raise ResultsError(f"{problem}; remake it with `dvc repro train@{key}`") from None
+            except LossCurveError as exc:  # names the file and what is wrong with it
+                raise ResultsError(f"{exc}; {remake(f'`dvc repro train@{key}`')}") from None
             if steps:
                 curves[key] = (steps, losses)
     save_loss_curves(curves, out, "training loss by experiment")
