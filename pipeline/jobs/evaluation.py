@@ -293,7 +293,9 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
                    "evaluate_chunks_redone": run.redone})
     scores = final_scores(record)
     if exp.evaluate.checkpoints is not None:
-        scores = checkpoint_rows(exp, parts["checkpoints"], run, reference)
+        nll_by_step = {step: nll_of({"test": bound}, run)[0]["nll_bpd"]
+                       for step, (_, bound) in parts["checkpoints"].items()}
+        scores = checkpoint_rows(exp, parts["checkpoints"], run, reference, nll_by_step)
         best = best_by_fid(scores) or {}
         record.update({"checkpoint_num_samples": exp.evaluate.checkpoint_num_samples,
                        "best_checkpoint_step": best.get("step"),

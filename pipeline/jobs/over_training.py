@@ -19,39 +19,39 @@ Without checkpoints (the default) the table holds one row, the final model's ful
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import ExperimentConfig
+from pipeline.measure.stats import Estimate
 
 COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_se", "num_samples", "nll_method",
            "source")
 
 
 def checkpoint_rows(exp: ExperimentConfig, checkpoints: dict[int, tuple[list, list]], run,
-                    reference) -> pd.DataFrame:
+                    reference, nll_by_step: Mapping[int, Estimate]) -> pd.DataFrame:
     """One row per kept step (`COLUMNS`), from the evaluate job's chunks of each step
-    (`pipeline.jobs.evaluation.evaluation_job`: its samples' features, its stratified bound) and
-    the train split's feature sums `reference`."""
+    (`pipeline.jobs.evaluation.evaluation_job`: its samples' features, its stratified bound,
+    whose estimate per step is `nll_by_step`) and the train split's feature sums `reference`."""
     from pipeline.cluster.sharding import merge_feature_parts
-    from pipeline.jobs.evaluation import nll_of
     from pipeline.measure.stats import frechet_distance, inception_score, total
 
     cfg = exp.evaluate
     rows = []
-    for step, (sampled, bound) in sorted(checkpoints.items()):
+    for step, (sampled, _) in sorted(checkpoints.items()):
         groups = merge_feature_parts(run.of(sampled), groups=1, total=cfg.checkpoint_num_samples)
-        nll, _ = nll_of({"test": bound}, run)
+        nll = nll_by_step[step]
         fid = frechet_distance(total(groups.features), reference)
         rows.append({"step": step, "fid": fid,
                      "is_mean": inception_score(groups.logits, cfg.is_splits),
-                     "nll_bpd": nll["nll_bpd"].value, "nll_bpd_se": nll["nll_bpd"].se,
+                     "nll_bpd": nll.value, "nll_bpd_se": nll.se,
                      "num_samples": groups.count, "nll_method": "stratified",
                      "source": "checkpoint"})
         print(f"checkpoint {exp.name}@{step}: FID {fid:.4g} ({groups.count} samples), NLL "
-              f"{nll['nll_bpd'].value:.4g} bits/dim", flush=True)
+              f"{nll.value:.4g} bits/dim", flush=True)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
