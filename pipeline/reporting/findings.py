@@ -241,31 +241,48 @@ class _Judge:
 
 
 
+def _paper_blank(paper_row) -> str:
+    """The paper's cell of a row it shows blank: "unstable" (Table 2)."""
+    if paper_row is not None:
+        raise ValueError(f"the paper reports {paper_row} for this row, not a blank")
+    return "unstable"
+
+
 def findings(table: pd.DataFrame,
              per_image: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> pd.DataFrame:
     """The findings table of a study: one row per claim of the paper (claim, paper, ours,
     interval, verdict, rule), from `results.aggregate`'s rows (with a `key` column naming each
     single-seed row's run) and the per-image NLL of the runs ({key: {split: values}})."""
+    from pipeline.reporting.tables import PAPER_TABLE1, PAPER_TABLE2
+
+    is_mean = {key: f"{row[0]:.2f}" for key, row in PAPER_TABLE2.items() if row}
+    fid = {key: f"{row[2]:.2f}" for key, row in PAPER_TABLE2.items() if row}
+    nll = {objective: (f"{test:.2f}", f"{train:.2f}")
+           for objective, *_, test, train in PAPER_TABLE1}  # Table 1: ε rows only
+    simple, fixed, mu_fixed = ("eps", "simple"), ("eps", "fixed"), ("mu", "fixed")
     judge = _Judge(table, per_image or {})
     made = [
-        judge.best("L_simple has the best FID", "FID 3.17; the next, μ̃ L fixed Σ: 13.22",
-                   ("eps", "simple"), "fid"),
-        judge.best("L_simple has the best IS", "IS 9.46; the next, μ̃ L fixed Σ: 8.06",
-                   ("eps", "simple"), "is_mean"),
+        judge.best("L_simple has the best FID",
+                   f"FID {fid[simple]}; the next, μ̃ L fixed Σ: {fid[mu_fixed]}", simple, "fid"),
+        judge.best("L_simple has the best IS",
+                   f"IS {is_mean[simple]}; the next, μ̃ L fixed Σ: {is_mean[mu_fixed]}",
+                   simple, "is_mean"),
         judge.comparable("μ̃ with L and fixed Σ is comparable to ε with L and fixed Σ",
-                         "FID 13.22 vs 13.51", ("mu", "fixed"), ("eps", "fixed")),
-        judge.better("μ̃ with L: fixed Σ beats learned Σ", "FID 13.22 vs 23.69",
-                     ("mu", "fixed"), ("mu", "learned"), "fid"),
-        judge.unstable_or_poor("μ̃ with the MSE is unstable or poor", "unstable",
-                               ("mu", "simple")),
-        judge.unstable_or_poor("ε with L and learned Σ is unstable or poor", "unstable",
-                               ("eps", "learned")),
+                         f"FID {fid[mu_fixed]} vs {fid[fixed]}", mu_fixed, fixed),
+        judge.better("μ̃ with L: fixed Σ beats learned Σ",
+                     f"FID {fid[mu_fixed]} vs {fid[('mu', 'learned')]}", mu_fixed,
+                     ("mu", "learned"), "fid"),
+        judge.unstable_or_poor("μ̃ with the MSE is unstable or poor",
+                               _paper_blank(PAPER_TABLE2[("mu", "simple")]), ("mu", "simple")),
+        judge.unstable_or_poor("ε with L and learned Σ is unstable or poor",
+                               _paper_blank(PAPER_TABLE2[("eps", "learned")]), ("eps", "learned")),
         judge.better("training on the true bound gives a better NLL than L_simple",
-                     "NLL 3.70 vs 3.75 (ε, L fixed Σ vs L_simple)", ("eps", "fixed"),
-                     ("eps", "simple"), "nll_bpd"),
+                     f"NLL {nll['fixed'][0]} vs {nll['simple'][0]} (ε, L fixed Σ vs L_simple)",
+                     fixed, simple, "nll_bpd"),
         judge.test_train_agree("test and train NLL agree (no overfitting)",
-                               "3.75 (3.72) for L_simple; 3.70 (3.69) for L, fixed Σ",
-                               (("eps", "simple"), ("eps", "fixed"))),
+                               f"{nll['simple'][0]} ({nll['simple'][1]}) for L_simple; "
+                               f"{nll['fixed'][0]} ({nll['fixed'][1]}) for L, fixed Σ",
+                               (simple, fixed)),
     ]
     return pd.DataFrame([f.__dict__ for f in made])
 
