@@ -3,6 +3,7 @@ the findings: which of the paper's claims the study reproduces.
 
     python -m stages.tabulate [--params params.yaml] [--metrics metrics] [--results results]
                               [--sweep results/sweep/trials.csv]
+                              [--calibration calibration/seeds.json]
 
 Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, loss_curves.png
 and, when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the tables (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
+    parser.add_argument("--calibration", default="calibration/seeds.json", type=Path,
+                        help="the seed calibration that widens single-seed intervals by "
+                             "training noise; skipped if absent (default: %(default)s)")
     parser.add_argument("--lock", default="dvc.lock", type=Path,
                         help="dvc.lock, whose stage hashes are tagged on each MLflow run "
                              "(default: %(default)s)")
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.reporting.tabulate import report, run_tabulate
 
         tracker = _common.tracker_for(params)
-        made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots)
+        made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
+                            args.calibration)
         log_to_mlflow(tracker, params, made, Path(args.lock))
         print(report(made), end="")
         print(f"wrote {len(made['paths'])} files to {args.results}")

@@ -25,7 +25,8 @@ from PIL import Image
 
 PROJECT = Path(__file__).resolve().parents[1]  # read at call time: a script may point it elsewhere
 TESTS = Path(__file__).resolve().parent
-COPIED = ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".gitignore", "params.yaml")
+COPIED = ("pipeline", "stages", "calibration", "dvc.yaml", ".dvcignore", ".gitignore",
+          "params.yaml")
 # Settings that point a command at a developer's own services: removed by env_for.
 SERVICE_SETTINGS = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "DDPM_STORAGE")
 # With env_for(..., isolated=True), every variable with one of these prefixes is removed too.

@@ -542,7 +542,7 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
     assert made["sweep"] is None and made["dataset"] == "digits"
     assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 8
     assert list(made["findings"].columns) == ["claim", "paper", "ours", "interval", "verdict",
-                                              "rule"]
+                                              "rule", "noise"]
 
 
 def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tmp_path,

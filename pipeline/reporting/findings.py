@@ -24,6 +24,7 @@ estimates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -32,7 +33,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.status import Status
+from pipeline.measure.seed_noise import add_variance
 from pipeline.measure.stats import Estimate, paired_difference
+from pipeline.reporting.calibration import NOISE_CALIBRATED, NOISE_SAMPLING, NOISE_SEEDS, row_spread
+from pipeline.reporting.results import GAP
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
     "reproduced", "contradicted", "inconclusive", "not measured")
@@ -47,6 +51,7 @@ ROW_NAMES = {("mu", "learned"): "μ̃, L, learned Σ", ("mu", "fixed"): "μ̃, L
 TRAINABLE = (("mu", "learned"), ("mu", "fixed"), ("eps", "fixed"), ("eps", "simple"))
 LOWER_IS_BETTER = {"fid": True, "is_mean": False, "nll_bpd": True}
 SCORE_NAMES = {"fid": "FID", "is_mean": "IS", "nll_bpd": "NLL"}
+SAMPLING_ONLY = "one seed: sampling noise only"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Finding:
     interval: str
     verdict: str
     rule: str
+    noise: str = ""   # what the intervals cover (`noise_label`)
 
 
 def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
@@ -86,7 +92,10 @@ def _advantage(a: Mapping[str, Any], b: Mapping[str, Any], score: str,
         a_images = per_image.get(a["key"], {}).get("test")
         b_images = per_image.get(b["key"], {}).get("test")
         if a_images is not None and b_images is not None and len(a_images) == len(b_images):
-            return paired_difference(b_images, a_images)
+            # the pairing removes the images' spread, not the models': each row's training
+            # variance (calibration) is added to the paired difference's
+            spreads = [s for s in (row_spread(a, score), row_spread(b, score)) if s is not None]
+            return add_variance(paired_difference(b_images, a_images), spreads)
     diff = _estimate(b, score) - _estimate(a, score)
     return diff if LOWER_IS_BETTER[score] else Estimate(-diff.value, diff.se, diff.df)
 
@@ -222,7 +231,7 @@ class _Judge:
         verdicts, parts, intervals = [], [], []
         for key in present:
             row = self.rows[key]
-            gap = _estimate(row, "nll_bpd") - _estimate(row, "nll_bpd_train")
+            gap = _estimate(row, GAP)
             margin = AGREE_FRACTION * row["nll_bpd_train"]
             low, high = gap.interval()
             if not (math.isfinite(low) and math.isfinite(high)):
@@ -239,6 +248,26 @@ class _Judge:
         return Finding(claim, paper, "; ".join(parts), "; ".join(intervals), _all(verdicts),
                        rule)
 
+
+
+def _row_noise(row: Mapping[str, Any]) -> str:
+    noise = row.get("noise")
+    if isinstance(noise, str) and noise:
+        return noise
+    return NOISE_SEEDS if row.get("seeds", 1) > 1 else NOISE_SAMPLING
+
+
+def noise_label(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What the intervals of a claim over `rows` cover: the weakest of its rows' noise."""
+    if not rows:
+        return ""
+    kinds = [_row_noise(r) for r in rows]
+    if NOISE_SAMPLING in kinds:
+        return SAMPLING_ONLY
+    if NOISE_CALIBRATED in kinds:
+        seeds = max(int(r.get("noise_seeds", 0) or 0) for r in rows)
+        return f"one seed, training noise calibrated on {seeds} seeds"
+    return f"{min(int(r['seeds']) for r in rows)} seeds"
 
 
 def _paper_blank(paper_row) -> str:
@@ -260,7 +289,11 @@ def findings(table: pd.DataFrame,
     nll = {objective: (f"{test:.2f}", f"{train:.2f}")
            for objective, *_, test, train in PAPER_TABLE1}  # Table 1: ε rows only
     simple, fixed, mu_fixed = ("eps", "simple"), ("eps", "fixed"), ("mu", "fixed")
+    mu_learned, eps_learned, mu_simple = ("mu", "learned"), ("eps", "learned"), ("mu", "simple")
     judge = _Judge(table, per_image or {})
+    everything = tuple(judge.rows)
+    uses = [everything, everything, (mu_fixed, fixed), (mu_fixed, mu_learned),
+            (mu_simple, *TRAINABLE), (eps_learned, *TRAINABLE), (fixed, simple), (simple, fixed)]
     made = [
         judge.best("L_simple has the best FID",
                    f"FID {fid[simple]}; the next, μ̃ L fixed Σ: {fid[mu_fixed]}", simple, "fid"),
@@ -270,12 +303,11 @@ def findings(table: pd.DataFrame,
         judge.comparable("μ̃ with L and fixed Σ is comparable to ε with L and fixed Σ",
                          f"FID {fid[mu_fixed]} vs {fid[fixed]}", mu_fixed, fixed),
         judge.better("μ̃ with L: fixed Σ beats learned Σ",
-                     f"FID {fid[mu_fixed]} vs {fid[('mu', 'learned')]}", mu_fixed,
-                     ("mu", "learned"), "fid"),
+                     f"FID {fid[mu_fixed]} vs {fid[mu_learned]}", mu_fixed, mu_learned, "fid"),
         judge.unstable_or_poor("μ̃ with the MSE is unstable or poor",
-                               _paper_blank(PAPER_TABLE2[("mu", "simple")]), ("mu", "simple")),
+                               _paper_blank(PAPER_TABLE2[mu_simple]), mu_simple),
         judge.unstable_or_poor("ε with L and learned Σ is unstable or poor",
-                               _paper_blank(PAPER_TABLE2[("eps", "learned")]), ("eps", "learned")),
+                               _paper_blank(PAPER_TABLE2[eps_learned]), eps_learned),
         judge.better("training on the true bound gives a better NLL than L_simple",
                      f"NLL {nll['fixed'][0]} vs {nll['simple'][0]} (ε, L fixed Σ vs L_simple)",
                      fixed, simple, "nll_bpd"),
@@ -284,6 +316,9 @@ def findings(table: pd.DataFrame,
                                f"{nll['fixed'][0]} ({nll['fixed'][1]}) for L, fixed Σ",
                                (simple, fixed)),
     ]
+    made = [dataclasses.replace(f, noise=noise_label([judge.rows[k] for k in keys
+                                                      if k in judge.rows]))
+            if f.verdict != NOT_MEASURED else f for f, keys in zip(made, uses)]
     return pd.DataFrame([f.__dict__ for f in made])
 
 
@@ -295,15 +330,19 @@ NOTES = (
     "seed each). Verdicts: reproduced where the interval lies on the paper's side, "
     "contradicted where it lies on the other, inconclusive where it straddles the line; "
     f"'comparable' means within a factor {COMPARABLE_FACTOR}, 'agree' within "
-    f"{AGREE_FRACTION:.0%} of the train bound.")
+    f"{AGREE_FRACTION:.0%} of the train bound. Noise: what the intervals cover. With one "
+    "seed a score's standard error is that of its samples, widened by the spread between "
+    "training seeds that calibration/seeds.json measured for the same recipe; without such a "
+    f"calibration the interval covers the samples only ('{SAMPLING_ONLY}'), and another seed "
+    "or CPU may move the verdict.")
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
     """The findings as a markdown table (the rule column left to the csv) and the notes."""
     from pipeline.reporting.tables import to_markdown as table_markdown
 
-    shown = frame[["claim", "paper", "ours", "interval", "verdict"]].rename(columns={
+    shown = frame[["claim", "paper", "ours", "interval", "verdict", "noise"]].rename(columns={
         "claim": "Claim (Ho et al. 2020)", "paper": "Paper", "ours": "Ours",
-        "interval": "95 % interval", "verdict": "Verdict"})
+        "interval": "95 % interval", "verdict": "Verdict", "noise": "Noise"})
     return table_markdown(shown) + "\n" + NOTES + "\n"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,21 @@ from pipeline.artifacts.records import (DESCRIPTORS, METRICS, SCORES, ResultsErr
                                         load_run_metrics, metrics_path, run_info_path)
 from pipeline.core.config import LOSSES, MEAN_TYPES, SCHEDULES, VAR_TYPES, WEIGHTINGS, run_key
 from pipeline.core.status import Status
-from pipeline.measure.stats import combine_seeds, estimate
+from pipeline.measure.stats import Estimate, combine_seeds, estimate
+
+# The scores of a row: those of metrics/<key>.json, and the test - train gap of the bound
+# (one model's two bounds: its training noise cancels in the gap, so the gap is a score of
+# its own, not the difference of two rows' scores).
+GAP = "nll_gap"
+ROW_SCORES = (*SCORES, GAP)
+
+
+def run_estimates(run: Mapping[str, Any]) -> dict[str, Estimate]:
+    """Every ROW_SCORES `Estimate` of one run (a row of `load_runs`): the test and train bounds
+    are of different images, so the gap's standard error is that of independent estimates."""
+    out = {score: estimate(run, score) for score in SCORES}
+    out[GAP] = out["nll_bpd"] - out["nll_bpd_train"]
+    return out
 
 # --------------------------------------------------------------------------------------------
 # Loading: one row per run, then one row per experiment (the mean over its seeds)
@@ -68,10 +82,11 @@ def load_runs(metrics_dir: str | Path, runs: Iterable[tuple[str, int]]) -> pd.Da
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per experiment (in order of first appearance): its descriptors, `seeds` (how
-    many runs), `key` (the run's key where there is one seed), status
- (unstable if any seed diverged), and per score of SCORES the mean over
+    many runs), `key` (the run's key where there is one seed), status (unstable if any seed
+    diverged), and per score of SCORES the mean over
     seeds with `_se`, `_df` (degrees of freedom: inf for one seed), `_sd` (between seeds, NaN
-    for one), `_low` and `_high` (the 95 % interval, `pipeline.measure.stats.combine_seeds`)."""
+    for one), `_low` and `_high` (the 95 % interval, `pipeline.measure.stats.combine_seeds`);
+    the same for the gap GAP of each seed's test and train bounds."""
     records = []
     for experiment, group in runs.groupby("experiment", sort=False):
         rows = group.to_dict("records")
@@ -80,10 +95,11 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         record["key"] = run_key(experiment, rows[0]["seed"]) if len(rows) == 1 else None
         unstable = any(r["status"] == Status.UNSTABLE for r in rows)
         record["status"] = (Status.UNSTABLE if unstable else Status.OK).value
-        for score in SCORES:
-            combined = combine_seeds([estimate(r, score) for r in rows])
+        per_run = [run_estimates(r) for r in rows]
+        for score in ROW_SCORES:
+            combined = combine_seeds([e[score] for e in per_run])
             low, high = combined.interval() if not unstable else (math.nan, math.nan)
-            values = [r[score] for r in rows]
+            values = [e[score].value for e in per_run]
             record.update({score: math.nan if unstable else combined.value,
                            f"{score}_se": combined.se, f"{score}_df": combined.df,
                            f"{score}_sd": float(np.std(values, ddof=1)) if len(rows) > 1

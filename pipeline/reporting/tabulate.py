@@ -22,13 +22,16 @@ if TYPE_CHECKING:
 
 def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Path,
                  sweep_csv: str | Path | None = None,
-                 plots_dir: str | Path | None = None) -> dict[str, Any]:
+                 plots_dir: str | Path | None = None,
+                 calibration: str | Path | None = None) -> dict[str, Any]:
     """Build and write the tables, the findings and the figures for the runs of `params`;
     return what was made.
 
     Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}; with a
     sweep csv that exists, sweep.{md,csv} and sweep_heatmap.png; with `plots_dir` (the loss
-    curves <experiment>-<seed>.csv), loss_curves.png.
+    curves <experiment>-<seed>.csv), loss_curves.png. With a `calibration` file
+    (`pipeline.reporting.calibration`) that exists, single-seed rows of a recipe it holds have
+    intervals that cover training noise too.
 
     Keys: dataset; runs (one row per run, as loaded); metrics (one row per experiment: the mean
     over its seeds); reference (dict or None); table1, table2, sweep (formatted frames; sweep
@@ -46,7 +49,11 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     dataset = params.data.dataset
     runs = load_runs(metrics_dir, [(r.name, r.seed) for r in params.runs()])
     check_dataset(runs, dataset)
+    from pipeline.reporting.calibration import apply_calibration, load_calibration
+
     metrics = aggregate(runs)
+    metrics = apply_calibration(metrics, params, load_calibration(calibration)
+                                if calibration is not None else None)
     reference = load_reference(metrics_dir)
     trials = None
     if sweep_csv is not None and Path(sweep_csv).is_file():
