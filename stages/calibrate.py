@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                                         for seed in seeds])
         content = cal.build_calibration(params, runs, seeds,
                                         args.machine or machine_description())
+        content["verdicts"] = cal.seed_verdicts(params, args.metrics,
+                                                cal.parse_calibration(content, args.out))
         path = cal.write_calibration(args.out, content)
         report = cal.report_markdown(cal.load_calibration(path))
         write_text(path.with_suffix(".md"), report)

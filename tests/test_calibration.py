@@ -321,3 +321,55 @@ def test_calibrating_on_missing_seeds_or_one_seed_names_the_fix(calibrated, caps
                                  "--seeds", "1", "--out", str(out)]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
     assert out.read_text() == before
+
+
+# --------------------------------------------------------------------------------------------
+# verdicts that depend on the seed
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_calibration_keeps_each_seeds_verdicts(calibrated):
+    out = calibrated[2]
+    verdicts = json.loads(out.read_text())["verdicts"]
+    assert len(verdicts) == 8
+    assert all(sorted(by_seed) == ["1", "2", "3", "4"] for by_seed in verdicts.values())
+    assert "## Each seed's verdicts" in out.with_suffix(".md").read_text()
+
+
+def _calibrated_findings(calibrated):
+    params_path, metrics, out = calibrated
+    calibration = cal.load_calibration(out)
+    table = aggregate(load_runs(metrics, [(name, 0) for name in SIX]))
+    return findings(cal.apply_calibration(table, load_params(params_path), calibration)), \
+        calibration
+
+
+def test_a_verdict_the_seeds_disagree_on_is_inconclusive_in_every_run(calibrated):
+    import dataclasses
+
+    found, calibration = _calibrated_findings(calibrated)
+    claim, verdict = found["claim"].iloc[0], found["verdict"].iloc[0]
+    assert verdict == "reproduced"
+    split = dataclasses.replace(calibration, verdicts={
+        claim: {1: "reproduced", 2: "reproduced", 3: "inconclusive", 4: "reproduced"}})
+    held = cal.hold_verdicts(found, split)
+    assert held["verdict"].iloc[0] == "inconclusive"
+    assert "the calibration's seeds: reproduced with seeds 1, 2, 4, inconclusive with seed 3" \
+        in held["ours"].iloc[0]
+    assert held.iloc[1:].equals(found.iloc[1:])          # the other claims are untouched
+    agree = dataclasses.replace(calibration, verdicts={claim: {s: verdict for s in (1, 2, 3, 4)}})
+    assert cal.hold_verdicts(found, agree).equals(found)
+    # this run differs from seeds that agree with each other: it depends on the CPU or seed
+    other = dataclasses.replace(calibration, verdicts={claim: {s: "inconclusive"
+                                                               for s in (1, 2, 3, 4)}})
+    assert cal.hold_verdicts(found, other)["verdict"].iloc[0] == "inconclusive"
+
+
+def test_sampling_only_findings_are_not_held_to_a_calibration_of_another_recipe(calibrated):
+    import dataclasses
+
+    found, calibration = _calibrated_findings(calibrated)
+    found = found.assign(noise=SAMPLING_ONLY)
+    split = dataclasses.replace(calibration, verdicts={
+        found["claim"].iloc[0]: {1: "reproduced", 2: "contradicted"}})
+    assert cal.hold_verdicts(found, split).equals(found)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -55,6 +55,9 @@ NOISE_CALIBRATED = "calibrated"   # one seed, widened by the calibration's sprea
 NOISE_SAMPLING = "sampling"       # one seed, no calibration for its recipe: samples only
 
 
+HINT = "remake it with `python -m stages.calibrate` or restore it with `git checkout`"
+
+
 class CalibrationError(UserError, ValueError):
     """A calibration file that cannot be used, or a calibration that cannot be made."""
 
@@ -85,6 +88,9 @@ class Calibration:
     machine: str
     digests: Mapping[str, str]
     estimates: Mapping[str, Mapping[str, Sequence[Estimate]]]
+    # {claim: {seed: verdict}}: each calibration seed's single-seed study judged with the
+    # calibration (`seed_verdicts`); `hold_verdicts` keeps a verdict only where they agree
+    verdicts: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
     def matches(self, experiment: ExperimentConfig) -> bool:
         return self.digests.get(experiment.name) == recipe_digest(recipe(experiment))
@@ -147,15 +153,21 @@ def load_calibration(path: str | Path) -> Optional[Calibration]:
     path = Path(path)
     if not path.is_file():
         return None
-    hint = "remake it with `python -m stages.calibrate` or restore it with `git checkout`"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"{path}: not valid JSON ({exc}); {hint}") from None
+        raise CalibrationError(f"{path}: not valid JSON ({exc}); {HINT}") from None
+    return parse_calibration(raw, path)
+
+
+def parse_calibration(raw: Any, path: str | Path) -> Calibration:
+    """A `Calibration` from the file's content (`build_calibration`'s); CalibrationError naming
+    what is wrong with it."""
+    path = Path(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CalibrationError(f"{path}: not a seed calibration of format {FORMAT} "
-                               f"(found {found!r}); {hint}")
+                               f"(found {found!r}); {HINT}")
     try:
         seeds = tuple(int(s) for s in raw["seeds"])
         digests, estimates = {}, {}
@@ -171,10 +183,12 @@ def load_calibration(path: str | Path) -> Optional[Calibration]:
                         math.nan if value is None else float(value),
                         math.nan if se is None else float(se)))
             estimates[name] = {s: v for s, v in scores.items() if len(v) >= MIN_SEEDS}
+        verdicts = {str(claim): {int(seed): str(v) for seed, v in by_seed.items()}
+                    for claim, by_seed in (raw.get("verdicts") or {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CalibrationError(f"{path}: malformed calibration ({type(exc).__name__}: {exc}); "
-                               f"{hint}") from None
-    return Calibration(path, seeds, str(raw.get("machine", "")), digests, estimates)
+                               f"{HINT}") from None
+    return Calibration(path, seeds, str(raw.get("machine", "")), digests, estimates, verdicts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +241,57 @@ def row_spread(row: Mapping[str, Any], score: str) -> Optional[SeedSpread]:
         return None
     df = float(row[f"{score}_seed_df"])
     return SeedSpread(float(variance), df, int(df) + 1, float(row[f"{score}_seed_between"]))
+
+
+def seed_verdicts(params: Params, metrics_dir: str | Path, calibration: Calibration
+                  ) -> dict[str, dict[str, str]]:
+    """{claim: {seed: verdict}}: the findings of each calibration seed's single-seed study,
+    its intervals widened by the calibration (the verdicts a single-seed run can reach)."""
+    from pipeline.artifacts.records import load_nll_per_image, nll_path
+    from pipeline.reporting.findings import NOT_MEASURED, findings
+    from pipeline.reporting.results import aggregate, load_runs
+
+    out: dict[str, dict[str, str]] = {}
+    for seed in calibration.seeds:
+        table = aggregate(load_runs(metrics_dir, [(name, seed) for name in params.experiments]))
+        table = apply_calibration(table, params, calibration)
+        per_image = {key: load_nll_per_image(nll_path(metrics_dir, key), key)
+                     for key in table["key"]}
+        for row in findings(table, per_image).to_dict("records"):
+            if row["verdict"] != NOT_MEASURED:
+                out.setdefault(row["claim"], {})[str(seed)] = row["verdict"]
+    return out
+
+
+def hold_verdicts(found: pd.DataFrame, calibration: Optional[Calibration]) -> pd.DataFrame:
+    """A calibrated claim keeps its verdict only where every calibration seed reached the same
+    one: a verdict that depends on the seed (or, when this run's differs, on the CPU or the
+    seed) is inconclusive, in every run, and `ours` says how the seeds split."""
+    from pipeline.reporting.findings import CALIBRATED_LABEL, INCONCLUSIVE
+
+    if calibration is None or not calibration.verdicts:
+        return found
+    found = found.copy()
+    for i, row in found.iterrows():
+        by_seed = calibration.verdicts.get(row["claim"])
+        if not by_seed or not str(row["noise"]).startswith(CALIBRATED_LABEL):
+            continue   # several seeds, or one without a calibration of its recipe
+        if set(by_seed.values()) | {row["verdict"]} == {row["verdict"]}:
+            continue
+        split = ", ".join(f"{v} with seed{'s' if n > 1 else ''} "
+                          f"{', '.join(str(s) for s in seeds)}"
+                          for v, seeds in _group(by_seed).items() for n in [len(seeds)])
+        found.at[i, "ours"] = (f"{row['ours']}; this run: {row['verdict']}, the calibration's "
+                               f"seeds: {split}")
+        found.at[i, "verdict"] = INCONCLUSIVE
+    return found
+
+
+def _group(by_seed: Mapping[int, str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for seed, verdict in sorted(by_seed.items()):
+        groups.setdefault(verdict, []).append(seed)
+    return groups
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +384,16 @@ def report_markdown(calibration: Calibration) -> str:
     for kind in ("with_training", "sampling_only"):
         coverage[f"rate_{kind}"] = coverage[f"rate_{kind}"].map(
             lambda v: "" if pd.isna(v) else f"{v:.0%}")
+    verdicts = ""
+    if calibration.verdicts:
+        frame = pd.DataFrame({f"seed {seed}": {claim: by_seed.get(seed, "")
+                                               for claim, by_seed in calibration.verdicts.items()}
+                              for seed in calibration.seeds})
+        frame.insert(0, "claim", frame.index)
+        verdicts = ("\n## Each seed's verdicts\n\nEach seed's single-seed study, judged with "
+                    "the calibration's intervals. `tabulate` keeps a calibrated verdict only "
+                    "where all seeds agree (and the run agrees with them); elsewhere the claim "
+                    f"is inconclusive in every run.\n\n{to_markdown(frame.reset_index(drop=True))}\n")
     return (f"# Seed calibration\n\n{len(calibration.seeds)} training seeds "
             f"({', '.join(map(str, calibration.seeds))}) of every experiment, measured on: "
             f"{calibration.machine or 'not recorded'}. Written by `python -m stages.calibrate` "
@@ -330,4 +405,4 @@ def report_markdown(calibration: Calibration) -> str:
             "## Coverage, each seed left out\n\nOf the seeds left out one at a time, how many "
             "lie in the 95 % prediction interval of the others: with the training variance "
             "(what `tabulate` uses) and with the sampling noise alone (a single run's own "
-            f"intervals).\n\n{to_markdown(coverage)}\n")
+            f"intervals).\n\n{to_markdown(coverage)}\n{verdicts}")

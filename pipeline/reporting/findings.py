@@ -52,6 +52,7 @@ TRAINABLE = (("mu", "learned"), ("mu", "fixed"), ("eps", "fixed"), ("eps", "simp
 LOWER_IS_BETTER = {"fid": True, "is_mean": False, "nll_bpd": True}
 SCORE_NAMES = {"fid": "FID", "is_mean": "IS", "nll_bpd": "NLL"}
 SAMPLING_ONLY = "one seed: sampling noise only"
+CALIBRATED_LABEL = "one seed, training noise calibrated on"   # ... N seeds
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ def noise_label(rows: Sequence[Mapping[str, Any]]) -> str:
         return SAMPLING_ONLY
     if NOISE_CALIBRATED in kinds:
         seeds = max(int(r.get("noise_seeds", 0) or 0) for r in rows)
-        return f"one seed, training noise calibrated on {seeds} seeds"
+        return f"{CALIBRATED_LABEL} {seeds} seeds"
     return f"{min(int(r['seeds']) for r in rows)} seeds"
 
 
@@ -334,7 +335,8 @@ NOTES = (
     "seed a score's standard error is that of its samples, widened by the spread between "
     "training seeds that calibration/seeds.json measured for the same recipe; without such a "
     f"calibration the interval covers the samples only ('{SAMPLING_ONLY}'), and another seed "
-    "or CPU may move the verdict.")
+    "or CPU may move the verdict. A calibrated verdict stands only where every calibration "
+    "seed reached it too; where they split, the claim is inconclusive in every run.")
 
 
 def to_markdown(frame: pd.DataFrame) -> str:

@@ -49,11 +49,11 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     dataset = params.data.dataset
     runs = load_runs(metrics_dir, [(r.name, r.seed) for r in params.runs()])
     check_dataset(runs, dataset)
-    from pipeline.reporting.calibration import apply_calibration, load_calibration
+    from pipeline.reporting.calibration import (apply_calibration, hold_verdicts,
+                                                load_calibration)
 
-    metrics = aggregate(runs)
-    metrics = apply_calibration(metrics, params, load_calibration(calibration)
-                                if calibration is not None else None)
+    seeds = load_calibration(calibration) if calibration is not None else None
+    metrics = apply_calibration(aggregate(runs), params, seeds)
     reference = load_reference(metrics_dir)
     trials = None
     if sweep_csv is not None and Path(sweep_csv).is_file():
@@ -63,7 +63,7 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     paths = write_tables(results_dir, tables) + write_sweep(results_dir, sweep)
     per_image = {key: load_nll_per_image(nll_path(metrics_dir, key), key)
                  for key in metrics["key"].dropna()}
-    found = paper_findings.findings(metrics, per_image)
+    found = hold_verdicts(paper_findings.findings(metrics, per_image), seeds)
     write_text(results_dir / "findings.md", paper_findings.to_markdown(found))
     paths += [results_dir / "findings.md", write_csv(results_dir / "findings.csv", found)]
     if plots_dir is not None:
