@@ -158,3 +158,17 @@ def test_findings_markdown_has_a_row_per_claim():
     assert "| Verdict" in md or "Verdict |" in md
     with pytest.raises(KeyError, match="verdict"):  # no table without its verdicts
         findings.to_markdown(table.drop(columns="verdict"))
+
+
+def test_a_best_claim_shows_the_comparison_nearest_a_tie_not_the_nearest_value():
+    """L_simple leads mu/L fixed by 10 +- 0.8 and mu/L learned by 15 +- 18: the second decides
+    the verdict (its interval reaches past 0), so it is the one shown."""
+    records = paper_like()
+    records[0] = run("mu_vlb_learned", fid=18.2, fid_se=9.0, is_mean=7.3)
+    records[4] = run("eps_vlb_fixed", fid=13.2, is_mean=7.7)
+    verdicts, table = judge(records)
+    assert verdicts["best FID"] == INCONCLUSIVE
+    best = table.iloc[0]
+    assert "the closest, μ̃, L, learned Σ: FID 18.20 (ahead by 15.00)" in best["ours"]
+    low, high = (float(v) for v in best["interval"].strip("[]").split(","))
+    assert low < 0 < high

@@ -128,6 +128,13 @@ def _interval(estimate: Estimate, digits: int = 2) -> str:
     return f"[{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
+def _weakest(estimate: Estimate) -> tuple[float, float]:
+    """Order of the comparisons a 'best' or 'poor' claim rests on: the one nearest a tie first
+    (the lowest end of its interval; then the smallest lead), the one the interval shows."""
+    low = estimate.interval()[0]
+    return (low if math.isfinite(low) else -math.inf, estimate.value)
+
+
 def _unstable(row: Mapping[str, Any]) -> bool:
     return row["status"] == Status.UNSTABLE
 
@@ -174,7 +181,7 @@ class _Judge:
         if not stable:
             return Finding(claim, paper, self._value(a, score), "", REPRODUCED, rule)
         advantages = {k: _advantage(ra, self.rows[k], score, self.per_image) for k in stable}
-        closest = min(advantages, key=lambda k: advantages[k].value)
+        closest = min(advantages, key=lambda k: _weakest(advantages[k]))
         verdict = _all([_side(e) for e in advantages.values()])
         ours = (f"{self._value(a, score)}; the closest, {ROW_NAMES[closest]}: "
                 f"{self._value(closest, score)} ({_lead(advantages[closest].value)})")
@@ -217,7 +224,7 @@ class _Judge:
         if not peers:
             return Finding(claim, paper, self._value(a, "fid"), "", INCONCLUSIVE, rule)
         behind = {k: _advantage(self.rows[k], ra, "fid", self.per_image) for k in peers}
-        closest = min(behind, key=lambda k: behind[k].value)
+        closest = min(behind, key=lambda k: _weakest(behind[k]))
         ours = (f"{self._value(a, 'fid')}; the closest trainable row, {ROW_NAMES[closest]}: "
                 f"{self._value(closest, 'fid')} ({_lead(behind[closest].value)})")
         return Finding(claim, paper, ours, _interval(behind[closest]),
@@ -325,7 +332,8 @@ def findings(table: pd.DataFrame,
 
 NOTES = (
     "The interval is that of the claimed row's lead (positive: as the paper says) for "
-    "'better' and 'best' claims (against the closest row), of the FID ratio for "
+    "'better' and 'best' claims (against the closest row: the one whose interval comes "
+    "nearest a tie), of the FID ratio for "
     "'comparable', and of test - train for 'agree'. Scores: FID / IS of N samples with "
     "jackknife standard errors; NLL on the same test images for every run (paired where one "
     "seed each). Verdicts: reproduced where the interval lies on the paper's side, "
