@@ -204,7 +204,7 @@ def test_the_stage_writes_the_runs_and_a_report_of_spread_and_coverage(calibrate
     entry = content["experiments"]["eps_simple"]
     assert sorted(entry["runs"]) == ["1", "2", "3", "4"]
     assert set(entry["runs"]["1"]) == {"fid", "is_mean", "kid_mean", "nll_bpd",
-                                       "nll_bpd_train", "nll_gap"}
+                                       "nll_bpd_train", "nll_gap", "log_fid"}
     report = out.with_suffix(".md").read_text()
     assert "## Spread between seeds" in report and "## Coverage, each seed left out" in report
     calibration = cal.load_calibration(out)
@@ -215,6 +215,9 @@ def test_the_stage_writes_the_runs_and_a_report_of_spread_and_coverage(calibrate
         pytest.approx(np.std(values, ddof=1))
     coverage = cal.coverage_frame(calibration)
     assert coverage[coverage["score"] == "fid"]["checked"].iloc[0] == 6 * 4
+    log_fid = spreads[spreads["score"] == "log_fid"]
+    assert log_fid[log_fid["experiment"] == "eps_simple"]["mean"].iloc[0] == \
+        pytest.approx(np.mean(np.log(values)))
 
 
 def test_tabulate_widens_single_seed_rows_of_the_calibrated_recipe(calibrated):

@@ -161,14 +161,25 @@ def test_findings_markdown_has_a_row_per_claim():
 
 
 def test_a_best_claim_shows_the_comparison_nearest_a_tie_not_the_nearest_value():
-    """L_simple leads mu/L fixed by 10 +- 0.8 and mu/L learned by 15 +- 18: the second decides
-    the verdict (its interval reaches past 0), so it is the one shown."""
+    """L_simple's IS leads mu/L fixed by 1.5 +- 0.14 and mu/L learned by 2.5 +- 3.9: the second
+    decides the verdict (its interval reaches past 0), so it is the one shown."""
     records = paper_like()
-    records[0] = run("mu_vlb_learned", fid=18.2, fid_se=9.0, is_mean=7.3)
-    records[4] = run("eps_vlb_fixed", fid=13.2, is_mean=7.7)
+    records[0] = run("mu_vlb_learned", fid=24.0, is_mean=7.0, is_se=2.0)
     verdicts, table = judge(records)
-    assert verdicts["best FID"] == INCONCLUSIVE
-    best = table.iloc[0]
-    assert "the closest, μ̃, L, learned Σ: FID 18.20 (ahead by 15.00)" in best["ours"]
+    assert verdicts["best IS"] == INCONCLUSIVE
+    best = table.iloc[1]
+    assert "the closest, μ̃, L, learned Σ: IS 7.00 (ahead by 2.50)" in best["ours"]
     low, high = (float(v) for v in best["interval"].strip("[]").split(","))
     assert low < 0 < high
+
+
+def test_fid_leads_are_ratios():
+    """FID is compared on the log scale: L_simple (FID 3.2 +- 0.3) against mu/L fixed (13.2 +-
+    0.3) leads by the ratio 13.2 / 3.2, with the delta method's interval."""
+    verdicts, table = judge(paper_like())
+    best = table.iloc[0]
+    assert "ahead: FID ratio 4.12" in best["ours"]
+    se = math.hypot(0.3 / 13.2, 0.3 / 3.2)
+    low, high = (float(v) for v in best["interval"].strip("[]").split(","))
+    assert low == pytest.approx(13.2 / 3.2 * math.exp(-1.959964 * se), abs=0.006)
+    assert high == pytest.approx(13.2 / 3.2 * math.exp(1.959964 * se), abs=0.006)

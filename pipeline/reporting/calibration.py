@@ -298,7 +298,7 @@ def _group(by_seed: Mapping[int, str]) -> dict[str, list[int]]:
 # What a calibration measured, and whether its intervals hold
 # --------------------------------------------------------------------------------------------
 
-SHOWN_SCORES = ("fid", "is_mean", "nll_bpd", "nll_bpd_train", "nll_gap")
+SHOWN_SCORES = ("fid", "log_fid", "is_mean", "nll_bpd", "nll_bpd_train", "nll_gap")
 
 
 def spread_frame(calibration: Calibration) -> pd.DataFrame:

@@ -36,7 +36,7 @@ from pipeline.core.status import Status
 from pipeline.measure.seed_noise import add_variance
 from pipeline.measure.stats import Estimate, paired_difference
 from pipeline.reporting.calibration import NOISE_CALIBRATED, NOISE_SAMPLING, NOISE_SEEDS, row_spread
-from pipeline.reporting.results import GAP
+from pipeline.reporting.results import GAP, LOG_FID
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
     "reproduced", "contradicted", "inconclusive", "not measured")
@@ -52,6 +52,8 @@ TRAINABLE = (("mu", "learned"), ("mu", "fixed"), ("eps", "fixed"), ("eps", "simp
 LOWER_IS_BETTER = {"fid": True, "is_mean": False, "nll_bpd": True}
 SCORE_NAMES = {"fid": "FID", "is_mean": "IS", "nll_bpd": "NLL"}
 SAMPLING_ONLY = "one seed: sampling noise only"
+_DIFFERENCE = {"fid": "FID ratio", "is_mean": "difference", "nll_bpd": "difference"}
+_TIE = {"fid": "1", "is_mean": "0", "nll_bpd": "0"}
 CALIBRATED_LABEL = "one seed, training noise calibrated on"   # ... N seeds
 
 
@@ -88,7 +90,9 @@ def _estimate(row: Mapping[str, Any], score: str) -> Estimate:
 
 def _advantage(a: Mapping[str, Any], b: Mapping[str, Any], score: str,
                per_image: Mapping[str, Mapping[str, np.ndarray]]) -> Estimate:
-    """How much better A is than B on `score` (positive: A better), with its standard error."""
+    """How much better A is than B on `score` (positive: A better), with its standard error.
+    FID is compared as a ratio: log FID_B - log FID_A (its noise, between samples and between
+    seeds, grows with the score: calibration/seeds.md)."""
     if score == "nll_bpd" and a["seeds"] == 1 and b["seeds"] == 1:
         a_images = per_image.get(a["key"], {}).get("test")
         b_images = per_image.get(b["key"], {}).get("test")
@@ -97,6 +101,8 @@ def _advantage(a: Mapping[str, Any], b: Mapping[str, Any], score: str,
             # variance (calibration) is added to the paired difference's
             spreads = [s for s in (row_spread(a, score), row_spread(b, score)) if s is not None]
             return add_variance(paired_difference(b_images, a_images), spreads)
+    if score == "fid":
+        return _estimate(b, LOG_FID) - _estimate(a, LOG_FID)
     diff = _estimate(b, score) - _estimate(a, score)
     return diff if LOWER_IS_BETTER[score] else Estimate(-diff.value, diff.se, diff.df)
 
@@ -118,13 +124,20 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
 
-def _lead(value: float, digits: int = 2) -> str:
-    """"ahead by 1.20" or "behind by 1.20" (a negative advantage)."""
-    return f"{'ahead' if value >= 0 else 'behind'} by {_fmt(abs(value), digits)}"
+def _lead(value: float, digits: int = 2, score: str = "") -> str:
+    """"ahead by 1.20" or "behind by 1.20" (a negative advantage); for FID (a log ratio,
+    `_advantage`) "ahead: FID ratio 2.90" (the other row's FID over this one's)."""
+    side = "ahead" if value >= 0 else "behind"
+    if score == "fid":
+        return f"{side}: FID ratio {_fmt(math.exp(value), digits)}"
+    return f"{side} by {_fmt(abs(value), digits)}"
 
 
-def _interval(estimate: Estimate, digits: int = 2) -> str:
+def _interval(estimate: Estimate, digits: int = 2, score: str = "") -> str:
+    """"[low, high]"; for FID the interval of the ratio (`_lead`)."""
     low, high = estimate.interval()
+    if score == "fid":
+        low, high = math.exp(low), math.exp(high)
     return f"[{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
@@ -152,8 +165,8 @@ class _Judge:
             f"{SCORE_NAMES[score]} {_fmt(row[score], digits)}"
 
     def better(self, claim: str, paper: str, a, b, score: str) -> Finding:
-        rule = (f"{SCORE_NAMES[score]}: 95 % interval of the difference excludes 0 "
-                "(paired on the test images for NLL)")
+        rule = (f"{SCORE_NAMES[score]}: 95 % interval of the {_DIFFERENCE[score]} excludes "
+                f"{_TIE[score]} (paired on the test images for NLL)")
         if a not in self.rows or b not in self.rows:
             return Finding(claim, paper, "", "", NOT_MEASURED, rule)
         ra, rb = self.rows[a], self.rows[b]
@@ -164,13 +177,14 @@ class _Judge:
             return Finding(claim, paper, ours, "", verdict, rule)
         advantage = _advantage(ra, rb, score, self.per_image)
         digits = 3 if score == "nll_bpd" else 2
-        return Finding(claim, paper, f"{ours}; {ROW_NAMES[a]} {_lead(advantage.value, digits)}",
-                       _interval(advantage, digits), _side(advantage), rule)
+        return Finding(claim, paper,
+                       f"{ours}; {ROW_NAMES[a]} {_lead(advantage.value, digits, score)}",
+                       _interval(advantage, digits, score), _side(advantage), rule)
 
 
     def best(self, claim: str, paper: str, a, score: str) -> Finding:
-        rule = (f"{SCORE_NAMES[score]}: better than every other row, each difference's 95 % "
-                "interval excluding 0")
+        rule = (f"{SCORE_NAMES[score]}: better than every other row, each "
+                f"{_DIFFERENCE[score]}'s 95 % interval excluding {_TIE[score]}")
         if a not in self.rows:
             return Finding(claim, paper, "", "", NOT_MEASURED, rule)
         others = [k for k in self.rows if k != a]
@@ -184,8 +198,10 @@ class _Judge:
         closest = min(advantages, key=lambda k: _weakest(advantages[k]))
         verdict = _all([_side(e) for e in advantages.values()])
         ours = (f"{self._value(a, score)}; the closest, {ROW_NAMES[closest]}: "
-                f"{self._value(closest, score)} ({_lead(advantages[closest].value)})")
-        return Finding(claim, paper, ours, _interval(advantages[closest]), verdict, rule)
+                f"{self._value(closest, score)} "
+                f"({_lead(advantages[closest].value, score=score)})")
+        return Finding(claim, paper, ours, _interval(advantages[closest], score=score), verdict,
+                       rule)
 
     def comparable(self, claim: str, paper: str, a, b) -> Finding:
         bound = math.log(COMPARABLE_FACTOR)
@@ -197,7 +213,7 @@ class _Judge:
         if _unstable(ra) or _unstable(rb):
             return Finding(claim, paper, f"{self._value(a, 'fid')} vs {self._value(b, 'fid')}",
                            "", CONTRADICTED, rule)
-        ratio = _estimate(ra, "fid").log() - _estimate(rb, "fid").log()
+        ratio = _estimate(ra, LOG_FID) - _estimate(rb, LOG_FID)
         low, high = ratio.interval()
         if not (math.isfinite(low) and math.isfinite(high)):
             verdict = INCONCLUSIVE
@@ -213,8 +229,8 @@ class _Judge:
                        verdict, rule)
 
     def unstable_or_poor(self, claim: str, paper: str, a) -> Finding:
-        rule = ("diverged, or FID worse than every row the paper trained, each difference's "
-                "95 % interval excluding 0")
+        rule = ("diverged, or FID worse than every row the paper trained, each FID ratio's "
+                "95 % interval excluding 1")
         if a not in self.rows:
             return Finding(claim, paper, "", "", NOT_MEASURED, rule)
         ra = self.rows[a]
@@ -226,8 +242,8 @@ class _Judge:
         behind = {k: _advantage(self.rows[k], ra, "fid", self.per_image) for k in peers}
         closest = min(behind, key=lambda k: _weakest(behind[k]))
         ours = (f"{self._value(a, 'fid')}; the closest trainable row, {ROW_NAMES[closest]}: "
-                f"{self._value(closest, 'fid')} ({_lead(behind[closest].value)})")
-        return Finding(claim, paper, ours, _interval(behind[closest]),
+                f"{self._value(closest, 'fid')} ({_lead(behind[closest].value, score='fid')})")
+        return Finding(claim, paper, ours, _interval(behind[closest], score="fid"),
                        _all([_side(e) for e in behind.values()]), rule)
 
     def test_train_agree(self, claim: str, paper: str, keys) -> Finding:
@@ -333,8 +349,9 @@ def findings(table: pd.DataFrame,
 NOTES = (
     "The interval is that of the claimed row's lead (positive: as the paper says) for "
     "'better' and 'best' claims (against the closest row: the one whose interval comes "
-    "nearest a tie), of the FID ratio for "
-    "'comparable', and of test - train for 'agree'. Scores: FID / IS of N samples with "
+    "nearest a tie); on FID the lead is the ratio of the other row's FID to the claimed "
+    "row's (above 1: as the paper says), since FID's noise grows with the score. The interval "
+    "is that of the FID ratio for 'comparable', and of test - train for 'agree'. Scores: FID / IS of N samples with "
     "jackknife standard errors; NLL on the same test images for every run (paired where one "
     "seed each). Verdicts: reproduced where the interval lies on the paper's side, "
     "contradicted where it lies on the other, inconclusive where it straddles the line; "

@@ -29,14 +29,20 @@ from pipeline.measure.stats import Estimate, combine_seeds, estimate
 # (one model's two bounds: its training noise cancels in the gap, so the gap is a score of
 # its own, not the difference of two rows' scores).
 GAP = "nll_gap"
-ROW_SCORES = (*SCORES, GAP)
+# log FID: FID's noise, between samples and between seeds, grows with the score (a row at FID
+# 180 spreads 35x as far as one at 8), so rows are compared by their ratio of FIDs
+LOG_FID = "log_fid"
+ROW_SCORES = (*SCORES, GAP, LOG_FID)
 
 
 def run_estimates(run: Mapping[str, Any]) -> dict[str, Estimate]:
     """Every ROW_SCORES `Estimate` of one run (a row of `load_runs`): the test and train bounds
-    are of different images, so the gap's standard error is that of independent estimates."""
+    are of different images, so the gap's standard error is that of independent estimates;
+    log FID's is FID's relative standard error (the delta method)."""
     out = {score: estimate(run, score) for score in SCORES}
     out[GAP] = out["nll_bpd"] - out["nll_bpd_train"]
+    fid = out["fid"]
+    out[LOG_FID] = fid.log() if math.isfinite(fid.value) else Estimate(math.nan, math.nan)
     return out
 
 # --------------------------------------------------------------------------------------------
