@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.reporting import calibration as cal
         from pipeline.reporting.results import load_runs
         from pipeline.reporting.tables import to_markdown
+        from pipeline.reporting.verdicts import seed_verdicts
 
         if args.check is not None:
             calibration = cal.load_calibration(args.out)
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                         for seed in seeds])
         content = cal.build_calibration(params, runs, seeds,
                                         args.machine or machine_description())
-        content["verdicts"] = cal.seed_verdicts(params, args.metrics,
-                                                cal.parse_calibration(content, args.out))
+        content["verdicts"] = seed_verdicts(params, args.metrics,
+                                            cal.parse_calibration(content, args.out))
         path = cal.write_calibration(args.out, content)
         report = cal.report_markdown(cal.load_calibration(path))
         write_text(path.with_suffix(".md"), report)

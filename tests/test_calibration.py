@@ -23,6 +23,7 @@ from pipeline.measure.stats import Estimate
 from pipeline.reporting import calibration as cal
 from pipeline.reporting.findings import SAMPLING_ONLY, findings
 from pipeline.reporting.results import aggregate, load_runs
+from pipeline.reporting.verdicts import hold_verdicts
 from stages import calibrate as calibrate_stage, tabulate as tabulate_stage
 
 SIX = {
@@ -355,17 +356,17 @@ def test_a_verdict_the_seeds_disagree_on_is_inconclusive_in_every_run(calibrated
     assert verdict == "reproduced"
     split = dataclasses.replace(calibration, verdicts={
         claim: {1: "reproduced", 2: "reproduced", 3: "inconclusive", 4: "reproduced"}})
-    held = cal.hold_verdicts(found, split)
+    held = hold_verdicts(found, split)
     assert held["verdict"].iloc[0] == "inconclusive"
     assert "the calibration's seeds: reproduced with seeds 1, 2, 4, inconclusive with seed 3" \
         in held["ours"].iloc[0]
     assert held.iloc[1:].equals(found.iloc[1:])          # the other claims are untouched
     agree = dataclasses.replace(calibration, verdicts={claim: {s: verdict for s in (1, 2, 3, 4)}})
-    assert cal.hold_verdicts(found, agree).equals(found)
+    assert hold_verdicts(found, agree).equals(found)
     # this run differs from seeds that agree with each other: it depends on the CPU or seed
     other = dataclasses.replace(calibration, verdicts={claim: {s: "inconclusive"
                                                                for s in (1, 2, 3, 4)}})
-    assert cal.hold_verdicts(found, other)["verdict"].iloc[0] == "inconclusive"
+    assert hold_verdicts(found, other)["verdict"].iloc[0] == "inconclusive"
 
 
 def test_sampling_only_findings_are_not_held_to_a_calibration_of_another_recipe(calibrated):
@@ -375,4 +376,4 @@ def test_sampling_only_findings_are_not_held_to_a_calibration_of_another_recipe(
     found = found.assign(noise=SAMPLING_ONLY)
     split = dataclasses.replace(calibration, verdicts={
         found["claim"].iloc[0]: {1: "reproduced", 2: "contradicted"}})
-    assert cal.hold_verdicts(found, split).equals(found)
+    assert hold_verdicts(found, split).equals(found)

@@ -26,8 +26,13 @@ import pandas as pd
 
 from pipeline.core.coerce import plain
 from pipeline.core.errors import UserError
-from pipeline.measure.seed_noise import SeedSpread, add_variance, seed_spread
+from pipeline.core.io import sha256_hex, write_text
+from pipeline.core.status import Status
+from pipeline.measure.seed_noise import (SeedSpread, add_variance, leave_one_out, predicts,
+                                         seed_spread)
 from pipeline.measure.stats import Estimate
+from pipeline.reporting.results import ROW_SCORES, run_estimates
+from pipeline.reporting.tables import to_markdown
 
 if TYPE_CHECKING:
     from pipeline.core.config import ExperimentConfig, Params
@@ -73,8 +78,6 @@ def recipe(experiment: ExperimentConfig) -> dict[str, Any]:
 
 
 def recipe_digest(recipe_: Mapping[str, Any]) -> str:
-    from pipeline.core.io import sha256_hex
-
     return sha256_hex(json.dumps(recipe_, sort_keys=True), length=12)
 
 
@@ -89,7 +92,8 @@ class Calibration:
     digests: Mapping[str, str]
     estimates: Mapping[str, Mapping[str, Sequence[Estimate]]]
     # {claim: {seed: verdict}}: each calibration seed's single-seed study judged with the
-    # calibration (`seed_verdicts`); `hold_verdicts` keeps a verdict only where they agree
+    # calibration (`verdicts.seed_verdicts`); `verdicts.hold_verdicts` keeps a verdict only where
+    # they agree
     verdicts: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
     def matches(self, experiment: ExperimentConfig) -> bool:
@@ -111,9 +115,6 @@ def build_calibration(params: Params, runs: pd.DataFrame, seeds: Sequence[int],
                       machine: str) -> dict[str, Any]:
     """The calibration file's content from `results.load_runs` rows of every experiment of
     `params` with each of `seeds`."""
-    from pipeline.core.status import Status
-    from pipeline.reporting.results import run_estimates
-
     seeds = sorted({int(s) for s in seeds})
     if len(seeds) < MIN_SEEDS:
         raise CalibrationError(f"a calibration needs at least {MIN_SEEDS} seeds, got "
@@ -140,8 +141,6 @@ def build_calibration(params: Params, runs: pd.DataFrame, seeds: Sequence[int],
 
 
 def write_calibration(path: str | Path, content: Mapping[str, Any]) -> Path:
-    from pipeline.core.io import write_text
-
     path = Path(path)
     write_text(path, json.dumps(content, indent=1, sort_keys=False) + "\n")
     return path
@@ -205,8 +204,6 @@ def apply_calibration(metrics: pd.DataFrame, params: Params,
     `<score>_seed_var`, `_seed_between` and `_seed_df` hold the training variance, the seeds'
     variance it comes from and its degrees of freedom (used where two rows are paired image by
     image, `findings`)."""
-    from pipeline.reporting.results import ROW_SCORES
-
     records = []
     for row in metrics.to_dict("records"):
         row = dict(row)
@@ -243,57 +240,6 @@ def row_spread(row: Mapping[str, Any], score: str) -> Optional[SeedSpread]:
     return SeedSpread(float(variance), df, int(df) + 1, float(row[f"{score}_seed_between"]))
 
 
-def seed_verdicts(params: Params, metrics_dir: str | Path, calibration: Calibration
-                  ) -> dict[str, dict[str, str]]:
-    """{claim: {seed: verdict}}: the findings of each calibration seed's single-seed study,
-    its intervals widened by the calibration (the verdicts a single-seed run can reach)."""
-    from pipeline.artifacts.records import load_nll_per_image, nll_path
-    from pipeline.reporting.findings import NOT_MEASURED, findings
-    from pipeline.reporting.results import aggregate, load_runs
-
-    out: dict[str, dict[str, str]] = {}
-    for seed in calibration.seeds:
-        table = aggregate(load_runs(metrics_dir, [(name, seed) for name in params.experiments]))
-        table = apply_calibration(table, params, calibration)
-        per_image = {key: load_nll_per_image(nll_path(metrics_dir, key), key)
-                     for key in table["key"]}
-        for row in findings(table, per_image).to_dict("records"):
-            if row["verdict"] != NOT_MEASURED:
-                out.setdefault(row["claim"], {})[str(seed)] = row["verdict"]
-    return out
-
-
-def hold_verdicts(found: pd.DataFrame, calibration: Optional[Calibration]) -> pd.DataFrame:
-    """A calibrated claim keeps its verdict only where every calibration seed reached the same
-    one: a verdict that depends on the seed (or, when this run's differs, on the CPU or the
-    seed) is inconclusive, in every run, and `ours` says how the seeds split."""
-    from pipeline.reporting.findings import CALIBRATED_LABEL, INCONCLUSIVE
-
-    if calibration is None or not calibration.verdicts:
-        return found
-    found = found.copy()
-    for i, row in found.iterrows():
-        by_seed = calibration.verdicts.get(row["claim"])
-        if not by_seed or not str(row["noise"]).startswith(CALIBRATED_LABEL):
-            continue   # several seeds, or one without a calibration of its recipe
-        if set(by_seed.values()) | {row["verdict"]} == {row["verdict"]}:
-            continue
-        split = ", ".join(f"{v} with seed{'s' if n > 1 else ''} "
-                          f"{', '.join(str(s) for s in seeds)}"
-                          for v, seeds in _group(by_seed).items() for n in [len(seeds)])
-        found.at[i, "ours"] = (f"{row['ours']}; this run: {row['verdict']}, the calibration's "
-                               f"seeds: {split}")
-        found.at[i, "verdict"] = INCONCLUSIVE
-    return found
-
-
-def _group(by_seed: Mapping[int, str]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for seed, verdict in sorted(by_seed.items()):
-        groups.setdefault(verdict, []).append(seed)
-    return groups
-
-
 # --------------------------------------------------------------------------------------------
 # What a calibration measured, and whether its intervals hold
 # --------------------------------------------------------------------------------------------
@@ -326,8 +272,6 @@ def coverage_frame(calibration: Calibration) -> pd.DataFrame:
     """Per score (and all together): of the seeds left out one at a time, how many lie in the
     95 % prediction interval of the other seeds (`seed_noise.leave_one_out`), with the training
     variance and with sampling noise alone."""
-    from pipeline.measure.seed_noise import leave_one_out
-
     rows, totals = [], [0, 0, 0]
     for score in SHOWN_SCORES:
         with_training, sampling, checked = 0, 0, 0
@@ -354,10 +298,6 @@ def check_runs(calibration: Calibration, runs: pd.DataFrame) -> pd.DataFrame:
     """Runs made elsewhere (another CPU, another seed) of the calibrated recipes: per run and
     score, whether its value lies in the 95 % prediction interval of all the calibration's
     seeds (`seed_noise.predicts`), with the training variance and with sampling noise alone."""
-    from pipeline.core.status import Status
-    from pipeline.measure.seed_noise import predicts
-    from pipeline.reporting.results import run_estimates
-
     rows = []
     for run in runs.to_dict("records"):
         if run["status"] == Status.UNSTABLE:
@@ -377,8 +317,6 @@ def check_runs(calibration: Calibration, runs: pd.DataFrame) -> pd.DataFrame:
 
 def report_markdown(calibration: Calibration) -> str:
     """calibration/seeds.md: what the file holds, the spreads and the coverage."""
-    from pipeline.reporting.tables import to_markdown
-
     spreads = spread_frame(calibration).round(4)
     coverage = coverage_frame(calibration)
     for kind in ("with_training", "sampling_only"):

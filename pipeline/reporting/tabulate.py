@@ -49,8 +49,8 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     dataset = params.data.dataset
     runs = load_runs(metrics_dir, [(r.name, r.seed) for r in params.runs()])
     check_dataset(runs, dataset)
-    from pipeline.reporting.calibration import (apply_calibration, hold_verdicts,
-                                                load_calibration)
+    from pipeline.reporting.calibration import apply_calibration, load_calibration
+    from pipeline.reporting.verdicts import hold_verdicts
 
     seeds = load_calibration(calibration) if calibration is not None else None
     metrics = apply_calibration(aggregate(runs), params, seeds)
