@@ -187,6 +187,8 @@ def make_study_repo(root: Path, edit) -> Path:
     repo.mkdir()
     for name in COPIED:
         src = PROJECT / name
+        if not src.exists():
+            continue   # calibration/: a checkout may have none yet (tabulate then widens nothing)
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
