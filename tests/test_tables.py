@@ -422,8 +422,8 @@ def test_cell_formatters():
 def _trials() -> pd.DataFrame:
     return pd.DataFrame({
         "trial_id": ["a", "b", "c", "d", "e", "f"],
-        "config/schedule": ["linear", "linear", "cosine", "cosine", "linear", "sigmoid"],
-        "config/weighting": ["uniform", "p2", "uniform", "p2", "uniform", "p2"],
+        "schedule": ["linear", "linear", "cosine", "cosine", "linear", "sigmoid"],
+        "weighting": ["uniform", "p2", "uniform", "p2", "uniform", "p2"],
         "fid": [10.0, 12.5, 8.25, None, 12.0, None],
         "nll_bpd": [3.9, 3.95, 3.8, None, 4.1, 4.3],
         "nll_bpd_rung": [4.2, 4.0, 4.1, None, 4.4, 4.5],
