@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.core.io import write_text
         from pipeline.reporting import calibration as cal
         from pipeline.reporting.results import load_runs
-        from pipeline.reporting.tables import to_markdown
+        from pipeline.reporting.formats import to_markdown
         from pipeline.reporting.verdicts import seed_verdicts
 
         if args.check is not None:

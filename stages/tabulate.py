@@ -13,42 +13,8 @@ and, when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map swe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pipeline.core.config import Params
-
-
-def log_to_mlflow(tracker, params: Params, made: dict[str, Any], lock: Path) -> None:
-    """The tables on the study's MLflow run; on each experiment's run, the dvc.lock stage
-    hashes and a description naming its row of Table 2."""
-    import yaml
-
-    from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
-    from pipeline.reporting.tables import run_descriptions
-
-    run_id = tracker.study_run()
-    for name in ("table1", "table2", "sweep", "findings"):
-        raw = made.get(name if name == "findings" else f"{name}_raw")
-        if raw is not None:
-            tracker.log_table(run_id, raw.reset_index(drop=True), f"tables/{name}.json")
-    for path in made["paths"]:
-        tracker.log_artifact(run_id, path, "tables")
-    stages = {}
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    descriptions = run_descriptions(made["table2_raw"])
-    for exp in params.runs():
-        tags = {}
-        if exp.name in descriptions:
-            tags[TAG_NOTE] = descriptions[exp.name]  # the run's description in mlflow ui
-        for stage in ("train", "sample", "evaluate"):
-            entry = stages.get(f"{stage}@{exp.key}") or {}
-            outs = entry.get("outs") or []
-            if outs and outs[0].get("md5"):
-                tags[tag_dvc_stage_md5(stage)] = outs[0]["md5"]
-        if tags:
-            tracker.set_tags(tracker.run_of(exp), tags)
-    tracker.set_terminated(run_id, "FINISHED")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,12 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from pipeline.reporting.tabulate import report, run_tabulate
+        from pipeline.reporting.tabulate import logged_tables, report, run_tabulate, run_tags
 
         tracker = _common.tracker_for(params)
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
                             args.calibration)
-        log_to_mlflow(tracker, params, made, Path(args.lock))
+        run_id = tracker.study_run()
+        for name, frame in logged_tables(made).items():
+            tracker.log_table(run_id, frame, f"tables/{name}.json")
+        for path in made["paths"]:
+            tracker.log_artifact(run_id, path, "tables")
+        runs = {run.key: run for run in params.runs()}
+        for key, tags in run_tags(params, made, args.lock).items():
+            tracker.set_tags(tracker.run_of(runs[key]), tags)
+        tracker.set_terminated(run_id, "FINISHED")
         print(report(made), end="")
         print(f"wrote {len(made['paths'])} files to {args.results}")
         return 0

@@ -31,8 +31,8 @@ from pipeline.core.status import Status
 from pipeline.measure.seed_noise import (SeedSpread, add_variance, leave_one_out, predicts,
                                          seed_spread)
 from pipeline.measure.stats import Estimate
+from pipeline.reporting.formats import to_markdown
 from pipeline.reporting.results import ROW_SCORES, run_estimates
-from pipeline.reporting.tables import to_markdown
 
 if TYPE_CHECKING:
     from pipeline.core.config import ExperimentConfig, Params
@@ -331,7 +331,8 @@ def report_markdown(calibration: Calibration) -> str:
         verdicts = ("\n## Each seed's verdicts\n\nEach seed's single-seed study, judged with "
                     "the calibration's intervals. `tabulate` keeps a calibrated verdict only "
                     "where all seeds agree (and the run agrees with them); elsewhere the claim "
-                    f"is inconclusive in every run.\n\n{to_markdown(frame.reset_index(drop=True))}\n")
+                    "is inconclusive in every run.\n\n"
+                    f"{to_markdown(frame.reset_index(drop=True))}\n")
     return (f"# Seed calibration\n\n{len(calibration.seeds)} training seeds "
             f"({', '.join(map(str, calibration.seeds))}) of every experiment, measured on: "
             f"{calibration.machine or 'not recorded'}. Written by `python -m stages.calibrate` "

@@ -34,9 +34,11 @@ import pandas as pd
 
 from pipeline.core.status import Status
 from pipeline.measure.seed_noise import add_variance
-from pipeline.measure.stats import Estimate, paired_difference
+from pipeline.measure.stats import Estimate, estimate, paired_difference
 from pipeline.reporting.calibration import NOISE_CALIBRATED, NOISE_SAMPLING, NOISE_SEEDS, row_spread
+from pipeline.reporting.formats import to_markdown as table_markdown
 from pipeline.reporting.results import GAP, LOG_FID
+from pipeline.reporting.tables import PAPER_TABLE1, PAPER_TABLE2, objective_key, paper_table2_row
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
     "reproduced", "contradicted", "inconclusive", "not measured")
@@ -72,8 +74,6 @@ def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
     """{(mean type, objective): row of `results.aggregate`} for the rows that play the paper's
     Table 2 rows (`tables.paper_table2_row`: the paper's schedule, weighting and objectives);
     the first such row where several do."""
-    from pipeline.reporting.tables import objective_key, paper_table2_row
-
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for row in table.to_dict("records"):
         if paper_table2_row(row) is not None:
@@ -83,8 +83,6 @@ def paper_rows(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _estimate(row: Mapping[str, Any], score: str) -> Estimate:
-    from pipeline.measure.stats import estimate
-
     return estimate(row, score)
 
 
@@ -306,8 +304,6 @@ def findings(table: pd.DataFrame,
     """The findings table of a study: one row per claim of the paper (claim, paper, ours,
     interval, verdict, rule), from `results.aggregate`'s rows (with a `key` column naming each
     single-seed row's run) and the per-image NLL of the runs ({key: {split: values}})."""
-    from pipeline.reporting.tables import PAPER_TABLE1, PAPER_TABLE2
-
     is_mean = {key: f"{row[0]:.2f}" for key, row in PAPER_TABLE2.items() if row}
     fid = {key: f"{row[2]:.2f}" for key, row in PAPER_TABLE2.items() if row}
     nll = {objective: (f"{test:.2f}", f"{train:.2f}")
@@ -351,7 +347,8 @@ NOTES = (
     "'better' and 'best' claims (against the closest row: the one whose interval comes "
     "nearest a tie); on FID the lead is the ratio of the other row's FID to the claimed "
     "row's (above 1: as the paper says), since FID's noise grows with the score. The interval "
-    "is that of the FID ratio for 'comparable', and of test - train for 'agree'. Scores: FID / IS of N samples with "
+    "is that of the FID ratio for 'comparable', and of test - train for 'agree'. Scores: "
+    "FID / IS of N samples with "
     "jackknife standard errors; NLL on the same test images for every run (paired where one "
     "seed each). Verdicts: reproduced where the interval lies on the paper's side, "
     "contradicted where it lies on the other, inconclusive where it straddles the line; "
@@ -366,8 +363,6 @@ NOTES = (
 
 def to_markdown(frame: pd.DataFrame) -> str:
     """The findings as a markdown table (the rule column left to the csv) and the notes."""
-    from pipeline.reporting.tables import to_markdown as table_markdown
-
     shown = frame[["claim", "paper", "ours", "interval", "verdict", "noise"]].rename(columns={
         "claim": "Claim (Ho et al. 2020)", "paper": "Paper", "ours": "Ours",
         "interval": "95 % interval", "verdict": "Verdict", "noise": "Noise"})

@@ -7,7 +7,7 @@ writers in `pipeline.artifacts.records`, `pipeline.artifacts.loss_curve` and
   against the study's dataset (`check_dataset`); then one row per experiment, the mean over
   its seeds (`aggregate`); `estimate` reads one score of such a row as a `pipeline.measure.stats`
   Estimate;
-- the sweep's trials csv (`load_sweep_trials`), a Ray Tune results table.
+- the sweep's trials csv (`load_sweep_trials`), as the sweep stage writes it.
 """
 
 from __future__ import annotations
@@ -116,11 +116,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_sweep_trials(path: str | Path) -> pd.DataFrame:
-    """Read the sweep's trials csv (a Ray Tune results table) with plain column names.
-
-    `config/schedule` and `config/weighting` (Ray Tune's spelling) become `schedule` and
-    `weighting`; the table needs schedule, weighting, fid and nll_bpd (status optional).
-    """
+    """Read the sweep's trials csv (`cluster.sweep.trials_table`, written by the sweep stage):
+    the table needs schedule, weighting, fid and nll_bpd (status optional)."""
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")
@@ -129,13 +126,6 @@ def load_sweep_trials(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path}: not a readable csv ({str(exc).strip()}); "
                           "rerun `dvc repro sweep`") from None
-    renames = {}
-    for key in ("schedule", "weighting"):
-        if key not in trials.columns:
-            nested = [c for c in trials.columns if str(c).split("/")[-1] == key]
-            if nested:
-                renames[nested[0]] = key
-    trials = trials.rename(columns=renames)
     missing = [c for c in ("schedule", "weighting", "fid", "nll_bpd") if c not in trials.columns]
     if missing:
         raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}; "

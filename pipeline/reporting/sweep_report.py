@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.core.config import SCHEDULES, SWEEP_WEIGHTINGS
 from pipeline.core.io import write_text
 from pipeline.core.status import Status
-from pipeline.reporting.tables import TEXT, format_value, to_markdown, write_csv
+from pipeline.reporting.formats import TEXT, format_value, to_markdown, write_csv
 
 
 def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:

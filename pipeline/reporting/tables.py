@@ -5,20 +5,18 @@ Ho, Jain & Abbeel 2020, Table 1 ("CIFAR10 results. NLL measured in bits/dim.") a
 built with pandas from the rows of `pipeline.reporting.results.aggregate`: one row per
 experiment, the mean over its seeds. The sweep's table is `pipeline.reporting.sweep_report`.
 
-Each table comes in two forms, from one pass over its rows (`build_tables`):
-- raw (`table1_raw`, `table2_raw`): one row per experiment, float columns per metric with its
-  interval; written as csv (`write_csv`) so `pandas.read_csv` gets them back;
-- formatted (`table1`, `table2`): strings shaped like the paper, written as
-  markdown (`to_markdown`) and LaTeX (`to_latex`; symbols as math, e.g. `$\\Sigma$`; the
-  tabular uses booktabs rules, so the including document needs `\\usepackage{booktabs}`).
+Each table comes in three forms, from one pass over its rows (`build_tables`): raw (one row
+per experiment, float columns per metric with its interval; written as csv so that
+`pandas.read_csv` gets them back), and formatted like the paper in text (markdown) and in LaTeX
+(symbols as math, e.g. `$\\Sigma$`; booktabs rules, so the including document needs
+`\\usepackage{booktabs}`). Cells and notation: `pipeline.reporting.formats`.
 
-Cells: a score and its 95 % interval, "29.97 [27.10, 32.84]" (`pipeline.measure.stats`:
-jackknife over the samples for FID / IS / KID, over images for the NLL bound); with several seeds, the mean and
-the standard deviation over seeds, "29.97 ± 1.20". NLL "≤ 4.71 [4.66, 4.76] (4.70)": the
-test-set bound, the train-set bound in parentheses. An unstable run (non-finite training loss)
-shows "–" in every metric cell, as the paper's blank Table 2 entries; a metric that was not
-measured is an empty cell. Table 1's reference rows: real data at the samples' N (mean ± sd over
-draws), an untrained model, and the NLL ceiling of the data's levels.
+Intervals (`pipeline.measure.stats`): the jackknife over the samples for FID / IS / KID, over
+images for the NLL bound, widened by the seed calibration's training noise where it holds;
+with several seeds, the mean and the sd over seeds. An unstable run (non-finite training loss)
+shows "–" in every metric cell, as the paper's blank Table 2 entries. Table 1's reference rows:
+real data at the samples' N (mean ± sd over draws), an untrained model, and the NLL ceiling of
+the data's levels.
 
 Row labels follow the paper: the objective ("L, fixed isotropic Σ", "L_simple", ...); in
 Table 1, whose "Ours" rows predict ε in the paper, a row of another parameterization is always
@@ -36,15 +34,17 @@ cifar10 adds them as the columns "IS (paper)" and "FID (paper)" beside each of o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from pipeline.core.io import atomic_path, write_text
 from pipeline.core.status import Status
 from pipeline.measure.stats import Estimate
+from pipeline.reporting.formats import (TEX, TEXT, Notation, finite, format_mean_std, format_nll,
+                                        format_score, format_value, significant_digits,
+                                        tex_escape, to_latex, to_markdown, unstable, write_csv,
+                                        write_file)
 
 GROUP_ORDER = ("mu", "eps", "x0")          # Table 2: baseline first, then ours, then extras
 OBJECTIVE_ORDER = ("learned", "fixed", "simple", "hybrid")  # within a group, as in the paper
@@ -65,71 +65,6 @@ PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float] | None] = {
     ("eps", "fixed"): (7.67, 0.13, 13.51),
     ("eps", "simple"): (9.46, 0.11, 3.17),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Notation: one spelling for text (markdown, csv) and one for LaTeX
-# --------------------------------------------------------------------------------------------
-
-
-def tex_escape(text: str) -> str:
-    """Escape LaTeX's special characters in free text (experiment and schedule names)."""
-    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-               "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-               "^": r"\textasciicircum{}"}
-    return "".join(special.get(ch, ch) for ch in text)
-
-
-@dataclass(frozen=True)
-class Notation:
-    """The paper's symbols spelled for one output format."""
-
-    objectives: Mapping[str, str]   # keys of objective_key(...) plus table-specific variants
-    predictions: Mapping[str, str]  # mean_type -> "ε prediction"
-    groups: Mapping[str, str]       # mean_type -> Table 2 group header
-    qualifiers: Mapping[str, str]   # var_type -> bracketed note
-    pm: str
-    leq: str
-    dash: str
-    escape: Callable[[str], str]
-
-
-TEXT = Notation(
-    objectives={
-        "learned": "L, learned diagonal Σ",
-        "fixed": "L, fixed isotropic Σ",
-        "simple:mu": "||μ̃ − μ̃_θ||²",
-        "simple:eps": "||ε̃ − ε_θ||² (L_simple)",
-        "simple:eps:table1": "L_simple",
-        "simple:x0": "||x₀ − x̂_θ||²",
-        "hybrid": "L_hybrid",
-        "hybrid:fixed": "L_hybrid, fixed isotropic Σ",
-    },
-    predictions={"mu": "μ̃ prediction", "eps": "ε prediction", "x0": "x₀ prediction"},
-    groups={"mu": "μ̃ prediction (baseline)", "eps": "ε prediction (ours)", "x0": "x₀ prediction"},
-    qualifiers={"fixed_small": "σ² = β̃_t", "learned_range": "learned-range Σ"},
-    pm=" ± ", leq="≤ ", dash="–", escape=str,
-)
-
-TEX = Notation(
-    objectives={
-        "learned": r"$L$, learned diagonal $\Sigma$",
-        "fixed": r"$L$, fixed isotropic $\Sigma$",
-        "simple:mu": r"$\|\tilde{\mu} - \tilde{\mu}_\theta\|^2$",
-        "simple:eps": r"$\|\tilde{\epsilon} - \epsilon_\theta\|^2$ ($L_\mathrm{simple}$)",
-        "simple:eps:table1": r"$L_\mathrm{simple}$",
-        "simple:x0": r"$\|x_0 - \hat{x}_\theta\|^2$",
-        "hybrid": r"$L_\mathrm{hybrid}$",
-        "hybrid:fixed": r"$L_\mathrm{hybrid}$, fixed isotropic $\Sigma$",
-    },
-    predictions={"mu": r"$\tilde{\mu}$ prediction", "eps": r"$\epsilon$ prediction",
-                 "x0": r"$x_0$ prediction"},
-    groups={"mu": r"$\tilde{\mu}$ prediction (baseline)", "eps": r"$\epsilon$ prediction (ours)",
-            "x0": r"$x_0$ prediction"},
-    qualifiers={"fixed_small": r"$\sigma^2 = \tilde{\beta}_t$",
-                "learned_range": r"learned-range $\Sigma$"},
-    pm=r" $\pm$ ", leq=r"$\leq$ ", dash="--", escape=tex_escape,
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,68 +163,6 @@ def table2_labels(rows: list[dict], notation: Notation = TEXT) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cell formatting
-# --------------------------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> bool:
-    return value is not None and not pd.isna(value) and math.isfinite(float(value))
-
-
-def format_mean_std(mean: Any, std: Any, digits: int, notation: Notation = TEXT) -> str:
-    """"9.46 ± 0.11"; the mean alone without a std; "" when not measured."""
-    if not _finite(mean):
-        return ""
-    text = f"{float(mean):.{digits}f}"
-    return f"{text}{notation.pm}{float(std):.{digits}f}" if _finite(std) else text
-
-
-def format_interval(value: Any, low: Any, high: Any, digits: int) -> str:
-    """"29.97 [27.10, 32.84]"; the value alone without an interval; "" when not measured."""
-    if not _finite(value):
-        return ""
-    text = f"{float(value):.{digits}f}"
-    if _finite(low) and _finite(high):
-        text += f" [{float(low):.{digits}f}, {float(high):.{digits}f}]"
-    return text
-
-
-def format_score(row: Mapping[str, Any], score: str, digits: int,
-                 notation: Notation = TEXT) -> str:
-    """A score of an `aggregate` row: with its interval (one seed), or mean ± sd (several)."""
-    if row.get("seeds", 1) > 1:
-        return format_mean_std(row[score], row.get(f"{score}_sd"), digits, notation)
-    return format_interval(row[score], row.get(f"{score}_low"), row.get(f"{score}_high"),
-                           digits)
-
-
-def significant_digits(value: Any, figures: int = 3) -> int:
-    """Decimals that show `figures` significant figures of `value` (at least 2): KID is
-    ~40 on the digits classifier's features and ~0.01 on Inception's."""
-    if not _finite(value) or float(value) == 0:
-        return 2
-    return max(2, figures - 1 - math.floor(math.log10(abs(float(value)))))
-
-
-def format_value(value: Any, digits: int = 2) -> str:
-    return f"{float(value):.{digits}f}" if _finite(value) else ""
-
-
-def format_nll(test: str, train: Any, notation: Notation = TEXT) -> str:
-    """"≤ 3.75 (3.72)": the test-set bound (already formatted), the train-set bound."""
-    parts = []
-    if test:
-        parts.append(f"{notation.leq}{test}")
-    if _finite(train):
-        parts.append(f"({float(train):.2f})")
-    return " ".join(parts)
-
-
-def _unstable(row: Mapping[str, Any]) -> bool:
-    return row.get("status") == Status.UNSTABLE
-
-
-# --------------------------------------------------------------------------------------------
 # Table 1
 # --------------------------------------------------------------------------------------------
 
@@ -315,8 +188,8 @@ def _paper_table1_label(objective: str, notation: Notation) -> str:
 
 def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
                   ) -> tuple[pd.DataFrame, Callable[[Notation], list[str]]]:
-    """Table 1's rows, built once: the numbers (`table1_raw`, its model column spelled in
-    TEXT) and a function giving each row's model label in a notation."""
+    """Table 1's rows, built once: the numbers (`build_tables`' table1_raw, its model column
+    spelled in TEXT) and a function giving each row's model label in a notation."""
     rows = _sorted_rows(df)
     references = [(key, (reference or {})[key]) for key in ("real_data", "untrained", "ceiling")
                   if (reference or {}).get(key) is not None]
@@ -340,7 +213,7 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
             record[score] = entry.get(score)
             record[f"{score}_sd"] = entry.get(f"{score}_sd")
             se = entry.get(f"{score}_se")
-            if _finite(entry.get(score)) and _finite(se):
+            if finite(entry.get(score)) and finite(se):
                 record[f"{score}_low"], record[f"{score}_high"] = \
                     Estimate(entry[score], se).interval()
         records.append(record)
@@ -360,11 +233,11 @@ def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> p
     """Table 1 formatted in `notation` from its raw rows and their model labels."""
     cells = []
     for model, row in zip(models, raw.to_dict("records")):
-        if _unstable(row):
+        if unstable(row):
             cells.append([model, *[notation.dash] * 3])
             continue
         spread = row["source"] == "paper" or model.startswith("Real data")
-        ceiling = row["source"] == "reference" and not _finite(row["fid"])
+        ceiling = row["source"] == "reference" and not finite(row["fid"])
         if spread:  # the paper's ± and the real-data draws: mean ± sd
             is_cell = format_mean_std(row["is_mean"], row["is_mean_sd"], 2, notation)
             fid_cell = format_mean_std(row["fid"], row["fid_sd"], 2, notation)
@@ -382,22 +255,8 @@ def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> p
     return pd.DataFrame(cells, columns=["Model", "IS", "FID", "NLL Test (Train)"])
 
 
-def table1_raw(df: pd.DataFrame, reference: Mapping | None, dataset: str) -> pd.DataFrame:
-    """Table 1 as numbers: model, source (ours | reference | paper), experiment, status,
-    seeds, and for is_mean, fid, nll_bpd and nll_bpd_train the value, its 95 % interval
-    (`_low`, `_high`) and the sd over seeds or draws (`_sd`; the paper's IS ± for its rows)."""
-    return _table1_frame(df, reference, dataset)[0]
 
 
-def table1(df: pd.DataFrame, reference: Mapping | None, dataset: str, *,
-           notation: Notation = TEXT) -> pd.DataFrame:
-    """Table 1 formatted like the paper: Model | IS | FID | NLL Test (Train).
-
-    Our experiments in the paper's order; then, when given, the reference rows (real data at
-    the samples' N, untrained model, NLL ceiling) from reference.json; for cifar10 the paper's
-    two rows ("Paper: ...")."""
-    raw, labels = _table1_frame(df, reference, dataset)
-    return _table1_cells(raw, labels(notation), notation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,8 +281,9 @@ def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
 
 def _table2_frame(df: pd.DataFrame, dataset: str
                   ) -> tuple[pd.DataFrame, Callable[[Notation], list[tuple[str, str]]]]:
-    """Table 2's rows, built once: the numbers (`table2_raw`, its group and objective columns
-    spelled in TEXT) and a function giving each row's (group, objective) in a notation."""
+    """Table 2's rows, built once: the numbers (`build_tables`' table2_raw, its group and
+    objective columns spelled in TEXT) and a function giving each row's (group, objective) in
+    a notation."""
     rows = _sorted_rows(df)
 
     def labels(notation: Notation) -> list[tuple[str, str]]:
@@ -465,7 +325,7 @@ def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str
         if row_group != group:
             group = row_group
             cells.append([group, *[""] * (len(columns) - 1)])
-        if _unstable(row):
+        if unstable(row):
             ours = [notation.dash] * 4
         else:
             ours = [format_score(row, "is_mean", 2, notation),
@@ -486,22 +346,8 @@ def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str
     return pd.DataFrame(cells, columns=columns)
 
 
-def table2_raw(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Table 2 as numbers: group, objective, the experiment's settings, status, seeds, and for
-    is_mean, fid, nll_bpd, nll_bpd_train and kid_mean the value, `_low`, `_high`, `_sd`; for
-    cifar10 also paper_status (ok | unstable | empty), is_mean_paper, is_std_paper, fid_paper."""
-    return _table2_frame(df, dataset)[0]
 
 
-def table2(df: pd.DataFrame, dataset: str, *, notation: Notation = TEXT) -> pd.DataFrame:
-    """Table 2 formatted like the paper: Objective | IS | FID | NLL Test (Train) | KID.
-
-    Rows grouped under "μ̃ prediction (baseline)", "ε prediction (ours)" (and "x₀ prediction"),
-    each a header row with empty cells; within a group learned Σ, fixed Σ, simple, hybrid.
-    For cifar10 two more columns, "IS (paper)" and "FID (paper)", hold the paper's numbers.
-    """
-    raw, labels = _table2_frame(df, dataset)
-    return _table2_cells(raw, labels(notation), dataset, notation)
 
 
 def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
@@ -513,52 +359,17 @@ def run_descriptions(table2_raw_frame: pd.DataFrame) -> dict[str, str]:
                                                       "weighting", "schedule"))
         text = (f"Table 2 row: {row['group']}, {row['objective']}.\n\n"
                 f"Experiment `{row['experiment']}` ({settings}).")
-        if _unstable(row):
+        if unstable(row):
             text += " Training diverged (unstable), shown as \"–\" in the tables."
-        elif _finite(row.get("fid")):
+        elif finite(row.get("fid")):
             seeds = f" (mean of {row['seeds']} seeds)" if row.get("seeds", 1) > 1 else ""
             text += (f" FID {format_score(row, 'fid', 2)}, IS {format_score(row, 'is_mean', 2)},"
                      f" NLL {format_score(row, 'nll_bpd', 2)} bits/dim{seeds}.")
-        if _finite(row.get("fid_paper")):
+        if finite(row.get("fid_paper")):
             text += (f" Paper (CIFAR10): IS {format_value(row['is_mean_paper'])}, "
                      f"FID {format_value(row['fid_paper'])}.")
         out[str(row["experiment"])] = text
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A pipe table; "|" inside a cell (the norm bars of "||μ̃ − μ̃_θ||²") is escaped as "\\|"
-    so it does not split the cell, and numbers stay as formatted ("3.20", not tabulate's 3.2)."""
-    def escape(value: Any) -> Any:
-        return value.replace("|", "\\|") if isinstance(value, str) else value
-
-    escaped = table.map(escape).rename(columns=escape)
-    return escaped.to_markdown(index=False, disable_numparse=True) + "\n"
-
-
-def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs tabular; cells are already LaTeX (built with the TEX notation)."""
-    column_format = "l" + "r" * (table.shape[1] - 1)
-    return table.to_latex(index=False, escape=False, column_format=column_format,
-                          caption=caption, label=label)
-
-
-def write_csv(path: str | Path, table: pd.DataFrame) -> Path:
-    """Write `table` as csv (no index) atomically; return its path."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-    return path
-
-
-def _write(path: Path, text: str) -> Path:
-    write_text(path, text)
-    return path
 
 
 def build_tables(metrics: pd.DataFrame, dataset: str,
@@ -595,8 +406,8 @@ def write_tables(results_dir: str | Path, tables: Mapping[str, Any]) -> list[Pat
 
     paths = []
     for stem in ("table1", "table2"):
-        paths.append(_write(results_dir / f"{stem}.md", to_markdown(tables[stem])))
+        paths.append(write_file(results_dir / f"{stem}.md", to_markdown(tables[stem])))
         paths.append(write_csv(results_dir / f"{stem}.csv", tables[f"{stem}_raw"]))
-        paths.append(_write(results_dir / f"{stem}.tex",
+        paths.append(write_file(results_dir / f"{stem}.tex",
                             to_latex(tables[f"{stem}_tex"], captions[stem], f"tab:{stem}")))
     return paths

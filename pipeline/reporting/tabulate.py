@@ -1,5 +1,6 @@
 """The `tabulate` stage's work (`run_tabulate`): the paper's Tables 1 and 2, the sweep report,
-the findings and the figures, written to results/.
+the findings and the figures, written to results/; and what goes on each run's MLflow page
+(`run_tags`).
 """
 
 from __future__ import annotations
@@ -7,9 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from pipeline.artifacts.records import ResultsError
+import yaml
+
+from pipeline.artifacts.figures import save_loss_curves, save_sweep_heatmap
+from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve
+from pipeline.artifacts.records import ResultsError, load_nll_per_image, load_reference, nll_path
 from pipeline.core.errors import remake
+from pipeline.core.io import write_text
+from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
+from pipeline.reporting import findings as paper_findings
+from pipeline.reporting.calibration import apply_calibration, load_calibration
+from pipeline.reporting.formats import to_markdown, write_csv
 from pipeline.reporting.results import aggregate, check_dataset, load_runs, load_sweep_trials
+from pipeline.reporting.sweep_report import build_sweep, write_sweep
+from pipeline.reporting.tables import build_tables, run_descriptions, write_tables
+from pipeline.reporting.verdicts import hold_verdicts
 
 if TYPE_CHECKING:
     from pipeline.core.config import Params
@@ -38,20 +51,10 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     None without a trials csv); *_tex (the LaTeX-formatted frames); table1_raw, table2_raw,
     sweep_raw (numbers); findings (one row per claim of the paper); paths (the files written).
     """
-    from pipeline.artifacts.figures import save_sweep_heatmap
-    from pipeline.artifacts.records import load_nll_per_image, load_reference, nll_path
-    from pipeline.core.io import write_text
-    from pipeline.reporting import findings as paper_findings
-    from pipeline.reporting.sweep_report import build_sweep, write_sweep
-    from pipeline.reporting.tables import build_tables, write_csv, write_tables
-
     results_dir = Path(results_dir)
     dataset = params.data.dataset
     runs = load_runs(metrics_dir, [(r.name, r.seed) for r in params.runs()])
     check_dataset(runs, dataset)
-    from pipeline.reporting.calibration import apply_calibration, load_calibration
-    from pipeline.reporting.verdicts import hold_verdicts
-
     seeds = load_calibration(calibration) if calibration is not None else None
     metrics = apply_calibration(aggregate(runs), params, seeds)
     reference = load_reference(metrics_dir)
@@ -79,9 +82,6 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
 def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
     """Every run's training loss curve in one figure (results/loss_curves.png); a run without a
     loss curve file, or without a finite loss, is left out."""
-    from pipeline.artifacts.figures import save_loss_curves
-    from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve
-
     curves = {}
     for key in keys:
         path = Path(plots_dir) / f"{key}.csv"
@@ -99,11 +99,39 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
 def report(made: Mapping[str, Any]) -> str:
     """What the stage prints: Table 1, Table 2, the findings (and the sweep) as markdown, each
     under its title."""
-    from pipeline.reporting.findings import to_markdown as findings_markdown
-    from pipeline.reporting.tables import to_markdown
-
     shown = {"Table 1": to_markdown(made["table1"]), "Table 2": to_markdown(made["table2"]),
-             "Findings": findings_markdown(made["findings"])}
+             "Findings": paper_findings.to_markdown(made["findings"])}
     if made["sweep"] is not None:
         shown["Sweep"] = to_markdown(made["sweep"])
     return "".join(f"{title}\n\n{text}\n" for title, text in shown.items())
+
+
+def logged_tables(made: Mapping[str, Any]) -> dict[str, Any]:
+    """{name: frame}: the numbers of each table `run_tabulate` made, as logged on the study's
+    MLflow run (tables/<name>.json)."""
+    frames = {"table1": made["table1_raw"], "table2": made["table2_raw"],
+              "sweep": made.get("sweep_raw"), "findings": made["findings"]}
+    return {name: frame.reset_index(drop=True) for name, frame in frames.items()
+            if frame is not None}
+
+
+def run_tags(params: Params, made: Mapping[str, Any], lock: str | Path
+             ) -> dict[str, dict[str, str]]:
+    """{run key: tags} for each run's MLflow page: a description naming its row of Table 2
+    (`tables.run_descriptions`), and the md5 of its train, sample and evaluate outputs in
+    `lock` (dvc.lock; none where it is absent), which ties the run to the DVC stages."""
+    lock = Path(lock)
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    descriptions = run_descriptions(made["table2_raw"])
+    out = {}
+    for run in params.runs():
+        tags = {}
+        if run.name in descriptions:
+            tags[TAG_NOTE] = descriptions[run.name]  # the run's description in mlflow ui
+        for stage in ("train", "sample", "evaluate"):
+            outs = (stages.get(f"{stage}@{run.key}") or {}).get("outs") or []
+            if outs and outs[0].get("md5"):
+                tags[tag_dvc_stage_md5(stage)] = outs[0]["md5"]
+        if tags:
+            out[run.key] = tags
+    return out
