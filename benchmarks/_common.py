@@ -58,7 +58,7 @@ def load_experiment(config: str, experiment: str = "eps_simple",
     `cifar10`: the same experiment with the paper's CIFAR10 model, T and optimizer settings
     (`CIFAR10_*` above), for 32x32 RGB images.
     """
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
 
     if config not in CONFIGS:
         raise ValueError(f"unknown config '{config}'; choose one of: {', '.join(CONFIGS)}")

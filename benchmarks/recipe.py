@@ -68,11 +68,12 @@ class Probe:
 
     def fid(self, net, diffusion) -> float:
         from pipeline.data.datasets import to_uint8
+        from pipeline.diffusion.samplers import sample
         from pipeline.diffusion.seeding import item_generators
         from pipeline.measure.extractors import fidelity_of
 
         generators = item_generators("sample", 1, range(self.args.fid_samples))
-        x = diffusion.sample(net, (self.args.fid_samples, *self.train.shape[1:]), generators)
+        x = sample(diffusion, net, (self.args.fid_samples, *self.train.shape[1:]), generators)
         samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels)
         return fidelity_of(samples, self.train, extractor=self.extractor,
                            weights_path=self.weights)["fid"]
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pipeline.cluster.training import LocalSession, train_worker
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
     from pipeline.data.datasets import load_prepared, prepare_dataset, prepared_path
     from pipeline.measure.classifier import save_classifier, train_digits_classifier
     from pipeline.measure.extractors import DIGITS_EXTRACTOR

@@ -3,7 +3,7 @@
 Two samplers, each ours vs diffusers on the same architecture (eval mode, fresh weights; the
 cost of a step does not depend on the weights):
 
-- ancestral (Algorithm 2): ours `GaussianDiffusion.sample(..., sampler="ancestral")` vs
+- ancestral (Algorithm 2): ours `pipeline.diffusion.samplers.sample(..., sampler="ancestral")` vs
   diffusers' `DDPMPipeline` (DDPMScheduler, fixed_large variance, clipped x0). A 1000-step chain
   takes minutes per image on a CPU, so both run a short chain of `--ancestral-steps` steps
   (T = that many timesteps; every step costs the same whatever T is). The table reports seconds
@@ -37,6 +37,7 @@ def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: i
     """{sampler: {case: fn}} of closures drawing one batch each, a case per implementation and
     precision (`common.case_name`); and the models."""
     from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.diffusion.samplers import sample
     from pipeline.diffusion.schedules import schedule_from_config
     from pipeline.model.precision import with_precision
     from pipeline.model.unet import build_model
@@ -53,10 +54,10 @@ def make_cases(exp, image_shape, batch: int, ancestral_steps: int, ddim_steps: i
     for p in precisions:
         net = with_precision(ours, p)
         name = common.case_name("ours", p, precisions)
-        cases["ancestral"][name] = lambda net=net: diffusion_short.sample(
-            net, shape, gen, sampler="ancestral")
-        cases["ddim"][name] = lambda net=net: diffusion_full.sample(
-            net, shape, gen, sampler="ddim", steps=ddim_steps, eta=0.0)
+        cases["ancestral"][name] = lambda net=net: sample(
+            diffusion_short, net, shape, gen, sampler="ancestral")
+        cases["ddim"][name] = lambda net=net: sample(
+            diffusion_full, net, shape, gen, sampler="ddim", steps=ddim_steps, eta=0.0)
     models = {"ours": ours}
     if with_diffusers:
         from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler

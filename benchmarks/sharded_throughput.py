@@ -4,7 +4,7 @@ workers on this machine's CPUs, in alternating rounds of one run.
 
 Cases, each a whole job (fresh weights of the configured U-Net; throughput does not depend on
 them):
-- `one loop`: the peer: `diffusion.sample` over all images in batches of sample.batch_size from
+- `one loop`: the peer: `samplers.sample` over all images in batches of sample.batch_size from
   one generator (how sampling ran before it was sharded), or `nll.nll_bpd`'s parts one
   after another, in this process;
 - `chunks here`: the job's chunks run in this process (`sharding.run_here`): per-image seeds,
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.cluster import connection, ray_data
     from pipeline.cluster.sharding import ShardedJob, Workers, nll_chunks, run_here
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
     from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.diffusion.samplers import sample
     from pipeline.jobs.evaluation import untrained_model
     from pipeline.jobs.sample import sample_job
     from pipeline.measure.sampling import sampling_network
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             for first in range(0, exp.sample.num_samples, exp.sample.batch_size):
                 n = min(exp.sample.batch_size, exp.sample.num_samples - first)
-                diffusion.sample(net, (n, *shape), generator, sampler=exp.sample.sampler)
+                sample(diffusion, net, (n, *shape), generator, sampler=exp.sample.sampler)
 
     def one_loop_nll():
         from pipeline.measure.nll import nll_bpd

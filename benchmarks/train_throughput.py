@@ -43,7 +43,8 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: 
     train_worker wraps it for train.precision); and the model (for its size)."""
     from pipeline.cluster.training import make_optimizer, seed_generators, train_step
     from pipeline.data.datasets import to_model_range
-    from pipeline.diffusion.gaussian import GaussianDiffusion, timestep_sampler
+    from pipeline.diffusion.gaussian import GaussianDiffusion
+    from pipeline.diffusion.timesteps import timestep_sampler
     from pipeline.model.ema import make_ema
     from pipeline.model.precision import with_precision
     from pipeline.model.unet import build_model

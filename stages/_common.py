@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core.config import Params, load_params
+from pipeline.core.params import Params, load_params
 from pipeline.core.errors import UserError
 
 EXIT_USER_ERROR = 2

@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        steps=params.evaluate.classifier_steps,
                                                        seed=params.data.seed)
             accuracy = classifier.classifier_accuracy(model, test_x, test_y)
-            classifier.save_classifier(model, args.out / "classifier.pt")
+            classifier.save_classifier(model, args.out / classifier.CLASSIFIER_FILE)
             info["test_accuracy"] = accuracy
             print(f"digits classifier: test accuracy {accuracy:.4f} "
-                  f"({len(test_y)} images) -> {args.out / 'classifier.pt'}")
+                  f"({len(test_y)} images) -> {args.out / classifier.CLASSIFIER_FILE}")
             if accuracy < MIN_ACCURACY:
                 print(f"warning: accuracy below {MIN_ACCURACY:.0%}; FID / IS on digits will be "
                       "noisy (raise evaluate.classifier_steps)")

@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.artifacts.records import save_reference
         from pipeline.cluster import connection
         from pipeline.jobs.evaluation import Apparatus, reference_scores
+        from pipeline.measure.classifier import classifier_path
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)
-        apparatus = Apparatus.load(exp, args.data, args.models / "classifier" / "classifier.pt")
+        apparatus = Apparatus.load(exp, args.data, classifier_path(args.models))
         try:
             reference, untrained_images, chunks = reference_scores(
                 exp, apparatus, exp.cluster.resolved_storage())

@@ -107,8 +107,8 @@ def remote_url(repo: Path) -> str:
 
 def check_tracking(repo: Path, params_path: Path) -> str:
     """The tracking URI the job will use: a server, reachable from here."""
-    from pipeline.core.config import load_params
-    from pipeline.core.tracking import check_reachable, resolve_tracking_uri
+    from pipeline.core.params import load_params
+    from pipeline.core.tracking_store import check_reachable, resolve_tracking_uri
 
     params = load_params(params_path)
     uri = resolve_tracking_uri(params.tracking, repo)

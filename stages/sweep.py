@@ -13,7 +13,6 @@ results/sweep/best.yaml; logs one MLflow run for the sweep with one nested run p
 from __future__ import annotations
 
 import sys
-import time
 
 from stages import _common
 
@@ -28,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.cluster.sweep import (best_record, best_trial, log_sweep, save_sweep,
-                                            trial_probe, trials_table)
+        from pipeline.cluster.sweep import trial_probe
         from pipeline.data.datasets import load_prepared, prepared_path
+        from pipeline.measure.classifier import classifier_path
 
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
@@ -40,38 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         test_path = prepared_path(args.data, base.data.dataset, "test")
         load_prepared(train_path)  # fail now, with the command to run, if missing or corrupt
         load_prepared(test_path)
-        probe = trial_probe(cfg, base, train_path, test_path,
-                            args.models / "classifier" / "classifier.pt")
+        probe = trial_probe(cfg, base, train_path, test_path, classifier_path(args.models))
 
-        from pipeline.cluster import connection, tune
+        from pipeline.jobs.sweep import sweep_run
 
-        print(connection.connect(), flush=True)
         num_trials = len(trial_exps) if cfg.search == "grid" else cfg.num_samples
-        print(f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over "
-              f"{len(cfg.schedules)} schedules x {len(cfg.weightings)} weightings), "
-              f"{cfg.steps} steps each, {tune.concurrent_trials(cfg)} at a time, ASHA on "
-              "the validation nll_bpd", flush=True)
-        start = time.monotonic()
-        try:
-            storage = args.storage or f"{params.cluster.resolved_storage().rstrip('/')}/sweep"
-            run = tune.run_sweep(cfg, base, storage, probe, seed=base.seed)
-        finally:
-            connection.shutdown()
-        table = trials_table(run.table, run.trials, cfg)
-        parent, children = log_sweep(tracker, cfg, base, run.trials, table, run.wall_s)
-        best = best_trial(table)
-        record = best_record(best, table, cfg, base, children)
-        record["sweep_wall_s"] = round(run.wall_s, 1)
-        record["mlflow_sweep_run_id"] = parent
-        record["tune_path"] = str(run.path)
+        storage = args.storage or f"{params.cluster.resolved_storage().rstrip('/')}/sweep"
+        result = sweep_run(cfg, base, num_trials, probe, storage, tracker, args.out)
 
-        for path in save_sweep(args.out, table, record):
-            tracker.log_artifact(parent, path, "sweep")
-
+        table, record = result.table, result.record
         counts = table["status"].value_counts().to_dict()
-        print(f"sweep done in {run.wall_s:.0f}s (stage {time.monotonic() - start:.0f}s): "
+        print(f"sweep done in {result.tune_wall_s:.0f}s (stage {result.wall_s:.0f}s): "
               + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
-        if best is not None:
+        if result.best is not None:
             print(f"best: schedule {record['schedule']}, weighting {record['weighting']} "
                   f"(fid {record['fid']}, nll_bpd {record['nll_bpd']}) -> {args.out}/best.yaml")
         errors = table[table["status"] == "error"]
@@ -81,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(errors) == len(table):
             from pipeline.cluster.train import TrainingError
 
-            raise TrainingError(f"every sweep trial failed; logs are under {run.path}")
+            raise TrainingError(f"every sweep trial failed; logs are under {result.tune_path}")
         return 0
 
     return _common.run(body, args.params)

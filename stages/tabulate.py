@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.config import Params
+from pipeline.core.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:

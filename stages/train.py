@@ -14,15 +14,11 @@ A diverged run (non-finite loss) is written with status "unstable" and the stage
 the rest of the study goes on.
 """
 
-
 from __future__ import annotations
 
-import shutil
 import sys
-import time
 
 from pipeline.core.status import Status
-from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS
 from stages import _common
 
 
@@ -43,49 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
-        from pipeline.artifacts.loss_curve import save_loss_curve
-        from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
-        from pipeline.cluster import connection, train
-        from pipeline.core.io import is_uri
+        from pipeline.jobs.train import log_training, train_run
 
         storage = args.storage or exp.cluster.resolved_storage()
-        print(connection.connect(), flush=True)
-        start = time.monotonic()
-        try:
-            outcome = train.fit(exp, train_path, storage)
-        finally:
-            connection.shutdown()
-        wall = time.monotonic() - start
-        state = outcome.state
-        history = state["loss_history"]
-        steps_done = state["step"]
-        images_per_s = steps_done * exp.train.batch_size / state["wall_s"] \
-            if state.get("wall_s") else None
-        extra = {"run_name": train.run_name(exp), "config_hash": exp.config_hash(),
-                 "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
-                 "final_loss": history[-1][1] if history else None,
-                 "checkpoints": str(outcome.run_path)}
-        snapshots = wanted_ema_snapshots(exp, outcome.ema_snapshot_dir, steps_done)
-        write_model_dir(args.out / exp.key, state, extra, ema_snapshots=snapshots)
-        if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
-            shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
-        save_loss_curve(args.plots / f"{exp.key}.csv", history)
-
-        run_id = tracker.run_of(exp)
-        tracker.log_params(run_id, exp.to_dict())
-        tracker.log_metric_history(run_id, "train_loss", [s for s, _ in history],
-                                   [v for _, v in history])
-        tracker.log_metrics(run_id, {"train_wall_s": state.get("wall_s"),
-                                     "train_images_per_s": images_per_s,
-                                     "train_steps": steps_done})
-        tracker.set_tags(run_id, {TAG_STATUS: state["status"],
-                                  TAG_RAY_RUN_NAME: train.run_name(exp)})
-        status = state["status"]
-        kept = f", EMA kept at steps {list(snapshots)}" if snapshots else ""
-        print(f"trained {exp.key}: {steps_done} steps, status {status}, "
-              f"{images_per_s or float('nan'):.0f} images/s, stage wall time {wall:.0f}s{kept}",
-              flush=True)
-        if status != Status.OK:
+        run = train_run(exp, train_path, storage, args.out, args.plots)
+        log_training(tracker, exp, run)
+        kept = f", EMA kept at steps {list(run.snapshots)}" if run.snapshots else ""
+        print(f"trained {exp.key}: {run.steps} steps, status {run.status}, "
+              f"{run.images_per_s or float('nan'):.0f} images/s, stage wall time "
+              f"{run.wall_s:.0f}s{kept}", flush=True)
+        if run.status != Status.OK:
             print(f"warning: {exp.key} diverged (non-finite loss); recorded as unstable",
                   file=sys.stderr)
         return 0

@@ -117,7 +117,8 @@ def assert_refused(raw, needles):
     every needle."""
     import pytest
 
-    from pipeline.core.config import ConfigError, parse_params
+    from pipeline.core.config import ConfigError
+    from pipeline.core.params import parse_params
 
     if not needles:
         parse_params(raw)

@@ -16,7 +16,7 @@ import yaml
 from scipy import stats as scipy_stats
 
 from pipeline.artifacts.records import save_nll_per_image, save_run_metrics
-from pipeline.core.config import load_params
+from pipeline.core.params import load_params
 from pipeline.measure.seed_noise import (SeedSpread, add_variance, leave_one_out, predicts,
                                          seed_spread)
 from pipeline.measure.stats import Estimate

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from helpers import assert_refused
-from pipeline.core.config import (ConfigError, DiffusionConfig, ExperimentConfig, load_params,
-                                  parse_params)
+from pipeline.core.config import ConfigError, DiffusionConfig, ExperimentConfig
+from pipeline.core.params import load_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -236,7 +236,7 @@ def section_defaults() -> dict[str, object]:
     """{section: its dataclass with every field at its default} of the base sections."""
     import dataclasses
 
-    from pipeline.core.config import Params
+    from pipeline.core.params import Params
 
     return {f.name: f.default_factory() for f in dataclasses.fields(Params)
             if f.default_factory is not dataclasses.MISSING
@@ -278,14 +278,14 @@ def test_the_library_registries_are_keyed_by_the_params_choices():
     """params.yaml's choices live in the config's Literal annotations (config imports no torch);
     each registry of the library must be keyed by exactly those names."""
     from pipeline.core import config
-    from pipeline.diffusion import gaussian, schedules
+    from pipeline.diffusion import gaussian, samplers, schedules
 
     assert config.SCHEDULES == tuple(schedules.SCHEDULES)
     assert config.MEAN_TYPES == tuple(gaussian.MEAN_TYPES)
     assert config.VAR_TYPES == tuple(gaussian.VAR_TYPES)
     assert config.LOSSES == tuple(gaussian.LOSSES)
     assert config.WEIGHTINGS == tuple(gaussian.WEIGHTINGS)
-    assert config.SAMPLERS == tuple(gaussian.SAMPLERS)
+    assert config.SAMPLERS == tuple(samplers.SAMPLERS)
     assert config.SWEEP_WEIGHTINGS == tuple(config.SWEEP_OBJECTIVES)
     assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
     for loss, weighting in config.SWEEP_OBJECTIVES.values():

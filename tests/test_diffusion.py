@@ -7,11 +7,12 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.core import config
-from pipeline.diffusion.gaussian import (LOSSES, MEAN_TYPES, SAMPLERS, VAR_TYPES, GaussianDiffusion,
-                                         LossSecondMomentTimesteps,
-                                         discretized_gaussian_log_likelihood, normal_kl,
-                                         summarize_nll)
+from pipeline.core.params import load_params
+from pipeline.diffusion.gaussian import LOSSES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from pipeline.diffusion.likelihood import (discretized_gaussian_log_likelihood, normal_kl,
+                                           summarize_nll)
+from pipeline.diffusion.samplers import SAMPLERS, sample
+from pipeline.diffusion.timesteps import LossSecondMomentTimesteps
 from pipeline.diffusion.schedules import beta_schedule
 
 LINEAR_1000 = beta_schedule("linear", 1000)
@@ -170,7 +171,7 @@ def optimal_eps_model(d, data_mean=DATA_MEAN, data_std=DATA_STD):
 def test_ancestral_sampler_recovers_the_data_distribution():
     d = diffusion(var_type="fixed_large", clip_denoised=False)
     gen = torch.Generator().manual_seed(4)
-    x = d.sample(optimal_eps_model(d), (20_000, 1), generator=gen)
+    x = sample(d, optimal_eps_model(d), (20_000, 1), generator=gen)
     assert abs(x.mean().item() - DATA_MEAN) < 0.006
     assert x.std().item() == pytest.approx(DATA_STD, rel=0.02)
 
@@ -178,8 +179,8 @@ def test_ancestral_sampler_recovers_the_data_distribution():
 def test_ddim_sampler_recovers_the_data_distribution():
     d = diffusion(clip_denoised=False)
     gen = torch.Generator().manual_seed(5)
-    x = d.sample(optimal_eps_model(d), (20_000, 1), generator=gen, sampler="ddim", steps=1000,
-                 eta=0.0)
+    x = sample(d, optimal_eps_model(d), (20_000, 1), generator=gen, sampler="ddim", steps=1000,
+               eta=0.0)
     assert abs(x.mean().item() - DATA_MEAN) < 0.006
     assert x.std().item() == pytest.approx(DATA_STD, rel=0.03)
 
@@ -442,7 +443,7 @@ def test_every_variant_trains_a_tiny_unet(mean_type, var_type, loss):
 
 
 def test_from_config_and_bad_names():
-    params = config.load_params("params.yaml")
+    params = load_params("params.yaml")
     for name, exp in params.experiments.items():
         d = GaussianDiffusion.from_config(exp.diffusion)
         assert d.num_timesteps == exp.diffusion.num_timesteps

@@ -107,6 +107,16 @@ def test_save_load_round_trip_gives_identical_logits(digits, classifier, tmp_pat
     assert torch.equal(classifier_predict(loaded, x_test), classifier_predict(model, x_test))
 
 
+def test_the_weights_file_has_the_same_bytes_each_time_it_is_saved(classifier, tmp_path):
+    """DVC hashes models/classifier/: the same weights must give the same file, whatever
+    temporary name the atomic write used."""
+    model, _, _ = classifier
+    save_classifier(model, tmp_path / "a" / "classifier.pt")
+    save_classifier(model, tmp_path / "b" / "other-name.pt")
+    assert (tmp_path / "a" / "classifier.pt").read_bytes() == \
+        (tmp_path / "b" / "other-name.pt").read_bytes()
+
+
 def test_missing_classifier_weights_name_the_file_and_the_remake_command(digits, tmp_path):
     path = tmp_path / "nowhere" / "digits_classifier.pt"
     with pytest.raises(ClassifierError, match="dvc repro classifier") as info:

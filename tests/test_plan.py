@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from helpers import PROJECT, env_for
-from pipeline.core.config import parse_params
+from pipeline.core.params import parse_params
 from pipeline.reporting.plan import (STARTUP_S, Work, plan_table, split_sizes, study_work,
                                      unet_gflops)
 

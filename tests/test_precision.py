@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.core.config import parse_params
+from pipeline.core.params import parse_params
 from pipeline.diffusion.gaussian import GaussianDiffusion
 from pipeline.measure.sampling import generate
 from pipeline.model.precision import PRECISIONS, Autocast, matmul_precision, with_precision

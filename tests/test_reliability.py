@@ -535,7 +535,7 @@ def test_unreachable_mlflow_stops_every_stage_at_once(tmp_path):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """Prepared digits splits (data/prepared), made in-process."""
-    from pipeline.core.config import parse_params
+    from pipeline.core.params import parse_params
     from pipeline.data.datasets import prepare_dataset
 
     root = tmp_path_factory.mktemp("prepared") / "prepared"

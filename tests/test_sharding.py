@@ -19,7 +19,7 @@ from helpers import PROJECT
 from pipeline.cluster.sharding import (Chunk, ChunkStore, ShardedJob, Workers, assemble_nll_chunks,
                                        feature_chunks, feature_parts, merge_feature_parts,
                                        nll_chunks, run_here)
-from pipeline.core.config import load_params
+from pipeline.core.params import load_params
 from pipeline.diffusion.seeding import item_generators, item_seed, stream_offset
 from pipeline.measure.stats import FeatureGroups, FeatureMoments, frechet_distance, inception_score
 

@@ -22,8 +22,8 @@ import yaml
 
 from helpers import assert_refused, env_for
 from pipeline.cluster.sweep import TrialOutcome, best_record, best_trial, trial_status, trials_table
-from pipeline.core.config import (SWEEP_WEIGHTINGS, ConfigError, SweepConfig, load_params,
-                                  parse_params)
+from pipeline.core.config import ConfigError, SWEEP_WEIGHTINGS, SweepConfig
+from pipeline.core.params import load_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -229,7 +229,7 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
 
 def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
     from pipeline.artifacts.figures import save_sweep_heatmap
-    from pipeline.reporting.results import load_sweep_trials
+    from pipeline.artifacts.trials import load_sweep_trials
     from pipeline.reporting.sweep_report import SWEEP_CORNER, sweep_raw, sweep_table
 
     sweep, trials, tune_table = synthetic_sweep()

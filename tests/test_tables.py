@@ -20,7 +20,8 @@ import yaml
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, save_loss_curve
 from pipeline.artifacts.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
                                         save_nll_per_image, save_reference, save_run_metrics)
-from pipeline.reporting.results import aggregate, load_runs, load_sweep_trials
+from pipeline.artifacts.trials import load_sweep_trials
+from pipeline.reporting.results import aggregate, load_runs
 from pipeline.reporting.sweep_report import build_sweep, sweep_raw, sweep_table, write_sweep
 from pipeline.reporting.formats import (TEX, format_interval, format_mean_std, format_nll,
                                         to_markdown)
@@ -551,7 +552,7 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
 
 
 def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
 
     made = run_tabulate(load_params(_params(tmp_path)), metrics_dir, tmp_path / "results", None)
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
@@ -564,7 +565,7 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
 
 def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tmp_path,
                                                                                metrics_dir):
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
 
     plots = tmp_path / "plots"
     save_loss_curve(plots / "eps_simple-0.csv", [(10, 0.5), (20, 0.25)])

@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.core import tracking
+from pipeline.core import tracking, tracking_store
 from pipeline.core.config import StudyConfig, TrackingConfig
-from pipeline.core.tracking import (Tracker, TrackingError, resolve_artifact_root,
-                                    resolve_tracking_uri)
+from pipeline.core.tracking import Tracker
+from pipeline.core.tracking_store import TrackingError, resolve_artifact_root, resolve_tracking_uri
 
 STUDY = StudyConfig(name="ddpm-test")
 CONFIG = {"name": "eps_simple", "diffusion": {"mean_type": "eps", "loss": "simple"},
@@ -289,7 +289,8 @@ def test_mlflow_ui_metadata_experiment_kind_and_descriptions(root):
     # a training experiment for MLflow 3's UI (its runs table, not the GenAI overview)
     assert tags[tracking.TAG_EXPERIMENT_KIND] == "custom_model_development"
     assert tags[tracking.TAG_NOTE].startswith("DDPM study")
-    tracker.set_description(run_id, "Table 2 row: ε prediction (ours), L_simple.")
+    # a run's description, as tabulate sets it with the run's other tags
+    tracker.set_tags(run_id, {tracking.TAG_NOTE: "Table 2 row: ε prediction (ours), L_simple."})
     assert client.get_run(run_id).data.tags["mlflow.note.content"].startswith("Table 2 row")
     # an experiment made before the tag existed gets it when opened
     client.delete_experiment_tag(tracker.experiment_id, tracking.TAG_EXPERIMENT_KIND)
@@ -334,7 +335,7 @@ def test_database_is_locked_is_retried_then_raised(monkeypatch):
     import sqlalchemy
     from mlflow.exceptions import MlflowException
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda _s: None)
     locked = sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database is locked"))
     calls = []
 
@@ -344,7 +345,7 @@ def test_database_is_locked_is_retried_then_raised(monkeypatch):
             raise MlflowException(message=locked) from locked
         return value
 
-    assert tracking._retry_if_locked(flaky, 7) == 7 and len(calls) == 3
+    assert tracking_store.retry_if_locked(flaky, 7) == 7 and len(calls) == 3
 
     def always_locked():
         calls.append(None)
@@ -352,8 +353,8 @@ def test_database_is_locked_is_retried_then_raised(monkeypatch):
 
     calls.clear()
     with pytest.raises(MlflowException, match="database is locked"):
-        tracking._retry_if_locked(always_locked)
-    assert len(calls) == tracking.LOCK_RETRIES
+        tracking_store.retry_if_locked(always_locked)
+    assert len(calls) == tracking_store.LOCK_RETRIES
 
     def other_error():
         calls.append(None)
@@ -361,7 +362,7 @@ def test_database_is_locked_is_retried_then_raised(monkeypatch):
 
     calls.clear()
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):  # passed on as it is
-        tracking._retry_if_locked(other_error)
+        tracking_store.retry_if_locked(other_error)
     assert len(calls) == 1
 
 
@@ -412,7 +413,7 @@ def test_run_of_an_experiment_is_one_run_per_name_seed_and_config(root):
     its run again; another seed or another config gets its own."""
     import dataclasses
 
-    from pipeline.core.config import load_params
+    from pipeline.core.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     exp = params.experiment("eps_simple", seed=0)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cluster.training import (STATE_FILE, CheckpointError, LocalSession,
                                        load_training_state, lr_factor, make_optimizer, train_worker)
-from pipeline.core.config import parse_params
+from pipeline.core.params import parse_params
 from pipeline.data.datasets import prepare_dataset, prepared_path
 from pipeline.model.ema import ema_decay_at, ema_initial_weight, make_ema
 

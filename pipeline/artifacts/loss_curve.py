@@ -24,6 +24,11 @@ from pipeline.core.io import write_text
 HEADER = "step,loss"
 
 
+def loss_curve_path(plots_dir: str | Path, run_key: str) -> Path:
+    """The loss curve of run `run_key` (<experiment>-<seed>) in the plots folder (plots/loss)."""
+    return Path(plots_dir) / f"{run_key}.csv"
+
+
 class LossCurveError(UserError, ValueError):
     """A loss curve file that cannot be read; the message names the file and what is wrong."""
 

@@ -1,5 +1,6 @@
 """The sweep over noise schedule x loss weighting, without Ray: what every trial measures, and
-what the sweep's results become (trials.csv, best.yaml, MLflow runs).
+what the sweep's results become (the trials table, the best trial, MLflow runs; their files are
+`pipeline.artifacts.trials`).
 
 Ray Tune runs the trials (`pipeline.cluster.tune.run_sweep`). Each trial trains
 `sweep.base_experiment` with one schedule and one objective (`SweepConfig.trial_experiment`)
@@ -126,6 +127,7 @@ class TrialProbe:
         """FID of `fid_num_samples` DDIM samples (a seed per image) against the train split,
         the evaluate stage's FID (`pipeline.measure.stats.frechet_distance`)."""
         from pipeline.data.datasets import to_uint8
+        from pipeline.diffusion.samplers import sample
         from pipeline.diffusion.seeding import item_generators
         from pipeline.measure.stats import FeatureMoments, frechet_distance
         from pipeline.model.precision import matmul_precision, with_precision
@@ -136,10 +138,10 @@ class TrialProbe:
         generators = item_generators("sweep-fid", self.seed + 1, range(self.fid_num_samples),
                                      device)
         with torch.no_grad(), matmul_precision(self.precision):
-            x = diffusion.sample(with_precision(model, self.precision),
-                                 (self.fid_num_samples, *shape), generators,
-                                 sampler="ddim", device=device,
-                                 steps=min(self.fid_steps, diffusion.num_timesteps), eta=0.0)
+            x = sample(diffusion, with_precision(model, self.precision),
+                       (self.fid_num_samples, *shape), generators, sampler="ddim",
+                       device=device, steps=min(self.fid_steps, diffusion.num_timesteps),
+                       eta=0.0)
         samples = to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu()
         return frechet_distance(FeatureMoments.of(network(samples)[0]), reference)
 
@@ -243,23 +245,6 @@ def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
         return math.nan
     at = history[pd.to_numeric(history["step"], errors="coerce") == step]
     return float(pd.to_numeric(at[column], errors="coerce").iloc[-1]) if len(at) else math.nan
-
-
-def save_sweep(out_dir: Path, table: pd.DataFrame, record: dict[str, Any]) -> list[Path]:
-    """Write the sweep's results: `trials.csv` (`trials_table`; read back by
-    `pipeline.reporting.results.load_sweep_trials`) and `best.yaml` (`best_record`), each
-    atomically;
-    return their paths."""
-    import yaml
-
-    from pipeline.core.io import atomic_path, write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "trials.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    write_text(out_dir / "best.yaml", yaml.safe_dump(record, sort_keys=False))
-    return [out_dir / "trials.csv", out_dir / "best.yaml"]
 
 
 def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:

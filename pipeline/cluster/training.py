@@ -29,7 +29,8 @@ from pipeline.core.progress import StepProgress
 from pipeline.core.status import Status
 from pipeline.data.datasets import (ImageBatches, Prepared, default_hflip, load_prepared,
                                     to_model_range)
-from pipeline.diffusion.gaussian import GaussianDiffusion, timestep_sampler
+from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.diffusion.timesteps import timestep_sampler
 from pipeline.model.ema import ema_snapshot_path, make_ema, save_ema_snapshot
 from pipeline.model.precision import matmul_precision, with_precision
 from pipeline.model.unet import build_model

@@ -1,14 +1,14 @@
-"""Typed, validated view of params.yaml.
+"""The sections of params.yaml as typed, frozen dataclasses, and the vocabularies they allow.
 
-params.yaml is read once, into frozen dataclasses (one per top-level section). Every key is
-checked: an unknown key, a wrong type or an out-of-range value raises `ConfigError` with a short
-message that names the key and the allowed values. Library code takes one section (or an
+`pipeline.core.params` reads the file into them (`load_params`), once. Every key is checked: an
+unknown key, a wrong type or an out-of-range value raises `ConfigError` with a short message
+that names the key and the allowed values. Library code takes one section (or an
 `ExperimentConfig`, the resolved view of one row of the study), never the raw mapping.
 
 Experiments (the rows of the paper's Table 2) are entries of the `experiments` mapping; each
 entry overrides fields of the `diffusion` section, and optionally of `train` and `sample` under
-nested `train:` and `sample:` keys. The `sweep` section (Ray Tune over noise schedule x loss weighting) names one of
-them as the base of every trial.
+nested `train:` and `sample:` keys. The `sweep` section (Ray Tune over noise schedule x loss
+weighting) names one of them as the base of every trial.
 
 Defaults have one home, the dataclass fields here, and they are the default study's values:
 params.yaml repeats every key (so that `dvc params diff` shows each) and tests/test_config.py
@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
-import yaml
-
-from pipeline.core.coerce import (ConfigError, build_section, check_unknown, choices,
-                                  describe_value, plain, suggest)
+from pipeline.core.coerce import ConfigError, build_section, choices, plain
 
 # A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
 # hybrid loss (Nichol & Dhariwal) with the uniform weighting. Name -> (diffusion.loss, weighting).
@@ -62,10 +58,10 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
 
     def validate(self, where: str) -> None:
-        _require(bool(self.name.strip()), f"{where}.name", "must be a non-empty string")
-        _require(len(self.seeds) >= 1, f"{where}.seeds", "must be a non-empty list of seeds")
-        _require(all(s >= 0 for s in self.seeds), f"{where}.seeds", "must be integers >= 0")
-        _require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds",
+        require(bool(self.name.strip()), f"{where}.name", "must be a non-empty string")
+        require(len(self.seeds) >= 1, f"{where}.seeds", "must be a non-empty list of seeds")
+        require(all(s >= 0 for s in self.seeds), f"{where}.seeds", "must be integers >= 0")
+        require(len(set(self.seeds)) == len(self.seeds), f"{where}.seeds",
                  f"lists a seed twice: {list(self.seeds)}")
 
 
@@ -90,10 +86,10 @@ class DataConfig:
         return {"digits": 8, "cifar10": 32}.get(self.dataset, self.image_size)
 
     def validate(self, where: str) -> None:
-        _require(self.seed >= 0, f"{where}.seed", "must be >= 0")
-        _require(self.image_size >= 4, f"{where}.image_size", "must be >= 4")
-        _require(self.channels in (1, 3), f"{where}.channels", "must be 1 or 3")
-        _require(0.0 < self.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
+        require(self.seed >= 0, f"{where}.seed", "must be >= 0")
+        require(self.image_size >= 4, f"{where}.image_size", "must be >= 4")
+        require(self.channels in (1, 3), f"{where}.channels", "must be 1 or 3")
+        require(0.0 < self.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -122,28 +118,28 @@ class DiffusionConfig:
     clip_denoised: bool = True
 
     def validate(self, where: str) -> None:
-        _require(self.num_timesteps >= 1, f"{where}.num_timesteps", "must be a positive integer")
+        require(self.num_timesteps >= 1, f"{where}.num_timesteps", "must be a positive integer")
         for key in ("beta_start", "beta_end"):
             value = getattr(self, key)
-            _require(value is None or 0.0 < value < 1.0, f"{where}.{key}",
+            require(value is None or 0.0 < value < 1.0, f"{where}.{key}",
                      f"must be in (0, 1), got {value}")
         if self.beta_start is not None and self.beta_end is not None:
-            _require(self.beta_start <= self.beta_end, f"{where}.beta_start",
+            require(self.beta_start <= self.beta_end, f"{where}.beta_start",
                      f"must be <= beta_end ({self.beta_end})")
         if self.var_type in LEARNED_VAR_TYPES:
-            _require(self.loss in ("vlb", "hybrid"), f"{where}.loss",
+            require(self.loss in ("vlb", "hybrid"), f"{where}.loss",
                      f"'{self.loss}' cannot train a learned variance (var_type '{self.var_type}'); "
                      "use loss 'vlb' or 'hybrid', or a fixed var_type")
         if self.weighting != "uniform":
-            _require(self.loss in ("simple", "hybrid"), f"{where}.weighting",
+            require(self.loss in ("simple", "hybrid"), f"{where}.weighting",
                      f"weights the simple loss; loss '{self.loss}' has none (use 'uniform')")
         if self.importance_sampling:
-            _require(self.loss == "vlb", f"{where}.importance_sampling",
+            require(self.loss == "vlb", f"{where}.importance_sampling",
                      "resamples t for loss 'vlb' only")
-        _require(self.hybrid_lambda >= 0.0, f"{where}.hybrid_lambda", "must be >= 0")
-        _require(self.p2_k > 0.0, f"{where}.p2_k", "must be > 0")
-        _require(self.p2_gamma >= 0.0, f"{where}.p2_gamma", "must be >= 0")
-        _require(self.min_snr_gamma > 0.0, f"{where}.min_snr_gamma", "must be > 0")
+        require(self.hybrid_lambda >= 0.0, f"{where}.hybrid_lambda", "must be >= 0")
+        require(self.p2_k > 0.0, f"{where}.p2_k", "must be > 0")
+        require(self.p2_gamma >= 0.0, f"{where}.p2_gamma", "must be >= 0")
+        require(self.min_snr_gamma > 0.0, f"{where}.min_snr_gamma", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -161,12 +157,12 @@ class ModelConfig:
         return [image_size // 2 ** level for level in range(len(self.ch_mult))]
 
     def validate(self, where: str) -> None:
-        _require(self.ch >= 8 and self.ch % 8 == 0, f"{where}.ch",
+        require(self.ch >= 8 and self.ch % 8 == 0, f"{where}.ch",
                  f"must be a positive multiple of 8 (GroupNorm groups), got {self.ch}")
-        _require(len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult),
+        require(len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult),
                  f"{where}.ch_mult", "must be a non-empty list of positive integers")
-        _require(self.num_res_blocks >= 1, f"{where}.num_res_blocks", "must be >= 1")
-        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "must be in [0, 1)")
+        require(self.num_res_blocks >= 1, f"{where}.num_res_blocks", "must be >= 1")
+        require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -193,21 +189,21 @@ class TrainConfig:
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # PRECISIONS (pipeline/model/precision.py)
 
     def validate(self, where: str) -> None:
-        _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
-        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
-        _require(self.lr > 0.0 and math.isfinite(self.lr), f"{where}.lr", "must be > 0")
-        _require(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
-        _require(0.0 <= self.lr_final <= 1.0, f"{where}.lr_final",
+        require(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        require(self.lr > 0.0 and math.isfinite(self.lr), f"{where}.lr", "must be > 0")
+        require(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        require(0.0 <= self.lr_final <= 1.0, f"{where}.lr_final",
                  "must be in [0, 1] (a fraction of train.lr)")
-        _require(self.grad_clip > 0.0, f"{where}.grad_clip", "must be > 0")
-        _require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay", "must be in [0, 1)")
-        _require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
-        _require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
-        _require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
-        _require(self.batch_size % self.num_workers == 0, f"{where}.batch_size",
+        require(self.grad_clip > 0.0, f"{where}.grad_clip", "must be > 0")
+        require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay", "must be in [0, 1)")
+        require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
+        require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+        require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+        require(self.batch_size % self.num_workers == 0, f"{where}.batch_size",
                  f"({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        _require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
-        _require(self.max_failures >= -1, f"{where}.max_failures", "must be >= -1 (-1: no limit)")
+        require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+        require(self.max_failures >= -1, f"{where}.max_failures", "must be >= -1 (-1: no limit)")
 
 
 @dataclass(frozen=True)
@@ -229,19 +225,19 @@ class SampleConfig:
 
     def validate(self, where: str) -> None:
         _validate_workers(self, where)
-        _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
-        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
-        _require(self.steps is None or self.steps >= 1, f"{where}.steps", "must be >= 1")
-        _require(self.eta >= 0.0, f"{where}.eta", "must be >= 0")
-        _require(self.grid_size >= 1, f"{where}.grid_size", "must be >= 1")
+        require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
+        require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        require(self.steps is None or self.steps >= 1, f"{where}.steps", "must be >= 1")
+        require(self.eta >= 0.0, f"{where}.eta", "must be >= 0")
+        require(self.grid_size >= 1, f"{where}.grid_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Metrics: FID / IS / KID through torch-fidelity, NLL (bits/dim) on the test split, each
-    with its standard error (pipeline/measure/stats.py); the real-data reference drawn at the
-    samples'
-    N (`reference_draws` draws)."""
+    """Metrics: FID / IS / KID of the samples' features (the digits classifier's, or a
+    torch-fidelity extractor's) and the NLL bound (bits/dim) of test and train images, each with
+    its standard error (pipeline/measure/stats.py); the real-data reference drawn at the
+    samples' N (`reference_draws` draws)."""
 
     nll: Literal["exact", "stratified"] = "exact"
     nll_num_images: int = 100
@@ -267,22 +263,22 @@ class EvaluateConfig:
 
     def validate(self, where: str) -> None:
         _validate_workers(self, where)
-        _require(self.nll_num_images >= 1, f"{where}.nll_num_images", "must be >= 1")
+        require(self.nll_num_images >= 1, f"{where}.nll_num_images", "must be >= 1")
         if isinstance(self.checkpoints, tuple):
-            _require(len(self.checkpoints) >= 1 and all(s >= 1 for s in self.checkpoints),
+            require(len(self.checkpoints) >= 1 and all(s >= 1 for s in self.checkpoints),
                      f"{where}.checkpoints", "must be null, 'all' or a non-empty list of "
                      "training steps >= 1")
-        _require(self.checkpoint_num_samples >= 2, f"{where}.checkpoint_num_samples",
+        require(self.checkpoint_num_samples >= 2, f"{where}.checkpoint_num_samples",
                  "must be >= 2 (FID needs two images)")
-        _require(self.nll_strata >= 1, f"{where}.nll_strata", "must be >= 1")
-        _require(self.nll_batch_size >= 1, f"{where}.nll_batch_size", "must be >= 1")
-        _require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
-        _require(self.reference_draws >= 2, f"{where}.reference_draws",
+        require(self.nll_strata >= 1, f"{where}.nll_strata", "must be >= 1")
+        require(self.nll_batch_size >= 1, f"{where}.nll_batch_size", "must be >= 1")
+        require(self.is_splits >= 1, f"{where}.is_splits", "must be >= 1")
+        require(self.reference_draws >= 2, f"{where}.reference_draws",
                  "must be >= 2 (a spread needs two draws)")
 
-        _require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
+        require(self.classifier_steps >= 1, f"{where}.classifier_steps", "must be >= 1")
         fx = self.feature_extractor
-        _require(fx is None or fx in (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR) or
+        require(fx is None or fx in (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR) or
                  (":" in fx and all(fx.split(":", 1))), f"{where}.feature_extractor",
                  f"'{fx}' is not allowed; use null, digits-classifier, inception-v3-compat or "
                  "'package.module:ClassName'")
@@ -297,7 +293,7 @@ class TrackingConfig:
 
     def validate(self, where: str) -> None:
         problem = tracking_uri_problem(self.tracking_uri)
-        _require(problem is None, f"{where}.tracking_uri", str(problem))
+        require(problem is None, f"{where}.tracking_uri", str(problem))
 
 
 # What MLflow can track into: a database (sqlite, or a server's database with an optional
@@ -343,10 +339,10 @@ class ClusterConfig:
         return os.environ.get("DDPM_STORAGE") or self.storage
 
     def validate(self, where: str) -> None:
-        _require(bool(self.storage.strip()), f"{where}.storage",
+        require(bool(self.storage.strip()), f"{where}.storage",
                  "must be a path or a URI such as s3://bucket/prefix")
         scheme = self.storage.partition("://")[0].lower() if "://" in self.storage else None
-        _require(scheme is None or scheme in STORAGE_SCHEMES, f"{where}.storage",
+        require(scheme is None or scheme in STORAGE_SCHEMES, f"{where}.storage",
                  f"scheme '{scheme}' is not one Ray storage can use; use a path or one of: "
                  f"{', '.join(f'{s}://' for s in STORAGE_SCHEMES)}")
 
@@ -458,32 +454,32 @@ class SweepConfig:
     def validate(self, where: str) -> None:
         for key, allowed in (("schedules", SWEEP_SCHEDULES), ("weightings", SWEEP_WEIGHTINGS)):
             values = getattr(self, key)
-            _require(len(values) >= 1, f"{where}.{key}",
+            require(len(values) >= 1, f"{where}.{key}",
                      f"must be a non-empty list; choose from: {', '.join(allowed)}")
-            _require(len(set(values)) == len(values), f"{where}.{key}",
+            require(len(set(values)) == len(values), f"{where}.{key}",
                      f"lists a value twice: {', '.join(values)}")
-        _require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
-        _require(self.search == "random" or self.num_samples == 1, f"{where}.num_samples",
+        require(self.num_samples >= 1, f"{where}.num_samples", "must be >= 1")
+        require(self.search == "random" or self.num_samples == 1, f"{where}.num_samples",
                  "must be 1 for search 'grid' (each cell once, same seed); use search 'random' "
                  "to draw num_samples trials")
-        _require(self.steps >= 1, f"{where}.steps", "must be >= 1")
-        _require(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay",
+        require(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        require(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay",
                  "must be in [0, 1), or null for the base experiment's train.ema_decay")
-        _require(1 <= self.report_every <= self.steps, f"{where}.report_every",
+        require(1 <= self.report_every <= self.steps, f"{where}.report_every",
                  f"must be in 1..steps ({self.steps})")
-        _require(1 <= self.asha_grace_period <= self.steps, f"{where}.asha_grace_period",
+        require(1 <= self.asha_grace_period <= self.steps, f"{where}.asha_grace_period",
                  f"must be in 1..steps ({self.steps}) (training steps before ASHA may stop a "
                  "trial)")
-        _require(self.asha_reduction_factor > 1.0, f"{where}.asha_reduction_factor",
+        require(self.asha_reduction_factor > 1.0, f"{where}.asha_reduction_factor",
                  "must be > 1 (keep the best 1/rf of the trials at each rung)")
-        _require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
+        require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
                  "must be >= 0 (0: as many as the cluster's CPUs / GPUs hold at once)")
-        _require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
-        _require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
-        _require(self.val_images >= 2, f"{where}.val_images", "must be >= 2")
-        _require(self.val_strata >= 1, f"{where}.val_strata", "must be >= 1")
-        _require(self.fid_num_samples >= 2, f"{where}.fid_num_samples", "must be >= 2")
-        _require(self.fid_steps >= 1, f"{where}.fid_steps", "must be >= 1")
+        require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+        require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+        require(self.val_images >= 2, f"{where}.val_images", "must be >= 2")
+        require(self.val_strata >= 1, f"{where}.val_strata", "must be >= 1")
+        require(self.fid_num_samples >= 2, f"{where}.fid_num_samples", "must be >= 2")
+        require(self.fid_steps >= 1, f"{where}.fid_steps", "must be >= 1")
 
     def cells(self) -> list[tuple[str, str]]:
         """Every (schedule, weighting) pair of the search space, schedules outermost."""
@@ -496,14 +492,14 @@ class SweepConfig:
         Raises ConfigError (naming sweep.*) if the combination is not a valid experiment."""
         where = f"sweep (base_experiment '{base.name}', schedule '{schedule}', weighting " \
                 f"'{weighting}')"
-        _require(schedule in SWEEP_SCHEDULES, "sweep.schedules",
+        require(schedule in SWEEP_SCHEDULES, "sweep.schedules",
                  f"'{schedule}' is not allowed; choose from: {', '.join(SWEEP_SCHEDULES)}")
-        _require(weighting in SWEEP_OBJECTIVES, "sweep.weightings",
+        require(weighting in SWEEP_OBJECTIVES, "sweep.weightings",
                  f"'{weighting}' is not allowed; choose from: {', '.join(SWEEP_WEIGHTINGS)}")
         loss, loss_weighting = SWEEP_OBJECTIVES[weighting]
         diffusion = dataclasses.replace(base.diffusion, schedule=schedule, loss=loss,
                                         weighting=loss_weighting, importance_sampling=False)
-        _require(base.train.batch_size % self.num_workers == 0, "sweep.num_workers",
+        require(base.train.batch_size % self.num_workers == 0, "sweep.num_workers",
                  f"({self.num_workers}) must divide the base experiment's train.batch_size "
                  f"({base.train.batch_size})")
         ema_decay = base.train.ema_decay if self.ema_decay is None else self.ema_decay
@@ -534,217 +530,10 @@ SWEEP_SCHEDULES = choices(SweepConfig, "schedules")
 SWEEP_WEIGHTINGS = choices(SweepConfig, "weightings")
 
 
-@dataclass(frozen=True)
-class Params:
-    """The whole params.yaml: base sections plus the `experiments` mapping of overrides."""
-
-    study: StudyConfig = field(default_factory=StudyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-    def experiment(self, name: str, seed: Optional[int] = None) -> ExperimentConfig:
-        """Experiment `name` trained with `seed` (default: the study's first seed), which must
-        be one of `study.seeds`."""
-        if name not in self.experiments:
-            raise ConfigError(f"experiments: no experiment named '{name}'; "
-                              f"defined: {', '.join(self.experiments) or '(none)'}")
-        seed = self.study.seeds[0] if seed is None else seed
-        if seed not in self.study.seeds:
-            raise ConfigError(f"study.seeds: seed {seed} is not one of the study's seeds "
-                              f"{list(self.study.seeds)}; add it to study.seeds in params.yaml")
-        return dataclasses.replace(self.experiments[name], seed=seed)
-
-    def runs(self) -> list[ExperimentConfig]:
-        """Every (experiment, seed) of the study, experiments outermost."""
-        return [self.experiment(name, seed) for name in self.experiments
-                for seed in self.study.seeds]
-
-    def base_experiment(self, name: str) -> ExperimentConfig:
-        """The base sections without any experiment's overrides (e.g. reference rows), with
-        the study's first seed."""
-        return ExperimentConfig(name=name, seed=self.study.seeds[0],
-                                **{s: getattr(self, s) for s in SECTIONS})
-
-    def sweep_experiment(self, schedule: str, weighting: str) -> ExperimentConfig:
-        """One sweep trial: `sweep.base_experiment` (the study's first seed) with this schedule
-        and weighting."""
-        if self.sweep.base_experiment not in self.experiments:
-            raise ConfigError(f"sweep.base_experiment: '{self.sweep.base_experiment}' is not an "
-                              f"experiment; choose one of: {', '.join(self.experiments)}")
-        return self.sweep.trial_experiment(self.experiment(self.sweep.base_experiment),
-                                           schedule, weighting)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
-        out["sweep"] = plain(dataclasses.asdict(self.sweep))
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ConfigError naming the first problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found; run from the project root or pass --params")
-    try:
-        text = path.read_text()
-        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: the file is empty; it needs at least an 'experiments' mapping")
-    return parse_params(raw, source=str(path))
-
-
-def _check_duplicate_keys(node: Any, path: Path, where: tuple[str, ...] = ()) -> None:
-    """Refuse a key written twice in one mapping (YAML loaders keep the last one silently)."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value)
-            line = key.start_mark.line + 1
-            if key.tag != "tag:yaml.org,2002:merge" and name in seen:
-                raise ConfigError(f"{path}: key '{'.'.join((*where, name))}' is written twice "
-                                  f"(lines {seen[name]} and {line}); YAML would keep only the "
-                                  "last, so delete one")
-            seen[name] = line
-            _check_duplicate_keys(value, path, (*where, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _check_duplicate_keys(item, path, (*where, str(index)))
-
-
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate a params mapping (as loaded from YAML) into `Params`."""
-    try:
-        return _parse_params(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _parse_params(raw: Any) -> Params:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the top level must be a mapping of sections, got {describe_value(raw)}")
-    allowed = (*SECTIONS, "experiments", "sweep")
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(f"unknown section '{key}'; allowed: {', '.join(allowed)}")
-    sections = {name: build_section(cls, raw.get(name) or {}, name)
-                for name, cls in SECTIONS.items()}
-    for name, section in sections.items():
-        section.validate(name)
-    _check_attention(sections["model"], sections["data"])
-
-    experiments_raw = raw.get("experiments")
-    if experiments_raw is None:
-        experiments_raw = {}
-    if not isinstance(experiments_raw, dict):
-        raise ConfigError(f"experiments must be a mapping of name -> overrides, "
-                          f"got {describe_value(experiments_raw)}")
-    experiments = {}
-    for name, overrides in experiments_raw.items():
-        experiments[str(name)] = _resolve_experiment(str(name), overrides, sections)
-    sweep = build_section(SweepConfig, raw.get("sweep") or {}, "sweep")
-    sweep.validate("sweep")
-    params = Params(**sections, experiments=experiments, sweep=sweep)
-    if "sweep" in raw:  # without a sweep section the defaults need not fit these experiments
-        _check_sweep(params)
-    return params
-
-
-def _check_attention(model: ModelConfig, data: DataConfig) -> None:
-    """Every attention resolution must be a size some level of the U-Net works at."""
-    size = data.resolution()
-    reached = model.resolutions(size)
-    never = [r for r in model.attn_resolutions if r not in reached]
-    _require(not never, "model.attn_resolutions",
-             f"{', '.join(map(str, never))} is never reached: {data.dataset} images are "
-             f"{size}x{size} and ch_mult {list(model.ch_mult)} works at "
-             f"{', '.join(map(str, reached))}; use some of those (or [] for no attention)")
-
-
-def _check_sweep(params: Params) -> None:
-    """Every trial of the sweep must be a valid experiment (checked before any work starts)."""
-    for schedule, weighting in params.sweep.cells():
-        exp = params.sweep_experiment(schedule, weighting)
-        _require(params.sweep.fid_steps <= exp.diffusion.num_timesteps, "sweep.fid_steps",
-                 f"must be <= diffusion.num_timesteps ({exp.diffusion.num_timesteps})")
-
-
-_EXPERIMENT_NESTED = ("train", "sample")
-
-
-def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> ExperimentConfig:
-    where = f"experiments.{name}"
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"{where}: experiment names may use letters, digits, '_' and '-' only")
-    if overrides is None:
-        overrides = {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where} must be a mapping of diffusion overrides, got {describe_value(overrides)}")
-    diffusion_keys = [f.name for f in fields(DiffusionConfig)]
-    resolved = dict(sections)
-    diffusion_overrides = {}
-    for key, value in overrides.items():
-        if key in _EXPERIMENT_NESTED:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key} must be a mapping, got {describe_value(value)}")
-            base = sections[key]
-            merged = {**plain(dataclasses.asdict(base)), **value}
-            check_unknown(type(base), value, f"{where}.{key}")
-            resolved[key] = build_section(type(base), merged, f"{where}.{key}")
-            resolved[key].validate(f"{where}.{key}")
-        elif key in diffusion_keys:
-            diffusion_overrides[key] = value
-        else:
-            allowed = diffusion_keys + list(_EXPERIMENT_NESTED)
-            raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, allowed)}; "
-                              f"allowed: {', '.join(allowed)}")
-    merged = {**plain(dataclasses.asdict(sections["diffusion"])), **diffusion_overrides}
-    resolved["diffusion"] = build_section(DiffusionConfig, merged, where)
-    resolved["diffusion"].validate(where)
-    if resolved["sample"].steps is not None and resolved["sample"].sampler == "ancestral":
-        _require(resolved["sample"].steps == resolved["diffusion"].num_timesteps,
-                 "sample.steps", "the ancestral sampler runs all num_timesteps steps; "
-                 "leave steps empty or use sampler 'ddim' for fewer")
-    if resolved["sample"].steps is not None:
-        _require(resolved["sample"].steps <= resolved["diffusion"].num_timesteps, "sample.steps",
-                 f"must be <= diffusion.num_timesteps ({resolved['diffusion'].num_timesteps})")
-    _check_checkpoint_steps(name, resolved["evaluate"], resolved["train"])
-    return ExperimentConfig(name=name, seed=resolved["study"].seeds[0], **resolved)
-
-
 def checkpoint_steps(train: TrainConfig) -> list[int]:
     """The training steps that have a checkpoint: every `checkpoint_every` steps and the last."""
     steps = list(range(train.checkpoint_every, train.steps + 1, train.checkpoint_every))
     return steps if steps and steps[-1] == train.steps else [*steps, train.steps]
-
-
-def _check_checkpoint_steps(name: str, evaluate: EvaluateConfig, train: TrainConfig) -> None:
-    if not isinstance(evaluate.checkpoints, tuple):
-        return
-    available = set(checkpoint_steps(train))
-    bad = [step for step in evaluate.checkpoints if step not in available]
-    _require(not bad, "evaluate.checkpoints",
-             f"step(s) {', '.join(map(str, bad))} have no checkpoint in experiment '{name}'; use "
-             f"multiples of train.checkpoint_every ({train.checkpoint_every}) up to train.steps "
-             f"({train.steps}), train.steps itself, or 'all'")
 
 
 # The keys that say where a section's work runs, and change none of its results but use_gpu
@@ -753,10 +542,10 @@ WORKER_KEYS = ("num_workers", "cpus_per_worker")
 
 
 def _validate_workers(section, where: str) -> None:
-    _require(section.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
-    _require(section.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+    require(section.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+    require(section.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
 
 
-def _require(ok: bool, where: str, message: str) -> None:
+def require(ok: bool, where: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: {message}")

@@ -8,7 +8,8 @@ below it (tests/test_layers.py checks every import, those inside functions too).
 - artifacts: the files the stages write, each writer beside its reader
 - measure: sampling a batch, feature extractors, the NLL bound in parts, FID / IS / KID
 - cluster: running on Ray: the training loop, Ray Train, Ray Tune, work in chunks on Ray Data
-- jobs: the sample, evaluate and reference stages' work, as jobs of chunks
+- jobs: the stages' work: a run trained and kept, the sweep, the sample, evaluate and reference
+  stages' jobs of chunks
 - reporting: results read back, the findings, the tables, the cost plan
 """
 

@@ -16,11 +16,6 @@ Layout of the records (`mlflow ui` shows it as is):
   as well, so each DVC experiment has runs of its own: two queued experiments never log into
   one run, and `dvc exp show` rows match MLflow runs by name.
 
-Where the store lives. A relative sqlite path and a relative artifact root are resolved against
-the repo root: `DVC_ROOT` where DVC sets it (queued experiments run in a temporary copy of the
-repo; DVC_ROOT names the user's repo, so their runs land in the user's mlflow.db), else the
-folder the stage runs in.
-
 For `mlflow ui`: the experiment is tagged `mlflow.experimentKind = custom_model_development`
 ("Machine learning"), so that MLflow 3 opens it on the table of training runs and not on its
 GenAI overview, and carries a description (`mlflow.note.content`); each experiment's run gets
@@ -29,42 +24,28 @@ stage sets with its other tags).
 
 Only the driver process of a stage logs (never Ray workers). MLflow 3 refuses its plain file
 store, so the tracking store is a sqlite database (`sqlite:///mlflow.db` by default) or a tracking
-server (http URI); artifacts go to a file artifact root.
-
-Concurrency. Several processes may write the same sqlite file at once (sweep trials). MLflow
-already sets `PRAGMA busy_timeout = 20000` on every session, but sqlite still answers
-"database is locked" at once where waiting could deadlock (a read transaction upgrading to a
-write), and MLflow re-raises that as an `MlflowException`. Every write here therefore goes
-through `_retry_if_locked`: up to `LOCK_RETRIES` attempts with jittered exponential backoff,
-then the error propagates. Finding-or-creating the experiment and a run, and the first opening
-of a fresh database (MLflow runs its schema migrations without a lock), are serialized between
-processes with an advisory file lock (POSIX `flock`), so that two stages never create two runs
-for one experiment and two trials never migrate the same new file at once.
+server (http URI); artifacts go to a file artifact root. Where the store lives, whether it can
+be used and how writes wait for a busy sqlite file: `pipeline.core.tracking_store`.
 
 Nothing happens at import time; mlflow is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import random
 import re
-import socket
 import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, TypeVar
 
-from pipeline.core.errors import UserError
 from pipeline.core.io import sha256_hex
+from pipeline.core.tracking_store import (check_reachable, has_scheme, is_server,
+                                          resolve_artifact_root, resolve_tracking_uri,
+                                          retry_if_locked, store_lock, study_root)
 
 if TYPE_CHECKING:
     import pandas
@@ -113,53 +94,10 @@ MAX_TAG_VALUE_LENGTH = 8000
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 
-LOCK_RETRIES = 8
-
-
-class TrackingError(UserError, RuntimeError):
-    """The tracking store cannot be used (unreachable server, unwritable sqlite folder, ...)."""
-
 
 # --------------------------------------------------------------------------------------------
-# URIs, hashes, git
+# Hashes, git, params
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_tracking_uri(tracking_cfg: TrackingConfig, root: str | Path) -> str:
-    """The tracking URI: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`.
-
-    A relative sqlite path (`sqlite:///mlflow.db`) is made absolute against `root` (the repo
-    root), so that stages started from another cwd (Ray workers, DVC) open the same file.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_cfg.tracking_uri
-    return _absolute_sqlite_uri(uri, Path(root))
-
-
-def resolve_artifact_root(tracking_cfg: TrackingConfig, root: str | Path) -> str:
-    """The artifact root as a URI: a local path resolved against `root`, as `file://...`.
-
-    A value that already is a URI (`s3://...`, `mlflow-artifacts:/...`) is returned as is.
-    """
-    value = tracking_cfg.artifact_root
-    if _has_scheme(value):
-        return value
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = Path(root) / path
-    return path.resolve().as_uri()
-
-
-def _is_server(uri: str) -> bool:
-    return urllib.parse.urlparse(uri).scheme in ("http", "https")
-
-
-def study_root(root: str | Path = ".") -> Path:
-    """The repo the study's records belong to: `DVC_ROOT` where DVC sets it (in a queued DVC
-    experiment, the user's repo, not the temporary copy the stage runs in), else `root`."""
-    dvc_root = os.environ.get("DVC_ROOT")
-    if dvc_root and Path(dvc_root).is_dir():
-        return Path(dvc_root).resolve()
-    return Path(root).resolve()
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -199,170 +137,6 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-def _has_scheme(value: str) -> bool:
-    scheme = urllib.parse.urlparse(value).scheme
-    return len(scheme) > 1  # not a Windows drive letter
-
-
-def _absolute_sqlite_uri(uri: str, root: Path) -> str:
-    if not uri.startswith("sqlite:///"):
-        return uri  # sqlite:// (in memory), http(s)://, postgresql://, ...
-    rest = uri[len("sqlite:///"):]
-    path_part, sep, query = rest.partition("?")
-    if path_part in ("", ":memory:") or path_part.startswith("/"):
-        return uri  # in memory, or already absolute (sqlite:////abs/path.db)
-    path = (root / urllib.parse.unquote(path_part)).resolve()
-    return f"sqlite:///{path.as_posix()}{sep}{query}"  # /abs -> sqlite:////abs
-
-
-def _sqlite_path(uri: str) -> Optional[Path]:
-    """The database file of a sqlite URI, None for other URIs and in-memory databases."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path_part = uri[len("sqlite:///"):].partition("?")[0]
-    if path_part in ("", ":memory:"):
-        return None
-    return Path(urllib.parse.unquote(path_part))
-
-
-# --------------------------------------------------------------------------------------------
-# Reachability, locking, retries
-# --------------------------------------------------------------------------------------------
-
-
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast with `TrackingError` naming the URI if the store cannot be used.
-
-    http(s): a TCP connect (and, for http, a GET of /health) with a short timeout, before
-    MLflow's own retries (which can take minutes) get a chance. sqlite: the database folder is
-    created if missing and must be writable. A scheme MLflow cannot track into (see
-    `pipeline.core.config.TRACKING_SCHEMES`; MLFLOW_TRACKING_URI is not checked with params.yaml) is
-    refused; other database schemes are left to MLflow.
-    """
-    from pipeline.core.config import tracking_uri_problem
-
-    problem = tracking_uri_problem(tracking_uri)
-    if problem is not None:
-        source = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri
-                  else "tracking store")
-        raise TrackingError(f"{source}: {problem}")
-    parsed = urllib.parse.urlparse(tracking_uri)
-    if parsed.scheme in ("http", "https"):
-        _probe_http(tracking_uri, parsed, timeout_s)
-    elif parsed.scheme == "sqlite":
-        _probe_sqlite(tracking_uri)
-
-
-def _probe_http(uri: str, parsed: urllib.parse.ParseResult, timeout_s: float) -> None:
-    host = parsed.hostname or "localhost"
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it "
-                            "(mlflow server ...) or set MLFLOW_TRACKING_URI / "
-                            "tracking.tracking_uri to a reachable store") from None
-    if parsed.scheme != "http":
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        pass  # something answered (auth, proxy): the server is there, MLflow reports the rest
-    except (OSError, urllib.error.URLError) as exc:
-        raise TrackingError(f"MLflow tracking server {uri} accepts connections but does not "
-                            f"answer GET /health within {timeout_s:g} s ({exc})") from None
-
-
-def _probe_sqlite(uri: str) -> None:
-    path = _sqlite_path(uri)
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrackingError(f"tracking store {uri}: cannot create the folder {path.parent} "
-                            f"({exc.strerror or exc})") from None
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
-    if not writable:
-        raise TrackingError(f"tracking store {uri}: {path if path.exists() else path.parent} "
-                            "is not writable")
-    problem = _sqlite_problem(path)
-    if problem is not None:
-        raise TrackingError(f"tracking store {uri}: {path} is not a readable sqlite database "
-                            f"({problem}); move it aside (mv {path} {path}.bad) and rerun to "
-                            "start a fresh store, or set tracking.tracking_uri / "
-                            "MLFLOW_TRACKING_URI to another store")
-
-
-def _sqlite_problem(path: Path) -> str | None:
-    """What is wrong with the sqlite file at `path` (None: missing, empty or sound); read only."""
-    import sqlite3
-
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    with open(path, "rb") as fh:
-        if fh.read(16) != b"SQLite format 3\x00":
-            return "no sqlite header"
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            return None  # another stage is writing it: a database, in use
-        return str(exc)
-    except sqlite3.DatabaseError as exc:
-        return str(exc)
-    return None if verdict == "ok" else verdict
-
-
-@contextlib.contextmanager
-def _store_lock(tracking_uri: str) -> Iterator[None]:
-    """An inter-process lock per sqlite store (no-op for other stores and off POSIX)."""
-    path = _sqlite_path(tracking_uri)
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
-    if path is None or fcntl is None:
-        yield
-        return
-    lock_path = Path(tempfile.gettempdir()) / f"ddpm-mlflow-{sha256_hex(str(path), length=16)}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _is_locked_error(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it wraps) is sqlite's "database is locked"."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if "database is locked" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _retry_if_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call `fn`, retrying on "database is locked" with jittered exponential backoff."""
-    for attempt in range(LOCK_RETRIES):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if attempt == LOCK_RETRIES - 1 or not _is_locked_error(exc):
-                raise
-            delay = min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random())
-            log.warning("tracking store busy (database is locked); retry %d/%d in %.2f s",
-                        attempt + 1, LOCK_RETRIES - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 # --------------------------------------------------------------------------------------------
 # Tracker
 # --------------------------------------------------------------------------------------------
@@ -388,7 +162,7 @@ class Tracker:
         self.artifact_location: Optional[str] = (
             resolve_artifact_root(tracking_cfg, self.root).rstrip("/") + "/"
             + re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name))
-        if _is_server(self.tracking_uri) and not _has_scheme(tracking_cfg.artifact_root):
+        if is_server(self.tracking_uri) and not has_scheme(tracking_cfg.artifact_root):
             self.artifact_location = None
         self._client: Optional[MlflowClient] = None
         self._experiment_id: Optional[str] = None
@@ -408,10 +182,10 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
-            with _store_lock(self.tracking_uri):
+            with store_lock(self.tracking_uri):
                 # MlflowClient() builds the store at once; on a new sqlite file that runs
                 # MLflow's schema migrations, which must not run in two processes at once.
-                self._client = _retry_if_locked(MlflowClient, tracking_uri=self.tracking_uri)
+                self._client = retry_if_locked(MlflowClient, tracking_uri=self.tracking_uri)
         return self._client
 
     @property
@@ -419,8 +193,8 @@ class Tracker:
         """The study's MLflow experiment (named after the study), created if missing."""
         if self._experiment_id is None:
             client = self.client
-            with _store_lock(self.tracking_uri):
-                self._experiment_id = _retry_if_locked(self._get_or_create_experiment, client)
+            with store_lock(self.tracking_uri):
+                self._experiment_id = retry_if_locked(self._get_or_create_experiment, client)
         return self._experiment_id
 
     def _get_or_create_experiment(self, client: MlflowClient) -> str:
@@ -472,7 +246,7 @@ class Tracker:
         """A fresh top-level run in the study's experiment (one per sweep), never reused."""
         experiment_id = self.experiment_id
         all_tags = {TAG_ROLE: "run", **self._source_tags(), **_str_values(tags or {})}
-        run = _retry_if_locked(self.client.create_run, experiment_id, tags=all_tags,
+        run = retry_if_locked(self.client.create_run, experiment_id, tags=all_tags,
                                run_name=name)
         return run.info.run_id
 
@@ -480,10 +254,10 @@ class Tracker:
                    tags: Optional[Mapping[str, Any]] = None) -> str:
         """A new run nested under `parent_run_id` (a sweep trial), in the parent's experiment."""
         client = self.client
-        parent = _retry_if_locked(client.get_run, parent_run_id)
+        parent = retry_if_locked(client.get_run, parent_run_id)
         all_tags = {TAG_ROLE: "trial", **self._source_tags(), **_str_values(tags or {}),
                     "mlflow.parentRunId": parent_run_id}
-        run = _retry_if_locked(client.create_run, parent.info.experiment_id, tags=all_tags,
+        run = retry_if_locked(client.create_run, parent.info.experiment_id, tags=all_tags,
                                run_name=name)
         return run.info.run_id
 
@@ -496,14 +270,14 @@ class Tracker:
         client = self.client
         tags = {**tags, **self._experiment_tag()}
         query = " and ".join(f"tags.`{key}` = {_literal(value)}" for key, value in tags.items())
-        with _store_lock(self.tracking_uri):
-            runs = _retry_if_locked(client.search_runs, [experiment_id], filter_string=query,
+        with store_lock(self.tracking_uri):
+            runs = retry_if_locked(client.search_runs, [experiment_id], filter_string=query,
                                     run_view_type=ViewType.ACTIVE_ONLY, max_results=100,
                                     order_by=["attributes.start_time DESC"])
             for run in runs:  # outside a DVC experiment, skip the runs of experiments
                 if run.data.tags.get(TAG_DVC_EXPERIMENT) == self.dvc_experiment:
                     return run.info.run_id
-            run = _retry_if_locked(client.create_run, experiment_id,
+            run = retry_if_locked(client.create_run, experiment_id,
                                    tags={**tags, **self._source_tags()}, run_name=run_name)
         return run.info.run_id
 
@@ -529,7 +303,7 @@ class Tracker:
 
         client = self.client
         flat = flatten_params(params)
-        logged = _retry_if_locked(client.get_run, run_id).data.params
+        logged = retry_if_locked(client.get_run, run_id).data.params
         new = [Param(key, value) for key, value in flat.items() if key not in logged]
         changed = {key: value for key, value in flat.items()
                    if key in logged and logged[key] != value}
@@ -539,9 +313,9 @@ class Tracker:
         tags = [RunTag(f"{TAG_PARAM_CHANGED}{key}", value[:MAX_TAG_VALUE_LENGTH])
                 for key, value in changed.items()]
         for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
-            _retry_if_locked(client.log_batch, run_id, params=chunk)
+            retry_if_locked(client.log_batch, run_id, params=chunk)
         for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
-            _retry_if_locked(client.log_batch, run_id, tags=chunk)
+            retry_if_locked(client.log_batch, run_id, tags=chunk)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Optional[float]],
                     step: Optional[int] = None) -> None:
@@ -552,7 +326,7 @@ class Tracker:
         batch = [Metric(key, float(value), timestamp, step or 0)
                  for key, value in metrics.items() if value is not None]
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            _retry_if_locked(self.client.log_batch, run_id, metrics=chunk)
+            retry_if_locked(self.client.log_batch, run_id, metrics=chunk)
 
     def log_metric_history(self, run_id: str, name: str, steps: Sequence[int],
                            values: Sequence[float]) -> None:
@@ -566,12 +340,12 @@ class Tracker:
         if len(steps) != len(values):
             raise ValueError(f"metric {name}: {len(steps)} steps but {len(values)} values")
         client = self.client
-        done = {m.step for m in _retry_if_locked(client.get_metric_history, run_id, name)}
+        done = {m.step for m in retry_if_locked(client.get_metric_history, run_id, name)}
         timestamp = _now_ms()
         batch = [Metric(name, float(value), timestamp, int(step))
                  for step, value in zip(steps, values) if int(step) not in done]
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            _retry_if_locked(client.log_batch, run_id, metrics=chunk)
+            retry_if_locked(client.log_batch, run_id, metrics=chunk)
 
     def log_artifact(self, run_id: str, path: str | Path,
                      artifact_path: Optional[str] = None) -> None:
@@ -591,7 +365,7 @@ class Tracker:
         self._delete_artifact(run_id, artifact_file)
         with warnings.catch_warnings():  # mlflow's own select_dtypes call, noisy on pandas 3
             warnings.filterwarnings("ignore", message=".*select_dtypes.*")
-            _retry_if_locked(self.client.log_table, run_id, table, artifact_file)
+            retry_if_locked(self.client.log_table, run_id, table, artifact_file)
 
     def _delete_artifact(self, run_id: str, artifact_file: str) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -600,7 +374,7 @@ class Tracker:
         parent = os.path.dirname(artifact_file) or None
         if artifact_file not in {f.path for f in client.list_artifacts(run_id, parent)}:
             return
-        artifact_uri = _retry_if_locked(client.get_run, run_id).info.artifact_uri
+        artifact_uri = retry_if_locked(client.get_run, run_id).info.artifact_uri
         try:
             get_artifact_repository(artifact_uri).delete_artifacts(artifact_file)
         except Exception as exc:  # a store without deletes: MLflow appends, say so
@@ -614,15 +388,11 @@ class Tracker:
         batch = [RunTag(key, value[:MAX_TAG_VALUE_LENGTH])
                  for key, value in _str_values(tags).items()]
         for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
-            _retry_if_locked(self.client.log_batch, run_id, tags=chunk)
-
-    def set_description(self, run_id: str, text: str) -> None:
-        """The run's description (markdown), shown on its page in `mlflow ui`."""
-        self.set_tags(run_id, {TAG_NOTE: text})
+            retry_if_locked(self.client.log_batch, run_id, tags=chunk)
 
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""
-        _retry_if_locked(self.client.set_terminated, run_id, status)
+        retry_if_locked(self.client.set_terminated, run_id, status)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ CIFAR10 (3x32x32) keep their native shape.
 
 The data's levels are its quantization: `to_model_range` maps level k of L to 2k / (L - 1) - 1 in
 [-1, 1], the decoder of the NLL bound
-(`pipeline.diffusion.gaussian.discretized_gaussian_log_likelihood`)
+(`pipeline.diffusion.likelihood.discretized_gaussian_log_likelihood`)
 puts one bin on each level, and `to_uint8` snaps samples to the nearest level. For 8-bit data
 (L = 256) this is the usual x / 127.5 - 1 and round((x + 1) * 127.5).
 

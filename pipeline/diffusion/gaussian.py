@@ -1,5 +1,7 @@
-"""The Gaussian diffusion of Ho, Jain & Abbeel 2020: forward process, reverse process, losses,
-the variational bound in bits/dim, and samplers.
+"""The Gaussian diffusion of Ho, Jain & Abbeel 2020: forward process, reverse process, losses
+and the variational bound in bits/dim. Its samplers are in `pipeline.diffusion.samplers`, the
+timestep samplers of training in `pipeline.diffusion.timesteps`, the densities of the bound in
+`pipeline.diffusion.likelihood`.
 
 Timestep index `t` runs over 0..T-1; index 0 is the paper's t = 1. Data live in [-1, 1].
 Constants are computed once in float64 and cast to the input's dtype and device when gathered.
@@ -8,24 +10,21 @@ Variants are small functions in tables keyed by the names params.yaml uses:
 - `MEAN_TYPES`: what the network predicts (eps, x0, mu = the paper's "mu-tilde prediction");
 - `VAR_TYPES`: the reverse-process variance (fixed_large, fixed_small, learned, learned_range);
 - `LOSSES`: the objective (simple, vlb = the paper's "L", hybrid);
-- `WEIGHTINGS`: per-timestep weights of the simple loss (uniform, vlb, p2, min_snr);
-- `SAMPLERS`: ancestral (Algorithm 2) and strided DDIM.
+- `WEIGHTINGS`: per-timestep weights of the simple loss (uniform, vlb, p2, min_snr).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from pipeline.core.config import LEARNED_VAR_TYPES
-
-LN2 = math.log(2.0)
+from pipeline.diffusion.likelihood import LN2, discretized_gaussian_log_likelihood, normal_kl
+from pipeline.diffusion.seeding import TermGenerators, rand, randn, term_generator
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,100 +45,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
 
 
-class StackedGenerator:
-    """One `torch.Generator` per row of a batch (EDM's StackedRandomGenerator): row r of every
-    draw comes from generator r, so an image's noise does not depend on which other images
-    share its batch. `pipeline.diffusion.seeding.item_generators` makes one per image."""
-
-    def __init__(self, generators):
-        self.generators = list(generators)
-        if not self.generators:
-            raise ValueError("a StackedGenerator needs at least one generator")
-        self.device = self.generators[0].device
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def draw(self, fn, shape, dtype) -> torch.Tensor:
-        """`fn` (torch.randn or torch.rand) of `shape`, row r from generator r."""
-        if shape[0] != len(self.generators):
-            raise ValueError(f"{len(self.generators)} generators cannot draw a batch of "
-                             f"{shape[0]}")
-        return torch.stack([fn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
-                            for g in self.generators])
-
-
-Generator = Union[torch.Generator, StackedGenerator]
-# the noise source of a bound term: one generator for every term, or a function of the term
-TermGenerators = Union[None, Generator, Callable[[int], Generator]]
 NLL_METHODS = ("exact", "stratified")
-
-
-def _term_generator(generator: TermGenerators, term: int) -> Optional[Generator]:
-    return generator(term) if callable(generator) else generator
-
-
-def _draw(fn, shape, generator: Optional[Generator], device, dtype) -> torch.Tensor:
-    if isinstance(generator, StackedGenerator):
-        values = generator.draw(fn, shape, dtype)
-    else:
-        gen_device = generator.device if generator is not None else device
-        values = fn(shape, generator=generator, device=gen_device, dtype=dtype)
-    return values.to(device) if device is not None else values
-
-
-def randn(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
-    """Standard normal noise drawn from `generator` (on its own device; a StackedGenerator
-    draws each row from its own), moved to `device`."""
-    return _draw(torch.randn, shape, generator, device, dtype)
-
-
-def rand(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
-    """Uniform [0, 1) values drawn like `randn`."""
-    return _draw(torch.rand, shape, generator, device, dtype)
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL( N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)) ) in nats, elementwise."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
-    return torch.where(x > -LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
-                                        log_scales: torch.Tensor,
-                                        num_levels: int = 256) -> torch.Tensor:
-    """log P(x) under N(means, exp(log_scales)^2) discretized to the data's `num_levels` evenly
-    spaced levels on [-1, 1] (x on those levels), in nats.
-
-    The decoder L_0 of Ho et al. 2020 Eq. 13, which has 256 levels: bin edges at
-    x +- 1 / (num_levels - 1), the edge bins open (-inf at the bottom, +inf at the top), so the
-    probabilities of the levels sum to 1. Uses the exact normal CDF through log_ndtr and
-    log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), mirrored into the
-    lower tail for bins above the mean, so it stays accurate far in either tail. Elementwise.
-    """
-    work = torch.promote_types(x.dtype, torch.float32)
-    x, means, log_scales = (v.to(work) for v in torch.broadcast_tensors(x, means, log_scales))
-    half_bin = 1.0 / (num_levels - 1)
-    inv_scale = torch.exp(-log_scales)
-    upper = (x - means + half_bin) * inv_scale
-    lower = (x - means - half_bin) * inv_scale
-    # For a bin above the mean, use the mirrored (lower-tail) CDFs: Phi(b) - Phi(a) = Phi(-a) - Phi(-b).
-    flip = (lower + upper) > 0
-    hi = torch.where(flip, -lower, upper)
-    lo = torch.where(flip, -upper, lower)
-    log_cdf_hi = torch.special.log_ndtr(hi)
-    log_cdf_lo = torch.special.log_ndtr(lo)
-    log_mid = log_cdf_hi + _log1mexp(torch.clamp(log_cdf_lo - log_cdf_hi, max=-1e-30))
-    log_cdf_upper = torch.special.log_ndtr(upper)  # P(X < x + half bin): the bottom bin
-    log_sf_lower = torch.special.log_ndtr(-lower)  # P(X > x - half bin): the top bin
-    bottom = x < -1.0 + half_bin
-    top = x > 1.0 - half_bin
-    return torch.where(bottom, log_cdf_upper, torch.where(top, log_sf_lower, log_mid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +445,7 @@ class GaussianDiffusion:
             ts, noises = [], []
             for t_index in call:
                 ts.append(torch.full((x0.shape[0],), t_index, dtype=torch.long, device=x0.device))
-                noises.append(randn(x0.shape, _term_generator(generator, t_index), x0.device,
+                noises.append(randn(x0.shape, term_generator(generator, t_index), x0.device,
                                     x0.dtype))
             for term in self._vb_terms_stacked(model, x0, ts, noises, clip_denoised):
                 total = total + term.double()
@@ -570,7 +476,7 @@ class GaussianDiffusion:
             ts, noises, sizes = [], [], []
             for k in order[first:first + terms_per_call]:
                 lo, hi = int(edges[k]), int(edges[k + 1])
-                stream = _term_generator(generator, k)
+                stream = term_generator(generator, k)
                 u = rand((batch,), stream, x0.device)
                 ts.append(lo + (u * (hi - lo)).long().clamp(max=hi - lo - 1))
                 noises.append(randn(x0.shape, stream, x0.device, x0.dtype))
@@ -579,171 +485,3 @@ class GaussianDiffusion:
                                                                  clip_denoised)):
                 total = total + size * term.double()
         return total
-
-    # -- sampling -----------------------------------------------------------------------------
-
-    def sample(self, model: Model, shape, generator: Optional[Generator] = None, *,
-               sampler: str = "ancestral", device=None, **kwargs) -> torch.Tensor:
-        """Draw x_0 with `sampler` (default: ancestral sampling, Algorithm 2) from x_T ~ N(0, I)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}")
-        x_T = randn(shape, generator, device)
-        return SAMPLERS[sampler](self, model, x_T, generator=generator, **kwargs)
-
-
-def summarize_nll(per_image_bpd: torch.Tensor) -> tuple[float, float]:
-    """Mean bits/dim over images and its standard error (std / sqrt(n))."""
-    values = per_image_bpd.double()
-    n = values.numel()
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return float(values.mean()), stderr
-
-
-# --------------------------------------------------------------------------------------------
-# Samplers: (diffusion, model, x_T, *, generator, callback, progress, ...) -> x_0
-# --------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def sample_ancestral(d: GaussianDiffusion, model: Model, x_T: torch.Tensor, *,
-                     generator: Optional[torch.Generator] = None,
-                     callback: Optional[Callback] = None, progress: bool = False,
-                     clip_denoised: Optional[bool] = None) -> torch.Tensor:
-    """Algorithm 2: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at t = 1).
-
-    callback(step, t, x_t, pred_x0) is called after every step (for progressive figures).
-    """
-    from pipeline.core.progress import progress_bar
-
-    x = x_T
-    batch = x.shape[0]
-    for step, t_index in enumerate(progress_bar(range(d.num_timesteps - 1, -1, -1),
-                                                total=d.num_timesteps, desc="sampling",
-                                                enabled=progress)):
-        t = torch.full((batch,), t_index, dtype=torch.long, device=x.device)
-        p = d.p_mean_variance(model, x, t, clip_denoised)
-        if t_index > 0:
-            z = randn(x.shape, generator, x.device, x.dtype)
-            x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
-        else:
-            x = p["mean"]
-        if callback is not None:
-            callback(step, t_index, x, p["pred_x0"])
-    return x
-
-
-@torch.inference_mode()
-def sample_ddim(d: GaussianDiffusion, model: Model, x_T: torch.Tensor, *,
-                steps: Optional[int] = None, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None,
-                callback: Optional[Callback] = None, progress: bool = False,
-                clip_denoised: Optional[bool] = None) -> torch.Tensor:
-    """Strided DDIM sampling (Song et al. 2021, Eq. 12) over `steps` evenly spaced timesteps.
-
-    x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z, with
-    sigma = eta sqrt((1 - alpha_bar_s)/(1 - alpha_bar_t)) sqrt(1 - alpha_bar_t/alpha_bar_s).
-    eta = 0 is deterministic; eta = 1 with all T steps is ancestral sampling with beta-tilde.
-    """
-    from pipeline.core.progress import progress_bar
-
-    steps = d.num_timesteps if steps is None else steps
-    if not 1 <= steps <= d.num_timesteps:
-        raise ValueError(f"steps must be in 1..{d.num_timesteps}, got {steps}")
-    timesteps = torch.linspace(d.num_timesteps - 1, 0, steps).round().long().unique_consecutive()
-    x = x_T
-    batch = x.shape[0]
-    clip = d.clip_denoised if clip_denoised is None else clip_denoised
-    ab = d.alphas_cumprod
-    for step, t_index in enumerate(progress_bar(timesteps.tolist(), total=len(timesteps),
-                                                desc=f"sampling (ddim {steps})", enabled=progress)):
-        t = torch.full((batch,), t_index, dtype=torch.long, device=x.device)
-        p = d.p_mean_variance(model, x, t, clip)
-        pred_x0 = p["pred_x0"]
-        eps = d.eps_from_x0(x, t, pred_x0)
-        ab_t = float(ab[t_index])
-        ab_s = float(ab[timesteps[step + 1]]) if step + 1 < len(timesteps) else 1.0
-        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-        x = math.sqrt(ab_s) * pred_x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
-        if sigma > 0 and step + 1 < len(timesteps):
-            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
-        if callback is not None:
-            callback(step, t_index, x, pred_x0)
-    return x
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ancestral": sample_ancestral,
-    "ddim": sample_ddim,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Timestep samplers for training: uniform, and importance sampling for the vlb loss
-# --------------------------------------------------------------------------------------------
-
-
-class UniformTimesteps:
-    """t ~ Uniform{0..T-1}, importance weights 1 (Algorithm 1)."""
-
-    def __init__(self, num_timesteps: int):
-        self.num_timesteps = num_timesteps
-
-    def probabilities(self) -> torch.Tensor:
-        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
-
-    def sample(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None):
-        """(t, weights): timesteps of shape (B,) and the weights 1 / (T p_t) that unbias them."""
-        probs = self.probabilities()
-        gen_device = generator.device if generator is not None else "cpu"
-        t = torch.multinomial(probs.to(gen_device), batch_size, replacement=True,
-                              generator=generator)
-        weights = 1.0 / (self.num_timesteps * probs.to(gen_device)[t])
-        return t.to(device), weights.float().to(device)
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Uniform sampling learns nothing from losses."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class LossSecondMomentTimesteps(UniformTimesteps):
-    """p_t proportional to sqrt(E[L_t^2]) over the last `history` losses at each t, mixed with a
-    little uniform mass (Nichol & Dhariwal 2021, Eq. 18); uniform until every t has a full
-    history. Unbiased through the weights 1 / (T p_t)."""
-
-    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
-        super().__init__(num_timesteps)
-        self.history, self.uniform_prob = history, uniform_prob
-        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)
-        self.counts = torch.zeros(num_timesteps, dtype=torch.long)
-
-    def probabilities(self) -> torch.Tensor:
-        if not bool((self.counts >= self.history).all()):
-            return super().probabilities()
-        weights = torch.sqrt((self.losses ** 2).mean(dim=1))
-        weights = weights / weights.sum()
-        return weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        for t_index, loss in zip(t.tolist(), losses.detach().double().cpu().tolist()):
-            slot = self.counts[t_index] % self.history
-            self.losses[t_index, slot] = loss
-            self.counts[t_index] += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses.clone(), "counts": self.counts.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.losses.copy_(state["losses"])
-        self.counts.copy_(state["counts"])
-
-
-def timestep_sampler(diffusion_cfg, num_timesteps: int) -> UniformTimesteps:
-    """The training-time sampler of t for a `DiffusionConfig`."""
-    if diffusion_cfg.importance_sampling:
-        return LossSecondMomentTimesteps(num_timesteps)
-    return UniformTimesteps(num_timesteps)

@@ -5,8 +5,8 @@ how its items were batched, chunked or spread over workers (as EDM's `generate.p
     generators = item_generators("sample", seed=1, indices=range(400, 600))
 
 gives one `torch.Generator` per image 400..599, stacked
-(`pipeline.diffusion.gaussian.StackedGenerator`):
-the samplers draw row r's noise from generator r. Item i of a stream is seeded with
+(`StackedGenerator`): `randn` and `rand` draw row r's noise from generator r, and the
+bound draws term j's from the generator that `term_generator` picks. Item i of a stream is seeded with
 (offset + i) mod 2^32, where the offset is a hash of (purpose, seed): distinct items of one
 stream never share a seed (torch's CPU generator, a Mersenne Twister, keeps only 32 bits of its
 seed), and each stream starts at its own place.
@@ -14,14 +14,66 @@ seed), and each stream starts at its own place.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
 from pipeline.core.io import sha256_hex
-from pipeline.diffusion.gaussian import StackedGenerator
 
 SEED_BITS = 32
+
+
+class StackedGenerator:
+    """One `torch.Generator` per row of a batch (EDM's StackedRandomGenerator): row r of every
+    draw comes from generator r, so an image's noise does not depend on which other images
+    share its batch. `pipeline.diffusion.seeding.item_generators` makes one per image."""
+
+    def __init__(self, generators):
+        self.generators = list(generators)
+        if not self.generators:
+            raise ValueError("a StackedGenerator needs at least one generator")
+        self.device = self.generators[0].device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def draw(self, fn, shape, dtype) -> torch.Tensor:
+        """`fn` (torch.randn or torch.rand) of `shape`, row r from generator r."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} generators cannot draw a batch of "
+                             f"{shape[0]}")
+        return torch.stack([fn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+
+Generator = Union[torch.Generator, StackedGenerator]
+# the noise source of a bound term: one generator for every term, or a function of the term
+TermGenerators = Union[None, Generator, Callable[[int], Generator]]
+
+
+def term_generator(generator: TermGenerators, term: int) -> Optional[Generator]:
+    """The generator of bound term `term`: `generator(term)` if it is a function of the term."""
+    return generator(term) if callable(generator) else generator
+
+
+def _draw(fn, shape, generator: Optional[Generator], device, dtype) -> torch.Tensor:
+    if isinstance(generator, StackedGenerator):
+        values = generator.draw(fn, shape, dtype)
+    else:
+        gen_device = generator.device if generator is not None else device
+        values = fn(shape, generator=generator, device=gen_device, dtype=dtype)
+    return values.to(device) if device is not None else values
+
+
+def randn(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
+    """Standard normal noise drawn from `generator` (on its own device; a StackedGenerator
+    draws each row from its own), moved to `device`."""
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape, generator: Optional[Generator], device=None, dtype=torch.float32):
+    """Uniform [0, 1) values drawn like `randn`."""
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 def stream_offset(purpose: str, seed: int) -> int:

@@ -1,1 +1,2 @@
-"""The sample, evaluate and reference stages' work, as jobs of chunks."""
+"""The stages' work above the cluster: training a run, the sweep, and the sample, evaluate and
+reference stages' jobs of chunks."""

@@ -251,6 +251,7 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
     from pipeline.cluster import ray_data
     from pipeline.cluster.sharding import ChunkStore
     from pipeline.jobs.over_training import best_by_fid, checkpoint_rows, final_scores
+    from pipeline.measure.classifier import classifier_path
 
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)
@@ -273,7 +274,7 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
         if record["status"] == Status.OK:
             record["status"] = sample_status
         return RunEvaluation(record=record, per_image=per_image, scores=scores)
-    apparatus = Apparatus.load(exp, data_dir, Path(models_dir) / "classifier" / "classifier.pt")
+    apparatus = Apparatus.load(exp, data_dir, classifier_path(models_dir))
     snapshots = {}
     if exp.evaluate.checkpoints is not None:
         snapshots = kept_ema_snapshots(model_dir)

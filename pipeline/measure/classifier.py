@@ -11,6 +11,7 @@ for IS. Its weights file is written by `save_classifier` and read by `load_class
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ class ClassifierError(UserError, RuntimeError):
 
 
 CLASSIFIER_REMAKE = "`dvc repro classifier` (or `python -m stages.classifier`)"
+CLASSIFIER_FILE = "classifier.pt"  # in the classifier stage's folder, models/classifier/
+
+
+def classifier_path(models_dir: str | Path) -> Path:
+    """The digits classifier's weights file among the study's models (`models/`)."""
+    return Path(models_dir) / "classifier" / CLASSIFIER_FILE
 _CHECKPOINT_FORMAT = "ddpm-study/digits-classifier"
 
 
@@ -158,8 +165,10 @@ def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
         "hparams": dict(model.hparams),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    buffer = io.BytesIO()  # saved to a buffer, the zip's entries are named alike in every run
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_classifier(path: str | Path) -> DigitsClassifier:

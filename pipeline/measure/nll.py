@@ -123,7 +123,7 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     evaluated at 8 timesteps per call.
     """
     from pipeline.core.progress import progress_bar
-    from pipeline.diffusion.gaussian import summarize_nll
+    from pipeline.diffusion.likelihood import summarize_nll
 
     images = uint8_images(images_uint8)
     parts = nll_parts(len(images), diffusion.num_bound_terms(method, num_strata), batch_size)

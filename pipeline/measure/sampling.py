@@ -21,6 +21,7 @@ import torch
 from pipeline.core.config import ExperimentConfig
 from pipeline.data.datasets import to_uint8
 from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.diffusion.samplers import sample
 from pipeline.model.precision import matmul_precision, with_precision
 
 
@@ -74,8 +75,8 @@ def sample_batch(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg,
     generators = item_generators("sample", seed, range(first, first + count), device)
     kwargs = {"steps": cfg.steps, "eta": cfg.eta} if cfg.sampler == "ddim" else {}
     with matmul_precision(cfg.precision):
-        x = diffusion.sample(net, (count, *image_shape), generators, sampler=cfg.sampler,
-                             device=device, callback=callback, **kwargs)
+        x = sample(diffusion, net, (count, *image_shape), generators, sampler=cfg.sampler,
+                   device=device, callback=callback, **kwargs)
     out = {"images": to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu().numpy()}
     if num_progressive:
         out["progressive"] = torch.stack(snapshots, dim=1).numpy()

@@ -35,7 +35,8 @@ from pipeline.reporting.formats import to_markdown
 from pipeline.reporting.results import ROW_SCORES, run_estimates
 
 if TYPE_CHECKING:
-    from pipeline.core.config import ExperimentConfig, Params
+    from pipeline.core.config import ExperimentConfig
+    from pipeline.core.params import Params
 
 CALIBRATION_FILE = Path("calibration/seeds.json")
 FORMAT = 1

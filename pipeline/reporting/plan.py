@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from pipeline.core.config import ExperimentConfig, Params, checkpoint_steps
+from pipeline.core.config import ExperimentConfig, checkpoint_steps
+from pipeline.core.params import Params
 
 # Seconds of a stage outside its network work on the 2-core machine: the stages' wall times in
 # a tiny study (T = 20, 40 training steps, 60 samples: next to no compute) under

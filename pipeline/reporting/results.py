@@ -1,13 +1,12 @@
-"""The study's results as the `tabulate` stage reads them (`pipeline.reporting.tabulate`).
+"""The runs' results as the `tabulate` stage reads them (`pipeline.reporting.tabulate`).
 
-The files the train, evaluate and sweep stages write; their formats live with their
-writers in `pipeline.artifacts.records`, `pipeline.artifacts.loss_curve` and
-`pipeline.cluster.sweep`), read here:
+The files of the train and evaluate stages; their formats live with their writers in
+`pipeline.artifacts.records` and `pipeline.artifacts.loss_curve` (the sweep's trials.csv:
+`pipeline.artifacts.trials`), read here:
 - runs: metrics/<experiment>-<seed>.json and _run.json, one row per run (`load_runs`), checked
   against the study's dataset (`check_dataset`); then one row per experiment, the mean over
   its seeds (`aggregate`); `estimate` reads one score of such a row as a `pipeline.measure.stats`
-  Estimate;
-- the sweep's trials csv (`load_sweep_trials`), as the sweep stage writes it.
+  Estimate.
 """
 
 from __future__ import annotations
@@ -113,24 +112,6 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
                            f"{score}_low": low, f"{score}_high": high})
         records.append(record)
     return pd.DataFrame.from_records(records)
-
-
-def load_sweep_trials(path: str | Path) -> pd.DataFrame:
-    """Read the sweep's trials csv (`cluster.sweep.trials_table`, written by the sweep stage):
-    the table needs schedule, weighting, fid and nll_bpd (status optional)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")
-    try:
-        trials = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: not a readable csv ({str(exc).strip()}); "
-                          "rerun `dvc repro sweep`") from None
-    missing = [c for c in ("schedule", "weighting", "fid", "nll_bpd") if c not in trials.columns]
-    if missing:
-        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}; "
-                          f"found: {', '.join(map(str, trials.columns))}")
-    return trials
 
 
 def check_dataset(runs: pd.DataFrame, dataset: str) -> None:

@@ -1,5 +1,5 @@
 """The sweep's report: schedule x weighting, from the trials of the `sweep` stage
-(results/sweep/trials.csv, read by `pipeline.reporting.results.load_sweep_trials`).
+(results/sweep/trials.csv, read by `pipeline.artifacts.trials.load_sweep_trials`).
 
 - `sweep_raw`: one row of numbers per (schedule, weighting) cell, written as results/sweep.csv
   (and drawn as the FID heat map by `pipeline.artifacts.figures.save_sweep_heatmap`);

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import yaml
 
 from pipeline.artifacts.figures import save_loss_curves, save_sweep_heatmap
-from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve
+from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, loss_curve_path
 from pipeline.artifacts.records import ResultsError, load_nll_per_image, load_reference, nll_path
 from pipeline.core.errors import remake
 from pipeline.core.io import write_text
@@ -19,13 +19,14 @@ from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
 from pipeline.reporting import findings as paper_findings
 from pipeline.reporting.calibration import apply_calibration, load_calibration
 from pipeline.reporting.formats import to_markdown, write_csv
-from pipeline.reporting.results import aggregate, check_dataset, load_runs, load_sweep_trials
+from pipeline.artifacts.trials import load_sweep_trials
+from pipeline.reporting.results import aggregate, check_dataset, load_runs
 from pipeline.reporting.sweep_report import build_sweep, write_sweep
 from pipeline.reporting.tables import build_tables, run_descriptions, write_tables
 from pipeline.reporting.verdicts import hold_verdicts
 
 if TYPE_CHECKING:
-    from pipeline.core.config import Params
+    from pipeline.core.params import Params
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
     loss curve file, or without a finite loss, is left out."""
     curves = {}
     for key in keys:
-        path = Path(plots_dir) / f"{key}.csv"
+        path = loss_curve_path(plots_dir, key)
         if path.is_file():
             try:
                 steps, losses = load_loss_curve(path)

@@ -17,7 +17,7 @@ from pipeline.reporting.findings import CALIBRATED_LABEL, INCONCLUSIVE, NOT_MEAS
 from pipeline.reporting.results import aggregate, load_runs
 
 if TYPE_CHECKING:
-    from pipeline.core.config import Params
+    from pipeline.core.params import Params
 
 
 def seed_verdicts(params: Params, metrics_dir: str | Path, calibration: Calibration

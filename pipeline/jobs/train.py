@@ -1,0 +1,89 @@
+"""The train stage's work: fit one run with Ray Train (`pipeline.cluster.train.fit`), then keep
+what the study reads of it, models/<E>-<S>/ and the loss curve (`train_run`), and its MLflow
+record (`log_training`).
+
+The folder's state.json gets the run's bookkeeping beside the training state: the Ray run name,
+the config hash, the training loop's wall time and images/s, the final loss and where the run's
+checkpoints are. With evaluate.checkpoints set, the EMA snapshots asked for are copied in, and
+a local copy of snapshots fetched from a URI storage is removed once copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.core.config import ExperimentConfig
+from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS, Tracker
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What `train_run` kept: the training state read back, and figures of the run."""
+
+    state: dict[str, Any]
+    run_name: str
+    images_per_s: Optional[float]
+    wall_s: float  # of the whole fit, Ray's start-up included
+    snapshots: dict[int, Path]  # the EMA snapshots copied into the model folder, by step
+
+    @property
+    def steps(self) -> int:
+        return self.state["step"]
+
+    @property
+    def status(self) -> str:
+        return self.state["status"]
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        return self.state["loss_history"]
+
+
+def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir: Path,
+              plots_dir: Path) -> TrainedRun:
+    """Fit `exp` on the prepared split at `train_path` (Ray Train storage `storage`; a killed
+    run resumes there), then write models_dir/<E>-<S>/ and the loss curve in `plots_dir`."""
+    from pipeline.artifacts.loss_curve import loss_curve_path, save_loss_curve
+    from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
+    from pipeline.cluster import connection, train
+    from pipeline.core.io import is_uri
+
+    print(connection.connect(), flush=True)
+    start = time.monotonic()
+    try:
+        outcome = train.fit(exp, train_path, storage)
+    finally:
+        connection.shutdown()
+    wall = time.monotonic() - start
+    state = outcome.state
+    history = state["loss_history"]
+    images_per_s = state["step"] * exp.train.batch_size / state["wall_s"] \
+        if state.get("wall_s") else None
+    run_name = train.run_name(exp)
+    extra = {"run_name": run_name, "config_hash": exp.config_hash(),
+             "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
+             "final_loss": history[-1][1] if history else None,
+             "checkpoints": str(outcome.run_path)}
+    snapshots = wanted_ema_snapshots(exp, outcome.ema_snapshot_dir, state["step"])
+    write_model_dir(Path(models_dir) / exp.key, state, extra, ema_snapshots=snapshots)
+    if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
+        shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
+    save_loss_curve(loss_curve_path(plots_dir, exp.key), history)
+    return TrainedRun(state=state, run_name=run_name, images_per_s=images_per_s, wall_s=wall,
+                      snapshots=snapshots)
+
+
+def log_training(tracker: Tracker, exp: ExperimentConfig, run: TrainedRun) -> None:
+    """The run's MLflow record: its params, the loss curve, the loop's figures, its status."""
+    run_id = tracker.run_of(exp)
+    tracker.log_params(run_id, exp.to_dict())
+    tracker.log_metric_history(run_id, "train_loss", [s for s, _ in run.history],
+                               [v for _, v in run.history])
+    tracker.log_metrics(run_id, {"train_wall_s": run.state.get("wall_s"),
+                                 "train_images_per_s": run.images_per_s,
+                                 "train_steps": run.steps})
+    tracker.set_tags(run_id, {TAG_STATUS: run.status, TAG_RAY_RUN_NAME: run.run_name})
