@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core.params import Params, load_params
 from pipeline.core.errors import UserError
+from pipeline.core.params import Params, load_params
 
 EXIT_USER_ERROR = 2
 

@@ -9,8 +9,8 @@ folder the stage runs in.
 Concurrency. Several processes may write the same sqlite file at once (sweep trials). MLflow
 already sets `PRAGMA busy_timeout = 20000` on every session, but sqlite still answers
 "database is locked" at once where waiting could deadlock (a read transaction upgrading to a
-write), and MLflow re-raises that as an `MlflowException`. Every write here therefore goes
-through `retry_if_locked`: up to `LOCK_RETRIES` attempts with jittered exponential backoff,
+write), and MLflow re-raises that as an `MlflowException`. Every write of the Tracker therefore
+goes through `retry_if_locked`: up to `LOCK_RETRIES` attempts with jittered exponential backoff,
 then the error propagates. Finding-or-creating the experiment and a run, and the first opening
 of a fresh database (MLflow runs its schema migrations without a lock), are serialized between
 processes with an advisory file lock (POSIX `flock`), so that two stages never create two runs

@@ -4,12 +4,12 @@ how its items were batched, chunked or spread over workers (as EDM's `generate.p
 
     generators = item_generators("sample", seed=1, indices=range(400, 600))
 
-gives one `torch.Generator` per image 400..599, stacked
-(`StackedGenerator`): `randn` and `rand` draw row r's noise from generator r, and the
-bound draws term j's from the generator that `term_generator` picks. Item i of a stream is seeded with
-(offset + i) mod 2^32, where the offset is a hash of (purpose, seed): distinct items of one
-stream never share a seed (torch's CPU generator, a Mersenne Twister, keeps only 32 bits of its
-seed), and each stream starts at its own place.
+gives one `torch.Generator` per image 400..599, stacked (`StackedGenerator`): `randn` and
+`rand` draw row r's noise from generator r, and the bound draws term j's from the generator
+that `term_generator` picks. Item i of a stream is seeded with (offset + i) mod 2^32, where
+the offset is a hash of (purpose, seed): distinct items of one stream never share a seed
+(torch's CPU generator, a Mersenne Twister, keeps only 32 bits of its seed), and each stream
+starts at its own place.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SEED_BITS = 32
 class StackedGenerator:
     """One `torch.Generator` per row of a batch (EDM's StackedRandomGenerator): row r of every
     draw comes from generator r, so an image's noise does not depend on which other images
-    share its batch. `pipeline.diffusion.seeding.item_generators` makes one per image."""
+    share its batch. `item_generators` makes one per image."""
 
     def __init__(self, generators):
         self.generators = list(generators)

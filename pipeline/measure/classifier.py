@@ -37,6 +37,8 @@ CLASSIFIER_FILE = "classifier.pt"  # in the classifier stage's folder, models/cl
 def classifier_path(models_dir: str | Path) -> Path:
     """The digits classifier's weights file among the study's models (`models/`)."""
     return Path(models_dir) / "classifier" / CLASSIFIER_FILE
+
+
 _CHECKPOINT_FORMAT = "ddpm-study/digits-classifier"
 
 

@@ -13,13 +13,13 @@ import yaml
 from pipeline.artifacts.figures import save_loss_curves, save_sweep_heatmap
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, loss_curve_path
 from pipeline.artifacts.records import ResultsError, load_nll_per_image, load_reference, nll_path
+from pipeline.artifacts.trials import load_sweep_trials
 from pipeline.core.errors import remake
 from pipeline.core.io import write_text
 from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
 from pipeline.reporting import findings as paper_findings
 from pipeline.reporting.calibration import apply_calibration, load_calibration
 from pipeline.reporting.formats import to_markdown, write_csv
-from pipeline.artifacts.trials import load_sweep_trials
 from pipeline.reporting.results import aggregate, check_dataset, load_runs
 from pipeline.reporting.sweep_report import build_sweep, write_sweep
 from pipeline.reporting.tables import build_tables, run_descriptions, write_tables
