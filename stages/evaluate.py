@@ -6,7 +6,7 @@ the NLL bound (bits/dim) of its model, each with its standard error.
 What is measured, and how, is `pipeline.jobs.evaluation`. Writes metrics/<E>-<S>.json (DVC
 metrics: numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
 counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for
-comparing runs image by image) and, for scores over training, metrics/<E>-<S>_checkpoints.csv with its figure
+comparing runs image by image) and, for scores over training, metrics/<E>-<S>_over_training.csv with its figure
 plots/fid_over_training/<E>-<S>.png (one row, the final model, without evaluate.checkpoints).
 Every network evaluation runs on evaluate.num_workers Ray workers (a GPU each with
 evaluate.use_gpu), its finished chunks kept in Ray storage until the outputs are written.
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _common.parser("evaluate", "Measure FID / IS / KID and NLL (bits/dim) of one run.",
                        experiment=True, folders=("data", "models", "samples"),
                        out=("metrics", "folder for <E>-<S>.json, _run.json, _nll.csv and "
-                                       "_checkpoints.csv"))
+                                       "_over_training.csv"))
     p.add_argument("--figures", default="plots/fid_over_training", type=Path,
                    help="folder for <E>-<S>.png, FID and NLL over training "
                         "(default: %(default)s)")

@@ -41,7 +41,7 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DDPM_STORAGE", "AWS_ENDPOINT_URL",
                  "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "RAY_AUTH_MODE")
 # Never uploaded, ignored by git or not: DVC's cache and scratch, local runs and environments
 EXCLUDES = [".git", ".dvc/cache", ".dvc/tmp", ".venv", "mlruns", "mlartifacts", "mlflow.db",
-            "checkpoints", "dvc_plots"]
+            "ray_storage", "checkpoints", "dvc_plots"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

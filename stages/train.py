@@ -5,11 +5,11 @@ study.seeds) on the prepared train split.
 
 Writes models/<E>-<S>/ (EMA and raw weights, optimizer state, state.json, config.yaml) and the
 loss curve plots/loss/<E>-<S>.csv, from what it reads back from Ray Train's storage:
-`cluster.storage` (checkpoints/ by default, outside every DVC output; a shared path or a URI
+`cluster.storage` (ray_storage/ by default, outside every DVC output; a shared path or a URI
 such as s3://bucket/prefix on a cluster; DDPM_STORAGE or --storage override it), so a killed
 run resumes from its last checkpoint. With evaluate.checkpoints set, rank 0 also keeps the EMA
 weights of every checkpoint step (<storage>/<run name>/ema/) and the steps asked for are copied
-to models/<E>-<S>/checkpoints/ema_<step>.pt for the evaluate stage.
+to models/<E>-<S>/ema_snapshots/ema_<step>.pt for the evaluate stage.
 A diverged run (non-finite loss) is written with status "unstable" and the stage succeeds, so
 the rest of the study goes on.
 """

@@ -293,7 +293,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_after_the_worker_node_d
     assert resumed and resumed[0] in (30, 40, 50) and resumed[0] <= killed["at"] + 10, steps
     state = yaml.safe_load((repo / "models" / "eps_simple-0" / "state.json").read_text())
     assert state["step"] == 60 and state["status"] == "ok"
-    assert state["checkpoints"].startswith(storage)
+    assert state["run_path"].startswith(storage)
     curve = (repo / "plots" / "loss" / "eps_simple-0.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in curve] == [10, 20, 30, 40, 50, 60]
     keys = [o["Key"] for o in s3.client.list_objects_v2(
@@ -355,7 +355,7 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
                           capture_output=True, text=True, timeout=300)
     assert pull.returncode == 0, pull.stderr[-3000:]
     assert (repo / "models" / "eps_simple-0" / "ema.pt").is_file()
-    kept = sorted(p.name for p in (repo / "models" / "eps_simple-0" / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (repo / "models" / "eps_simple-0" / "ema_snapshots").iterdir())
     assert kept == ["ema_20.pt", "ema_40.pt"]  # written to S3 by rank 0, read back
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo).stdout
 

@@ -33,7 +33,7 @@ from helpers import PROJECT, env_for, make_study_repo, mlflow_runs, run_record, 
 
 STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
 EXPERIMENT_STAGES = ("train", "sample", "evaluate")
-OUTPUTS = ("data/prepared", "models", "samples", "metrics", "plots", "results", "checkpoints",
+OUTPUTS = ("data/prepared", "models", "samples", "metrics", "plots", "results", "ray_storage",
            "dvc.lock")
 WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*?train ([\w-]+): step (\d+)/(\d+)")
 
@@ -243,7 +243,7 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     outputs equal those of the uninterrupted run."""
     repo = make_study_repo(tmp_path, lambda p: shared_study_params(p, ("eps_simple",)))
     target = f"evaluate@{KEY}"  # train, sample, evaluate (and prepare, classifier)
-    storage = repo / "checkpoints"
+    storage = repo / "ray_storage"
     # Ray's default 2 s controller poll (a user's setting overrides the local cluster's 0.5 s):
     # the checkpoints of steps 20 and 40 then register seconds apart, and the kill lands between
     # them; with 0.5 s polls this tiny run registers step 40 within a second of step 20.
@@ -633,10 +633,10 @@ def test_corrupt_cifar10_archive_names_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_on_resume_names_the_file_in_storage(study, tmp_path):
-    """A truncated state.pt under checkpoints/: the rerun train stage fails (after Ray's
+    """A truncated state.pt under ray_storage/: the rerun train stage fails (after Ray's
     retries) with a message naming that file and the folder to delete, not a worker's temp copy."""
     storage = tmp_path / "checkpoints"
-    shutil.copytree(study / "checkpoints", storage)
+    shutil.copytree(study / "ray_storage", storage)
     run = next(p.parent for p in storage.glob("*eps_simple*/checkpoint_manager_snapshot.json"))
     corrupted = [truncate(p) for p in ray_checkpoints(run.parent) if run in p.parents]
     assert corrupted

@@ -2,7 +2,7 @@
 
 It holds `ema.pt` and `model.pt` (U-Net state dicts), `optimizer.pt`, `state.json` (step,
 status, timings, run name) and `config.yaml` (the resolved experiment config); with
-`evaluate.checkpoints` set, also `checkpoints/ema_<step>.pt`, the EMA weights at those training
+`evaluate.checkpoints` set, also `ema_snapshots/ema_<step>.pt`, the EMA weights at those training
 steps.
 """
 
@@ -24,7 +24,8 @@ from pipeline.core.status import Status
 from pipeline.model.ema import ema_snapshot_path, ema_snapshot_steps, ema_weights
 from pipeline.model.unet import build_model
 
-CHECKPOINTS_DIR = "checkpoints"  # models/<E>/checkpoints/ema_<step>.pt: EMA weights over training
+# models/<E>-<S>/ema_snapshots/ema_<step>.pt: the EMA weights at the training steps scored
+SNAPSHOTS_DIR = "ema_snapshots"
 
 
 def train_command(exp: ExperimentConfig) -> str:
@@ -40,11 +41,11 @@ class ModelError(UserError, RuntimeError):
 def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
                     ema_snapshots: Optional[dict[int, Path]] = None) -> None:
     """Write `models/<E>/` atomically from a final training state (see `pipeline.cluster.training`);
-    `ema_snapshots` ({step: file}) are copied to `models/<E>/checkpoints/ema_<step>.pt`."""
+    `ema_snapshots` ({step: file}) are copied to `models/<E>-<S>/ema_snapshots/ema_<step>.pt`."""
     with atomic_dir(out) as tmp:
         torch.save(ema_weights(state["ema"]), tmp / "ema.pt")
         for step, source in (ema_snapshots or {}).items():
-            target = Path(ema_snapshot_path(tmp / CHECKPOINTS_DIR, step))
+            target = Path(ema_snapshot_path(tmp / SNAPSHOTS_DIR, step))
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         torch.save(state["model"], tmp / "model.pt")
@@ -84,8 +85,8 @@ def read_model_info(model_dir: Path, exp: ExperimentConfig) -> dict[str, Any]:
 
 
 def kept_ema_snapshots(model_dir: Path) -> dict[int, Path]:
-    """{step: file} of the EMA snapshots kept in `models/<E>/checkpoints/` (may be empty)."""
-    return ema_snapshot_steps(Path(model_dir) / CHECKPOINTS_DIR)
+    """{step: file} of the EMA snapshots kept in `models/<E>-<S>/ema_snapshots/` (may be empty)."""
+    return ema_snapshot_steps(Path(model_dir) / SNAPSHOTS_DIR)
 
 
 def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
@@ -96,7 +97,7 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
     info = read_model_info(model_dir, exp)
     path = Path(model_dir) / f"{weights}.pt"
     if checkpoint_step is not None:
-        path = Path(ema_snapshot_path(Path(model_dir) / CHECKPOINTS_DIR, checkpoint_step))
+        path = Path(ema_snapshot_path(Path(model_dir) / SNAPSHOTS_DIR, checkpoint_step))
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

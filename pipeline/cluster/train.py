@@ -1,19 +1,17 @@
-"""Every Ray import of the project lives here: the cluster connection, Ray Train's TorchTrainer
-around the shared per-worker training function, and (for the sweep) Ray Tune.
+"""Ray Train around the shared per-worker training function: `fit` trains one experiment with a
+`TorchTrainer` (DDP: gloo on CPU, nccl on GPU), and `RaySession` is the training loop's view of
+Ray Train inside each worker (or of Ray Tune, in a single-worker sweep trial).
 
-- With `RAY_ADDRESS` set (as `ray job submit` does), stages connect to that cluster; otherwise
-  they start a local one sized to this machine.
-- Training runs under a fixed run name in its storage (`cluster.storage`, `checkpoints/<run
-  name>` by default: a local or shared path, or a URI such as s3://bucket/prefix), outside
-  every DVC output: Ray Train (V2) finds the run's last checkpoint there and resumes from it,
-  whether a worker died (`FailureConfig(max_failures)`) or the whole `dvc repro` was killed.
+- Training runs under a fixed run name (`run_name`) in Ray's storage (`cluster.storage`,
+  `ray_storage/<run name>` by default: a local or shared path, or a URI such as
+  s3://bucket/prefix), outside every DVC output: Ray Train (V2) finds the run's last checkpoint
+  there and resumes from it, whether a worker died (`FailureConfig(max_failures)`) or the whole
+  `dvc repro` was killed.
 - The driver puts the training data into Ray's object store; workers on any node get it from
   there, and EMA snapshots go to the run's storage, so a multi-node run needs no shared disk.
-- The sweep is a Ray Tune `Tuner` over a function trainable (`_tune_trial`) that runs the same
-  per-worker function: in the trial's own actor when a trial has one worker (the actor holds
-  its CPUs and is reused from trial to trial), or in a TorchTrainer of its own for DDP trials,
-  whose reports (rank 0's) `TuneReportCallback` forwards to Tune; ASHA reads them. A DDP
-  trial's actor holds no CPU (its Train controller holds none either): its workers do.
+
+The cluster connection is `pipeline.cluster.connection`; the sweep's Tuner, whose trials train
+through `RaySession` and `make_trainer`, is `pipeline.cluster.tune`.
 """
 
 from __future__ import annotations

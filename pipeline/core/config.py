@@ -321,15 +321,16 @@ class ClusterConfig:
     """Where Ray keeps and places the work. Nothing here changes a result, so no stage lists
     this section among its DVC params.
 
-    storage: Ray Train storage (checkpoints, EMA snapshots): a local path, a path every node
-    mounts, or a URI every node reaches (`s3://bucket/prefix`; an S3-compatible endpoint such
-    as MinIO through `AWS_ENDPOINT_URL`); `DDPM_STORAGE` overrides it. A run resumes from the
-    last checkpoint it finds there.
+    storage: Ray's storage (the training runs with their checkpoints and EMA snapshots, the
+    sweep's trials, the finished chunks of sampling and evaluation): a local path, a path every
+    node mounts, or a URI every node reaches (`s3://bucket/prefix`; an S3-compatible endpoint
+    such as MinIO through `AWS_ENDPOINT_URL`); `DDPM_STORAGE` overrides it. A run resumes from
+    the last checkpoint it finds there.
     placement: pack (Ray's default: fill a node before the next) | spread (the workers of one
     run on as many nodes as hold them, one per node where there are enough).
     """
 
-    storage: str = "checkpoints"
+    storage: str = "ray_storage"
     placement: Literal["pack", "spread"] = "pack"
 
     def resolved_storage(self) -> str:

@@ -35,7 +35,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts.records import METRICS, nll_path, save_nll_per_image, save_run_metrics
+from pipeline.artifacts.records import (METRICS, nll_path, over_training_path, save_nll_per_image,
+                                       save_over_training, save_run_metrics)
 from pipeline.core.status import Status
 from pipeline.measure.stats import (KID_MAX_IMAGES, Estimate, FeatureMoments, KernelReference,
                                     fidelity_scores, kid_subset)
@@ -308,19 +309,18 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
 
 def save_evaluation(result: RunEvaluation, exp, metrics_dir: Path,
                     figures_dir: Path) -> dict[str, Path]:
-    """Write the run's files: metrics/<key>.json and _run.json, _nll.csv, _checkpoints.csv and
-    the figure of FID and NLL over training; return {"metrics", "run", "nll", "scores",
+    """Write the run's files: metrics/<key>.json and _run.json, _nll.csv, _over_training.csv
+    and the figure of FID and NLL over training; return {"metrics", "run", "nll", "scores",
     "figure"}: their paths."""
     from pipeline.artifacts.figures import save_scores_over_training
-    from pipeline.jobs.over_training import write_scores
 
     record, scores = result.record, result.scores
     paths = dict(zip(("metrics", "run"), save_run_metrics(metrics_dir, exp.key, record)))
     paths["nll"] = nll_path(metrics_dir, exp.key)
     save_nll_per_image(paths["nll"], result.per_image)
-    paths["scores"] = Path(metrics_dir) / f"{exp.key}_checkpoints.csv"
+    paths["scores"] = over_training_path(metrics_dir, exp.key)
     paths["figure"] = Path(figures_dir) / f"{exp.key}.png"
-    write_scores(scores, paths["scores"])
+    save_over_training(paths["scores"], scores)
     save_scores_over_training(
         scores["step"].tolist(), scores["fid"].tolist(), scores["nll_bpd"].tolist(),
         paths["figure"], f"{exp.key}: FID and NLL over training",

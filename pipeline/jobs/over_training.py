@@ -2,8 +2,9 @@
 
 Ho et al. (2020) report each model at the checkpoint with the best FID over training. With
 `evaluate.checkpoints` set, the train stage keeps the EMA weights of those steps
-(`models/<E>/checkpoints/ema_<step>.pt`); the evaluate stage's workers score each of them
-(`checkpoint_rows` makes the table) with
+(`models/<E>-<S>/ema_snapshots/ema_<step>.pt`); the evaluate stage's workers score each of them
+(`checkpoint_rows` makes the table, which
+`pipeline.artifacts.records.save_over_training` writes) with
 
 - FID (and IS) of `evaluate.checkpoint_num_samples` samples against the train split, drawn with
   the experiment's sampler from the same seed at every step (common random numbers, so the
@@ -18,7 +19,6 @@ Without checkpoints (the default) the table holds one row, the final model's ful
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -75,10 +75,3 @@ def best_by_fid(scores: pd.DataFrame) -> Optional[dict[str, Any]]:
     return {"step": int(row["step"]), "fid": float(row["fid"]),
             "nll_bpd": float(row["nll_bpd"])}
 
-
-def write_scores(scores: pd.DataFrame, path: Path) -> None:
-    """The table as csv (DVC plots it: x step, y fid), written atomically."""
-    from pipeline.core.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        scores.to_csv(tmp, index=False)

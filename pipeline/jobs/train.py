@@ -3,9 +3,10 @@ what the study reads of it, models/<E>-<S>/ and the loss curve (`train_run`), an
 record (`log_training`).
 
 The folder's state.json gets the run's bookkeeping beside the training state: the Ray run name,
-the config hash, the training loop's wall time and images/s, the final loss and where the run's
-checkpoints are. With evaluate.checkpoints set, the EMA snapshots asked for are copied in, and
-a local copy of snapshots fetched from a URI storage is removed once copied.
+the config hash, the training loop's wall time and images/s, the final loss and the run's folder
+in Ray's storage (`run_path`, where its checkpoints are). With evaluate.checkpoints set, the EMA
+snapshots asked for are copied in, and a local copy of snapshots fetched from a URI storage is
+removed once copied.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
     extra = {"run_name": run_name, "config_hash": exp.config_hash(),
              "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
              "final_loss": history[-1][1] if history else None,
-             "checkpoints": str(outcome.run_path)}
+             "run_path": str(outcome.run_path)}
     snapshots = wanted_ema_snapshots(exp, outcome.ema_snapshot_dir, state["step"])
     write_model_dir(Path(models_dir) / exp.key, state, extra, ema_snapshots=snapshots)
     if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
