@@ -54,6 +54,8 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
     assert not pixels_of_colour(fid_figures[unstable], "tab:orange").any()
     curve = pd.read_csv(repo / "plots" / "loss" / f"{ok}.csv")
     assert curve["step"].tolist() == [10, 20, 30, 40]
+    # the training workers removed their scratch folders (checkpoints on their way to storage)
+    assert (repo.parent / "scratch_left").read_text() == ""
     # evaluate.checkpoints all: EMA snapshots at every checkpoint step, each scored
     snapshots = sorted(p.name for p in (repo / "models" / ok / "ema_snapshots").iterdir())
     assert snapshots == ["ema_20.pt", "ema_40.pt"]

@@ -44,7 +44,10 @@ class RaySession:
     """`pipeline.cluster.training.Session` backed by Ray Train (runs inside each training worker),
     or with `tune=True` by Ray Tune: a single-worker sweep trial that trains in its own Tune actor
     (rank 0 of 1, reports and checkpoints through `ray.tune`). `defaults` fill the metrics a
-    report lacks (Tune checks every report for the scheduler's metric)."""
+    report lacks (Tune checks every report for the scheduler's metric).
+
+    A context manager: its scratch folder (checkpoints on their way to storage, a resumed state
+    fetched from a URI) is removed when the worker's training ends, however it ends."""
 
     def __init__(self, threads: int, tune: bool = False,
                  defaults: Optional[dict[str, Any]] = None):
@@ -66,6 +69,17 @@ class RaySession:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         self._scratch = Path(tempfile.mkdtemp(prefix=f"ddpm-rank{self.rank}-"))
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where the training loop writes a checkpoint before `report` hands it to storage."""
+        return self._scratch / "out"
+
+    def __enter__(self) -> "RaySession":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def prepare_model(self, model):
         import ray.train.torch
@@ -108,13 +122,12 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     import ray
 
     exp = ExperimentConfig.from_dict(config["experiment"])
-    session = RaySession(threads=config["threads"])
-    on_log = config.get("on_log")
     train_data = config["train_data"]
     if isinstance(train_data, ray.ObjectRef):
         train_data = ray.get(train_data)
-    train_worker(exp, train_data, session, checkpoint_root=session._scratch / "out",
-                 on_log=on_log, ema_snapshot_dir=config.get("ema_snapshot_dir"))
+    with RaySession(threads=config["threads"]) as session:
+        train_worker(exp, train_data, session, checkpoint_root=session.checkpoint_root,
+                     on_log=config.get("on_log"), ema_snapshot_dir=config.get("ema_snapshot_dir"))
 
 
 # --------------------------------------------------------------------------------------------

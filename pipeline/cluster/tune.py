@@ -80,10 +80,10 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
     exp = sweep.trial_experiment(base, config["schedule"], config["weighting"])
     train_data = probe.train_data  # the prepared split itself (trial_probe), or its path
     if exp.train.num_workers == 1:
-        session = RaySession(threads=int(exp.train.cpus_per_worker), tune=True,
-                             defaults=NLL_DEFAULTS)
-        train_worker(exp, train_data, session, checkpoint_root=session._scratch / "out",
-                     on_log=probe)
+        with RaySession(threads=int(exp.train.cpus_per_worker), tune=True,
+                        defaults=NLL_DEFAULTS) as session:
+            train_worker(exp, train_data, session, checkpoint_root=session.checkpoint_root,
+                         on_log=probe)
         return
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = make_trainer(exp, train_data, storage, name=trial_id, on_log=probe,
