@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from pipeline.reporting.tabulate import logged_tables, report, run_tabulate, run_tags
+        from pipeline.reporting.tabulate import (logged_tables, read_lock, report, run_tabulate,
+                                                 run_tags)
 
         tracker = _common.tracker_for(params)
+        lock = read_lock(args.lock)  # a broken one stops the stage before it writes a table
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
                             args.calibration)
         run_id = tracker.study_run()
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in made["paths"]:
             tracker.log_artifact(run_id, path, "tables")
         runs = {run.key: run for run in params.runs()}
-        for key, tags in run_tags(params, made, args.lock).items():
+        for key, tags in run_tags(params, made, lock).items():
             tracker.set_tags(tracker.run_of(runs[key]), tags)
         tracker.set_terminated(run_id, "FINISHED")
         print(report(made), end="")

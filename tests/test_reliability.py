@@ -532,6 +532,21 @@ def test_unreachable_mlflow_stops_every_stage_at_once(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
 
+def test_unreachable_ray_cluster_stops_the_train_stage_in_seconds(prepared, tmp_path):
+    """RAY_ADDRESS pointing at a closed port (a cluster that is down): the train stage stops in
+    seconds with one line naming the address and the fix, where Ray itself retries for minutes,
+    and writes no model."""
+    address = f"127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    proc = stage("train", "-e", "eps_simple", "--params", tiny_params(tmp_path), "--data",
+                 prepared, "--out", tmp_path / "models", "--plots", tmp_path / "plots",
+                 cwd=tmp_path, env={"RAY_ADDRESS": address}, timeout=120)
+    assert time.monotonic() - start < 30  # torch and Ray imports, on a busy machine
+    assert_user_error(proc, f"no Ray cluster answers at RAY_ADDRESS={address}",
+                      "ray start --head", "unset RAY_ADDRESS")
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """Prepared digits splits (data/prepared), made in-process."""

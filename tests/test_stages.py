@@ -273,6 +273,29 @@ ALL_STAGES = sorted(p.stem for p in (PROJECT / "stages").glob("*.py")
                     if not p.stem.startswith("_") and p.stem != "local_ray")  # new ones too
 
 
+@pytest.mark.parametrize("address, message", [
+    ("headnode", "is not an address of a Ray cluster"),
+    ("http://headnode:", "is not an address of a Ray cluster"),
+    ("127.0.0.1:{closed}", "no Ray cluster answers at RAY_ADDRESS=127.0.0.1:{closed}"),
+    ("ray://127.0.0.1:{closed}", "no Ray cluster answers at RAY_ADDRESS=ray://127.0.0.1:"),
+])
+def test_a_ray_address_nothing_answers_at_is_refused_before_ray_starts(monkeypatch, address,
+                                                                       message):
+    import socket
+
+    import ray
+
+    from pipeline.cluster.connection import ClusterError, connect
+
+    with socket.socket() as sock:  # a port nothing listens at once closed
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", address.format(closed=closed))
+    with pytest.raises(ClusterError, match=re.escape(message.format(closed=closed))):
+        connect()
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_every_stage_documents_its_arguments(stage):
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"],

@@ -712,6 +712,8 @@ def test_tabulate_imports_no_training_code_and_train_reads_the_curve_format_alon
     ("corrupt", "eps_vlb_fixed-0.json: not valid JSON"),
     ("params", "unknown section"),
     ("dataset", "are for dataset 'digits', but params.yaml names 'cifar10'"),
+    ("lock", "dvc.lock: not valid YAML at line 3; restore it with `git checkout -- dvc.lock`"),
+    ("lock-list", "dvc.lock: not a DVC lock file (no mapping of stages)"),
 ])
 def test_stage_bad_input_exits_2_with_a_short_message(tmp_path, metrics_dir, capsys, damage,
                                                       expected):
@@ -723,8 +725,28 @@ def test_stage_bad_input_exits_2_with_a_short_message(tmp_path, metrics_dir, cap
         target.write_text("not json")
     elif damage == "params":
         params.write_text(params.read_text() + "bogus: 1\n")
+    elif damage == "lock":  # cut off inside a stage's entry
+        (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {train@eps_simple-0: [\n")
+    elif damage == "lock-list":
+        (tmp_path / "dvc.lock").write_text("- train\n- sample\n")
     assert tabulate_stage.main(_argv(tmp_path, metrics_dir, params)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_the_lock_gives_each_run_the_md5_of_its_stages_outputs(tmp_path):
+    from pipeline.core.params import load_params
+    from pipeline.core.tracking import tag_dvc_stage_md5
+    from pipeline.reporting.tabulate import read_lock, run_tags
+
+    assert read_lock(tmp_path / "dvc.lock") == {}  # none yet: no tags from it
+    stages = read_lock(PROJECT / "dvc.lock")
+    params = load_params(PROJECT / "params.yaml")
+    made = {"table2_raw": pd.DataFrame(columns=["experiment"])}
+    tags = run_tags(params, made, stages)
+    for run in params.runs():
+        for stage in ("train", "sample", "evaluate"):
+            md5 = stages[f"{stage}@{run.key}"]["outs"][0]["md5"]
+            assert tags[run.key][tag_dvc_stage_md5(stage)] == md5

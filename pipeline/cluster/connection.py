@@ -5,7 +5,10 @@ local one sized to this machine.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Optional
+
+from pipeline.core.errors import UserError
 
 # --------------------------------------------------------------------------------------------
 # Cluster
@@ -21,8 +24,39 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+class ClusterError(UserError, RuntimeError):
+    """No Ray cluster at RAY_ADDRESS: names the address and the fix."""
+
+
+# How long the head node's port may take to accept a connection before RAY_ADDRESS is refused
+# (ray.init itself retries an address nothing listens at for minutes, printing warnings).
+PROBE_TIMEOUT_S = 10.0
+
+
+def check_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse a RAY_ADDRESS (`host:port`, or a Ray Client `ray://host:port`) whose port
+    accepts no connection, in seconds and with one line; `auto` and `local` name no port."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit():
+        raise ClusterError(f"RAY_ADDRESS={address!r} is not an address of a Ray cluster: give "
+                           "the head node's host:port (its GCS, 6379 by default) or "
+                           "ray://host:10001, or unset it to start a local Ray instance")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterError(f"no Ray cluster answers at RAY_ADDRESS={address} ({reason}): start "
+                           "it (`ray start --head` on the head node) or unset RAY_ADDRESS to "
+                           "start a local Ray instance") from None
+
+
 def connect(num_cpus: Optional[int] = None) -> str:
-    """Connect to the cluster at RAY_ADDRESS, or start a local one. Returns a description."""
+    """Connect to the cluster at RAY_ADDRESS (ClusterError where nothing answers there), or
+    start a local one. Returns a description."""
     import ray
 
     if ray.is_initialized():
@@ -30,6 +64,7 @@ def connect(num_cpus: Optional[int] = None) -> str:
     address = os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
+        check_address(address)
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         return f"connected to Ray cluster at {address}"
     start_local_cluster(num_cpus)
@@ -72,8 +107,6 @@ def start_local_cluster(num_cpus: Optional[int] = None, log_to_driver: bool = Tr
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

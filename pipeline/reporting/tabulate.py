@@ -116,13 +116,30 @@ def logged_tables(made: Mapping[str, Any]) -> dict[str, Any]:
             if frame is not None}
 
 
-def run_tags(params: Params, made: Mapping[str, Any], lock: str | Path
+def read_lock(path: str | Path) -> dict[str, Any]:
+    """The stages of dvc.lock at `path` ({stage: its entry}; none where there is no file):
+    ResultsError naming the file and the fix where it is not a lock DVC wrote."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    fix = "restore it with `git checkout -- dvc.lock`, or delete it and run `dvc repro`"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ResultsError(f"{path}: not valid YAML{at}; {fix}") from None
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(e, dict) for e in stages.values()):
+        raise ResultsError(f"{path}: not a DVC lock file (no mapping of stages); {fix}")
+    return stages
+
+
+def run_tags(params: Params, made: Mapping[str, Any], stages: Mapping[str, Any]
              ) -> dict[str, dict[str, str]]:
     """{run key: tags} for each run's MLflow page: a description naming its row of Table 2
     (`tables.run_descriptions`), and the md5 of its train, sample and evaluate outputs in
-    `lock` (dvc.lock; none where it is absent), which ties the run to the DVC stages."""
-    lock = Path(lock)
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    `stages` (dvc.lock's, `read_lock`), which ties the run to the DVC stages."""
     descriptions = run_descriptions(made["table2_raw"])
     out = {}
     for run in params.runs():
@@ -131,7 +148,7 @@ def run_tags(params: Params, made: Mapping[str, Any], lock: str | Path
             tags[TAG_NOTE] = descriptions[run.name]  # the run's description in mlflow ui
         for stage in ("train", "sample", "evaluate"):
             outs = (stages.get(f"{stage}@{run.key}") or {}).get("outs") or []
-            if outs and outs[0].get("md5"):
+            if outs and isinstance(outs[0], dict) and outs[0].get("md5"):
                 tags[tag_dvc_stage_md5(stage)] = outs[0]["md5"]
         if tags:
             out[run.key] = tags
