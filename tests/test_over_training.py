@@ -5,12 +5,10 @@ import math
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from helpers import pixels_of_colour, png_pixels
 from pipeline.artifacts.figures import save_scores_over_training
-from pipeline.artifacts.records import (ResultsError, load_over_training, over_training_path,
-                                        save_over_training)
+from pipeline.artifacts.records import over_training_path, save_over_training
 from pipeline.jobs.over_training import COLUMNS, best_by_fid, final_scores
 
 
@@ -38,21 +36,8 @@ def test_without_checkpoints_the_table_is_the_final_model(tmp_path):
     path = over_training_path(tmp_path, "e-0")
     assert path == tmp_path / "e-0_over_training.csv"
     save_over_training(path, frame)
-    again = load_over_training(path, "e-0")
+    again = pd.read_csv(path)
     assert list(again.columns) == list(COLUMNS) and again["step"].tolist() == [450]
-
-
-def test_unreadable_scores_over_training_name_the_file_and_the_stage(tmp_path):
-    path = over_training_path(tmp_path, "eps_simple-0")
-    with pytest.raises(ResultsError,
-                       match=r"not found; make it with `dvc repro evaluate@eps_simple-0`"):
-        load_over_training(path, "eps_simple-0")
-    path.write_text("step,nll_bpd\n400,1.9\n")  # no fid: not what DVC plots
-    with pytest.raises(ResultsError, match=r"no column fid .*remake it with `dvc repro evaluate@"):
-        load_over_training(path, "eps_simple-0")
-    path.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ResultsError, match=r"not a table of scores over training"):
-        load_over_training(path, "eps_simple-0")
 
 
 def test_figure_shows_both_scores_and_says_when_there_are_none(tmp_path):

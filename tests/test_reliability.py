@@ -650,7 +650,7 @@ def test_corrupt_cifar10_archive_names_the_file(tmp_path):
 def test_corrupt_checkpoint_on_resume_names_the_file_in_storage(study, tmp_path):
     """A truncated state.pt under ray_storage/: the rerun train stage fails (after Ray's
     retries) with a message naming that file and the folder to delete, not a worker's temp copy."""
-    storage = tmp_path / "checkpoints"
+    storage = tmp_path / "ray_storage"
     shutil.copytree(study / "ray_storage", storage)
     run = next(p.parent for p in storage.glob("*eps_simple*/checkpoint_manager_snapshot.json"))
     corrupted = [truncate(p) for p in ray_checkpoints(run.parent) if run in p.parents]

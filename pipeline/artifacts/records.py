@@ -6,7 +6,8 @@
 - metrics/<E>-<S>_nll.csv, the bound of every test and train image:
   `save_nll_per_image` / `load_nll_per_image`;
 - metrics/<E>-<S>_over_training.csv, the scores at each scored training step (one row, the
-  final model, without `evaluate.checkpoints`): `save_over_training` / `load_over_training`;
+  final model, without `evaluate.checkpoints`): `save_over_training` (DVC plots it; no stage
+  reads it back);
 - metrics/reference.json (real data, an untrained model, the ceiling of the bound):
   `save_reference` / `load_reference`.
 
@@ -177,24 +178,6 @@ def save_over_training(path: str | Path, scores: pd.DataFrame) -> None:
 
     with atomic_path(path) as tmp:
         scores.to_csv(tmp, index=False)
-
-
-def load_over_training(path: str | Path, key: str) -> pd.DataFrame:
-    """The scores over training that `save_over_training` wrote, one row per step."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: scores over training of run '{key}' not found; "
-                           f"{_make_hint(key)}")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: not a table of scores over training "
-                           f"({type(exc).__name__}: {exc}); re{_make_hint(key)}") from None
-    missing = [name for name in ("step", "fid") if name not in frame.columns]
-    if missing:  # the columns DVC plots
-        raise ResultsError(f"{path}: no column {', '.join(missing)} in the scores over "
-                           f"training; re{_make_hint(key)}")
-    return frame
 
 
 def save_reference(path: str | Path, reference: Mapping[str, Mapping[str, Any]]) -> None:
