@@ -1,14 +1,16 @@
-"""Stage `sweep`: Ray Tune over noise schedule x loss weighting, with ASHA early stopping.
+"""Stage `sweep`: Ray Tune over noise schedule x loss weighting, with synchronous successive
+halving.
 
     python -m stages.sweep [--params params.yaml]
 
-Every trial trains `sweep.base_experiment` with one schedule and one weighting (a TorchTrainer
-around the train stage's per-worker function), reports a stratified NLL estimate on held-out
-test images every `sweep.report_every` steps (ASHA stops the worst trials on it) and, if it runs
-to the end, a quick FID. Writes results/sweep/trials.csv (Ray Tune's results table plus
-schedule, weighting, status ok | stopped | unstable | error, fid, nll_bpd) and
-results/sweep/best.yaml; logs one MLflow run for the sweep with one nested run per trial.
-"""
+Every trial trains `sweep.base_experiment` with one schedule and one weighting (the train
+stage's per-worker function), reports a stratified NLL estimate on held-out test images every
+`sweep.report_every` steps (at each rung, once every trial has reached it, the worst trials stop
+on it) and, if it runs to the end, a quick FID. Writes results/sweep/trials.csv (a row per trial:
+schedule, weighting, status ok | stopped | unstable | error, fid, nll_bpd, the NLL at the first
+rung) and results/sweep/best.yaml, the same on every run of the same commit; logs one MLflow run
+for the sweep with one nested run per trial. A sweep stopped mid-way (Ctrl-C, SIGTERM, a lost
+node) continues where it was when the stage runs again."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (ASHA).",
+    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (successive halving).",
                        folders=("data", "models"),
                        out=("results/sweep", "folder for trials.csv and best.yaml"))
     p.add_argument("--storage", default=None,
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(fid {record['fid']}, nll_bpd {record['nll_bpd']}) -> {args.out}/best.yaml")
         errors = table[table["status"] == "error"]
         for row in errors.to_dict("records"):
-            print(f"warning: trial {row['trial_id']} ({row['schedule']}, {row['weighting']}) "
+            print(f"warning: trial {row['trial']} ({row['schedule']}, {row['weighting']}) "
                   f"failed: {row['error']}", file=sys.stderr)
         if len(errors) == len(table):
             from pipeline.cluster.train import TrainingError

@@ -217,7 +217,7 @@ def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
     params["experiments"] = {k: params["experiments"][k] for k in experiments}
     params["sweep"].update(base_experiment=experiments[0], schedules=["linear", "cosine"],
                            weightings=["uniform"], steps=20, report_every=10,
-                           asha_grace_period=10, val_images=20, val_strata=5,
+                           grace_period=10, val_images=20, val_strata=5,
                            fid_num_samples=50, fid_steps=5)
 
 

@@ -24,7 +24,7 @@ def small_params(**evaluate):
     raw["evaluate"].update(nll_num_images=5, nll="exact", num_workers=2, **evaluate)
     raw["experiments"] = {"eps_simple": raw["experiments"]["eps_simple"]}
     raw["sweep"].update(base_experiment="eps_simple", schedules=["linear", "cosine"],
-                        weightings=["uniform"], steps=8, report_every=4, asha_grace_period=4,
+                        weightings=["uniform"], steps=8, report_every=4, grace_period=4,
                         val_images=3, val_strata=2, fid_num_samples=5, fid_steps=2,
                         cpus_per_worker=1.0, max_concurrent_trials=0)
     return parse_params(raw)

@@ -69,7 +69,7 @@ def test_weighting_names_map_to_objectives():
         assert (d.mean_type, d.var_type) == (base.diffusion.mean_type, base.diffusion.var_type)
     exp = params.sweep_experiment("linear", "p2")
     assert exp.name == f"{base.name}-linear-p2"
-    assert exp.train.checkpoint_every == params.sweep.steps
+    assert exp.train.checkpoint_every == params.sweep.report_every  # paused at a rung: kept
     assert (exp.train.num_workers, exp.train.cpus_per_worker) == (2, 0.5)
     assert exp.train.ema_decay == 0.9
     assert exp.model == base.model and exp.data == base.data
@@ -103,8 +103,11 @@ SWEEP_CATALOGUE = [
     (with_sweep(steps=0), ["sweep.steps", ">= 1"]),
     (with_sweep(steps="many"), ["sweep.steps", "integer"]),
     (with_sweep(report_every=10_000), ["sweep.report_every", "steps"]),
-    (with_sweep(asha_grace_period=0), ["sweep.asha_grace_period", "steps"]),
-    (with_sweep(asha_reduction_factor=1), ["sweep.asha_reduction_factor", "> 1"]),
+    (with_sweep(grace_period=0), ["sweep.grace_period", "steps"]),
+    (with_sweep(reduction_factor=1), ["sweep.reduction_factor", "> 1"]),
+    (with_sweep(grace_period=45), ["sweep.grace_period", "[45]", "report_every = 30"]),
+    (with_sweep(steps=400, grace_period=60, reduction_factor=2.5),
+     ["sweep.grace_period", "[375]", "multiples of report_every"]),
     (with_sweep(max_concurrent_trials=-1), ["sweep.max_concurrent_trials", ">= 0"]),
     (with_sweep(num_workers=3), ["sweep.num_workers", "batch_size"]),
     (with_sweep(cpus_per_worker=0), ["sweep.cpus_per_worker", "> 0"]),
@@ -150,46 +153,44 @@ def outcome(trial_id, schedule, weighting, steps, *, status="ok", fid=None, nll=
 
 def synthetic_sweep():
     sweep = SweepConfig(schedules=("linear", "cosine"), weightings=("uniform", "p2"), steps=40,
-                        asha_grace_period=20)
+                        grace_period=20)
     trials = [outcome("t0", "linear", "uniform", 40, fid=30.0, nll=4.1),
               outcome("t1", "cosine", "uniform", 40, fid=20.0, nll=3.9),
               outcome("t2", "linear", "p2", 20, nll=4.5),  # stopped by ASHA at step 20
               outcome("t3", "cosine", "p2", 30, status="unstable", nll=math.nan),
               TrialOutcome("t4", "cosine", "p2", pd.DataFrame(), {"trial_id": "t4"},
                            "RuntimeError: boom")]
-    tune_table = pd.DataFrame([{**t.last, "config/schedule": t.schedule,
-                                "config/weighting": t.weighting} for t in trials[:4]])
-    return sweep, trials, tune_table
+    return sweep, trials
 
 
 def test_trial_status_and_trials_table():
-    sweep, trials, tune_table = synthetic_sweep()
+    sweep, trials = synthetic_sweep()
     statuses = [trial_status(t, sweep.steps) for t in trials]
     # plain strings, as trials.csv and best.yaml store them (yaml.safe_dump refuses an Enum)
     assert statuses == ["ok", "ok", "stopped", "unstable", "error"]
     assert {type(s) for s in statuses} == {str}
-    table = trials_table(tune_table, trials, sweep)
-    assert list(table.columns[:8]) == ["trial_id", "schedule", "weighting", "status", "step",
-                                       "fid", "nll_bpd", "nll_bpd_se"]
-    assert "config/schedule" in table.columns  # Tune's table is kept
-    rows = table.set_index("trial_id")
-    assert rows.loc["t2", "status"] == "stopped" and math.isnan(rows.loc["t2", "fid"])
-    assert rows.loc["t2", "nll_bpd"] == 4.5  # the estimate ASHA stopped it on
-    assert math.isnan(rows.loc["t3", "nll_bpd"]) and rows.loc["t4", "error"].startswith("Runt")
+    table = trials_table(reversed(trials), sweep)  # in any order
+    # the same columns on every run of a sweep: no Tune ids, times, hosts or paths
+    assert list(table.columns) == ["trial", "schedule", "weighting", "status", "step", "fid",
+                                   "nll_bpd", "nll_bpd_se", "rung_step", "nll_bpd_rung", "loss",
+                                   "lr", "error"]
+    rows = table.set_index("trial")  # t0..t4: numbered in the order Tune created them
+    assert rows.loc[2, "status"] == "stopped" and math.isnan(rows.loc[2, "fid"])
+    assert rows.loc[2, "nll_bpd"] == 4.5  # the estimate it stopped on
+    assert math.isnan(rows.loc[3, "nll_bpd"]) and rows.loc[4, "error"].startswith("Runt")
     # the NLL at the first rung (step 20), which every trial that trains reports
     assert (rows["rung_step"] == 20).all()
-    assert rows.loc["t0", "nll_bpd_rung"] == 4.1 and rows.loc["t2", "nll_bpd_rung"] == 4.5
-    assert math.isnan(rows.loc["t3", "nll_bpd_rung"]) and math.isnan(rows.loc["t4", "nll_bpd_rung"])
+    assert rows.loc[0, "nll_bpd_rung"] == 4.1 and rows.loc[2, "nll_bpd_rung"] == 4.5
+    assert math.isnan(rows.loc[3, "nll_bpd_rung"]) and math.isnan(rows.loc[4, "nll_bpd_rung"])
     # ordered as the grid: schedules outermost
     assert list(zip(table["schedule"], table["weighting"]))[:3] == [
         ("linear", "uniform"), ("linear", "p2"), ("cosine", "uniform")]
 
     best = best_trial(table)
-    assert (best["trial_id"], best["rank_by"]) == ("t1", "fid")
+    assert (best["trial"], best["rank_by"]) == (1, "fid")
     base = load_params(PROJECT / "params.yaml").experiment("eps_simple")
-    record = best_record(best, table, sweep, base, {"t1": "run-1"})
-    assert record["schedule"] == "cosine" and record["fid"] == 20.0
-    assert record["mlflow_run_id"] == "run-1"
+    record = best_record(best, table, sweep, base)
+    assert record["schedule"] == "cosine" and record["fid"] == 20.0 and record["trial"] == 1
     assert (record["ok_trials"], record["stopped_trials"], record["unstable_trials"],
             record["error_trials"]) == (2, 1, 1, 1)
     assert record["experiment"] == {"mean_type": "eps", "var_type": "fixed_large",
@@ -205,13 +206,13 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
     from pipeline.core.config import StudyConfig, TrackingConfig
     from pipeline.core.tracking import Tracker
 
-    sweep, trials, tune_table = synthetic_sweep()
-    table = trials_table(tune_table, trials, sweep)
+    sweep, trials = synthetic_sweep()
+    table = trials_table(trials, sweep)
     tracker = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                      artifact_root=str(tmp_path / "art")), StudyConfig(),
                       tmp_path)
     base = load_params(PROJECT / "params.yaml").experiment("eps_simple")
-    parent, children = log_sweep(tracker, sweep, base, trials, table, wall_s=12.0)
+    parent, children = log_sweep(tracker, "a-sweep", sweep, base, trials, table, wall_s=12.0)
     assert set(children) == {"t0", "t1", "t2", "t3", "t4"}
     client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
     runs = {r.info.run_id: r for r in client.search_runs([tracker.experiment_id])}
@@ -225,6 +226,13 @@ def test_log_sweep_nests_one_run_per_trial(tmp_path):
     assert runs[children["t1"]].data.metrics["fid"] == 20.0
     assert [m.step for m in client.get_metric_history(children["t2"], "nll_bpd")] == [10, 20]
     assert runs[parent].data.metrics["stopped_trials"] == 1
+    # a resumed or repeated sweep logs into the same runs, with no point twice
+    again, children_again = log_sweep(tracker, "a-sweep", sweep, base, trials, table, 13.0)
+    assert (again, children_again) == (parent, children)
+    assert [m.step for m in client.get_metric_history(children["t2"], "nll_bpd")] == [10, 20]
+    assert len(client.search_runs([tracker.experiment_id])) == 1 + len(trials)
+    other, _ = log_sweep(tracker, "another-sweep", sweep, base, trials, table, 1.0)
+    assert other != parent  # another recipe: runs of its own
 
 
 def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
@@ -232,9 +240,9 @@ def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
     from pipeline.artifacts.trials import load_sweep_trials
     from pipeline.reporting.sweep_report import SWEEP_CORNER, sweep_raw, sweep_table
 
-    sweep, trials, tune_table = synthetic_sweep()
+    sweep, trials = synthetic_sweep()
     path = tmp_path / "trials.csv"
-    trials_table(tune_table, trials, sweep).to_csv(path, index=False)
+    trials_table(trials, sweep).to_csv(path, index=False)
     loaded = load_sweep_trials(path)
     cells = sweep_table(loaded).set_index(SWEEP_CORNER)
     assert cells.loc["cosine", "uniform"] == "20.00 / 3.90 #1"
@@ -317,7 +325,7 @@ def tiny_params(root: Path) -> Path:
                           "artifact_root": str(root / "mlartifacts")}
     params["sweep"] = {"base_experiment": "eps_simple", "schedules": ["linear", "cosine"],
                        "weightings": ["uniform", "p2"], "steps": 20, "report_every": 5,
-                       "ema_decay": 0.5, "asha_grace_period": 5, "asha_reduction_factor": 2.0,
+                       "ema_decay": 0.5, "grace_period": 5, "reduction_factor": 2.0,
                        "max_concurrent_trials": 2, "num_workers": 1, "cpus_per_worker": 1.0,
                        "val_images": 20, "val_strata": 5, "fid_num_samples": 50,
                        "fid_steps": 5}
@@ -345,41 +353,52 @@ def tiny_study(tmp_path_factory):
     return root, params
 
 
-@pytest.mark.slow
-def test_tiny_sweep_end_to_end(tiny_study):
-    """2 schedules x 2 weightings, 20 steps: trials.csv, best.yaml, ASHA, nested MLflow runs."""
-    import mlflow
+def sweep_args(root: Path, params: Path, out: Path, storage: Path) -> list[str]:
+    return ["stages.sweep", "--params", str(params), "--data", str(root / "data"),
+            "--models", str(root / "models"), "--out", str(out), "--storage", str(storage)]
 
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_study):
+    """The tiny study's 2 x 2 sweep (20 steps, rungs at 5 and 10), run once uninterrupted."""
     root, params = tiny_study
     start = time.monotonic()
-    proc = run_stage(["stages.sweep", "--params", str(params), "--data", str(root / "data"),
-                      "--models", str(root / "models"), "--out", str(root / "results/sweep"),
-                      "--storage", str(root / "checkpoints/sweep")], root, timeout=900)
-    wall = time.monotonic() - start
+    proc = run_stage(sweep_args(root, params, root / "results/sweep", root / "storage/sweep"),
+                     root, timeout=900)
+    return root, params, proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tiny_sweep):
+    """2 schedules x 2 weightings, 20 steps: trials.csv, best.yaml, successive halving at steps
+    5 and 10, nested MLflow runs."""
+    import mlflow
+
+    root, params, proc, wall = tiny_sweep
     assert "started a local Ray instance" in proc.stdout
+    assert "go on at steps 5, 10" in proc.stdout
 
     trials = pd.read_csv(root / "results/sweep/trials.csv")
     assert len(trials) == 4
     assert set(zip(trials["schedule"], trials["weighting"])) == {
         ("linear", "uniform"), ("linear", "p2"), ("cosine", "uniform"), ("cosine", "p2")}
     assert set(trials["status"]) <= {"ok", "stopped"}, trials[["status", "error"]]
-    assert {"trial_id", "config/schedule", "training_iteration", "fid", "nll_bpd",
-            "step"} <= set(trials.columns)
+    assert sorted(trials["trial"]) == [0, 1, 2, 3]
     ok, stopped = trials[trials["status"] == "ok"], trials[trials["status"] == "stopped"]
     assert (ok["step"] == 20).all() and ok["fid"].notna().all() and ok["nll_bpd"].notna().all()
-    # ASHA (grace period 5 steps, reduction factor 2, rungs at 5 and 10 steps) applied: every
-    # report is one of every 5 steps, and a stopped trial stopped on a rung.
-    assert (trials["training_iteration"] == trials["step"] // 5).all()
-    assert set(stopped["step"]) <= {5, 10}
+    # successive halving (rungs at 5 and 10 steps, reduction factor 2): the best 2 of 4 by the
+    # NLL at step 5 go on, the best 1 of those 2 by the NLL at step 10 finishes
+    assert len(ok) == 1 and sorted(stopped["step"]) == [5, 5, 10]
+    at_5 = trials.sort_values(["nll_bpd_rung", "trial"])
+    assert set(at_5["step"].iloc[:2]) == {10, 20} and set(at_5["step"].iloc[2:]) == {5}
     assert stopped["fid"].isna().all()
-    assert len(stopped) >= 1  # the later linear trials are worse than the cosine ones
 
     best = yaml.safe_load((root / "results/sweep/best.yaml").read_text())
-    best_row = ok.sort_values("fid").iloc[0]
-    assert (best["schedule"], best["weighting"]) == (best_row["schedule"],
-                                                     best_row["weighting"])
-    assert best["fid"] == pytest.approx(best_row["fid"])
-    assert best["trials"] == 4 and best["stopped_trials"] == len(stopped)
+    assert (best["schedule"], best["weighting"]) == (ok["schedule"].iloc[0],
+                                                     ok["weighting"].iloc[0])
+    assert best["fid"] == pytest.approx(ok["fid"].iloc[0])
+    assert best["trials"] == 4 and best["stopped_trials"] == 3
+    assert best["sweep"].startswith("ddpm-digits-sweep-")
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ddpm-digits")
@@ -387,12 +406,13 @@ def test_tiny_sweep_end_to_end(tiny_study):
     parents = [r for r in runs if r.info.run_name == "sweep"]
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.data.tags["ddpm.sweep"] == best["sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
-    by_trial = {r.data.tags["ddpm.trial_id"]: r for r in children}
-    assert set(by_trial) == set(trials["trial_id"])
+    by_trial = {int(r.data.tags["ddpm.trial"]): r for r in children}
+    assert set(by_trial) == set(trials["trial"])
     for row in trials.to_dict("records"):
-        run = by_trial[row["trial_id"]]
+        run = by_trial[row["trial"]]
         assert run.data.tags["ddpm.status"] == row["status"]
         assert run.data.params["schedule"] == row["schedule"]
         assert run.data.params["diffusion.schedule"] == row["schedule"]
@@ -405,11 +425,66 @@ def test_tiny_sweep_end_to_end(tiny_study):
             assert run.info.status == "FINISHED"
         else:
             assert "fid" not in run.data.metrics and run.info.status == "KILLED"
-    assert best["mlflow_run_id"] == by_trial[best["trial_id"]].info.run_id
     assert parent.data.metrics["trials"] == 4
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert artifacts == {"sweep/trials.csv", "sweep/best.yaml"}
-    print(f"tiny sweep: {wall:.0f}s, {len(stopped)} of 4 trials stopped by ASHA")
+    print(f"tiny sweep: {wall:.0f}s, {len(stopped)} of 4 trials stopped at a rung")
+
+
+def _result_lines(storage: Path) -> dict[str, list[int]]:
+    """{trial folder name: the steps of its result.json}: what each trial reported."""
+    import json
+
+    out = {}
+    for path in storage.glob("*/*/result.json"):
+        out[path.parent.name] = [json.loads(line)["step"] for line in
+                                 path.read_text().splitlines() if line.strip()]
+    return out
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_resumes_and_any_concurrency_writes_the_same_files(tiny_sweep,
+                                                                          tmp_path):
+    """The tiny sweep again with one trial at a time, stopped (SIGINT, as Ctrl-C) as soon as a
+    trial has ended, then run again: the rerun resumes the sweep (the ended trial is kept, the
+    others go on from their checkpoints, no step is reported twice) and writes the files of the
+    uninterrupted sweep, run two at a time, byte for byte."""
+    root, params, _, _ = tiny_sweep
+    raw = yaml.safe_load(params.read_text())
+    raw["sweep"]["max_concurrent_trials"] = 1  # a resource: the same sweep, its name unchanged
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       "artifact_root": str(tmp_path / "mlartifacts")}
+    one = tmp_path / "params.yaml"
+    one.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, storage = tmp_path / "sweep", tmp_path / "storage"
+    args = [sys.executable, "-m", *sweep_args(root, one, out, storage)]
+    first = subprocess.Popen(args, cwd=root, env=env_for(PROJECT), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    ended: list[str] = []
+    while time.monotonic() < deadline and first.poll() is None and not ended:
+        time.sleep(1)
+        for state in storage.glob("*/experiment_state-*.json"):
+            text = state.read_text(errors="replace")
+            if '\\"status\\": \\"TERMINATED\\"' in text or '"status": "TERMINATED"' in text:
+                ended.append(state.name)
+    assert first.poll() is None, f"the sweep ended before a stop:\n{first.stdout.read()[-3000:]}"
+    assert ended, "no trial ended in 10 minutes"
+    before = _result_lines(storage)
+    os.killpg(first.pid, signal.SIGINT)
+    log = first.communicate(timeout=300)[0]
+    assert first.returncode != 0, log[-3000:]
+    assert not (out / "trials.csv").exists()  # nothing for DVC from a stopped sweep
+    assert "run the sweep stage again to resume it" in log, log[-3000:]
+
+    again = run_stage(sweep_args(root, one, out, storage), root, timeout=900)
+    assert "sweep: resuming" in again.stdout
+    after = _result_lines(storage)
+    for trial, steps in after.items():
+        assert steps == sorted(set(steps)), f"{trial} reported a step twice: {steps}"
+        assert steps[:len(before.get(trial, []))] == before.get(trial, [])
+    for name in ("trials.csv", "best.yaml"):
+        assert (out / name).read_bytes() == (root / "results/sweep" / name).read_bytes(), name
 
 
 @pytest.mark.slow
@@ -420,7 +495,7 @@ def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_p
     root, params = tiny_study
     raw = yaml.safe_load(params.read_text())
     raw["sweep"].update(schedules=["cosine"], weightings=["uniform"], num_workers=2,
-                        cpus_per_worker=0.5, steps=10, asha_grace_period=5)
+                        cpus_per_worker=0.5, steps=10, grace_period=5)
     ddp = tmp_path / "params.yaml"
     ddp.write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = run_stage(["stages.sweep", "--params", str(ddp), "--data", str(root / "data"),

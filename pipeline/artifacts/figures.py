@@ -153,7 +153,7 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
     """Heat map of the sweep's FID, schedules (rows) x weightings (columns), from
     `pipeline.reporting.sweep_report.sweep_raw`: each cell annotated with its FID and NLL
     (bits/dim); cells
-    stopped early by ASHA (NLL only) and unstable cells ("–") are grey."""
+    stopped at a rung (NLL only) and unstable cells ("–") are grey."""
     plt = _pyplot()
     schedules = list(dict.fromkeys(cells["schedule"]))
     weightings = list(dict.fromkeys(cells["weighting"]))

@@ -10,7 +10,7 @@ whose `on_log` hook calls a `TrialProbe` on rank 0 at every report:
 - every `report_every` steps: the stratified estimate of the variational bound (Ho et al. 2020
   Eq. 5) in bits/dim on the first `val_images` held-out test images, with `val_strata`
   timesteps per image and the same seed at every report and in every trial (common random
-  numbers, so that ASHA compares trials, not draws): the metric ASHA stops trials on;
+  numbers, so that the rungs compare trials, not draws): the metric trials stop on;
 - at the last step: a quick FID of `fid_num_samples` strided DDIM samples (`fid_steps` steps,
   eta = 0) against the train split, with the study's feature extractor.
 
@@ -33,7 +33,7 @@ import torch
 from pipeline.core.config import SWEEP_OBJECTIVES, ExperimentConfig, SweepConfig
 from pipeline.core.status import Status
 
-METRIC = "nll_bpd"          # what ASHA minimizes
+METRIC = "nll_bpd"          # what the rungs minimize
 RANK_BY = "fid"             # what picks the best finished trial (nll_bpd where no FID)
 
 
@@ -186,7 +186,7 @@ class TrialOutcome:
 
 
 def trial_status(trial: TrialOutcome, steps: int) -> str:
-    """ok | unstable | stopped (by ASHA, before `steps`) | error: a `Status` value."""
+    """ok | unstable | stopped (at a rung, before `steps`) | error: a `Status` value."""
     if trial.error is not None:
         status = Status.ERROR  # raised (after Ray Train's retries)
     elif trial.last.get("status") == Status.UNSTABLE:
@@ -198,44 +198,51 @@ def trial_status(trial: TrialOutcome, steps: int) -> str:
     return status.value
 
 
-def trials_table(tune_table: pd.DataFrame, trials: Sequence[TrialOutcome],
-                 sweep: SweepConfig) -> pd.DataFrame:
-    """Ray Tune's results table (one row per trial, its last report) plus the columns the
-    tables read: schedule, weighting, status, fid and nll_bpd (NaN where not measured: no FID
-    before the last step, no metric at all for unstable and failed trials), nll_bpd_rung (the
-    validation NLL at the first ASHA rung, `rung_step`, which every trial that trains reaches:
-    the number that compares all cells) and error."""
-    by_id = {t.trial_id: t for t in trials}
-    table = tune_table.copy()
-    if "trial_id" not in table.columns:
-        table["trial_id"] = [t.trial_id for t in trials]
-    missing = [t for t in trials if t.trial_id not in set(table["trial_id"])]
-    if missing:  # trials that never reported are absent from Tune's table
-        table = pd.concat([table, pd.DataFrame({"trial_id": [t.trial_id for t in missing]})],
-                          ignore_index=True)
-    rows = [by_id[i] for i in table["trial_id"]]
-    table["schedule"] = [t.schedule for t in rows]
-    table["weighting"] = [t.weighting for t in rows]
-    table["status"] = [trial_status(t, sweep.steps) for t in rows]
-    table["step"] = [t.last.get("step") for t in rows]
-    usable = table["status"].isin([Status.OK, Status.STOPPED])
-    for key in ("fid", "nll_bpd", "nll_bpd_se"):
-        values = pd.to_numeric(table[key], errors="coerce") if key in table.columns \
-            else pd.Series(math.nan, index=table.index)
-        table[key] = values.where(usable & (table["status"] == Status.OK if key == "fid"
-                                            else usable)).astype("float64")
-    table["rung_step"] = sweep.asha_grace_period
-    table["nll_bpd_rung"] = [_value_at(t.history, "nll_bpd", sweep.asha_grace_period)
-                             for t in rows]
-    table["nll_bpd_rung"] = table["nll_bpd_rung"].where(usable).astype("float64")
-    table["error"] = [t.error for t in rows]
-    first = ["trial_id", "schedule", "weighting", "status", "step", "fid", "nll_bpd",
-             "nll_bpd_se", "rung_step", "nll_bpd_rung"]
-    table = table[first + [c for c in table.columns if c not in first]]
+# trials.csv: what every run of the same sweep writes alike (no ids, times, hosts or paths of
+# Ray Tune's own results table, which MLflow's trial runs keep)
+TRIAL_COLUMNS = ("trial", "schedule", "weighting", "status", "step", "fid", "nll_bpd",
+                 "nll_bpd_se", "rung_step", "nll_bpd_rung", "loss", "lr", "error")
+
+
+def trial_numbers(trials: Sequence[TrialOutcome]) -> dict[str, int]:
+    """{trial id: its number}: Ray Tune's trial ids are one prefix per sweep and a counter, in
+    the order it creates the trials (the grid's), so their order numbers them alike in every run
+    of the sweep."""
+    return {trial_id: i for i, trial_id in enumerate(sorted(t.trial_id for t in trials))}
+
+
+def trials_table(trials: Sequence[TrialOutcome], sweep: SweepConfig) -> pd.DataFrame:
+    """One row per trial, in the grid's order (`TRIAL_COLUMNS`): `trial`, its number (Ray Tune
+    numbers a sweep's trials in the order it creates them), schedule, weighting, status, the last
+    report's step, fid, nll_bpd (NaN where not measured: no FID before the last step, no metric
+    at all for unstable and failed trials), loss and lr, nll_bpd_rung (the validation NLL at the
+    first rung, `rung_step`, which every trial that trains reaches: the number that compares all
+    cells) and error."""
+    trials = list(trials)
+    number = trial_numbers(trials)
+    rows = []
+    for trial in trials:
+        status = trial_status(trial, sweep.steps)
+        usable = status in (Status.OK, Status.STOPPED)
+        row = {"trial": number[trial.trial_id], "schedule": trial.schedule,
+               "weighting": trial.weighting, "status": status, "step": trial.last.get("step")}
+        for key in ("fid", "nll_bpd", "nll_bpd_se"):
+            keep = status == Status.OK if key == "fid" else usable
+            row[key] = _number(trial.last.get(key)) if keep else None
+        row["rung_step"] = sweep.grace_period
+        row["nll_bpd_rung"] = _value_at(trial.history, "nll_bpd", sweep.grace_period) \
+            if usable else None
+        row["loss"], row["lr"] = _number(trial.last.get("loss")), _number(trial.last.get("lr"))
+        row["error"] = trial.error
+        rows.append(row)
+    table = pd.DataFrame.from_records(rows, columns=list(TRIAL_COLUMNS))
+    for key in ("fid", "nll_bpd", "nll_bpd_se", "nll_bpd_rung", "loss", "lr"):
+        table[key] = pd.to_numeric(table[key], errors="coerce").astype("float64")
+    table["step"] = pd.to_numeric(table["step"], errors="coerce").astype("Int64")
     order = {cell: i for i, cell in enumerate(sweep.cells())}
     table["_order"] = [order.get((s, w), len(order)) for s, w in
                        zip(table["schedule"], table["weighting"])]
-    return table.sort_values(["_order", "trial_id"]).drop(columns="_order") \
+    return table.sort_values(["_order", "trial"]).drop(columns="_order") \
         .reset_index(drop=True)
 
 
@@ -259,9 +266,10 @@ def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
 
 
 def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
-                sweep: SweepConfig, base: ExperimentConfig,
-                mlflow_run_ids: dict[str, str]) -> dict[str, Any]:
-    """best.yaml: the winning cell, its metrics, and the `experiments` entry that trains it."""
+                sweep: SweepConfig, base: ExperimentConfig) -> dict[str, Any]:
+    """best.yaml: the winning cell, its metrics, and the `experiments` entry that trains it;
+    the same on every run of the sweep (its MLflow run is found by the sweep's name and the
+    trial's cell)."""
     counts = table["status"].value_counts().to_dict()
     summary = {"trials": int(len(table)),
                **{f"{s}_trials": int(counts.get(s, 0))
@@ -277,8 +285,7 @@ def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
         "nll_bpd": _number(best.get("nll_bpd")),
         "nll_bpd_se": _number(best.get("nll_bpd_se")),
         "steps": int(best["step"]),
-        "trial_id": str(best["trial_id"]),
-        "mlflow_run_id": mlflow_run_ids.get(str(best["trial_id"])),
+        "trial": int(best["trial"]),
         "base_experiment": sweep.base_experiment,
         # paste under `experiments:` in params.yaml to train the winner as a study row
         "experiment": {"mean_type": base.diffusion.mean_type,
@@ -296,49 +303,95 @@ def _number(value: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def log_sweep(tracker, sweep: SweepConfig, base: ExperimentConfig,
+def _sweep_run(tracker, name: str, base_experiment: str) -> str:
+    """The MLflow run of the sweep `name`: found (a resumed or repeated sweep), or created."""
+    from pipeline.core.tracking import TAG_BASE_EXPERIMENT, TAG_ROLE, TAG_SWEEP
+
+    return tracker.run_with("sweep", {TAG_ROLE: "sweep", TAG_SWEEP: name,
+                                      TAG_BASE_EXPERIMENT: base_experiment})
+
+
+def _trial_run(tracker, parent: str, name: str, trial_id: str, config: dict) -> str:
+    """The nested MLflow run of one trial (`trial_id`) of the sweep `name`."""
+    from pipeline.core.tracking import TAG_SCHEDULE, TAG_SWEEP, TAG_TRIAL_ID, TAG_WEIGHTING
+
+    schedule, weighting = config.get("schedule"), config.get("weighting")
+    return tracker.run_with(f"{schedule}-{weighting}",
+                            {TAG_SWEEP: name, TAG_TRIAL_ID: trial_id, TAG_SCHEDULE: schedule,
+                             TAG_WEIGHTING: weighting}, parent_run_id=parent)
+
+
+# a trial's report -> its MLflow metric
+REPORTED_METRICS = (("loss", "train_loss"), ("lr", "lr"), ("grad_norm", "grad_norm"),
+                    ("images_per_s", "images_per_s"), ("nll_bpd", "nll_bpd"),
+                    ("nll_bpd_se", "nll_bpd_se"))
+
+
+@dataclass
+class LiveTrialRuns:
+    """Streams each trial's reports into its nested MLflow run as they arrive (called by the
+    driver's Ray Tune callback, `pipeline.cluster.tune`: one writer): the sweep's run and the
+    trials' runs exist, RUNNING, from their first report. A step already logged (a trial
+    resumed from an older checkpoint reports it again) is not logged twice."""
+
+    tracker: Any
+    name: str
+    base_experiment: str
+    _runs: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __call__(self, trial_id: str, config: dict, report: dict[str, Any]) -> None:
+        if "parent" not in self._runs:
+            self._runs["parent"] = _sweep_run(self.tracker, self.name, self.base_experiment)
+        if trial_id not in self._runs:
+            self._runs[trial_id] = _trial_run(self.tracker, self._runs["parent"], self.name,
+                                              trial_id, config)
+        step = int(report["step"])
+        for key, metric in REPORTED_METRICS:
+            value = _number(report.get(key))
+            if value is not None:
+                self.tracker.log_metric_history(self._runs[trial_id], metric, [step], [value])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_runs": {}}
+
+
+def log_sweep(tracker, name: str, sweep: SweepConfig, base: ExperimentConfig,
               trials: Sequence[TrialOutcome], table: pd.DataFrame,
               wall_s: float) -> tuple[str, dict[str, str]]:
-    """One MLflow run for the sweep and one nested run per trial (params, the train loss and
-    validation NLL curves by step, final fid / nll_bpd, status). Returns (sweep run id,
-    {trial id: run id})."""
+    """One MLflow run for the sweep `name` and one nested run per trial (params, the train loss
+    and validation NLL curves by step, final fid / nll_bpd, status), found again where a
+    resumed or repeated sweep logged them before (no point is logged twice). Returns (sweep run
+    id, {trial id: run id})."""
     import dataclasses
 
-    from pipeline.core.tracking import (TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE, TAG_SCHEDULE,
-                                        TAG_STATUS, TAG_TRIAL_ID, TAG_WEIGHTING)
+    from pipeline.core.tracking import TAG_ERROR, TAG_STATUS, TAG_TRIAL
 
-    status = dict(zip(table["trial_id"], table["status"]))
-    parent = tracker.new_run("sweep", {TAG_ROLE: "sweep",
-                                       TAG_BASE_EXPERIMENT: sweep.base_experiment})
+    number = trial_numbers(trials)
+    parent = _sweep_run(tracker, name, sweep.base_experiment)
     tracker.log_params(parent, {"sweep": dataclasses.asdict(sweep), **base.to_dict()})
     children = {}
     for trial in trials:
+        row = table[table["trial"] == number[trial.trial_id]].iloc[0]
+        status = row["status"]
         exp = sweep.trial_experiment(base, trial.schedule, trial.weighting)
-        run_id = tracker.nested_run(parent, f"{trial.schedule}-{trial.weighting}",
-                                    {TAG_TRIAL_ID: trial.trial_id,
-                                     TAG_STATUS: status[trial.trial_id],
-                                     TAG_SCHEDULE: trial.schedule,
-                                     TAG_WEIGHTING: trial.weighting,
-                                     **({TAG_ERROR: trial.error[-4000:]} if trial.error
-                                        else {})})
+        run_id = _trial_run(tracker, parent, name, trial.trial_id,
+                            {"schedule": trial.schedule, "weighting": trial.weighting})
+        tracker.set_tags(run_id, {TAG_TRIAL: int(row["trial"]), TAG_STATUS: status,
+                                  **({TAG_ERROR: trial.error[-4000:]} if trial.error else {})})
         tracker.log_params(run_id, {"schedule": trial.schedule, "weighting": trial.weighting,
                                     **exp.to_dict()})
         history = trial.history
-        for column, name in (("loss", "train_loss"), ("nll_bpd", "nll_bpd"),
-                             ("nll_bpd_se", "nll_bpd_se"),
-                             ("images_per_s", "images_per_s")):
+        for column, metric in REPORTED_METRICS:
             if column in history.columns and "step" in history.columns:
                 curve = history[["step", column]].apply(pd.to_numeric, errors="coerce")
                 curve = curve[curve[column].apply(lambda v: math.isfinite(v))].dropna()
-                tracker.log_metric_history(run_id, name, curve["step"].astype(int).tolist(),
+                tracker.log_metric_history(run_id, metric, curve["step"].astype(int).tolist(),
                                            curve[column].tolist())
-        row = table[table["trial_id"] == trial.trial_id].iloc[0]
         final = {"fid": _number(row["fid"]), "final_step": _number(row["step"]),
                  "time_total_s": _number(trial.last.get("time_total_s"))}
         tracker.log_metrics(run_id, final, step=int(final["final_step"] or 0))
-        tracker.set_terminated(run_id, "FAILED" if status[trial.trial_id] == Status.ERROR
-                               else "KILLED" if status[trial.trial_id] == Status.STOPPED
-                               else "FINISHED")
+        tracker.set_terminated(run_id, "FAILED" if status == Status.ERROR
+                               else "KILLED" if status == Status.STOPPED else "FINISHED")
         children[trial.trial_id] = run_id
     counts = table["status"].value_counts().to_dict()
     done = table[table["status"] == Status.OK]

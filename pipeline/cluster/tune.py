@@ -1,13 +1,19 @@
 """The sweep on Ray Tune: a `Tuner` over a function trainable (`_tune_trial`) that runs the shared
 per-worker training function, in the trial's own actor (one worker) or in a TorchTrainer of
-its own (DDP trials); ASHA reads the reports.
+its own (DDP trials); synchronous successive halving (`pipeline.cluster.halving`) reads the
+reports, so the sweep's decisions depend on its metrics alone.
+
+A sweep lives in `<storage>/<sweep_name>`, named by its recipe (the sweep section and the base
+experiment without their resources, and the training code): run again after a stop, it is
+restored with `Tuner.restore` (finished trials kept, unfinished and failed ones resumed from
+their last checkpoint); a changed recipe starts a sweep of another name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pipeline.cluster.train import RaySession, TrainingError, code_digest, make_trainer
 from pipeline.cluster.training import train_worker
@@ -38,21 +44,48 @@ def trial_resources(sweep: SweepConfig) -> dict[str, float]:
 
 @dataclass
 class SweepRun:
-    table: Any  # pandas.DataFrame: ResultGrid.get_dataframe(), one row per trial
+    name: str     # sweep_name: the sweep's recipe
     trials: list  # of pipeline.cluster.sweep.TrialOutcome
     path: str     # the Tune experiment folder (a path or a URI)
     wall_s: float
 
 
-def sweep_name(sweep: SweepConfig, base: ExperimentConfig) -> str:
-    """Fixed per (study, sweep section, base experiment, training code)."""
+# What changes where and how fast a sweep runs, not what it finds: left out of its name, so that
+# a sweep restored with other resources continues.
+SWEEP_RESOURCES = ("max_concurrent_trials", "cpus_per_worker")
+EXPERIMENT_RESOURCES = {"train": ("cpus_per_worker", "max_failures"),
+                        "sample": ("num_workers", "cpus_per_worker", "use_gpu"),
+                        "evaluate": ("num_workers", "cpus_per_worker", "use_gpu")}
+
+
+def sweep_recipe(sweep: SweepConfig, base: ExperimentConfig) -> dict[str, Any]:
+    """What a sweep finds depends on: the sweep section and the base experiment, without their
+    resources (`SWEEP_RESOURCES`, `EXPERIMENT_RESOURCES`) and the cluster and tracking
+    sections."""
     import dataclasses
-    import hashlib
+
+    recipe = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in SWEEP_RESOURCES}
+    experiment = base.to_dict()
+    for section in ("cluster", "tracking"):  # where the work runs and is recorded
+        experiment.pop(section, None)
+    for section, keys in EXPERIMENT_RESOURCES.items():
+        experiment[section] = {k: v for k, v in experiment[section].items() if k not in keys}
+    return {"sweep": recipe, "base": experiment}
+
+
+def sweep_name(sweep: SweepConfig, base: ExperimentConfig) -> str:
+    """Fixed per (study, sweep recipe, base experiment, training code): `<study>-sweep-<recipe
+    digest>-<code digest>`."""
     import json
 
-    blob = json.dumps([dataclasses.asdict(sweep), base.to_dict()], sort_keys=True, default=str)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-    return f"{base.study.name}-sweep-{digest}-{code_digest()}"
+    from pipeline.core.io import sha256_hex
+
+    blob = json.dumps(sweep_recipe(sweep, base), sort_keys=True, default=str)
+    return f"{sweep_prefix(base)}{sha256_hex(blob, length=10)}-{code_digest()}"
+
+
+def sweep_prefix(base: ExperimentConfig) -> str:
+    return f"{base.study.name}-sweep-"
 
 
 def _report_callback(defaults: dict[str, Any]):
@@ -66,6 +99,73 @@ def _report_callback(defaults: dict[str, Any]):
             super().after_report(run_context, metrics, checkpoint)
 
     return _FillingTuneReportCallback()
+
+
+# What a trial's report holds of its own (Ray Tune adds ids, times and hosts to each)
+REPORT_KEYS = ("step", "status", "loss", "lr", "grad_norm", "images_per_s", "nll_bpd",
+               "nll_bpd_se", "fid", "time_total_s")
+# What the sweep keeps beside Ray Tune's experiment folder, in `<storage>/<sweep name>.state/`:
+# Tune uploads its driver's copy of the experiment folder over the storage's, so a file that the
+# driver writes there itself is replaced by the copy Tune took when it restored the sweep
+REPORTS_FOLDER = "reports"  # reports/<trial id>.json: every report of a trial
+HALVING_FILE = "halving.json"  # the decisions at the rungs
+
+
+def state_folder(experiment_path: str) -> str:
+    return f"{experiment_path}.state"
+
+
+def _trial_reports_callback(state: str, live: Optional[Callable] = None):
+    """A Ray Tune `Callback` (it runs in the driver: one writer) that keeps every report of
+    every trial in `<state>/reports/<trial id>.json`, one entry per step, as the
+    report arrives. Ray Tune's own result.json of a paused trial is replaced by the storage's
+    older copy when the trial resumes, losing the report it paused at; this file is written
+    before Tune goes on, so the history of a paused, stopped or resumed trial is whole (a step
+    reported again after a resume from an older checkpoint replaces its entry). `live(trial_id,
+    config, report)` is called with each report (the trials' MLflow runs, streamed)."""
+    import ray.tune
+
+    class TrialReports(ray.tune.Callback):
+        def __init__(self):
+            self._reports: dict[str, dict[int, dict[str, Any]]] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            report = {k: result[k] for k in REPORT_KEYS if k in result}
+            if report.get("step") is None:
+                return
+            reports = self._reports.get(trial.trial_id)
+            if reports is None:
+                reports = {int(r["step"]): r for r in load_trial_reports(state,
+                                                                         trial.trial_id)}
+            reports[int(report["step"])] = report
+            self._reports[trial.trial_id] = reports
+            save_trial_reports(state, trial.trial_id, list(reports.values()))
+            if live is not None:
+                live(trial.trial_id, trial.config, report)
+
+    return TrialReports()
+
+
+def save_trial_reports(state: str, trial_id: str, reports: list) -> None:
+    import json
+
+    from pipeline.core.io import write_to_storage
+
+    reports = sorted(reports, key=lambda r: r["step"])
+    write_to_storage(f"{state}/{REPORTS_FOLDER}/{trial_id}.json",
+                     json.dumps(reports, default=float).encode())
+
+
+def load_trial_reports(state: str, trial_id: str) -> list[dict[str, Any]]:
+    """The reports `save_trial_reports` kept for a trial, by step (none if there are none)."""
+    import json
+
+    from pipeline.core.io import list_storage, read_from_storage
+
+    folder = f"{state}/{REPORTS_FOLDER}"
+    if f"{trial_id}.json" not in list_storage(folder):
+        return []
+    return json.loads(read_from_storage(f"{folder}/{trial_id}.json"))
 
 
 def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
@@ -108,73 +208,110 @@ def concurrent_trials(sweep: SweepConfig) -> int:
 
 
 def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
-              probe: Callable, seed: int = 0) -> SweepRun:
-    """Ray Tune over `sweep.cells()` with ASHA on the validation NLL; returns every trial.
-    Trials train on `probe.train_data` (`pipeline.cluster.sweep.trial_probe`).
+              probe: Callable, seed: int = 0, num_trials: int | None = None,
+              live: Optional[Callable] = None) -> SweepRun:
+    """Ray Tune over `sweep.cells()` (`num_trials` trials) with synchronous successive halving
+    on the validation NLL; returns every trial. Trials train on `probe.train_data`
+    (`pipeline.cluster.sweep.trial_probe`) and report a checkpoint at every report, so that a
+    trial paused at a rung, or stopped with the sweep, goes on from where it was.
 
     The Tune experiment lives in `<storage>/<sweep_name>` (a local or shared path, or a URI;
-    a DDP trial's trainer checkpoints under its `trainers/` folder); an earlier run of the same
-    name is replaced. Trials that
-    fail are recorded (`TrialOutcome.error`), not retried by Tune (Ray Train retries the
-    workers of a DDP trial). Single-worker trials reuse their actors from trial to trial.
+    a DDP trial's trainer checkpoints under its `trainers/` folder). Where it exists, the sweep
+    is restored (`Tuner.restore`: finished trials kept, unfinished and failed ones resumed from
+    their last checkpoint); where a sweep of another recipe of the study exists, it says so and
+    starts this one beside it. Trials that fail are recorded (`TrialOutcome.error`), not
+    retried by Tune (Ray Train retries the workers of a DDP trial). Single-worker trials reuse
+    their actors from trial to trial. Every report is kept (`load_trial_reports`) and passed to
+    `live(trial_id, config, report)` as it arrives (`pipeline.cluster.sweep.LiveTrialRuns`; it
+    is saved with the sweep and used again when it is restored).
     """
     import time
 
     import pandas as pd
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipeline.cluster.halving import SynchronousHalving, load_decisions
     from pipeline.cluster.sweep import METRIC, TrialOutcome
-    from pipeline.core.io import delete_from_storage
+    from pipeline.core.io import delete_from_storage, list_storage
 
     name = sweep_name(sweep, base)
     storage = storage_location(storage)
     experiment_path = f"{storage}/{name}"
-    delete_from_storage(experiment_path)
-    pick = ray.tune.grid_search if sweep.search == "grid" else ray.tune.choice
-    param_space = {"schedule": pick(list(sweep.schedules)),
-                   "weighting": pick(list(sweep.weightings))}
-    trainable = ray.tune.with_parameters(  # each parameter goes to the object store once
+    state = state_folder(experiment_path)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(  # each to the object store once
         _tune_trial, sweep=sweep, base=base, storage=f"{experiment_path}/trainers",
-        probe=probe)
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, trial_resources(sweep)),
-        param_space=param_space,
-        tune_config=ray.tune.TuneConfig(
-            metric=METRIC, mode="min", num_samples=sweep.num_samples,
-            scheduler=ASHAScheduler(time_attr="step", max_t=sweep.steps,
-                                    grace_period=sweep.asha_grace_period,
-                                    reduction_factor=sweep.asha_reduction_factor,
-                                    stop_last_trials=False),
-            search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials(sweep),
-                                             random_state=seed),
-            reuse_actors=sweep.num_workers == 1),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
-    )
+        probe=probe), trial_resources(sweep))
+    if ray.tune.Tuner.can_restore(experiment_path):
+        print(f"sweep: resuming {experiment_path} (finished trials are kept, the others go on "
+              "from their last checkpoint)", flush=True)
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+    else:
+        others = [n for n in list_storage(storage, folders=True)
+                  if n.startswith(sweep_prefix(base)) and n != name and "." not in n]
+        if others:
+            print(f"sweep: the sweep's recipe or the training code changed since "
+                  f"{', '.join(others)}; starting {name}", flush=True)
+        pick = ray.tune.grid_search if sweep.search == "grid" else ray.tune.choice
+        param_space = {"schedule": pick(list(sweep.schedules)),
+                       "weighting": pick(list(sweep.weightings))}
+        num_trials = num_trials or (len(sweep.cells()) if sweep.search == "grid"
+                                    else sweep.num_samples)
+        for leftover in (experiment_path, state):  # of a sweep stopped at its start
+            delete_from_storage(leftover)
+        scheduler = SynchronousHalving(
+            time_attr="step", metric=METRIC, mode="min", max_t=sweep.steps,
+            rungs=sweep.rung_steps(), reduction_factor=sweep.reduction_factor,
+            num_trials=num_trials, max_running=concurrent_trials(sweep),
+            state_path=f"{state}/{HALVING_FILE}")
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                metric=METRIC, mode="min", num_samples=sweep.num_samples, scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=seed),
+                reuse_actors=sweep.num_workers == 1),
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=storage,
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[_trial_reports_callback(state, live)]),
+        )
     start = time.monotonic()
     grid = tuner.fit()
     wall = time.monotonic() - start
     analysis = ray.tune.ExperimentAnalysis(experiment_path)  # (grid's path has no scheme)
-    unfinished = [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished:  # Tuner.fit() returns after Ctrl-C / SIGTERM: no partial results for DVC
-        raise TrainingError(f"the sweep was interrupted with {len(unfinished)} trial(s) "
-                            f"unfinished; its trials are under {experiment_path}")
     configs = analysis.get_all_configs()
+    ids = {str(t.path): t.trial_id for t in analysis.trials}
     trials = []
     for result in grid:
         config = result.config or configs.get(result.path) or {}
-        history = result.metrics_dataframe
+        trial_id = str((result.metrics or {}).get("trial_id") or ids[str(result.path)])
+        reports = load_trial_reports(state, trial_id)
         trials.append(TrialOutcome(
-            trial_id=str(result.metrics["trial_id"]),
+            trial_id=trial_id,
             schedule=str(config.get("schedule")), weighting=str(config.get("weighting")),
-            history=history if history is not None else pd.DataFrame(),
-            last=dict(result.metrics or {}),
+            history=pd.DataFrame(reports),
+            last=dict(reports[-1]) if reports else {},
             error=_error_text(result.error) if result.error is not None else None,
             path=result.path))
-    return SweepRun(table=grid.get_dataframe(), trials=trials, path=experiment_path,
-                    wall_s=wall)
+    kept = load_decisions(f"{state}/{HALVING_FILE}")
+    unfinished = [t for t in trials if not _ended(t, sweep.steps, kept)]
+    if unfinished:  # Tuner.fit() returns after Ctrl-C / SIGTERM: no partial results for DVC
+        raise TrainingError(f"the sweep was interrupted with {len(unfinished)} trial(s) "
+                            f"unfinished; run the sweep stage again to resume it from "
+                            f"{experiment_path}")
+    return SweepRun(name=name, trials=trials, path=experiment_path, wall_s=wall)
+
+
+def _ended(trial, steps: int, kept: dict[int, set[str]]) -> bool:
+    """Whether a trial ended: it failed, diverged, trained every step or was stopped at a rung
+    (Ray Tune's saved trial states can say "paused" of a trial stopped while paused)."""
+    step = trial.last.get("step")
+    if trial.error is not None or trial.last.get("status", "ok") != "ok":
+        return True
+    return step is not None and (step >= steps or (
+        step in kept and trial.trial_id not in kept[step]))
 
 
 def _error_text(error: BaseException) -> str:

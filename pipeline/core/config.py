@@ -422,10 +422,10 @@ class SweepConfig:
     weighting (see SWEEP_OBJECTIVES) for `steps` steps with the same per-worker function as the
     train stage (with `ema_decay` if set: a short trial wants a shorter EMA than the study's
     runs), reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) of the EMA
-    model on the first `val_images` test images every `report_every` steps. ASHA stops the
-    trials whose NLL is in the worst 1 - 1/asha_reduction_factor at rungs
-    asha_grace_period * rf^k steps; a trial that runs to the end measures a quick FID on
-    `fid_num_samples` DDIM samples (`fid_steps` steps).
+    model on the first `val_images` test images every `report_every` steps. Synchronous
+    successive halving stops the trials whose NLL is in the worst 1 - 1/reduction_factor at
+    rungs grace_period * rf^k steps (once every trial has reached the rung); a trial that
+    runs to the end measures a quick FID on `fid_num_samples` DDIM samples (`fid_steps` steps).
     Resources per trial: `num_workers` workers of `cpus_per_worker` CPUs (and one GPU each with
     `use_gpu`); at most `max_concurrent_trials` trials at once (0: as many as the cluster's
     CPUs / GPUs hold at once).
@@ -441,8 +441,8 @@ class SweepConfig:
     steps: int = 120
     report_every: int = 30
     ema_decay: Optional[float] = None  # None: the base experiment's; short trials want less
-    asha_grace_period: int = 60
-    asha_reduction_factor: float = 2.0
+    grace_period: int = 60
+    reduction_factor: float = 2.0
     max_concurrent_trials: int = 0  # 0: as many as the cluster's resources hold
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -468,11 +468,16 @@ class SweepConfig:
                  "must be in [0, 1), or null for the base experiment's train.ema_decay")
         require(1 <= self.report_every <= self.steps, f"{where}.report_every",
                  f"must be in 1..steps ({self.steps})")
-        require(1 <= self.asha_grace_period <= self.steps, f"{where}.asha_grace_period",
-                 f"must be in 1..steps ({self.steps}) (training steps before ASHA may stop a "
-                 "trial)")
-        require(self.asha_reduction_factor > 1.0, f"{where}.asha_reduction_factor",
+        require(1 <= self.grace_period <= self.steps, f"{where}.grace_period",
+                 f"must be in 1..steps ({self.steps}) (training steps before the first rung, "
+                 "where the worst trials stop)")
+        require(self.reduction_factor > 1.0, f"{where}.reduction_factor",
                  "must be > 1 (keep the best 1/rf of the trials at each rung)")
+        off = [r for r in self.rung_steps() if r % self.report_every]
+        require(not off, f"{where}.grace_period",
+                f"puts rungs at steps {off}, where trials do not report (every report_every = "
+                f"{self.report_every} steps): make grace_period * reduction_factor^k multiples "
+                "of report_every")
         require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
                  "must be >= 0 (0: as many as the cluster's CPUs / GPUs hold at once)")
         require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
@@ -482,6 +487,14 @@ class SweepConfig:
         require(self.fid_num_samples >= 2, f"{where}.fid_num_samples", "must be >= 2")
         require(self.fid_steps >= 1, f"{where}.fid_steps", "must be >= 1")
 
+    def rung_steps(self) -> list[int]:
+        """The steps where trials are compared: grace_period * reduction_factor^k < steps."""
+        out, k = [], 0
+        while (step := int(round(self.grace_period * self.reduction_factor ** k))) < self.steps:
+            out.append(step)
+            k += 1
+        return out
+
     def cells(self) -> list[tuple[str, str]]:
         """Every (schedule, weighting) pair of the search space, schedules outermost."""
         return [(s, w) for s in self.schedules for w in self.weightings]
@@ -489,7 +502,8 @@ class SweepConfig:
     def trial_experiment(self, base: ExperimentConfig, schedule: str,
                          weighting: str) -> ExperimentConfig:
         """`base` with one schedule and one objective, trained as a sweep trial: `steps` steps,
-        reports every `report_every` steps, one checkpoint at the end, this section's workers.
+        reports every `report_every` steps with a checkpoint at each (a trial paused at a rung
+        or stopped with the sweep goes on from there), this section's workers.
         Raises ConfigError (naming sweep.*) if the combination is not a valid experiment."""
         where = f"sweep (base_experiment '{base.name}', schedule '{schedule}', weighting " \
                 f"'{weighting}')"
@@ -505,7 +519,8 @@ class SweepConfig:
                  f"({base.train.batch_size})")
         ema_decay = base.train.ema_decay if self.ema_decay is None else self.ema_decay
         train = dataclasses.replace(base.train, steps=self.steps, log_every=self.report_every,
-                                    checkpoint_every=self.steps, num_workers=self.num_workers,
+                                    checkpoint_every=self.report_every,
+                                    num_workers=self.num_workers,
                                     cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
                                     ema_decay=ema_decay)
         try:

@@ -144,18 +144,22 @@ def read_from_storage(location: str | Path) -> bytes:
         return src.read()
 
 
-def list_storage(location: str | Path) -> list[str]:
-    """The names of the files in the storage folder `location` (none if it does not exist)."""
+def list_storage(location: str | Path, folders: bool = False) -> list[str]:
+    """The names of the files (with `folders`, the folders) in the storage folder `location`
+    (none if it does not exist)."""
     if not is_uri(location):
         folder = Path(location)
-        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if (p.is_dir() if folders else p.is_file()))
     import pyarrow.fs
 
     fs, path = storage_filesystem(location)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return []
+    kind = pyarrow.fs.FileType.Directory if folders else pyarrow.fs.FileType.File
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
-    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
+    return sorted(i.base_name for i in infos if i.type == kind)
 
 
 def fetch_from_storage(location: str | Path, scratch: str | Path) -> Path:

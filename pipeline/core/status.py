@@ -12,5 +12,5 @@ from enum import StrEnum
 class Status(StrEnum):
     OK = "ok"              # trained (or trial finished) with a finite loss throughout
     UNSTABLE = "unstable"  # the loss became non-finite: training diverged
-    STOPPED = "stopped"    # a sweep trial stopped early by ASHA (an NLL, no FID)
+    STOPPED = "stopped"    # a sweep trial stopped at a rung (an NLL, no FID)
     ERROR = "error"        # a sweep trial that raised

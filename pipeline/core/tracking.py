@@ -69,6 +69,8 @@ TAG_STATUS = "ddpm.status"  # how a run or trial ended (pipeline.core.status.Sta
 TAG_RAY_RUN_NAME = "ddpm.ray_run_name"  # the training run's name in Ray storage
 TAG_BASE_EXPERIMENT = "ddpm.base_experiment"  # a sweep's base experiment
 TAG_TRIAL_ID = "ddpm.trial_id"
+TAG_SWEEP = "ddpm.sweep"  # a sweep's name (its recipe): its run and its trials' runs
+TAG_TRIAL = "ddpm.trial"  # a trial's number in its sweep (trials.csv's `trial`)
 TAG_SCHEDULE = "ddpm.schedule"
 TAG_WEIGHTING = "ddpm.weighting"
 TAG_ERROR = "ddpm.error"  # the end of a failed trial's traceback
@@ -167,6 +169,11 @@ class Tracker:
         self._client: Optional[MlflowClient] = None
         self._experiment_id: Optional[str] = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its client (a Ray Tune callback holding a tracker is saved with the
+        sweep): the copy connects again on first use."""
+        return {**self.__dict__, "_client": None, "_experiment_id": None}
+
     def __repr__(self) -> str:
         return (f"Tracker(study={self.study_name!r}, tracking_uri={self.tracking_uri!r}, "
                 f"artifact_location={self.artifact_location!r})")
@@ -242,14 +249,6 @@ class Tracker:
         tags = {TAG_EXPERIMENT: STUDY_RUN_EXPERIMENT, TAG_ROLE: "study"}
         return self._find_or_create(tags, run_name=STUDY_RUN_NAME)
 
-    def new_run(self, name: str, tags: Optional[Mapping[str, Any]] = None) -> str:
-        """A fresh top-level run in the study's experiment (one per sweep), never reused."""
-        experiment_id = self.experiment_id
-        all_tags = {TAG_ROLE: "run", **self._source_tags(), **_str_values(tags or {})}
-        run = retry_if_locked(self.client.create_run, experiment_id, tags=all_tags,
-                               run_name=name)
-        return run.info.run_id
-
     def nested_run(self, parent_run_id: str, name: str,
                    tags: Optional[Mapping[str, Any]] = None) -> str:
         """A new run nested under `parent_run_id` (a sweep trial), in the parent's experiment."""
@@ -260,6 +259,15 @@ class Tracker:
         run = retry_if_locked(client.create_run, parent.info.experiment_id, tags=all_tags,
                                run_name=name)
         return run.info.run_id
+
+    def run_with(self, name: str, tags: Mapping[str, Any],
+                 parent_run_id: Optional[str] = None) -> str:
+        """The run with `tags` (nested under `parent_run_id` if given): found, so that a resumed
+        or repeated sweep logs into the runs it had, or created (named `name`)."""
+        tags = _str_values(tags)
+        if parent_run_id is not None:
+            tags = {TAG_ROLE: "trial", **tags, "mlflow.parentRunId": parent_run_id}
+        return self._find_or_create(tags, run_name=name)
 
     def _find_or_create(self, tags: Mapping[str, str], run_name: str) -> str:
         """The newest active run with `tags` in the same DVC experiment (or, outside one, in

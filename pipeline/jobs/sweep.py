@@ -35,8 +35,9 @@ def describe(cfg: SweepConfig, base: ExperimentConfig, num_trials: int) -> str:
 
     return (f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over "
             f"{len(cfg.schedules)} schedules x {len(cfg.weightings)} weightings), "
-            f"{cfg.steps} steps each, {tune.concurrent_trials(cfg)} at a time, ASHA on "
-            "the validation nll_bpd")
+            f"{cfg.steps} steps each, {tune.concurrent_trials(cfg)} at a time; the best "
+            f"1/{cfg.reduction_factor:g} on the validation nll_bpd go on at steps "
+            f"{', '.join(map(str, cfg.rung_steps())) or '(no rung)'}")
 
 
 def sweep_run(cfg: SweepConfig, base: ExperimentConfig, num_trials: int, probe, storage: str,
@@ -46,22 +47,22 @@ def sweep_run(cfg: SweepConfig, base: ExperimentConfig, num_trials: int, probe, 
     parent run, a nested run per trial and the two files."""
     from pipeline.artifacts.trials import save_sweep
     from pipeline.cluster import connection, tune
-    from pipeline.cluster.sweep import best_record, best_trial, log_sweep, trials_table
+    from pipeline.cluster.sweep import (LiveTrialRuns, best_record, best_trial, log_sweep,
+                                        trials_table)
 
     print(connection.connect(), flush=True)
     print(describe(cfg, base, num_trials), flush=True)
     start = time.monotonic()
     try:
-        run = tune.run_sweep(cfg, base, storage, probe, seed=base.seed)
+        live = LiveTrialRuns(tracker, tune.sweep_name(cfg, base), cfg.base_experiment)
+        run = tune.run_sweep(cfg, base, storage, probe, seed=base.seed, num_trials=num_trials,
+                             live=live)
     finally:
         connection.shutdown()
-    table = trials_table(run.table, run.trials, cfg)
-    parent, children = log_sweep(tracker, cfg, base, run.trials, table, run.wall_s)
+    table = trials_table(run.trials, cfg)
+    parent, _ = log_sweep(tracker, run.name, cfg, base, run.trials, table, run.wall_s)
     best = best_trial(table)
-    record = best_record(best, table, cfg, base, children)
-    record["sweep_wall_s"] = round(run.wall_s, 1)
-    record["mlflow_sweep_run_id"] = parent
-    record["tune_path"] = str(run.path)
+    record = {**best_record(best, table, cfg, base), "sweep": run.name}
     paths = save_sweep(out_dir, table, record)
     for path in paths:
         tracker.log_artifact(parent, path, "sweep")

@@ -208,7 +208,7 @@ def study_work(params: Params, workers: Optional[int] = None,
                         max(1, trials * sweep.steps * trial.train.batch_size),
                         min(concurrent, trials), sweep.cpus_per_worker,
                         trial.train.batch_size // sweep.num_workers,
-                        "every trial to its last step (ASHA stops some sooner)"))
+                        "every trial to its last step (successive halving stops some sooner)"))
     out.append(Work("tabulate", "none", 0, 0.0, 1, 1, 1))
     return out
 

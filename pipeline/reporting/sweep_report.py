@@ -28,7 +28,7 @@ def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
 def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per (schedule, weighting) cell: trials, ok_trials, fid, nll_bpd and nll_bpd_rung
     (the means over the cell's usable trials: FID of the finished ones, the last NLL, the NLL at
-    the first ASHA rung), status ("ok"; "stopped" when every usable trial was stopped early,
+    the first rung), status ("ok"; "stopped" when every usable trial was stopped early,
     with the NLL they reached and no FID; "unstable" when no trial is usable), and rank (1 =
     best) by the NLL at the first rung, which every cell that trains has, measured on the same
     images with the same noise draws in every trial."""
@@ -40,7 +40,7 @@ def sweep_raw(trials: pd.DataFrame) -> pd.DataFrame:
     status = (trials["status"].astype(str) if "status" in trials.columns
               else pd.Series(Status.OK.value, index=trials.index))
     trials["_ok"] = status == Status.OK
-    trials["_stopped"] = status == Status.STOPPED  # by ASHA: an NLL so far, no FID
+    trials["_stopped"] = status == Status.STOPPED  # at a rung: an NLL so far, no FID
     records = []
     for schedule in _ordered(trials["schedule"], SCHEDULES):
         for weighting in _ordered(trials["weighting"], SWEEP_WEIGHTINGS):
@@ -74,7 +74,7 @@ SWEEP_CORNER = "Schedule (cells: FID / NLL at the first rung, #rank by that NLL)
 
 def sweep_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Pivot schedule (rows) x weighting (columns); each cell "FID / NLL #rank"
-    ("3.17 / 3.75 #1"), with the NLL at the first ASHA rung, which compares every cell;
+    ("3.17 / 3.75 #1"), with the NLL at the first rung, which compares every cell;
     "stopped / NLL #rank" where the scheduler stopped every trial of the cell there (no FID);
     "–" where every trial of the cell was unstable; empty where the sweep has no such cell."""
     return sweep_cells(sweep_raw(trials))
