@@ -326,9 +326,9 @@ def case_name(impl: str, precision: str, precisions: Sequence[str]) -> str:
     return impl if list(precisions) == ["fp32"] else f"{impl} {precision}"
 
 
-def autocast(precision: str):
-    """torch.autocast to bfloat16 on the CPU for bf16; a no-op context for fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision: str, device_type: str = "cpu"):
+    """torch.autocast to bfloat16 on `device_type` for bf16; a no-op context otherwise."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def precision_ratios(seconds: dict[str, Sequence[float]],
