@@ -1,23 +1,17 @@
 """A prepared check of the pipeline on one GPU: what the paper's CIFAR10 model costs there.
 
-One command writes one JSON and prints one markdown table, within a time budget (`--budget`,
-default 420 s: under 8 minutes on an H100 with start-up; a row that no longer fits is skipped
-with a note). The rows, in order (README.md says more):
+One command, one JSON, one markdown table, within a time budget (`--budget`, default 420 s:
+under 8 minutes on an H100 with start-up; a row that does not fit is skipped with a note).
+Rows (`CHECKS`, in this order; README.md, "The GPU check", says more): `seeds` (per-image
+seeds give byte-identical samples in batches of 8 and of 3), `train` (images/s and MFU of the
+pipeline's training step at fp32 / tf32 / bf16, 16 and 128 images, channels_last or not),
+`diffusers` (the same for diffusers' UNet2DModel, where it imports), `sample` (ancestral and
+50-step DDIM at batch 1000), `bound` (terms/s of the exact NLL bound), `precision` (tf32 and
+bf16 samples against fp32 ones) and `compile` (the training step under torch.compile).
 
-- `seeds`: per-image seeds give byte-identical images in a batch of 8 and in batches of 3
-  (the sample stage's `sample_batch`, 10-step DDIM with eta = 1), at fp32, tf32 and bf16;
-- `train`: images/s and MFU of the pipeline's training step (`our_train_step`: `train_step`,
-  Adam, clipping, EMA) at fp32 / tf32 / bf16, 16 and 128 images, channels_last and not;
-- `diffusers`: the same for diffusers' UNet2DModel (google/ddpm-cifar10-32), where importable;
-- `sample`: images/s at batch 1000, ancestral (10 steps timed, extrapolated to T = 1000) and
-  50-step DDIM; `bound`: terms/s of the exact NLL bound as the evaluate stage runs it;
-- `precision`: tf32 and bf16 samples against fp32 ones (same seeds and weights), uint8 pixels;
-- `compile`: the training step with train.compile, channels_last; the first step compiles.
-
-MFU: FLOPs per image (FlopCounterMode, as `flops.py`: the training step, or one forward pass
-per network call) x images/s over the GPU's dense peak at that precision (`PEAK_TFLOPS`).
-The layers a fresh U-Net initialises to zero get random weights (`randomize_zero_layers_`),
-so that its output, and so precision and batching, matter.
+MFU: FLOPs per image (FlopCounterMode, as `flops.py`) x images/s over the GPU's dense peak at
+that precision (`PEAK_TFLOPS`). Fresh weights, with the layers a fresh U-Net zeroes made
+random (`randomize_zero_layers_`), so that its output, precision and batching matter.
 
     python3 benchmarks/gpu_check.py --wheels build/wheels --json $OUT/gpu_check.json
 
@@ -140,11 +134,6 @@ def randomize_zero_layers_(model: torch.nn.Module, seed: int) -> torch.nn.Module
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Running rows within the budget
-# --------------------------------------------------------------------------------------------
-
-
 class OutOfTime(BaseException):
     """The check's time budget ran out inside a row (a BaseException, as KeyboardInterrupt:
     library code that catches Exception must not swallow it)."""
@@ -174,6 +163,9 @@ class Budget:
 
 @dataclasses.dataclass
 class Check:
+    """What the rows share (the experiment, the device, the sizes, the budget, the FLOPs per
+    image and the peaks) and the rows so far."""
+
     exp: Any
     image_shape: tuple[int, int, int]
     device: torch.device
@@ -208,10 +200,14 @@ class Check:
         return {"per_s": per_s, "unit": unit, "achieved_tflops": tflops,
                 "mfu": tflops / peak if peak else None}
 
-    def run(self, row: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> None:
-        """Measure one row within the budget; a row that fails is recorded and the rest run."""
+    def run(self, row: dict[str, Any], measure: Callable[[], dict[str, Any]],
+            skip: str | None = None) -> None:
+        """Measure one row within the budget (unless `skip` says why not); a row that fails is
+        recorded and the rest run."""
         left, estimate = self.budget.left(), ESTIMATE_S[row["check"]]
-        if left < estimate:
+        if skip:
+            row.update(status="skipped", note=skip)
+        elif left < estimate:
             row.update(status="skipped", note=f"skipped: time budget ({max(left, 0):.0f} s "
                                               f"left, about {estimate:.0f} s needed)")
         else:
@@ -240,11 +236,6 @@ def timed_steps(step: Callable[[], Any], warmup: int, steps: int, sync) -> tuple
         step()
     sync()
     return [common.timed(lambda: (step(), sync())) for _ in range(steps)], first
-
-
-# --------------------------------------------------------------------------------------------
-# The rows
-# --------------------------------------------------------------------------------------------
 
 
 def sample_config(check: Check, sampler: str, steps: int | None, precision: str,
@@ -280,46 +271,41 @@ def seeds_rows(check: Check) -> None:
 
 
 def train_rows(check: Check, impl: str, compiled: bool) -> None:
+    """Training rows of `impl` (ours or diffusers): eager at each batch and precision (ours
+    both channels_last and contiguous); compiled, channels_last on a GPU as train_worker, the
+    costly compiles likeliest to be used first (bf16, the largest batch)."""
     name = "compile" if compiled else "diffusers" if impl == "diffusers" else "train"
-    cuda = check.device.type == "cuda"
-    layouts = [cuda] if compiled else [False] if impl == "diffusers" else [True, False]
-    batches = check.sizes.train_batches
-    if compiled:  # the costly compiles, likeliest to be used first: bf16, largest batch
-        order = [(p, b) for p in PRECISIONS[::-1] for b in sorted(batches, reverse=True)]
+    batches, layouts = check.sizes.train_batches, (True, False) if impl == "ours" else (False,)
+    if compiled:
+        cases = [(p, b, check.device.type == "cuda") for p in PRECISIONS[::-1]
+                 for b in sorted(batches, reverse=True)]
     else:
-        order = [(p, b) for b in batches for p in PRECISIONS]
-    for precision, batch in order:
-        for channels_last in layouts:
-            row = {"check": name, "impl": impl, "precision": precision, "compile": compiled,
-                   "channels_last": channels_last, "batch": batch}
-            if impl == "diffusers" and check.missing_diffusers:
-                row.update(status="skipped", note="skipped: diffusers not importable "
-                                                  f"({check.missing_diffusers})")
-                check.rows.append(row)
-                continue
+        cases = [(p, b, cl) for b in batches for p in PRECISIONS for cl in layouts]
+    skip = None
+    if impl == "diffusers" and check.missing_diffusers:
+        skip = f"skipped: diffusers not importable ({check.missing_diffusers})"
+    for precision, batch, channels_last in cases:
+        def measure(precision=precision, batch=batch, channels_last=channels_last):
+            if compiled:
+                torch._dynamo.reset()  # a fresh compile for every row
+            with matmul_precision(precision):
+                if impl == "ours":
+                    step, _ = our_train_step(
+                        check.exp, check.image_shape, batch, precision=precision,
+                        device=check.device, channels_last=channels_last,
+                        compile_backend=check.compile_backend if compiled else None)
+                else:
+                    step, _ = diffusers_train_step(check.exp, check.image_shape, batch,
+                                                   precision=precision, device=check.device)
+                seconds, first = timed_steps(step, check.sizes.warmup, check.sizes.steps,
+                                             check.sync)
+            s = common.summary(seconds, batch)
+            # MFU from our step's FLOPs for both: the same architecture, the same work
+            return {**check.rate(s["per_s"], "images/s", check.flops["train_step"], precision),
+                    "s_per_step": s["median_s"], "first_step_s": first, "seconds": seconds}
 
-            def measure(precision=precision, batch=batch, channels_last=channels_last):
-                if compiled:
-                    torch._dynamo.reset()  # a fresh compile for every row
-                with matmul_precision(precision):
-                    if impl == "ours":
-                        step, _ = our_train_step(
-                            check.exp, check.image_shape, batch, precision=precision,
-                            device=check.device, channels_last=channels_last,
-                            compile_backend=check.compile_backend if compiled else None)
-                    else:
-                        step, _ = diffusers_train_step(check.exp, check.image_shape, batch,
-                                                       precision=precision, device=check.device)
-                    seconds, first = timed_steps(step, check.sizes.warmup, check.sizes.steps,
-                                                 check.sync)
-                s = common.summary(seconds, batch)
-                # MFU from our step's FLOPs for both: the same architecture, the same work
-                return {**check.rate(s["per_s"], "images/s", check.flops["train_step"],
-                                     precision),
-                        "s_per_step": s["median_s"], "first_step_s": first,
-                        "seconds": seconds}
-
-            check.run(row, measure)
+        check.run({"check": name, "impl": impl, "precision": precision, "compile": compiled,
+                   "channels_last": channels_last, "batch": batch}, measure, skip)
 
 
 def sample_rows(check: Check) -> None:
@@ -407,11 +393,6 @@ SECTIONS: dict[str, Callable[[Check], None]] = {
     "precision": precision_rows,
     "compile": lambda check: train_rows(check, "ours", compiled=True),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
 
 
 def case_label(row: dict[str, Any]) -> str:
