@@ -15,8 +15,9 @@ random (`randomize_zero_layers_`), so that its output, precision and batching ma
 
     python3 benchmarks/gpu_check.py --wheels build/wheels --json $OUT/gpu_check.json
 
-Without a CUDA device it stops at once with exit code 2. `--device cpu --tiny` runs every row
-with a small model on the CPU in seconds: for the tests, not a measurement.
+Exit code 1 where a row failed (its error is in the JSON), 2 without a CUDA device (at once,
+writing nothing). `--tiny` runs every row with a small model in seconds: with `--device cpu`
+for the tests, on the GPU as a pre-flight; its figures are not measurements.
 """
 
 from __future__ import annotations
@@ -475,10 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(common.table([table_row(r) for r in check.rows],
                        ["check", "case", "batch", "rate", "MFU", "result / note"]))
-    skipped = sum(r["status"] != "ok" for r in check.rows)
-    print(f"{len(check.rows)} rows, {skipped} not measured, in {results['elapsed_s']:.0f} s")
+    failed = sum(r["status"] == "failed" for r in check.rows)
+    skipped = sum(r["status"] == "skipped" for r in check.rows)
+    print(f"{len(check.rows)} rows, {skipped} skipped, {failed} failed, in "
+          f"{results['elapsed_s']:.0f} s")
     common.write_json(args.json, "gpu_check", args, info, results)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
