@@ -115,10 +115,12 @@ def add_wheels(folder: Path) -> list[str]:
 
 
 def diffusers_missing() -> str | None:
-    """Why diffusers cannot be imported here, or None where it can."""
+    """Why diffusers cannot be imported here, or None where it can. Where it cannot, every
+    later import of it raises ImportError at once (as `machine()` and `model_flops` expect)."""
     try:
         from diffusers import DDPMScheduler, UNet2DModel  # noqa: F401
-    except Exception as err:  # an ImportError, or a failed version check of its dependencies
+    except Exception as err:  # an ImportError, or a failed check of its dependencies
+        sys.modules["diffusers"] = None
         return f"{type(err).__name__}: {err}"
     return None
 
@@ -224,8 +226,10 @@ class Check:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self.rows.append(row)
-        print(f"  {row['check']} {case_label(row)} batch {row.get('batch')}: "
-              f"{row['status']} {row.get('note', '')}", flush=True)
+        shown = table_row(row)
+        print(f"  {row['check']} {shown['case']}, batch {row.get('batch')}: {row['status']}"
+              + "".join(f", {shown[k]}" for k in ("rate", "MFU", "result / note") if shown[k]),
+              flush=True)
 
 
 def timed_steps(step: Callable[[], Any], warmup: int, steps: int, sync) -> tuple[list, float]:
@@ -409,7 +413,8 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("compile") and row["status"] == "ok":
         note = f"first step (compiles) {row['first_step_s']:.1f} s"
     return {"check": row["check"], "case": case_label(row), "batch": row.get("batch"),
-            "rate": rate, "MFU": row.get("mfu"), "result / note": note}
+            "rate": rate, "MFU": f"{row['mfu']:.1%}" if row.get("mfu") else None,
+            "result / note": note}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,17 +467,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {common.count_parameters(check.model()) / 1e6:.2f}M parameters, image "
           f"{'x'.join(map(str, image_shape))}, T = {exp.diffusion.num_timesteps}; train step "
           f"{flops['train_step'] / 1e9:.2f} GFLOP/image; budget {args.budget:.0f} s", flush=True)
-    for name in checks:
-        SECTIONS[name](check)
-
     results = {"config": "tiny" if args.tiny else "cifar10", "image_shape": list(image_shape),
                "num_timesteps": exp.diffusion.num_timesteps,
                "parameters": common.count_parameters(check.model()),
                "flops_per_image": flops, "sizes": dataclasses.asdict(sizes),
                "peak": peak_name or "unknown peak", "peak_tflops": peaks,
                "peak_table_tflops": PEAK_TFLOPS, "diffusers_missing": missing,
-               "budget_s": args.budget, "elapsed_s": time.monotonic() - budget.start,
-               "rows": check.rows}
+               "budget_s": args.budget, "rows": check.rows}
+    for name in checks:
+        SECTIONS[name](check)
+        results["elapsed_s"] = time.monotonic() - budget.start
+        # the rows so far, rewritten after each check: a run cut short keeps what it measured
+        common.write_json(args.json, "gpu_check", args, info, results)
     print()
     print(common.table([table_row(r) for r in check.rows],
                        ["check", "case", "batch", "rate", "MFU", "result / note"]))
@@ -480,7 +486,6 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sum(r["status"] == "skipped" for r in check.rows)
     print(f"{len(check.rows)} rows, {skipped} skipped, {failed} failed, in "
           f"{results['elapsed_s']:.0f} s")
-    common.write_json(args.json, "gpu_check", args, info, results)
     return 1 if failed else 0
 
 
