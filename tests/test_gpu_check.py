@@ -164,3 +164,17 @@ def test_tiny_mode_on_the_gpu_runs_every_row(tmp_path):
     done = run_check(tmp_path, "--device", "cuda", "--tiny", "--json", "check.json")
     check_run(tmp_path, done, diffusers=importlib.util.find_spec("diffusers") is not None,
               cuda=True)
+
+
+def test_wheels_are_imported_from_their_zip(gpu_check, tmp_path, monkeypatch):
+    """--wheels DIR: a pure-Python wheel (as diffusers') is importable from the .whl itself."""
+    import zipfile
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with zipfile.ZipFile(tmp_path / "wheelpkg-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("wheelpkg/__init__.py", "ANSWER = 42\n")
+    assert gpu_check.add_wheels(tmp_path) == [str(tmp_path / "wheelpkg-1.0-py3-none-any.whl")]
+    import wheelpkg
+
+    sys.modules.pop("wheelpkg")
+    assert wheelpkg.ANSWER == 42 and ".whl" in wheelpkg.__file__
