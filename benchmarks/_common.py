@@ -170,6 +170,7 @@ def machine() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         total_mem = None
     return {
+        "gpu": gpu() if torch.cuda.is_available() else None,
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": affinity,
@@ -191,6 +192,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def gpu(index: int = 0) -> dict[str, Any]:
+    """Name, compute capability, memory and CUDA / cuDNN versions of CUDA device `index`."""
+    p = torch.cuda.get_device_properties(index)
+    return {"name": p.name, "capability": f"{p.major}.{p.minor}",
+            "memory_gib": round(p.total_memory / 2 ** 30, 1),
+            "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
+
+
 def check_pipeline_is_this_checkout() -> None:
     import pipeline
 
@@ -200,9 +210,11 @@ def check_pipeline_is_this_checkout() -> None:
 
 
 def describe(info: dict[str, Any]) -> str:
-    return (f"{info['cpu_model']}, {info['usable_cores']} usable cores, torch {info['torch']} "
-            f"({info['torch_threads']} threads), diffusers {info['diffusers']}, "
-            f"nice {info['nice']}, load {info['load_average_at_start'][0]:.2f}, "
+    gpu_name = f"{info['gpu']['name']}, " if info.get("gpu") else ""
+    return (f"{gpu_name}{info['cpu_model']}, {info['usable_cores']} usable cores, "
+            f"torch {info['torch']} ({info['torch_threads']} threads), "
+            f"diffusers {info['diffusers']}, nice {info['nice']}, "
+            f"load {info['load_average_at_start'][0]:.2f}, "
             f"commit {info['git_commit']}{' (dirty)' if info['git_dirty'] else ''}")
 
 
@@ -326,9 +338,9 @@ def case_name(impl: str, precision: str, precisions: Sequence[str]) -> str:
     return impl if list(precisions) == ["fp32"] else f"{impl} {precision}"
 
 
-def autocast(precision: str):
-    """torch.autocast to bfloat16 on the CPU for bf16; a no-op context for fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision: str, device_type: str = "cpu"):
+    """torch.autocast to bfloat16 on `device_type` for bf16; a no-op context otherwise."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def precision_ratios(seconds: dict[str, Sequence[float]],

@@ -38,9 +38,16 @@ import torch.nn.functional as F
 import _common as common  # puts this checkout first on sys.path
 
 
-def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: str = "fp32"):
+def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: str = "fp32",
+                   device: str | torch.device = "cpu", channels_last: bool = False,
+                   compile_backend: str | None = None):
     """A closure running one training step of ours at `precision` (the U-Net wrapped as
-    train_worker wraps it for train.precision); and the model (for its size)."""
+    train_worker wraps it for train.precision); and the model (for its size).
+
+    On `device`; with `channels_last`, the weights and the batch in that layout (as train_worker
+    puts them on a GPU); with `compile_backend`, the wrapped U-Net through `torch.compile` (as
+    train.compile does). TF32 (`tf32`) is a process setting: run the step under
+    `pipeline.model.precision.matmul_precision`."""
     from pipeline.cluster.training import make_optimizer, seed_generators, train_step
     from pipeline.data.datasets import to_model_range
     from pipeline.diffusion.gaussian import GaussianDiffusion
@@ -50,16 +57,20 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: 
     from pipeline.model.unet import build_model
 
     torch.manual_seed(seed)
-    device = torch.device("cpu")
+    device = torch.device(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     diffusion = GaussianDiffusion.from_config(exp.diffusion)
-    model = build_model(exp, tuple(image_shape)).to(device)
+    model = build_model(exp, tuple(image_shape)).to(device, memory_format=layout)
     ema = make_ema(model, exp.train.ema_decay)
     optimizer, scheduler = make_optimizer(model, exp)
     gens = seed_generators(seed, 0, device)
     t_sampler = timestep_sampler(exp.diffusion, diffusion.num_timesteps)
-    x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
+    x0 = to_model_range(common.random_images(batch_size, image_shape, seed)).to(device)
+    x0 = x0.contiguous(memory_format=layout)
     model.train()
     train_model = with_precision(model, precision)
+    if compile_backend is not None:
+        train_model = torch.compile(train_model, backend=compile_backend)
 
     def step() -> None:  # train_worker's step, without its data loading and logging
         train_step(train_model, model, diffusion, x0, t_sampler, gens, optimizer, scheduler, ema,
@@ -69,9 +80,10 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: 
 
 
 def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0,
-                         precision: str = "fp32"):
-    """A closure running one training step with diffusers' UNet2DModel + DDPMScheduler, the
-    U-Net's forward under torch.autocast for bf16 (as accelerate's mixed precision runs it)."""
+                         precision: str = "fp32", device: str | torch.device = "cpu"):
+    """A closure running one training step with diffusers' UNet2DModel + DDPMScheduler on
+    `device`, the U-Net's forward under torch.autocast for bf16 (as accelerate's mixed
+    precision runs it)."""
     from diffusers import DDPMScheduler
 
     from pipeline.cluster.training import apply_gradients, make_optimizer
@@ -84,22 +96,23 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0,
         raise SystemExit("error: the diffusers step is the eps-prediction L_simple objective; "
                          "use --experiment eps_simple")
     torch.manual_seed(seed)
-    model = common.diffusers_unet(exp.model, image_shape)
+    device = torch.device(device)
+    model = common.diffusers_unet(exp.model, image_shape).to(device)
     betas = schedule_from_config(exp.diffusion)
     noise_scheduler = DDPMScheduler(num_train_timesteps=len(betas),
                                     trained_betas=betas.numpy(), variance_type="fixed_large")
     ema = make_ema(model, exp.train.ema_decay)
     optimizer, scheduler = make_optimizer(model, exp)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x0 = to_model_range(common.random_images(batch_size, image_shape, seed))
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x0 = to_model_range(common.random_images(batch_size, image_shape, seed)).to(device)
     model.train()
 
     def step() -> None:
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                          generator=gen)
+                          generator=gen, device=device)
         x_t = noise_scheduler.add_noise(x0, noise, t)
-        with common.autocast(precision):
+        with common.autocast(precision, device.type):
             out = model(x_t, t).sample
         loss = F.mse_loss(out.float(), noise)
         apply_gradients(loss, model, optimizer, scheduler, ema, exp.train.grad_clip)
