@@ -127,6 +127,40 @@ def test_broken_sweep_params_are_refused_naming_the_key(raw, needles):
     assert_refused(raw, needles)
 
 
+def test_a_sweep_is_named_by_its_recipe_not_its_resources(tmp_path):
+    from pipeline.cluster.tune import other_sweeps, sweep_name
+
+    def name(**sweep):
+        params = parse_params(with_sweep(**sweep))
+        return sweep_name(params.sweep, params.experiment(params.sweep.base_experiment))
+
+    default = name()
+    assert default.startswith("ddpm-digits-sweep-")
+    # where and how fast it runs: the same sweep, which a rerun resumes
+    assert name(max_concurrent_trials=1) == default
+    assert name(cpus_per_worker=0.5) == default
+    raw = with_sweep()
+    raw["tracking"] = {"tracking_uri": "sqlite:///elsewhere.db"}
+    raw["cluster"] = {"storage": "s3://bucket/prefix", "placement": "spread"}
+    raw["train"]["max_failures"] = 5
+    params = parse_params(raw)
+    assert sweep_name(params.sweep, params.experiment("eps_simple")) == default
+    # what it finds: another sweep
+    changed = {name(steps=240), name(schedules=["cosine", "linear"]), name(grace_period=30),
+               name(reduction_factor=3.0), name(fid_num_samples=100), name(num_workers=2)}
+    assert len(changed) == 6 and default not in changed
+    raw = with_sweep()
+    raw["train"]["lr"] = 0.001  # the base experiment's recipe
+    params = parse_params(raw)
+    assert sweep_name(params.sweep, params.experiment("eps_simple")) != default
+
+    for folder in (default, name(steps=240), f"{default}.state", "ddpm-digits-eps_simple-0-x"):
+        (tmp_path / folder).mkdir()
+    base = parse_params(with_sweep()).experiment("eps_simple")
+    assert other_sweeps(str(tmp_path), base, default) == [name(steps=240)]
+    assert other_sweeps(str(tmp_path / "absent"), base, default) == []
+
+
 def test_sweep_section_is_frozen():
     import dataclasses
 

@@ -88,6 +88,14 @@ def sweep_prefix(base: ExperimentConfig) -> str:
     return f"{base.study.name}-sweep-"
 
 
+def other_sweeps(storage: str, base: ExperimentConfig, name: str) -> list[str]:
+    """The study's other sweeps in `storage` (another recipe or other training code)."""
+    from pipeline.core.io import list_storage
+
+    return [n for n in list_storage(storage, folders=True)
+            if n.startswith(sweep_prefix(base)) and n != name and "." not in n]
+
+
 def _report_callback(defaults: dict[str, Any]):
     """A TuneReportCallback that fills metrics a report lacks (an unstable run's last report
     has no validation NLL), so that Tune's check for the scheduler's metric passes."""
@@ -233,7 +241,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
 
     from pipeline.cluster.halving import SynchronousHalving, load_decisions
     from pipeline.cluster.sweep import METRIC, TrialOutcome
-    from pipeline.core.io import delete_from_storage, list_storage
+    from pipeline.core.io import delete_from_storage
 
     name = sweep_name(sweep, base)
     storage = storage_location(storage)
@@ -248,8 +256,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
     else:
-        others = [n for n in list_storage(storage, folders=True)
-                  if n.startswith(sweep_prefix(base)) and n != name and "." not in n]
+        others = other_sweeps(storage, base, name)
         if others:
             print(f"sweep: the sweep's recipe or the training code changed since "
                   f"{', '.join(others)}; starting {name}", flush=True)
