@@ -36,7 +36,8 @@ from pipeline.core.params import Params
 # Seconds of a stage outside its network work on the 2-core machine: the stages' wall times in
 # a tiny study (T = 20, 40 training steps, 60 samples: next to no compute) under
 # `python -m stages.local_ray dvc repro`, less that compute: Python and torch imports, Ray, the
-# workers' start, MLflow, DVC. What a stage costs however little it computes.
+# workers' start, MLflow, DVC. What a stage costs however little it computes. reference_stats
+# is not measured yet: the reference stage's less building a U-Net, about 10 s.
 STARTUP_S = {"prepare": 4.0, "classifier": 4.0, "reference_stats": 10.0, "train": 16.0,
              "sample": 11.0, "evaluate": 12.0, "reference": 11.0, "sweep": 12.0, "tabulate": 6.0}
 DATA_SIZES = {"cifar10": (50_000, 10_000)}  # (train, test) images
@@ -167,7 +168,7 @@ def study_work(params: Params, workers: Optional[int] = None,
     out.append(dataclasses.replace(
         _inference("reference_stats", 0, 0.0, n_train, feature, count(e), e.cpus_per_worker,
                    e.nll_batch_size),
-        note=f"{n_train:,} feature extractions (the train split), once for every row"))
+        note=f"{n_train:,} feature extractions (the train split), read by every row"))
     for exp in runs:
         t = exp.train
         out.append(Work(f"train@{exp.key}", "train", t.steps * t.batch_size, unet(exp)["train"],
