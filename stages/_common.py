@@ -22,6 +22,7 @@ EXIT_USER_ERROR = 2
 # The study's folders, as every stage names them: --<name> (default: the folder).
 FOLDERS = {
     "data": ("data/prepared", "the prepared data, <dataset>/{train,test}.npz"),
+    "stats": ("data/reference_stats", "the real data's reference statistics, <split>.npz"),
     "models": ("models", "the trained models, models/<E>-<S>/ and models/classifier/"),
     "samples": ("samples", "the samples, samples/<E>-<S>/"),
     "metrics": ("metrics", "the metrics, <E>-<S>.json, _run.json, _nll.csv, reference.json"),

@@ -9,7 +9,9 @@ counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train ima
 comparing runs image by image) and, for scores over training, metrics/<E>-<S>_over_training.csv with its figure
 plots/fid_over_training/<E>-<S>.png (one row, the final model, without evaluate.checkpoints).
 Every network evaluation runs on evaluate.num_workers Ray workers (a GPU each with
-evaluate.use_gpu), its finished chunks kept in Ray storage until the outputs are written.
+evaluate.use_gpu), its finished chunks kept in Ray storage until the outputs are written; the
+train split's side of FID and KID is read from data/reference_stats/train.npz (the
+`reference_stats` stage), refused if it was made for another extractor, N, split or data.
 An unstable model gets status "unstable" and no scores.
 """
 
@@ -22,7 +24,7 @@ from stages import _common
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("evaluate", "Measure FID / IS / KID and NLL (bits/dim) of one run.",
-                       experiment=True, folders=("data", "models", "samples"),
+                       experiment=True, folders=("data", "stats", "models", "samples"),
                        out=("metrics", "folder for <E>-<S>.json, _run.json, _nll.csv and "
                                        "_over_training.csv"))
     p.add_argument("--figures", default="plots/fid_over_training", type=Path,
@@ -33,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     def body(params) -> int:
         from pipeline.cluster import connection
         from pipeline.jobs.evaluation import evaluate_run, log_evaluation, save_evaluation
+        from pipeline.measure.reference_stats import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         try:
             result = evaluate_run(exp, args.data, args.models, args.samples,
-                                  exp.cluster.resolved_storage())
+                                  exp.cluster.resolved_storage(),
+                                  reference_stats_path(args.stats))
         finally:
             connection.shutdown()
         paths = save_evaluation(result, exp, args.out, args.figures)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         from pipeline.core.progress import format_duration
-        from pipeline.reporting.plan import measure_rates, plan_table, study_work
+        from pipeline.reporting.plan import (measure_rates, plan_table, reference_saving,
+                                             study_work)
 
         works = study_work(params, args.workers, args.cpus)
         if args.gflops:
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['gflop']:>12,.0f} {format_duration(row['compute_s']):>9} "
                   f"{format_duration(row['startup_s']):>8} {format_duration(row['total_s']):>9}"
                   f"  {row['note'] if isinstance(row['note'], str) else ''}")
+        saving = reference_saving(params)
+        print(f"reference statistics: the {saving['images']:,} train images' features are "
+              f"extracted once (reference_stats) and read by {saving['rows']} evaluate row"
+              f"{'s' if saving['rows'] != 1 else ''}: {saving['saved']:,} fewer extractions than "
+              f"one pass per row, and up to {saving['trials_saved']:,} fewer in the "
+              f"{saving['trials']} sweep trials")
         if args.csv is not None:
             from pipeline.core.io import atomic_path
 

@@ -21,7 +21,7 @@ from stages import _common
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (successive halving).",
-                       folders=("data", "models"),
+                       folders=("data", "stats", "models"),
                        out=("results/sweep", "folder for trials.csv and best.yaml"))
     p.add_argument("--storage", default=None,
                    help="Ray Tune storage for trial logs and checkpoints: a path or a URI "
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.cluster.sweep import trial_probe
         from pipeline.data.datasets import load_prepared, prepared_path
         from pipeline.measure.classifier import classifier_path
+        from pipeline.measure.reference_stats import reference_stats_path
 
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         test_path = prepared_path(args.data, base.data.dataset, "test")
         load_prepared(train_path)  # fail now, with the command to run, if missing or corrupt
         load_prepared(test_path)
-        probe = trial_probe(cfg, base, train_path, test_path, classifier_path(args.models))
+        probe = trial_probe(cfg, base, train_path, test_path, classifier_path(args.models),
+                            reference_stats_path(args.stats))
 
         from pipeline.jobs.sweep import sweep_run
 

@@ -12,8 +12,8 @@ import yaml
 
 from helpers import PROJECT, env_for
 from pipeline.core.params import parse_params
-from pipeline.reporting.plan import (STARTUP_S, Work, plan_table, split_sizes, study_work,
-                                     unet_gflops)
+from pipeline.reporting.plan import (STARTUP_S, Work, plan_table, reference_saving,
+                                     split_sizes, study_work, unet_gflops)
 
 
 def small_params(**evaluate):
@@ -37,8 +37,9 @@ def test_the_study_work_counted_by_hand():
     params = small_params()
     assert split_sizes(params) == (1437, 360)
     works = {w.stage: w for w in study_work(params, cluster_cpus=2)}
-    assert list(works) == ["prepare", "classifier", "train@eps_simple-0", "sample@eps_simple-0",
-                           "evaluate@eps_simple-0", "reference", "sweep", "tabulate"]
+    assert list(works) == ["prepare", "classifier", "reference_stats", "train@eps_simple-0",
+                           "sample@eps_simple-0", "evaluate@eps_simple-0", "reference", "sweep",
+                           "tabulate"]
     exp = params.experiment("eps_simple")
     unet = unet_gflops(exp, (1, 8, 8))
     train, sample = works["train@eps_simple-0"], works["sample@eps_simple-0"]
@@ -47,9 +48,12 @@ def test_the_study_work_counted_by_hand():
     assert (sample.evaluations, sample.workers) == (6 * 10, 2)
     assert sample.gflop == pytest.approx(60 * unet["forward"])
     evaluate = works["evaluate@eps_simple-0"]
-    # the bound: (5 + 5) images x 10 terms; features: the 6 samples and the 1,437 train images
-    assert evaluate.evaluations == 100 + 6 + 1437 and evaluate.workers == 2
-    assert evaluate.note == "100 U-Net forwards + 1,443 feature extractions"
+    # the bound: (5 + 5) images x 10 terms; features: the 6 samples alone (the 1,437 train
+    # images' are the reference statistics, extracted once)
+    assert evaluate.evaluations == 100 + 6 and evaluate.workers == 2
+    assert evaluate.note == "100 U-Net forwards + 6 feature extractions"
+    stats = works["reference_stats"]
+    assert (stats.evaluations, stats.workers) == (1437, 2)
     reference = works["reference"]
     # the untrained model's 6 samples x 10 steps and its bound; every prepared image's features
     # and the 6 samples'
@@ -57,6 +61,23 @@ def test_the_study_work_counted_by_hand():
     sweep = works["sweep"]
     assert sweep.evaluations == 2 * 8 * 4 and sweep.workers == 2  # 2 trials, 2 at once
     assert works["prepare"].evaluations == 0
+
+
+def test_the_reference_statistics_are_counted_once_and_their_saving_shown():
+    """Two experiments x two seeds: four evaluate rows read the 1,437 train images' statistics
+    that reference_stats extracts once (three passes fewer); the sweep's 2 trials extracted
+    them at their last step too."""
+    raw = small_params().to_dict()
+    raw["study"]["seeds"] = [0, 1]
+    raw["experiments"] = {"eps_simple": {}, "mu_simple": {"mean_type": "mu"}}
+    params = parse_params(raw)
+    works = study_work(params, cluster_cpus=2)
+    features = sum(int(w.note.split(" + ")[1].split()[0].replace(",", ""))
+                   for w in works if w.stage.startswith("evaluate@"))
+    assert features == 4 * 6  # the samples' alone
+    assert sum(w.stage == "reference_stats" for w in works) == 1
+    assert reference_saving(params) == {"images": 1437, "rows": 4, "trials": 2,
+                                        "saved": 3 * 1437, "trials_saved": 2 * 1437}
 
 
 def test_checkpoints_add_their_quick_scores():
@@ -103,9 +124,12 @@ def test_the_plan_command_prints_every_stage_and_refuses_bad_arguments(tmp_path)
                           env=env_for(PROJECT), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "50 GFLOP/s per worker (given)" in proc.stdout
-    for stage in ("train@eps_simple-0", "sample@mu_simple-0", "evaluate@eps_vlb_fixed-0",
-                  "reference", "sweep", "total"):
+    for stage in ("reference_stats", "train@eps_simple-0", "sample@mu_simple-0",
+                  "evaluate@eps_vlb_fixed-0", "reference", "sweep", "total"):
         assert stage in proc.stdout, stage
+    # six evaluate rows read the 1,437 train images' statistics extracted once
+    assert (f"the 1,437 train images' features are extracted once (reference_stats) and read "
+            f"by 6 evaluate rows: {5 * 1437:,} fewer extractions") in proc.stdout
     assert (tmp_path / "plan.csv").read_text().startswith("stage,workers,evaluations,gflop")
     bad = subprocess.run([sys.executable, "-m", "stages.plan", "--gflops", "0"], cwd=PROJECT,
                          env=env_for(PROJECT), capture_output=True, text=True, timeout=60)

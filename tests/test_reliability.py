@@ -31,9 +31,10 @@ import yaml
 from conftest import STABLE_KEY as KEY, UNSTABLE_KEY, shared_study_params
 from helpers import PROJECT, env_for, make_study_repo, mlflow_runs, run_record, sh, tiny
 
-STAGES = ("prepare", "classifier", "train", "sample", "evaluate", "reference", "tabulate")
+STAGES = ("prepare", "classifier", "reference_stats", "train", "sample", "evaluate", "reference",
+          "tabulate")
 EXPERIMENT_STAGES = ("train", "sample", "evaluate")
-OUTPUTS = ("data/prepared", "models", "samples", "metrics", "plots", "results", "ray_storage",
+OUTPUTS = ("data/prepared", "data/reference_stats", "models", "samples", "metrics", "plots", "results", "ray_storage",
            "dvc.lock")
 WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*?train ([\w-]+): step (\d+)/(\d+)")
 
@@ -380,7 +381,7 @@ def test_one_worker_samples_and_metrics_are_bitwise_reproducible(study, tmp_path
         assert ((tmp_path / "samples" / name / file).read_bytes()
                 == (study / "samples" / name / file).read_bytes()), file
     proc = stage("evaluate", "-e", "eps_simple", "--params", params, "--data",
-                 study / "data" / "prepared",
+                 study / "data" / "prepared", "--stats", study / "data" / "reference_stats",
                  "--models", study / "models", "--samples", tmp_path / "samples",
                  "--out", tmp_path / "metrics", **stage_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -596,6 +597,33 @@ def test_corrupt_prepared_data_names_the_file(prepared, tmp_path):
         assert "Ray" not in proc.stdout
 
 
+@pytest.mark.slow
+def test_corrupt_reference_statistics_are_refused_by_evaluate_and_the_sweep(study, tmp_path):
+    """data/reference_stats/train.npz cut short, or with one array edited and the file rewritten
+    whole (its digest no longer matches): evaluate and the sweep stop in one line, before Ray,
+    naming the file and `dvc repro reference_stats`; nothing of the study is written."""
+    good = study / "data" / "reference_stats" / "train.npz"
+    stats = tmp_path / "reference_stats"
+    stats.mkdir()
+    bad = truncate(Path(shutil.copy2(good, stats / "train.npz")))
+    before = snapshot(study)
+    common = ["--stats", stats, "--out", tmp_path / "out"]
+    for name, args in (("evaluate", ["-e", "eps_simple", "--figures", tmp_path / "figures"]),
+                       ("sweep", [])):
+        proc = stage(name, *args, *common, cwd=study, code=study, timeout=120)
+        assert_user_error(proc, bad, "unreadable reference statistics",
+                          "dvc repro reference_stats")
+        assert "Ray" not in proc.stdout
+    with np.load(good) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["feature_sum"] = arrays["feature_sum"] * (1 + 1e-15)
+    np.savez(bad, **arrays)
+    proc = stage("evaluate", "-e", "eps_simple", "--figures", tmp_path / "figures", *common,
+                 cwd=study, code=study, timeout=120)
+    assert_user_error(proc, bad, "do not match the digest", "dvc repro reference_stats")
+    assert snapshot(study) == before and not (tmp_path / "out").exists()
+
+
 def test_corrupt_samples_names_the_file(tmp_path):
     fake_model_dir(tmp_path / "models")
     bad = tmp_path / "samples" / KEY / "samples.npz"
@@ -666,8 +694,8 @@ def test_corrupt_checkpoint_on_resume_names_the_file_in_storage(study, tmp_path)
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.parametrize("case", ["train", "classifier", "sample", "evaluate", "reference",
-                                  "tabulate"])
+@pytest.mark.parametrize("case", ["train", "classifier", "reference_stats", "sample", "evaluate",
+                                  "evaluate_stats", "reference", "tabulate"])
 def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_path, case):
     params = tiny_params(tmp_path)
     models, empty = tmp_path / "models", tmp_path / "absent"
@@ -683,9 +711,21 @@ def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_pa
         fake_model_dir(models)
         args, needles = ["-e", "eps_simple", "--models", models, "--samples", empty], [
             empty / KEY / "samples.npz", f"dvc repro sample@{KEY}"]
-    elif case == "reference":
+    elif case in ("reference", "reference_stats"):
         args, needles = ["--data", prepared, "--models", models], [
             models / "classifier" / "classifier.pt", "dvc repro classifier"]
+    elif case == "evaluate_stats":  # a run to score, and no reference statistics yet
+        case = "evaluate"
+        fake_model_dir(models)
+        samples = tmp_path / "samples" / KEY / "samples.npz"
+        samples.parent.mkdir(parents=True)
+        np.savez(samples, images=np.zeros((60, 1, 8, 8), np.uint8), status=np.array("ok"))
+        from pipeline.measure.classifier import DigitsClassifier, save_classifier
+
+        save_classifier(DigitsClassifier(), models / "classifier" / "classifier.pt")
+        args, needles = ["-e", "eps_simple", "--data", prepared, "--stats", empty, "--models",
+                         models, "--samples", tmp_path / "samples"], [
+            empty / "train.npz", "not found", "dvc repro reference_stats"]
     else:
         args, needles = ["--metrics", empty, "--results", tmp_path / "results"], [
             empty, "evaluate"]

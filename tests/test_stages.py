@@ -173,13 +173,106 @@ def test_cifar10_study_from_a_local_archive(tmp_path):
     assert "Paper" in table1 and "3.17" in table1  # the published numbers beside ours
 
 
+@pytest.mark.slow
+def test_evaluate_reads_the_reference_statistics_and_extracts_no_train_features(
+        shared_study, monkeypatch, tmp_path):
+    """The shared study's evaluate@eps_simple-0 again, in this process (its chunks computed here,
+    `run_here`, the extractor's calls counted): the feature extractor sees the 60 samples and
+    the 2 x 40 checkpoint samples, no real image; the train split's side comes from
+    data/reference_stats/train.npz, whose arrays are the reference chunks' merged sums (those the
+    evaluate stage extracted and merged for itself before); and the scores are those `dvc repro`
+    wrote, bit for bit."""
+    from pipeline.cluster import ray_data
+    from pipeline.cluster.sharding import run_here
+    from pipeline.core.params import load_params
+    from pipeline.jobs.evaluation import Apparatus, evaluate_run
+    from pipeline.jobs.reference_stats import reference_statistics, reference_stats_job
+    from pipeline.measure.classifier import classifier_path
+    from pipeline.measure.extractors import FeatureNetwork
+    from pipeline.measure.reference_stats import load_reference_stats
+    from pipeline.measure.stats import FeatureMoments
+
+    repo = shared_study
+    params = load_params(repo / "params.yaml")
+    exp = params.experiment("eps_simple", 0)
+    apparatus = Apparatus.load(exp, repo / "data" / "prepared",
+                               classifier_path(repo / "models"))
+    path = repo / "data" / "reference_stats" / "train.npz"
+    stats = load_reference_stats(path, apparatus.reference_provenance())
+    train = apparatus.train.images
+    assert stats.provenance["num_images"] == len(train) == 1437
+    assert stats.provenance["extractor"] == "digits-classifier"
+
+    seen: list[np.ndarray] = []
+    original = FeatureNetwork.__call__
+
+    def counting(self, images):
+        seen.append(np.asarray(images))
+        return original(self, images)
+
+    monkeypatch.setattr(FeatureNetwork, "__call__", counting)
+    monkeypatch.setattr(ray_data, "run_chunks", lambda job, storage: run_here(job))
+    job, chunks = reference_stats_job(params.base_experiment("reference_stats"), apparatus)
+    again = reference_statistics(chunks, run_here(job), {})
+    assert [len(b) for b in seen] == [len(train)]  # the stage's one pass over the train split
+    for name in ("feature_sum", "outer_sum"):
+        assert getattr(again.moments, name).tobytes() == getattr(stats.moments, name).tobytes()
+    assert again.kid_features.tobytes() == stats.kid_features.tobytes()
+    whole = FeatureMoments.of(original(FeatureNetwork("digits-classifier",
+                                                      apparatus.weights), train)[0])
+    np.testing.assert_allclose(stats.moments.outer_sum, whole.outer_sum, rtol=1e-9)
+
+    seen.clear()
+    result = evaluate_run(exp, repo / "data" / "prepared", repo / "models", repo / "samples",
+                          tmp_path / "storage", path)
+    assert sorted(len(b) for b in seen) == [40, 40, 60]  # checkpoints' samples, the samples
+    for batch in seen:
+        assert not any(np.array_equal(batch[0], image) for image in train)  # no real image
+    wrote = json.loads((repo / "metrics" / "eps_simple-0.json").read_text())
+    assert {k: result.record[k] for k in wrote} == wrote
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, needle", [({"num_images": 1000}, "N 1000, this study's is 1437"),
+                                            ({"extractor": "inception-v3-compat"},
+                                             "extractor 'inception-v3-compat', this study's is "
+                                             "'digits-classifier'")])
+def test_a_reference_file_made_for_another_study_is_refused_in_one_line(shared_study, tmp_path,
+                                                                        change, needle):
+    """data/reference_stats/train.npz of another N or another extractor (its digest rewritten to
+    match: a sound file of another study) stops evaluate and the sweep before Ray, in one line
+    naming the file, what differs and `dvc repro reference_stats`; nothing is written."""
+    from pipeline.measure.reference_stats import (ReferenceStats, load_reference_stats,
+                                                  save_reference_stats)
+
+    repo = shared_study
+    stats = load_reference_stats(repo / "data" / "reference_stats" / "train.npz")
+    other = tmp_path / "stats" / "train.npz"
+    save_reference_stats(other, ReferenceStats(stats.moments, stats.kid_features,
+                                               {**stats.provenance, **change}))
+    for name, args in (("evaluate", ["-e", "eps_simple", "--figures", tmp_path / "figures"]),
+                       ("sweep", [])):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args),
+                               "--stats", str(other.parent), "--out", str(tmp_path / "out")],
+                              cwd=repo, env=env_for(repo), capture_output=True, text=True,
+                              timeout=120)
+        assert time.monotonic() - start < 60
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"error: {other}: made for another study's reference side")
+        assert needle in lines[-1] and "`dvc repro reference_stats`" in lines[-1]
+        assert "Ray" not in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage_errors_are_short_and_name_the_problem(tmp_path):
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["diffusion"]["schedule"] = "cosin"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "classifier", "train", "sample", "evaluate", "reference",
-                  "tabulate"):
+    for stage in ("prepare", "classifier", "reference_stats", "train", "sample", "evaluate",
+                  "reference", "tabulate"):
         args = [sys.executable, "-m", f"stages.{stage}", "--params", str(bad)]
         if stage in ("train", "sample", "evaluate"):
             args += ["--experiment", "eps_simple"]

@@ -311,10 +311,16 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
     exp = parse_params(raw).sweep_experiment("cosine", "p2")
     model = build_model(exp, (1, 8, 8))
     diffusion = GaussianDiffusion.from_config(exp.diffusion)
+    from pipeline.measure.extractors import FeatureNetwork
+    from pipeline.measure.stats import FeatureMoments
+
+    extractor = "helpers_metrics:TinyConvExtractor"
+    train_features, _ = FeatureNetwork(extractor, None)(np.load(tmp_path / "train.npz")["images"])
     probe = TrialProbe(test_data=str(tmp_path / "test.npz"),
                        train_data=str(tmp_path / "train.npz"), total_steps=20, val_images=8,
                        val_strata=3, fid_num_samples=10, fid_steps=5,
-                       extractor="helpers_metrics:TinyConvExtractor", extractor_weights=None)
+                       extractor=extractor, extractor_weights=None,
+                       reference=FeatureMoments.of(train_features))
     model.train()
     early = probe(10, {"ema": model, "diffusion": diffusion})
     assert set(early) == {"nll_bpd", "nll_bpd_se"} and early["nll_bpd"] > 0

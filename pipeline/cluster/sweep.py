@@ -12,7 +12,9 @@ whose `on_log` hook calls a `TrialProbe` on rank 0 at every report:
   timesteps per image and the same seed at every report and in every trial (common random
   numbers, so that the rungs compare trials, not draws): the metric trials stop on;
 - at the last step: a quick FID of `fid_num_samples` strided DDIM samples (`fid_steps` steps,
-  eta = 0) against the train split, with the study's feature extractor.
+  eta = 0) against the train split, with the study's feature extractor: the samples' features
+  against the train split's sums read from the reference statistics file (the
+  `reference_stats` stage), checked by `trial_probe` before any trial starts.
 
 MLflow records are written by the driver after `Tuner.fit()` returns, from each trial's reported
 metrics: one sweep run and one nested run per trial. Nothing is written to the tracking store
@@ -60,6 +62,7 @@ class TrialProbe:
     fid_steps: int
     extractor: str
     extractor_weights: Optional[bytes]  # the weights file's bytes (None: the extractor's own)
+    reference: Any = None  # the train split's FeatureMoments (pipeline.measure.reference_stats)
     seed: int = 0
     nll_batch_size: int = 800
     precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
@@ -114,14 +117,15 @@ class TrialProbe:
 
     def _features(self, device):
         """The feature network (built once) and the train split's feature sums."""
+        if self.reference is None:
+            raise ValueError("TrialProbe.reference: the train split's reference statistics "
+                             "are not set (trial_probe reads them)")
         if "features" not in self._cache:
             from pipeline.measure.extractors import FeatureNetwork
-            from pipeline.measure.stats import FeatureMoments
 
-            network = FeatureNetwork(self.extractor, self._weights_path(), str(device))
-            self._cache["features"] = (network,
-                                       FeatureMoments.of(network(self._images("train"))[0]))
-        return self._cache["features"]
+            self._cache["features"] = FeatureNetwork(self.extractor, self._weights_path(),
+                                                     str(device))
+        return self._cache["features"], self.reference
 
     def quick_fid(self, model, diffusion) -> float:
         """FID of `fid_num_samples` DDIM samples (a seed per image) against the train split,
@@ -147,18 +151,24 @@ class TrialProbe:
 
 
 def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, test_data: Path,
-                classifier: Path) -> TrialProbe:
+                classifier: Path, reference_stats: Path) -> TrialProbe:
     """The probe of every trial, with the study's FID feature extractor resolved and checked
-    now (a missing classifier or Inception weights file stops the stage before Ray starts)."""
+    now (a missing classifier or Inception weights file stops the stage before Ray starts), and
+    the train split's reference statistics read from `reference_stats` and checked against
+    them (a file made for another extractor, N or data stops it too)."""
     from pipeline.data.datasets import load_prepared
     from pipeline.measure import extractors
+    from pipeline.measure.reference_stats import load_reference_stats, provenance
 
     extractor, weights = extractors.resolve_extractor(base.data.dataset, base.evaluate,
                                                    Path(classifier).resolve(),
                                                    base.data.download)
+    train = load_prepared(train_data)
+    stats = load_reference_stats(reference_stats, provenance(
+        base.data.dataset, "train", len(train[0]), extractor, weights, train_data))
 
     return TrialProbe(
-        test_data=load_prepared(test_data), train_data=load_prepared(train_data),
+        test_data=load_prepared(test_data), train_data=train, reference=stats.moments,
         total_steps=sweep.steps, val_images=sweep.val_images, val_strata=sweep.val_strata,
         fid_num_samples=sweep.fid_num_samples, fid_steps=sweep.fid_steps, extractor=extractor,
         extractor_weights=Path(weights).read_bytes() if weights and Path(weights).is_file()

@@ -8,11 +8,13 @@ One run (experiment E, seed S) is scored by `evaluate_run`:
   the data's own levels (its ceiling: log2(levels), a uniform distribution over the levels),
   with the bound of every image kept so that two runs can be compared image by image.
 
-Every network evaluation of it (the features of the samples and of the train split, the bound
-in parts of images x terms, the checkpoints' quick FIDs and bounds) is one `ShardedJob`
-(`evaluation_job`) that runs on Ray workers (`pipeline.cluster.ray_data.run_chunks`, evaluate.
-num_workers of them); what comes back are sums of features per jackknife group, the features
-KID needs and the bound of each image, from which the statistics are computed here.
+Every network evaluation of it (the features of the samples, the bound in parts of images x
+terms, the checkpoints' quick FIDs and bounds) is one `ShardedJob` (`evaluation_job`) that runs
+on Ray workers (`pipeline.cluster.ray_data.run_chunks`, evaluate.num_workers of them); what comes
+back are sums of features per jackknife group, the features KID needs and the bound of each
+image, from which the statistics are computed here. The train split's side of FID and KID is
+not extracted again: it is read from the reference statistics file that the `reference_stats`
+stage wrote once (`pipeline.jobs.reference_stats`), checked against this study first.
 
 The reference rows (`reference_scores`) are measured the way the runs are:
 - real data: `evaluate.reference_draws` draws of N real images (N = sample.num_samples), drawn
@@ -70,6 +72,7 @@ class Apparatus:
     weights: Optional[str]
     train_path: Path
     test_path: Path
+    dataset: str
 
     @classmethod
     def load(cls, exp, data_dir: Path, classifier_path: Path) -> "Apparatus":
@@ -81,7 +84,7 @@ class Apparatus:
         extractor, weights = extractors.resolve_extractor(exp.data.dataset, exp.evaluate,
                                                        classifier_path, exp.data.download)
         return cls(train=train, test=test, extractor=extractor, weights=weights,
-                   train_path=paths[0], test_path=paths[1])
+                   train_path=paths[0], test_path=paths[1], dataset=exp.data.dataset)
 
     def digests(self) -> list[str]:
         """What the scores depend on besides the run: the splits' and the weights' bytes."""
@@ -94,21 +97,21 @@ class Apparatus:
         """The extractor's weights file as bytes, for workers that cannot read this disk."""
         return Path(self.weights).read_bytes() if self.weights else None
 
-    def reference_chunks(self) -> list:
-        """Features of the train split: the reference side of FID (its sums) and KID (the
-        features of `kid_subset` of it)."""
-        from pipeline.cluster.sharding import feature_chunks
+    def reference_provenance(self) -> dict[str, Any]:
+        """What the train split's reference statistics must have been made from: this study's
+        dataset, train split, extractor and its weights (`reference_stats.provenance`)."""
+        from pipeline.measure.reference_stats import provenance
 
-        n = len(self.train.images)
-        return feature_chunks("train", n, groups=1, kid=kid_subset(n), prefix="reference")
+        return provenance(self.dataset, "train", len(self.train.images), self.extractor,
+                          self.weights, self.train_path)
 
-    @staticmethod
-    def reference_side(chunks, run) -> tuple[FeatureMoments, KernelReference]:
-        from pipeline.cluster.sharding import merge_feature_parts
+    def reference_side(self, path: str | Path) -> tuple[FeatureMoments, KernelReference]:
+        """The reference side of FID (the train split's feature sums) and KID, read from the
+        reference statistics file `path` and checked against this apparatus."""
+        from pipeline.measure.reference_stats import load_reference_stats
 
-        merged = merge_feature_parts(run.of(chunks), groups=1,
-                                     total=sum(c.args["count"] for c in chunks))
-        return merged.features[0], KernelReference(merged.kid_features)
+        stats = load_reference_stats(path, self.reference_provenance())
+        return stats.moments, stats.kernel()
 
 
 def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list:
@@ -174,8 +177,9 @@ def flatten(estimates: Mapping[str, Estimate]) -> dict[str, float]:
 
 def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarray,
                    info: Mapping[str, Any], snapshots: Mapping[int, Path]):
-    """The evaluate stage's `ShardedJob` and its chunks by purpose: {"reference", "samples",
-    "nll" (by split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}."""
+    """The evaluate stage's `ShardedJob` and its chunks by purpose: {"samples", "nll" (by
+    split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}. The train
+    split's features are not among them: they are the reference statistics' file."""
     from pipeline.artifacts.models import load_weights
     from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, file_digest, job_name
     from pipeline.core.config import WORKER_KEYS
@@ -184,8 +188,7 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
     cfg = exp.evaluate
     workers = Workers.of(cfg, "evaluate")
     sizes = {"test": len(apparatus.test.images), "train": len(apparatus.train.images)}
-    parts: dict[str, Any] = {"reference": apparatus.reference_chunks(),
-                             "samples": sample_feature_chunks("samples", len(samples)),
+    parts: dict[str, Any] = {"samples": sample_feature_chunks("samples", len(samples)),
                              "nll": nll_job_chunks(exp, "ema", exp.seed + NLL_SEED_OFFSET, sizes),
                              "checkpoints": {}}
     models = {"ema": load_weights(exp, model_dir, "ema")}
@@ -202,8 +205,7 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
         bound = nll_job_chunks(exp, name, exp.seed + CHECKPOINT_NLL_OFFSET, {"test": sizes["test"]},
                                prefix=f"checkpoint{step}-nll", method="stratified")["test"]
         parts["checkpoints"][step] = (sampled, bound)
-    chunks = [*parts["reference"], *parts["samples"], *(c for cs in parts["nll"].values()
-                                                          for c in cs),
+    chunks = [*parts["samples"], *(c for cs in parts["nll"].values() for c in cs),
               *(c for sampled, bound in parts["checkpoints"].values() for c in (*sampled, *bound))]
     settings = {section: {k: v for k, v in exp.to_dict()[section].items()
                           if k not in WORKER_KEYS} for section in ("evaluate", "sample")}
@@ -218,8 +220,9 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
         spec={"experiment": exp.to_dict(), "image_shape": info["image_shape"],
               "data_levels": info["data_levels"], "extractor": apparatus.extractor},
         objects={"models": models, "extractor_weights": apparatus.extractor_weights(),
-                 "images": {"samples": samples, "train": apparatus.train.images,
-                            "test": apparatus.test.images[:cfg.nll_num_images]}})
+                 "images": {"samples": samples,
+                            **{split: getattr(apparatus, split).images[:cfg.nll_num_images]
+                               for split in ("train", "test")}}})
     return job, parts
 
 
@@ -240,10 +243,11 @@ class RunEvaluation:
 
 
 def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
-                 storage: str | Path) -> RunEvaluation:
+                 storage: str | Path, reference_stats: str | Path) -> RunEvaluation:
     """Score run `exp` (models/<key>/, samples/<key>/) on Ray workers, finished chunks kept in
     `storage`: FID / IS / KID of its samples, the NLL bound of its EMA model and, with
-    evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot. An
+    evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot, all
+    against the train split's statistics read from `reference_stats` (checked first). An
     unstable run (or one without samples) gets no scores."""
     import sys
 
@@ -276,6 +280,7 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
             record["status"] = sample_status
         return RunEvaluation(record=record, per_image=per_image, scores=scores)
     apparatus = Apparatus.load(exp, data_dir, classifier_path(models_dir))
+    reference, kernel = apparatus.reference_side(reference_stats)
     snapshots = {}
     if exp.evaluate.checkpoints is not None:
         snapshots = kept_ema_snapshots(model_dir)
@@ -284,7 +289,6 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
                   f"snapshots; rerun `dvc repro train@{exp.key}`", file=sys.stderr)
     job, parts = evaluation_job(exp, apparatus, model_dir, samples, info, snapshots)
     run = ray_data.run_chunks(job, storage)
-    reference, kernel = apparatus.reference_side(parts["reference"], run)
     estimates = scores_of(parts["samples"], run, reference, kernel, exp.evaluate.is_splits,
                           exp.seed, len(samples))
     nll, per_image = nll_of(parts["nll"], run)

@@ -35,7 +35,8 @@ def checkpoint_rows(exp: ExperimentConfig, checkpoints: dict[int, tuple[list, li
                     reference, nll_by_step: Mapping[int, Estimate]) -> pd.DataFrame:
     """One row per kept step (`COLUMNS`), from the evaluate job's chunks of each step
     (`pipeline.jobs.evaluation.evaluation_job`: its samples' features, its stratified bound,
-    whose estimate per step is `nll_by_step`) and the train split's feature sums `reference`."""
+    whose estimate per step is `nll_by_step`) and the train split's feature sums `reference`
+    (read from the reference statistics file, `pipeline.measure.reference_stats`)."""
     from pipeline.cluster.sharding import merge_feature_parts
     from pipeline.measure.stats import frechet_distance, inception_score, total
 

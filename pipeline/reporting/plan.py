@@ -15,7 +15,9 @@ number of workers (`python -m stages.plan`).
   and threads, timed in this process). Start-up (`STARTUP_S`) is measured on the 2-core machine,
   from a tiny study's stages; the digits classifier's many small steps are timed, not counted.
 
-The statistics on the driver (jackknife, KID) and file transfers are not counted.
+The statistics on the driver (jackknife, KID) and file transfers are not counted. The train
+split's features are extracted once, by the reference_stats stage, and read by every evaluate row
+and sweep trial (`reference_saving` counts what that saves).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from pipeline.core.params import Params
 # Seconds of a stage outside its network work on the 2-core machine: the stages' wall times in
 # a tiny study (T = 20, 40 training steps, 60 samples: next to no compute) under
 # `python -m stages.local_ray dvc repro`, less that compute: Python and torch imports, Ray, the
-# workers' start, MLflow, DVC. What a stage costs however little it computes.
-STARTUP_S = {"prepare": 4.0, "classifier": 4.0, "train": 16.0, "sample": 11.0,
-             "evaluate": 12.0, "reference": 11.0, "sweep": 12.0, "tabulate": 6.0}
+# workers' start, MLflow, DVC. What a stage costs however little it computes. reference_stats
+# is not measured yet: the reference stage's less building a U-Net, about 10 s.
+STARTUP_S = {"prepare": 4.0, "classifier": 4.0, "reference_stats": 10.0, "train": 16.0,
+             "sample": 11.0, "evaluate": 12.0, "reference": 11.0, "sweep": 12.0, "tabulate": 6.0}
 DATA_SIZES = {"cifar10": (50_000, 10_000)}  # (train, test) images
 DIGITS_IMAGES = 1797
 
@@ -161,6 +164,11 @@ def study_work(params: Params, workers: Optional[int] = None,
                         3 * feature, 1, 1, 128, "timed: small steps"))
     else:
         out.append(Work("classifier", "none", 0, 0.0, 1, 1, 1, "checks the extractor"))
+    e = base.evaluate
+    out.append(dataclasses.replace(
+        _inference("reference_stats", 0, 0.0, n_train, feature, count(e), e.cpus_per_worker,
+                   e.nll_batch_size),
+        note=f"{n_train:,} feature extractions (the train split), read by every row"))
     for exp in runs:
         t = exp.train
         out.append(Work(f"train@{exp.key}", "train", t.steps * t.batch_size, unet(exp)["train"],
@@ -175,7 +183,7 @@ def study_work(params: Params, workers: Optional[int] = None,
         e = exp.evaluate
         n_nll = min(e.nll_num_images, n_test) + min(e.nll_num_images, n_train)
         unet_evals = n_nll * bound_terms(exp)
-        features = exp.sample.num_samples + n_train
+        features = exp.sample.num_samples  # the train split's: reference_stats, once
         if e.checkpoints is not None:
             kept = len(checkpoint_steps(exp.train)) if e.checkpoints == "all" else \
                 len(e.checkpoints)
@@ -211,6 +219,20 @@ def study_work(params: Params, workers: Optional[int] = None,
                         "every trial to its last step (successive halving stops some sooner)"))
     out.append(Work("tabulate", "none", 0, 0.0, 1, 1, 1))
     return out
+
+
+def reference_saving(params: Params) -> dict[str, int]:
+    """What the reference statistics, extracted once, save: {"images": the train split's
+    images, "rows": evaluate rows and "trials": sweep trials that each extracted them before
+    (a trial at its last step), "saved": the extractions no longer made by the rows, "trials_saved":
+    at most those of the trials}."""
+    n_train, _ = split_sizes(params)
+    rows = len(params.runs())
+    sweep = params.sweep
+    trials = 0 if sweep.base_experiment not in params.experiments else \
+        len(sweep.cells()) if sweep.search == "grid" else sweep.num_samples
+    return {"images": n_train, "rows": rows, "trials": trials,
+            "saved": (rows - 1) * n_train, "trials_saved": trials * n_train}
 
 
 def _inference(stage: str, unet_evals: int, unet_gflop: float, features: int,
