@@ -145,6 +145,35 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_sample_and_evaluate_stream_into_their_run(shared_study):
+    """Each stage of a run logged as it went: the training's curves at every log step once
+    (train.log_every 10), the images sampled and the evaluations done with their rates as
+    chunks came back, MLflow's system metrics through all three stages (one step each, continued
+    from stage to stage); the run ended FINISHED."""
+    from conftest import STABLE_KEY
+
+    client, runs = mlflow_runs(shared_study)
+    run = {r.info.run_name: r for r in runs}[STABLE_KEY]
+    assert run.info.status == "FINISHED"
+
+    def history(name):
+        return sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+
+    for name in ("train_loss", "lr", "images_per_s", "grad_norm"):
+        assert [m.step for m in history(name)] == [10, 20, 30, 40], name
+    for stage, unit, total in (("sample", "images", 60), ("evaluate", "evaluations", None)):
+        done = history(f"{stage}_progress_{unit}")
+        rate = history(f"{stage}_progress_{unit}_per_s")
+        assert done and [m.step for m in done] == [m.step for m in rate], stage
+        assert [m.value for m in done] == [m.step for m in done], stage  # units done, by step
+        assert all(m.value > 0 for m in rate), stage
+        assert total is None or done[-1].value == total
+    cpu = [m.step for m in history("system/cpu_utilization_percentage")]
+    assert len(cpu) >= 3 and len(set(cpu)) == len(cpu)
+    assert history("system/system_memory_usage_megabytes")
+
+
+@pytest.mark.slow
 def test_cifar10_study_from_a_local_archive(tmp_path):
 
     archive = tmp_path / "cifar-10-python.tar.gz"
