@@ -221,6 +221,36 @@ def test_stage_errors_are_short_and_name_the_problem(tmp_path):
         assert "Traceback" not in proc.stderr, stage
 
 
+def test_sigterm_stops_a_stage_as_an_interrupt_and_its_cleanup_runs(capsys):
+    """SIGTERM reaches a stage (before Ray installs its own handler) as an interrupt: the
+    stage's `finally` and `with` blocks run (its MLflow run is marked KILLED), it exits 143
+    with one line, and the process's handler is put back."""
+    import signal
+
+    from stages import _common
+
+    cleaned = []
+
+    def body(params):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            return 0
+        except KeyboardInterrupt:
+            cleaned.append("interrupted")
+            raise
+        finally:
+            cleaned.append("finally")
+
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    assert _common.run(body, PROJECT / "params.yaml") == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 5
+    assert cleaned == ["interrupted", "finally"]
+    assert "error: stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_unknown_experiment_lists_the_defined_ones(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.sample", "--experiment", "eps_smple",
                            "--params", str(PROJECT / "params.yaml")], cwd=tmp_path,
