@@ -4,12 +4,18 @@ A stage's `main()` parses paths, loads and validates the whole params.yaml (so a
 `dvc repro` in seconds, before Ray or a model starts), then calls the library. Known
 problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
 `pipeline.core.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
+SIGTERM (how DVC, Ray and a cluster's scheduler stop a process) is raised in the stage as
+`Terminated`, a KeyboardInterrupt, so that its cleanup runs as for Ctrl-C: Ray is shut down,
+the MLflow run is marked KILLED (`pipeline.core.tracking.Tracker.live_run`); the stage then
+exits 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +23,16 @@ from pipeline.core.errors import UserError
 from pipeline.core.params import Params, load_params
 
 EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """The stage got SIGTERM: raised in its main thread, so that its cleanup runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
 # The study's folders, as every stage names them: --<name> (default: the folder).
@@ -53,12 +69,21 @@ def parser(prog: str, description: str, experiment: bool = False, folders: tuple
 
 
 def run(body: Callable[[Params], int | None], params_path: Path) -> int:
-    """Load and validate params, run `body(params)`, turn user errors into exit code 2."""
+    """Load and validate params, run `body(params)`, turn user errors into exit code 2 and
+    SIGTERM into `Terminated` (exit code 143)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return body(load_params(params_path)) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated as exc:
+        print(f"error: {exc}; a rerun goes on from where it stopped", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def tracker_for(params: Params, root: Path = Path(".")):

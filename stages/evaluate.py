@@ -39,17 +39,20 @@ def main(argv: list[str] | None = None) -> int:
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
-        try:
-            result = evaluate_run(exp, args.data, args.models, args.samples,
-                                  exp.cluster.resolved_storage(),
-                                  reference_stats_path(args.stats))
-        finally:
-            connection.shutdown()
-        paths = save_evaluation(result, exp, args.out, args.figures)
-        if result.chunks is not None:  # the outputs are written: no chunk is needed any more
-            result.chunks.discard()
         run_id = tracker.run_of(exp)
-        log_evaluation(tracker, run_id, result, paths)
+        with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
+            try:
+                result = evaluate_run(exp, args.data, args.models, args.samples,
+                                      exp.cluster.resolved_storage(),
+                                      reference_stats_path(args.stats),
+                                      on_progress=tracker.progress(run_id, "evaluate",
+                                                                   "evaluations"))
+            finally:
+                connection.shutdown()
+            paths = save_evaluation(result, exp, args.out, args.figures)
+            if result.chunks is not None:  # the outputs are written: no chunk is needed any more
+                result.chunks.discard()
+            log_evaluation(tracker, run_id, result, paths)
         record = result.record
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"
                           for k in ("fid", "is_mean", "nll_bpd") if record.get(k) is not None)

@@ -23,17 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        exp = params.experiment(args.experiment, args.seed)
+        tracker = _common.tracker_for(params)
+        run_id = tracker.run_of(exp)
+        with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
+            return _sample(exp, tracker, run_id)
+
+    def _sample(exp, tracker, run_id) -> int:
         from pipeline.cluster import connection
         from pipeline.jobs.sample import sample_run
 
-        exp = params.experiment(args.experiment, args.seed)
-        tracker = _common.tracker_for(params)
         out = args.out / exp.key
         try:
-            result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage())
+            result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage(),
+                                on_progress=tracker.progress(run_id, "sample", "images"))
         finally:
             connection.shutdown()
-        run_id = tracker.run_of(exp)
         if result is None:
             print(f"{exp.key} is unstable: wrote empty samples")
             return 0

@@ -10,6 +10,10 @@ such as s3://bucket/prefix on a cluster; DDPM_STORAGE or --storage override it),
 run resumes from its last checkpoint. With evaluate.checkpoints set, rank 0 also keeps the EMA
 weights of every checkpoint step (<storage>/<run name>/ema/) and the steps asked for are copied
 to models/<E>-<S>/ema_snapshots/ema_<step>.pt for the evaluate stage.
+Its MLflow run is open from the start: params first, then the loss, learning rate, images/s
+and gradient norm every train.log_every steps and MLflow's system metrics while it trains
+(status RUNNING), FINISHED at the end (FAILED on an error, KILLED on Ctrl-C or SIGTERM); a
+killed and rerun stage goes on in the same run without logging a step twice.
 A diverged run (non-finite loss) is written with status "unstable" and the stage succeeds, so
 the rest of the study goes on.
 """
@@ -39,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
-        from pipeline.jobs.train import log_training, train_run
+        from pipeline.jobs.train import log_training, open_training, train_run
 
         storage = args.storage or exp.cluster.resolved_storage()
-        run = train_run(exp, train_path, storage, args.out, args.plots)
-        log_training(tracker, exp, run)
+        run_id, stream = open_training(tracker, exp)
+        with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
+            run = train_run(exp, train_path, storage, args.out, args.plots, stream=stream)
+            log_training(tracker, run_id, run)
         kept = f", EMA kept at steps {list(run.snapshots)}" if run.snapshots else ""
         print(f"trained {exp.key}: {run.steps} steps, status {run.status}, "
               f"{run.images_per_s or float('nan'):.0f} images/s, stage wall time "

@@ -294,6 +294,119 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
         "dvc status not clean"
 
 
+# --------------------------------------------------------------------------------------------
+# The MLflow run while training runs, is killed and resumes
+# --------------------------------------------------------------------------------------------
+
+LIVE_TRAIN = {"steps": 80, "log_every": 5, "checkpoint_every": 40}  # some 30 s on 2 busy cores
+SYSTEM_CPU = "system/cpu_utilization_percentage"
+STREAMED = ("train_loss", "lr", "images_per_s", "grad_norm")
+
+
+def start_train(folder: Path, prepared: Path, log: Path) -> subprocess.Popen:
+    """The train stage of a tiny study (`LIVE_TRAIN`) started in `folder`, its own MLflow store
+    there (mlflow.db), system metrics sampled every 2 s."""
+    args = ["-e", "eps_simple", "--params", tiny_params(folder, train=LIVE_TRAIN), "--data",
+            prepared, "--out", folder / "models", "--plots", folder / "plots"]
+    env = env_for(PROJECT, extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"})
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "stages.train", *map(str, args)],
+                                cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def live_run(folder: Path):
+    """(client, the one run of the study's store, or None while there is none)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    try:
+        experiment = client.get_experiment_by_name("ddpm-digits")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    except Exception:  # the store is being created, or busy
+        return client, None
+    assert len(runs) <= 1, [r.info.run_name for r in runs]
+    return client, runs[0] if runs else None
+
+
+def wait_for_run(folder: Path, proc: subprocess.Popen, log: Path, points: int,
+                 system_metrics: bool = False, timeout: float = 300):
+    """Poll the store until the run holds `points` train_loss points (and a system metric);
+    return (client, run, its train_loss history) as seen then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the stage ended first:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        client, run = live_run(folder)
+        if run is not None:
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            if len(history) >= points and (not system_metrics or SYSTEM_CPU in run.data.metrics):
+                return client, run, history
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_train_stage_run_shows_itself_while_it_trains(prepared, tmp_path):
+    """While the train stage runs, its MLflow run already holds its params, the streamed
+    train_loss / lr / images_per_s / grad_norm points and MLflow's system metrics, with status
+    RUNNING; at the end it is FINISHED and every streamed curve has each log step once."""
+    folder = tmp_path / "live"
+    folder.mkdir()
+    log = tmp_path / "train.log"
+    start = time.monotonic()
+    proc = start_train(folder, prepared, log)
+    client, run, history = wait_for_run(folder, proc, log, points=2, system_metrics=True)
+    seen_s = time.monotonic() - start
+    assert run.info.status == "RUNNING"
+    assert run.data.params["train.steps"] == "80"  # logged before training started
+    assert SYSTEM_CPU in run.data.metrics and "system/system_memory_usage_megabytes" in \
+        run.data.metrics
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = list(range(5, 85, 5))
+    for name in STREAMED:
+        logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+        assert logged == steps, (name, logged)
+    assert run.data.metrics["train_steps"] == 80 and "train_images_per_s" in run.data.metrics
+    assert run.data.metrics["grad_norm"] > 0
+    print(f"{len(history)} train_loss points (last step {max(m.step for m in history)}) "
+          f"and system metrics in the run {seen_s:.0f}s after the stage started; stage "
+          f"{time.monotonic() - start:.0f}s")
+
+
+@pytest.mark.slow
+def test_killed_train_stage_goes_on_in_the_same_mlflow_run(prepared, tmp_path):
+    """SIGTERM a train stage once its run holds some steps: the run is marked KILLED. The rerun
+    resumes from the last checkpoint (here none: step 0), older than the last logged step, and
+    logs into the same run without logging a step twice; it ends FINISHED."""
+    folder = tmp_path / "live"
+    folder.mkdir()
+    log = tmp_path / "killed.log"
+    proc = start_train(folder, prepared, log)
+    client, run, _ = wait_for_run(folder, proc, log, points=3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "KILLED", log.read_text()[-4000:]
+    before = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert before and before[-1] < 80
+
+    again = subprocess.run([sys.executable, "-m", "stages.train", "-e", "eps_simple",
+                            "--params", "params.yaml", "--data", str(prepared),
+                            "--out", "models", "--plots", "plots"], cwd=folder,
+                           env=env_for(PROJECT), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    reported = [s for steps in worker_steps(again.stdout + again.stderr, KEY).values()
+                for s in steps]
+    assert reported and reported[0] <= before[-1], (reported, before)  # steps reported again
+    client, rerun = live_run(folder)  # still one run: the same one
+    assert rerun.info.run_id == run.info.run_id and rerun.info.status == "FINISHED"
+    for name in STREAMED:  # in the order they were logged: each step once, increasing
+        history = client.get_metric_history(run.info.run_id, name)
+        steps = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+        assert steps == list(range(5, 85, 5)), (name, steps)
+
+
 @pytest.mark.slow
 def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
     m = run_record(study / "metrics", UNSTABLE_KEY)

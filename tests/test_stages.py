@@ -145,6 +145,35 @@ def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_sample_and_evaluate_stream_into_their_run(shared_study):
+    """Each stage of a run logged as it went: the training's curves at every log step once
+    (train.log_every 10), the images sampled and the evaluations done with their rates as
+    chunks came back, MLflow's system metrics through all three stages (one step each, continued
+    from stage to stage); the run ended FINISHED."""
+    from conftest import STABLE_KEY
+
+    client, runs = mlflow_runs(shared_study)
+    run = {r.info.run_name: r for r in runs}[STABLE_KEY]
+    assert run.info.status == "FINISHED"
+
+    def history(name):
+        return sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+
+    for name in ("train_loss", "lr", "images_per_s", "grad_norm"):
+        assert [m.step for m in history(name)] == [10, 20, 30, 40], name
+    for stage, unit, total in (("sample", "images", 60), ("evaluate", "evaluations", None)):
+        done = history(f"{stage}_progress_{unit}")
+        rate = history(f"{stage}_progress_{unit}_per_s")
+        assert done and [m.step for m in done] == [m.step for m in rate], stage
+        assert [m.value for m in done] == [m.step for m in done], stage  # units done, by step
+        assert all(m.value > 0 for m in rate), stage
+        assert total is None or done[-1].value == total
+    cpu = [m.step for m in history("system/cpu_utilization_percentage")]
+    assert len(cpu) >= 3 and len(set(cpu)) == len(cpu)
+    assert history("system/system_memory_usage_megabytes")
+
+
+@pytest.mark.slow
 def test_cifar10_study_from_a_local_archive(tmp_path):
 
     archive = tmp_path / "cifar-10-python.tar.gz"
@@ -283,6 +312,36 @@ def test_stage_errors_are_short_and_name_the_problem(tmp_path):
         assert proc.returncode == 2, (stage, proc.stderr)
         assert "diffusion.schedule" in proc.stderr and "cosine" in proc.stderr, stage
         assert "Traceback" not in proc.stderr, stage
+
+
+def test_sigterm_stops_a_stage_as_an_interrupt_and_its_cleanup_runs(capsys):
+    """SIGTERM reaches a stage (before Ray installs its own handler) as an interrupt: the
+    stage's `finally` and `with` blocks run (its MLflow run is marked KILLED), it exits 143
+    with one line, and the process's handler is put back."""
+    import signal
+
+    from stages import _common
+
+    cleaned = []
+
+    def body(params):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            return 0
+        except KeyboardInterrupt:
+            cleaned.append("interrupted")
+            raise
+        finally:
+            cleaned.append("finally")
+
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    assert _common.run(body, PROJECT / "params.yaml") == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 5
+    assert cleaned == ["interrupted", "finally"]
+    assert "error: stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_unknown_experiment_lists_the_defined_ones(tmp_path):

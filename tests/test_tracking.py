@@ -281,6 +281,91 @@ def test_tags_and_termination(root):
     tracker.log_metrics(run_id, {"late": 1.0})  # a later stage may still log into it
 
 
+def test_metric_stream_skips_the_steps_a_run_already_holds(root):
+    """A resumed training reports again the steps since its last checkpoint: the stream of the
+    rerun (made once, reading the run's last train_loss step) logs only the new ones, and it
+    still works after travelling pickled (to the Ray Train controller)."""
+    import pickle
+
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    assert tracker.last_step(run_id, "train_loss") is None
+    first = tracker.metric_stream(run_id, resume_key="train_loss")
+    for step in (5, 10, 15, 20, 25, 30):  # killed after step 30, last checkpoint at step 20
+        assert first.log(step, {"train_loss": 1.0 / step, "grad_norm": 2.0, "lr": None})
+    assert tracker.last_step(run_id, "train_loss") == 30
+    rerun = pickle.loads(pickle.dumps(tracker.metric_stream(run_id, resume_key="train_loss")))
+    assert rerun.after_step == 30 and rerun._client is None
+    logged = [rerun.log(step, {"train_loss": 1.0 / step, "grad_norm": 3.0})
+              for step in (25, 30, 35, 40)]
+    assert logged == [False, False, True, True]
+    assert not rerun.log(35, {"train_loss": 0.0})  # a worker group restarted within the run
+    client = _client(tracker)
+    for name in ("train_loss", "grad_norm"):
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40] and len(set(steps)) == len(steps)
+    assert "lr" not in client.get_run(run_id).data.metrics  # None: not measured
+    # the final record logs the whole curve: the streamed points are not logged again
+    tracker.log_metric_history(run_id, "train_loss", list(range(5, 45, 5)), [0.5] * 8)
+    assert len(client.get_metric_history(run_id, "train_loss")) == 8
+
+
+def test_metric_stream_survives_an_unusable_store(tmp_path):
+    """A tracking error while training streams is a warning; training goes on."""
+    stream = tracking.MetricStream(f"sqlite:///{tmp_path}/missing/dir/x.db", "no-such-run")
+    assert not stream.log(5, {"train_loss": 1.0})
+    assert stream.after_step is None
+
+
+def _monitor_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+
+@pytest.mark.parametrize("ending, status", [(None, "FINISHED"), (ValueError, "FAILED"),
+                                            (KeyboardInterrupt, "KILLED"),
+                                            (SystemExit, "KILLED")])
+def test_live_run_is_running_with_system_metrics_then_ends_with_its_status(
+        root, monkeypatch, ending, status):
+    """RUNNING while the stage works, MLflow's system metrics sampled into the run (here every
+    0.2 s), then FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (SystemExit from
+    Ray's handler); the sampling thread is gone however the body ended."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    tracker.set_terminated(run_id, "FINISHED")  # an earlier stage ended: this one reopens it
+    client = _client(tracker)
+    cpu = "system/cpu_utilization_percentage"
+    try:
+        with tracker.live_run(run_id):
+            assert client.get_run(run_id).info.status == "RUNNING"
+            deadline = time.monotonic() + 30
+            while cpu not in client.get_run(run_id).data.metrics:
+                assert time.monotonic() < deadline, "no system metrics within 30 s"
+                time.sleep(0.2)
+            if ending is not None:
+                raise ending()
+    except (ValueError, KeyboardInterrupt, SystemExit) as exc:
+        assert ending is not None and isinstance(exc, ending)
+    assert client.get_run(run_id).info.status == status
+    assert not _monitor_threads()
+    assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+
+
+def test_progress_logs_units_done_and_rate(root):
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    progress = tracker.progress(run_id, "sample", "images")
+    for done, rate in ((100, 10.0), (200, 12.5)):
+        progress(done, rate)
+    client = _client(tracker)
+    done = client.get_metric_history(run_id, "sample_progress_images")
+    rate = client.get_metric_history(run_id, "sample_progress_images_per_s")
+    assert [(m.step, m.value) for m in done] == [(100, 100.0), (200, 200.0)]
+    assert [(m.step, m.value) for m in rate] == [(100, 10.0), (200, 12.5)]
+
+
 def test_mlflow_ui_metadata_experiment_kind_and_descriptions(root):
     tracker = _tracker(root)
     run_id = tracker.run_for("eps_simple", CONFIG)

@@ -264,3 +264,40 @@ def test_bf16_training_follows_the_fp32_run_with_float32_weights(digits, tmp_pat
                    if v.is_floating_point()), key
     moments = mixed["optimizer"]["state"][0]
     assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float32
+
+
+def test_reports_carry_the_gradient_norm_averaged_over_each_window(digits, tmp_path):
+    """The norm `clip_grad_norm_` measures before clipping, a mean over the log window: with a
+    clip far below it, the reported norm is still the unclipped one (well above the clip)."""
+    exp = tiny_experiment(grad_clip=1e-3).experiment("eps_simple")
+    reports = [r for r in run(exp, digits, tmp_path).reports if "loss" in r]
+    assert [r["step"] for r in reports] == [3, 6, 9, 12]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 1e-2 for r in reports)
+
+
+class _Stream:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, step, metrics):
+        self.logged.append((step, dict(metrics)))
+        return True
+
+
+def test_stream_reports_logs_rank_zero_once_under_the_mlflow_names():
+    """The Ray Train callback (run on the controller) logs one report per step, rank 0's, its
+    keys renamed as the train stage names them; a report without a loss (a resumed run's final
+    state) is not logged. It travels to the controller pickled."""
+    from ray import cloudpickle
+
+    from pipeline.cluster.train import stream_reports
+    from pipeline.jobs.train import STREAMED
+
+    stream = _Stream()
+    callback = cloudpickle.loads(cloudpickle.dumps(stream_reports(stream, STREAMED)))
+    rank0 = {"step": 10, "loss": 0.5, "lr": 2e-4, "images_per_s": 80.0, "grad_norm": 1.5,
+             "status": "ok"}
+    callback.after_report(None, [rank0, {**rank0, "images_per_s": 79.0}], None)
+    callback.after_report(None, [{"step": 40, "status": "ok"}], None)
+    assert callback.stream.logged == [(10, {"train_loss": 0.5, "lr": 2e-4, "images_per_s": 80.0,
+                                            "grad_norm": 1.5})]

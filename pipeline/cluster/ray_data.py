@@ -97,7 +97,8 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "disabled"
 
 
-def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0):
+def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
+               on_progress=None):
     """Run `job` (a `pipeline.cluster.sharding.ShardedJob`) on Ray workers and return its
     `ChunkRun`.
 
@@ -106,7 +107,10 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0)
     actor pool of min(num_workers, chunks) workers of `cpus_per_worker` CPUs (and a GPU each
     with `use_gpu`), one chunk per call. Each result is written to storage as it comes back,
     so a stage killed mid-way, or a lost worker node, costs only the chunks in flight (Ray
-    Data restarts a lost actor and retries its chunk). One progress line for the whole job.
+    Data restarts a lost actor and retries its chunk). One progress line for the whole job;
+    `on_progress(done, per_s)`, if given, is called in the driver as each chunk comes back,
+    with the job's units done (those found in storage included) and this run's rate (e.g.
+    `pipeline.core.tracking.Tracker.progress`, which logs them to the stage's MLflow run).
     """
     import queue
     import threading
@@ -182,6 +186,8 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0)
             payloads[chunk.id] = bytes(row["payload"])
             worker_s += float(row["wall_s"])
             progress.done(chunk.units)
+            if on_progress is not None:
+                on_progress(progress.reused_units + progress.units, progress.rate)
     wall = time.monotonic() - start
     starts = store.starts() if todo else {}
     return ChunkRun(results={c.id: decode(payloads[c.id]) for c in job.chunks},

@@ -9,6 +9,8 @@ Ray Train inside each worker (or of Ray Tune, in a single-worker sweep trial).
   `dvc repro` was killed.
 - The driver puts the training data into Ray's object store; workers on any node get it from
   there, and EMA snapshots go to the run's storage, so a multi-node run needs no shared disk.
+- What the workers report streams to MLflow from one writer, the Train controller
+  (`StreamReports`, a Ray Train `UserCallback` around a `pipeline.core.tracking.MetricStream`).
 
 The cluster connection is `pipeline.cluster.connection`; the sweep's Tuner, whose trials train
 through `RaySession` and `make_trainer`, is `pipeline.cluster.tune`.
@@ -29,6 +31,7 @@ from pipeline.cluster.training import STATE_FILE, CheckpointError, load_training
 from pipeline.core.config import ExperimentConfig
 from pipeline.core.errors import UserError
 from pipeline.core.io import storage_location
+from pipeline.core.status import Status
 
 
 class TrainingError(UserError, RuntimeError):
@@ -209,11 +212,17 @@ def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str
     )
 
 
-def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutcome:
+def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path,
+        callbacks: Optional[list] = None) -> FitOutcome:
     """Train `exp` with Ray Train, resuming from its last checkpoint under `storage` (a local
     or shared path, or a URI such as s3://bucket/prefix), and return the final training state
     (read back from the last reported checkpoint). The training data goes to the workers
-    through Ray's object store, so that no worker reads the driver's disk."""
+    through Ray's object store, so that no worker reads the driver's disk. `callbacks` (Ray
+    Train `UserCallback`s, e.g. `stream_reports`) run on the Train controller.
+
+    Ray Train answers a first Ctrl-C by aborting the run, and `trainer.fit` then returns what
+    it had: a run that stopped short of `train.steps` without diverging raises
+    KeyboardInterrupt here, so that no stage takes it for a trained model."""
     import ray
 
     from pipeline.core.io import fetch_from_storage
@@ -223,7 +232,8 @@ def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutc
     run_path = f"{storage_location(storage)}/{name}"
     snapshots = f"{run_path}/ema" if exp.evaluate.checkpoints is not None else None
     data = ray.put(load_prepared(train_data))
-    trainer = make_trainer(exp, data, storage, name, ema_snapshot_dir=snapshots)
+    trainer = make_trainer(exp, data, storage, name, ema_snapshot_dir=snapshots,
+                           callbacks=callbacks)
     try:
         result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
@@ -242,11 +252,35 @@ def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path) -> FitOutc
                             f"under {run_path}")
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(Path(folder) / STATE_FILE)
+    if state["step"] < exp.train.steps and state["status"] == Status.OK:
+        raise KeyboardInterrupt(f"training of '{exp.key}' was aborted at step {state['step']} "
+                                f"of {exp.train.steps}; a rerun resumes it")
     local_snapshots = None
     if snapshots is not None:
         local_snapshots = fetch_from_storage(snapshots, tempfile.mkdtemp(prefix="ddpm-ema-"))
     return FitOutcome(state=state, run_path=run_path,
                       ema_snapshot_dir=local_snapshots)
+
+
+def stream_reports(stream, names: dict[str, str]):
+    """A Ray Train `UserCallback` that logs rank 0's report of each step to `stream` (a
+    `pipeline.core.tracking.MetricStream`) on the Train controller: the report's keys in
+    `names`, renamed to their values. Reports without a `loss` (a resumed run's final state)
+    are not logged."""
+    import ray.train
+
+    class StreamReports(ray.train.UserCallback):
+        def __init__(self):
+            self.stream, self.names = stream, dict(names)
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            report = next((m for m in metrics if m and "loss" in m), None)
+            if report is None:
+                return
+            self.stream.log(report["step"], {self.names[key]: report[key]
+                                             for key in self.names if key in report})
+
+    return StreamReports()
 
 
 def _worker_error(error: BaseException) -> BaseException:

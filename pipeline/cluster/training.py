@@ -103,7 +103,9 @@ def train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sessi
     """Train experiment `exp` on the prepared train split `train_data` (its file, or the split
     itself, as a Ray worker gets it from the object store) (Algorithm 1).
 
-    Reports `{"step", "loss", "lr", "images_per_s", "status"}` every `log_every` steps through
+    Reports `{"step", "loss", "lr", "images_per_s", "grad_norm", "status"}` every `log_every`
+    steps (loss and gradient norm averaged over those steps; the norm is that of the gradients
+    before clipping, `clip_grad_norm_`'s own, the same on every rank after DDP) through
     `session.report`, with a checkpoint folder every `checkpoint_every` steps and at the end.
     `on_log(step, metrics)` may add metrics (e.g. a validation NLL for Ray Tune) on rank 0.
     With `ema_snapshot_dir` (a local folder or a storage URI), rank 0 also keeps the EMA weights
@@ -155,6 +157,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
         train_model = torch.compile(train_model)
     start = time.monotonic()
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    window_grad_norm = torch.zeros((), device=device, dtype=torch.float64)
     window_count = 0
     window_start = time.monotonic()
     status = Status.OK.value
@@ -168,9 +171,10 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
         x0 = to_model_range(next(batches), levels)
         if device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = train_step(train_model, model, diffusion, x0, t_sampler, gens, optimizer,
-                          scheduler, ema, exp.train.grad_clip)
+        loss, grad_norm = train_step(train_model, model, diffusion, x0, t_sampler, gens,
+                                     optimizer, scheduler, ema, exp.train.grad_clip)
         window_loss += loss.double()
+        window_grad_norm += grad_norm.double()
         window_count += 1
         step += 1
 
@@ -179,8 +183,10 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
             elapsed = time.monotonic() - window_start
             metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                        "images_per_s": window_count * exp.train.batch_size / max(elapsed, 1e-9),
+                       "grad_norm": float(window_grad_norm / window_count),
                        "status": Status.OK.value}
             window_loss.zero_()
+            window_grad_norm.zero_()
             window_count, window_start = 0, time.monotonic()
             if not math.isfinite(mean_loss):
                 status = Status.UNSTABLE.value
@@ -210,28 +216,32 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
 
 def train_step(train_model: torch.nn.Module, model: torch.nn.Module,
                diffusion: GaussianDiffusion, x0: torch.Tensor, t_sampler, gens: dict,
-               optimizer, scheduler, ema: AveragedModel, grad_clip: float) -> torch.Tensor:
+               optimizer, scheduler, ema: AveragedModel,
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of Algorithm 1 on the batch `x0` (model range): timesteps and noise from
     `gens`, the experiment's loss through `train_model` (`model`, possibly DDP-wrapped,
-    autocast or compiled), then `apply_gradients`. Returns the detached mean loss."""
+    autocast or compiled), then `apply_gradients`. Returns the detached mean loss and the
+    gradient norm before clipping."""
     t, weights = t_sampler.sample(x0.shape[0], gens["timesteps"], x0.device)
     noise = torch.randn(x0.shape, generator=gens["noise"], device=x0.device)
     terms = diffusion.training_losses(train_model, x0, t, noise)
     loss = (terms["loss"] * weights).mean()
-    apply_gradients(loss, model, optimizer, scheduler, ema, grad_clip)
+    grad_norm = apply_gradients(loss, model, optimizer, scheduler, ema, grad_clip)
     t_sampler.update(t, terms["loss"])
-    return loss.detach()
+    return loss.detach(), grad_norm
 
 
 def apply_gradients(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler,
-                    ema: AveragedModel, grad_clip: float) -> None:
-    """Backward, gradient clipping to `grad_clip`, an Adam step, the LR schedule, the EMA."""
+                    ema: AveragedModel, grad_clip: float) -> torch.Tensor:
+    """Backward, gradient clipping to `grad_clip`, an Adam step, the LR schedule, the EMA.
+    Returns the total gradient norm before clipping (what `clip_grad_norm_` measured)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     ema.update_parameters(model)
+    return grad_norm.detach()
 
 
 @dataclass

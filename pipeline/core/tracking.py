@@ -22,7 +22,17 @@ GenAI overview, and carries a description (`mlflow.note.content`); each experime
 a description naming its row of the paper's Table 2 (the `mlflow.note.content` tag the tabulate
 stage sets with its other tags).
 
-Only the driver process of a stage logs (never Ray workers). MLflow 3 refuses its plain file
+While a stage works on a run, the run shows it (`Tracker.live_run`): its status is RUNNING, MLflow's
+system metrics (CPU, memory, disk, network; GPU utilization and memory where nvidia-ml-py finds
+one: `system/...`) are sampled into it every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL and
+MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING change that), and it ends FINISHED, FAILED where
+the stage raised, KILLED where it was interrupted (Ctrl-C, or SIGTERM).
+Metrics of the work stream in as it goes, each from one writer: the training's from the Ray
+Train controller (`MetricStream`, which skips the steps a resumed run already logged), the
+progress of a job cut into chunks from the stage's driver (`Tracker.progress`).
+
+Only the driver process of a stage logs (never Ray workers), and the Ray Train controller that
+streams the training's metrics. MLflow 3 refuses its plain file
 store, so the tracking store is a sqlite database (`sqlite:///mlflow.db` by default) or a tracking
 server (http URI); artifacts go to a file artifact root. Where the store lives, whether it can
 be used and how writes wait for a busy sqlite file: `pipeline.core.tracking_store`.
@@ -39,8 +49,9 @@ import re
 import subprocess
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from pipeline.core.io import sha256_hex
 from pipeline.core.tracking_store import (check_reachable, has_scheme, is_server,
@@ -89,6 +100,10 @@ STUDY_DESCRIPTION = ("DDPM study (Ho, Jain & Abbeel 2020): one run per experimen
                      "Table 2) with its params, `train_loss` curve, FID / IS / KID / NLL "
                      "(bits/dim), sample grid and progressive figure; the `tables` run holds "
                      "Tables 1 and 2. Made by `dvc repro`.")
+
+# MLflow's run statuses (mlflow.entities.RunStatus) as a stage leaves them: RUNNING while it works
+RUN_RUNNING, RUN_FINISHED, RUN_FAILED, RUN_KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are rejected.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -401,6 +416,115 @@ class Tracker:
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""
         retry_if_locked(self.client.set_terminated, run_id, status)
+
+    # -- while a stage runs ---------------------------------------------------------------------
+
+    def last_step(self, run_id: str, name: str) -> Optional[int]:
+        """The largest step of metric `name` the run holds; None if it holds none."""
+        history = retry_if_locked(self.client.get_metric_history, run_id, name)
+        return max((m.step for m in history), default=None)
+
+    def metric_stream(self, run_id: str, resume_key: str) -> "MetricStream":
+        """A `MetricStream` into the run that skips the steps already logged for `resume_key`
+        (read once, here)."""
+        return MetricStream(self.tracking_uri, run_id, after_step=self.last_step(run_id,
+                                                                                 resume_key))
+
+    def progress(self, run_id: str, stage: str, unit: str) -> Callable[[int, float], None]:
+        """A callback `(done, per_s)` for a job cut into chunks: logs `<stage>_progress_<unit>`
+        (units done, finished ones found in storage included) and `<stage>_progress_<unit>_per_s`
+        at step `done`. A tracking error is a warning: the work goes on."""
+        def log_progress(done: int, per_s: float) -> None:
+            name = f"{stage}_progress_{unit}"
+            try:
+                self.log_metrics(run_id, {name: done, f"{name}_per_s": per_s}, step=int(done))
+            except Exception as exc:
+                log.warning("could not log %s of run %s to MLflow: %s", name, run_id, exc)
+
+        return log_progress
+
+    @contextmanager
+    def live_run(self, run_id: str, system_metrics: bool = True) -> Iterator[str]:
+        """The run while a stage works on it: RUNNING, with MLflow's system metrics sampled into
+        it (`system_metrics`); then FINISHED, FAILED where the body raised, KILLED where it was
+        interrupted: KeyboardInterrupt (Ctrl-C, SIGTERM before Ray starts:
+        `stages._common.Terminated`) or SystemExit (the SIGTERM handler `ray.init` installs in
+        the driver exits). The sampling thread stops however the body ends."""
+        retry_if_locked(self.client.update_run, run_id, status=RUN_RUNNING)
+        monitor = self._start_system_metrics(run_id) if system_metrics else None
+        status = RUN_FINISHED
+        try:
+            yield run_id
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Ray's handler exits)
+            status = RUN_KILLED
+            raise
+        except BaseException:
+            status = RUN_FAILED
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
+            try:
+                self.set_terminated(run_id, status)
+            except Exception as exc:
+                if status == RUN_FINISHED:
+                    raise
+                log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+    def _start_system_metrics(self, run_id: str):
+        """MLflow's `SystemMetricsMonitor` on the run, started; None (with a warning) where it
+        cannot run: the stage goes on without system metrics."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                           resume_logging=True, tracking_uri=self.tracking_uri)
+            monitor.start()
+        except Exception as exc:  # no psutil, a store that refuses the first read
+            log.warning("no system metrics for MLflow run %s: %s", run_id, exc)
+            return None
+        return monitor
+
+
+class MetricStream:
+    """Metrics logged into one run as a running job reports them, from one writer (the Ray
+    Train controller, where it travels pickled and opens its own client).
+
+    A step at or below `after_step` (the last the run holds, read once when the stream is made)
+    or below one this stream already logged is skipped: a training resumed from a checkpoint
+    older than its last logged step reports those steps again. A tracking error is a warning:
+    training goes on, and the stage's final record logs what the stream missed.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, after_step: Optional[int] = None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.after_step = after_step
+        self._client: Optional[MlflowClient] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def log(self, step: int, metrics: Mapping[str, Optional[float]]) -> bool:
+        """Log `metrics` at `step` unless the run has that step already; True if logged."""
+        from mlflow.entities import Metric
+
+        step = int(step)
+        if self.after_step is not None and step <= self.after_step:
+            return False
+        timestamp = _now_ms()
+        batch = [Metric(key, float(value), timestamp, step)
+                 for key, value in metrics.items() if value is not None]
+        try:
+            if self._client is None:
+                from mlflow import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            retry_if_locked(self._client.log_batch, self.run_id, metrics=batch)
+        except Exception as exc:
+            log.warning("could not log step %d of run %s to MLflow: %s", step, self.run_id, exc)
+            return False
+        self.after_step = step
+        return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -243,12 +243,14 @@ class RunEvaluation:
 
 
 def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
-                 storage: str | Path, reference_stats: str | Path) -> RunEvaluation:
+                 storage: str | Path, reference_stats: str | Path,
+                 on_progress=None) -> RunEvaluation:
     """Score run `exp` (models/<key>/, samples/<key>/) on Ray workers, finished chunks kept in
     `storage`: FID / IS / KID of its samples, the NLL bound of its EMA model and, with
     evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot, all
     against the train split's statistics read from `reference_stats` (checked first). An
-    unstable run (or one without samples) gets no scores."""
+    unstable run (or one without samples) gets no scores. `on_progress(evaluations done,
+    evaluations/s)` is called as each chunk comes back."""
     import sys
 
     from pipeline.artifacts.models import is_ok, kept_ema_snapshots, read_model_info
@@ -288,7 +290,7 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
             print(f"warning: evaluate.checkpoints is set but {model_dir} keeps no EMA "
                   f"snapshots; rerun `dvc repro train@{exp.key}`", file=sys.stderr)
     job, parts = evaluation_job(exp, apparatus, model_dir, samples, info, snapshots)
-    run = ray_data.run_chunks(job, storage)
+    run = ray_data.run_chunks(job, storage, on_progress=on_progress)
     estimates = scores_of(parts["samples"], run, reference, kernel, exp.evaluate.is_splits,
                           exp.seed, len(samples))
     nll, per_image = nll_of(parts["nll"], run)
@@ -338,8 +340,8 @@ def save_evaluation(result: RunEvaluation, exp, metrics_dir: Path,
 
 def log_evaluation(tracker, run_id: str, result: RunEvaluation,
                    paths: Mapping[str, Path]) -> None:
-    """The run's scores, its scores over training (by step) and its files on its MLflow run,
-    which evaluate, the run's last stage, marks FINISHED."""
+    """The run's scores, its scores over training (by step) and its files on its MLflow run
+    (which the stage then marks FINISHED: `Tracker.live_run`)."""
     from pipeline.core.tracking import TAG_STATUS
 
     record, scores = result.record, result.scores
@@ -358,7 +360,6 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
     tracker.set_tags(run_id, {TAG_STATUS: record["status"]})
     tracker.log_artifact(run_id, paths["metrics"], "metrics")
     tracker.log_artifact(run_id, paths["run"], "metrics")
-    tracker.set_terminated(run_id, "FINISHED")
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,12 +49,12 @@ def sample_job(exp: ExperimentConfig, model_dir: Path, info: dict, *, model_name
 
 
 def sample_run(exp: ExperimentConfig, models_dir: Path, out_dir: Path,
-               storage: str | Path) -> Optional[SampleRun]:
+               storage: str | Path, on_progress=None) -> Optional[SampleRun]:
     """Sample run `exp` (models/<key>/, its EMA weights) into `out_dir`/<key>/ on Ray workers
     (`pipeline.cluster.ray_data.run_chunks`, finished chunks kept in `storage` until the output is
     written): samples.npz, grid.png and progressive.png (predicted x0 over time), written
     together. A model recorded as unstable gets an empty samples.npz and figures that say so
-    (returns None)."""
+    (returns None). `on_progress(images done, images/s)` is called as each chunk comes back."""
     from pipeline.artifacts.figures import save_placeholder, save_progressive, save_sample_grid
     from pipeline.cluster import ray_data
     from pipeline.cluster.sharding import ChunkStore
@@ -70,7 +70,7 @@ def sample_run(exp: ExperimentConfig, models_dir: Path, out_dir: Path,
                 save_placeholder(tmp / name, f"{exp.key}: training diverged (unstable)")
         return None
     job = sample_job(exp, model_dir, info)
-    run = ray_data.run_chunks(job, storage)
+    run = ray_data.run_chunks(job, storage, on_progress=on_progress)
     parts = run.of(job.chunks)
     result = SampleRun(images=np.concatenate([p["images"] for p in parts]),
                        progressive=parts[0]["progressive"],

@@ -1,6 +1,8 @@
 """The train stage's work: fit one run with Ray Train (`pipeline.cluster.train.fit`), then keep
 what the study reads of it, models/<E>-<S>/ and the loss curve (`train_run`), and its MLflow
-record (`log_training`).
+record: opened with its params before training starts (`open_training`), the loss, learning
+rate, images/s and gradient norm streamed while it trains (`STREAMED`, from the Ray Train
+controller), the whole record at the end (`log_training`).
 
 The folder's state.json gets the run's bookkeeping beside the training state: the Ray run name,
 the config hash, the training loop's wall time and images/s, the final loss and the run's folder
@@ -18,7 +20,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.core.config import ExperimentConfig
-from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS, Tracker
+from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS, MetricStream, Tracker
+
+# What a training report holds (pipeline.cluster.training.train_worker) -> its MLflow metric,
+# streamed every train.log_every steps: the loss and the gradient norm averaged over those
+# steps, the learning rate and the throughput of the last of them.
+STREAMED = {"loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s",
+            "grad_norm": "grad_norm"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,10 @@ class TrainedRun:
 
 
 def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir: Path,
-              plots_dir: Path) -> TrainedRun:
+              plots_dir: Path, stream: Optional[MetricStream] = None) -> TrainedRun:
     """Fit `exp` on the prepared split at `train_path` (Ray Train storage `storage`; a killed
-    run resumes there), then write models_dir/<E>-<S>/ and the loss curve in `plots_dir`."""
+    run resumes there), then write models_dir/<E>-<S>/ and the loss curve in `plots_dir`.
+    With `stream`, every report's `STREAMED` metrics go to it as training goes."""
     from pipeline.artifacts.loss_curve import loss_curve_path, save_loss_curve
     from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
     from pipeline.cluster import connection, train
@@ -56,7 +65,8 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
     print(connection.connect(), flush=True)
     start = time.monotonic()
     try:
-        outcome = train.fit(exp, train_path, storage)
+        callbacks = [train.stream_reports(stream, STREAMED)] if stream is not None else None
+        outcome = train.fit(exp, train_path, storage, callbacks=callbacks)
     finally:
         connection.shutdown()
     wall = time.monotonic() - start
@@ -78,11 +88,19 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
                       snapshots=snapshots)
 
 
-def log_training(tracker: Tracker, exp: ExperimentConfig, run: TrainedRun) -> None:
-    """The run's MLflow record: its params, the loss curve, the loop's figures, its status."""
+def open_training(tracker: Tracker, exp: ExperimentConfig) -> tuple[str, MetricStream]:
+    """The run's MLflow record before training starts: the run (found again by its tags when a
+    killed stage is rerun), its params, and the stream of its metrics, which skips the steps
+    the run already holds (a resumed training repeats those since its last checkpoint)."""
     run_id = tracker.run_of(exp)
     tracker.log_params(run_id, exp.to_dict())
-    tracker.log_metric_history(run_id, "train_loss", [s for s, _ in run.history],
+    return run_id, tracker.metric_stream(run_id, resume_key=STREAMED["loss"])
+
+
+def log_training(tracker: Tracker, run_id: str, run: TrainedRun) -> None:
+    """The run's MLflow record at the end: the whole loss curve (the points the stream logged
+    are not logged again), the loop's figures, its status."""
+    tracker.log_metric_history(run_id, STREAMED["loss"], [s for s, _ in run.history],
                                [v for _, v in run.history])
     tracker.log_metrics(run_id, {"train_wall_s": run.state.get("wall_s"),
                                  "train_images_per_s": run.images_per_s,
