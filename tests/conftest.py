@@ -37,20 +37,26 @@ def shared_study(tmp_path_factory) -> Path:
     """The shared tiny study after one uninterrupted `dvc repro` under one local Ray instance,
     as `make study` runs it (a few minutes; test_stages.py runs a plain `dvc repro` too).
     Beside it: `first_repro_s`, its wall time, and `scratch_left`, the training workers' scratch
-    folders (`ddpm-rank*` in the temporary folder) that it left behind, one per line."""
+    folders (`ddpm-rank*` in the temporary folder) that it left behind, one per line. The
+    temporary folder is the study's own (TMPDIR; Ray's sessions stay in /tmp, whose short path
+    its sockets need), so that other work on the machine does not count."""
     import sys
-    import tempfile
     import time
 
     from helpers import make_study_repo, sh
 
-    def scratch() -> set[Path]:
-        return set(Path(tempfile.gettempdir()).glob("ddpm-rank*"))
+    root = tmp_path_factory.mktemp("shared")
+    temp = root / "tmp"
+    temp.mkdir()
 
-    repo = make_study_repo(tmp_path_factory.mktemp("shared"), shared_study_params)
+    def scratch() -> set[Path]:
+        return set(temp.glob("ddpm-rank*"))
+
+    repo = make_study_repo(root, shared_study_params)
     before = scratch()
     start = time.monotonic()
-    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo, timeout=1800)
+    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo, timeout=1800,
+       extra={"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"})
     (repo.parent / "first_repro_s").write_text(f"{time.monotonic() - start:.1f}")
     (repo.parent / "scratch_left").write_text("".join(f"{p}\n" for p in sorted(scratch() - before)))
     return repo

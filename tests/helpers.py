@@ -171,10 +171,12 @@ def env_for(repo: Path | None = None, *, isolated: bool = False,
     return {**env, **(extra or {})}
 
 
-def sh(args, repo: Path, check=True, timeout=900) -> subprocess.CompletedProcess:
-    """`args` run in `repo` with env_for(repo); with `check`, a failure shows its output."""
-    proc = subprocess.run(args, cwd=repo, env=env_for(repo), capture_output=True, text=True,
-                          timeout=timeout)
+def sh(args, repo: Path, check=True, timeout=900,
+       extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`args` run in `repo` with env_for(repo, extra=extra); with `check`, a failure shows its
+    output."""
+    proc = subprocess.run(args, cwd=repo, env=env_for(repo, extra=extra), capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n"
