@@ -20,7 +20,8 @@ from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune (successive halving).",
+    p = _common.parser("sweep", "Sweep noise schedules x loss weightings with Ray Tune "
+                       "(synchronous successive halving).",
                        folders=("data", "stats", "models"),
                        out=("results/sweep", "folder for trials.csv and best.yaml"))
     p.add_argument("--storage", default=None,
