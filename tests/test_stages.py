@@ -240,7 +240,7 @@ def test_evaluate_reads_the_reference_statistics_and_extracts_no_train_features(
         return original(self, images)
 
     monkeypatch.setattr(FeatureNetwork, "__call__", counting)
-    monkeypatch.setattr(ray_data, "run_chunks", lambda job, storage: run_here(job))
+    monkeypatch.setattr(ray_data, "run_chunks", lambda job, storage, **_: run_here(job))
     job, chunks = reference_stats_job(params.base_experiment("reference_stats"), apparatus)
     again = reference_statistics(chunks, run_here(job), {})
     assert [len(b) for b in seen] == [len(train)]  # the stage's one pass over the train split

@@ -353,6 +353,22 @@ def test_live_run_is_running_with_system_metrics_then_ends_with_its_status(
     assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
 
 
+def test_a_stage_shorter_than_the_sampling_interval_logs_one_system_metrics_sample(
+        root, monkeypatch):
+    """MLflow's monitor drops what it sampled when it stops before its interval is up: the live
+    run logs that last sample itself, one step per stage."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "60")
+    tracker = _tracker(root)
+    run_id = tracker.run_for("eps_simple", CONFIG)
+    client = _client(tracker)
+    cpu = "system/cpu_utilization_percentage"
+    for stage in range(2):
+        with tracker.live_run(run_id):
+            time.sleep(0.5)
+        assert [m.step for m in client.get_metric_history(run_id, cpu)] == list(range(stage + 1))
+    assert not _monitor_threads()
+
+
 def test_progress_logs_units_done_and_rate(root):
     tracker = _tracker(root)
     run_id = tracker.run_for("eps_simple", CONFIG)

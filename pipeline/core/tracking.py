@@ -464,6 +464,7 @@ class Tracker:
         finally:
             if monitor is not None:
                 monitor.finish()
+                _publish_last_sample(monitor)
             try:
                 self.set_terminated(run_id, status)
             except Exception as exc:
@@ -484,6 +485,19 @@ class Tracker:
             log.warning("no system metrics for MLflow run %s: %s", run_id, exc)
             return None
         return monitor
+
+
+def _publish_last_sample(monitor) -> None:
+    """Log the system metrics a stopped `SystemMetricsMonitor` sampled since it last logged:
+    its loop drops them when it stops, so a stage shorter than the sampling interval would
+    otherwise log none."""
+    try:
+        metrics = monitor.aggregate_metrics()
+        if metrics:
+            monitor.publish_metrics(metrics)
+            monitor.mlflow_logger.flush()
+    except Exception as exc:  # nothing sampled, or a store that refuses the write
+        log.warning("the last system metrics sample was not logged: %s", exc)
 
 
 class MetricStream:
