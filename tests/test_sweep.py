@@ -384,18 +384,22 @@ def run_stage(args, cwd, timeout=600, env=None):
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """Prepared digits and the digits classifier of a tiny study (about 15 s)."""
+    """Prepared digits, the digits classifier and the train split's reference statistics of a
+    tiny study (about 30 s)."""
     root = tmp_path_factory.mktemp("sweep-study")
     params = tiny_params(root)
     run_stage(["stages.prepare", "--params", str(params), "--out", str(root / "data")], root)
     run_stage(["stages.classifier", "--params", str(params), "--data", str(root / "data"),
                "--out", str(root / "models" / "classifier")], root)
+    run_stage(["stages.reference_stats", "--params", str(params), "--data", str(root / "data"),
+               "--models", str(root / "models"), "--out", str(root / "stats")], root)
     return root, params
 
 
 def sweep_args(root: Path, params: Path, out: Path, storage: Path) -> list[str]:
     return ["stages.sweep", "--params", str(params), "--data", str(root / "data"),
-            "--models", str(root / "models"), "--out", str(out), "--storage", str(storage)]
+            "--stats", str(root / "stats"), "--models", str(root / "models"), "--out", str(out),
+            "--storage", str(storage)]
 
 
 @pytest.fixture(scope="module")
@@ -538,9 +542,8 @@ def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_p
                         cpus_per_worker=0.5, steps=10, grace_period=5)
     ddp = tmp_path / "params.yaml"
     ddp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = run_stage(["stages.sweep", "--params", str(ddp), "--data", str(root / "data"),
-                      "--models", str(root / "models"), "--out", str(tmp_path / "out"),
-                      "--storage", str(tmp_path / "storage")], root, timeout=600)
+    proc = run_stage(sweep_args(root, ddp, tmp_path / "out", tmp_path / "storage"), root,
+                     timeout=600)
     assert "world_size=2" in proc.stdout + proc.stderr  # the trial's own TorchTrainer
     trials = pd.read_csv(tmp_path / "out" / "trials.csv")
     assert len(trials) == 1 and trials["status"].tolist() == ["ok"], trials
