@@ -95,17 +95,6 @@ def code_digest() -> str:
     return source_digest(SHAPES_A_CHUNK, __file__)
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read in blocks)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def job_name(exp: ExperimentConfig, stage: str, workers: Workers, *inputs: Any) -> str:
     """`<study>-<run>-<stage>-<digest>`: the digest covers `inputs` (file digests, configs),
     the code, the device kind and torch's version; not the number of workers."""

@@ -72,6 +72,17 @@ def sha256_hex(*chunks: bytes | str, length: int | None = None) -> str:
     return digest.hexdigest()[:length]
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -88,7 +88,7 @@ class Apparatus:
 
     def digests(self) -> list[str]:
         """What the scores depend on besides the run: the splits' and the weights' bytes."""
-        from pipeline.cluster.sharding import file_digest
+        from pipeline.core.io import file_digest
 
         files = [self.train_path, self.test_path] + ([self.weights] if self.weights else [])
         return [self.extractor, *(file_digest(f) for f in files)]
@@ -181,7 +181,8 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
     split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}. The train
     split's features are not among them: they are the reference statistics' file."""
     from pipeline.artifacts.models import load_weights
-    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, file_digest, job_name
+    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, job_name
+    from pipeline.core.io import file_digest
     from pipeline.core.config import WORKER_KEYS
     from pipeline.measure.sampling import sample_chunks
 

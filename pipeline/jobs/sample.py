@@ -25,7 +25,8 @@ def sample_job(exp: ExperimentConfig, model_dir: Path, info: dict, *, model_name
     `weights`) in chunks of sample.batch_size, on sample.num_workers workers (its units:
     images)."""
     from pipeline.artifacts.models import load_weights
-    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, file_digest, job_name
+    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, job_name
+    from pipeline.core.io import file_digest
     from pipeline.measure.sampling import sample_chunks
 
     cfg = exp.sample

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.core.io import file_digest
 from pipeline.measure.stats import FeatureMoments, KernelReference
 
 FORMAT = 1
@@ -52,25 +53,14 @@ def reference_stats_path(folder: str | Path, split: str = "train") -> Path:
     return Path(folder) / f"{split}.npz"
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read in blocks)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def provenance(dataset: str, split: str, num_images: int, extractor: str,
                weights: Optional[str | Path], prepared: str | Path) -> dict[str, Any]:
     """The checked provenance of the statistics of `num_images` images of prepared split file
     `prepared` through `extractor` with weights file `weights`."""
     return {"format": FORMAT, "dataset": dataset, "split": split, "num_images": int(num_images),
             "extractor": extractor,
-            "extractor_weights": file_sha256(weights) if weights else None,
-            "prepared": file_sha256(prepared)}
+            "extractor_weights": file_digest(weights) if weights else None,
+            "prepared": file_digest(prepared)}
 
 
 @dataclass(frozen=True)
