@@ -34,17 +34,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params) -> int:
         from pipeline.cluster import connection
-        from pipeline.jobs.evaluation import evaluate_run, log_evaluation, save_evaluation
+        from pipeline.jobs.evaluation import (evaluate_run, evaluation_inputs, log_evaluation,
+                                              save_evaluation)
         from pipeline.measure.reference_stats import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         run_id = tracker.run_of(exp)
+        # every input read and checked before the run is marked RUNNING: refused input leaves
+        # the run as the stages before left it
+        inputs = evaluation_inputs(exp, args.data, args.models, args.samples,
+                                   reference_stats_path(args.stats))
         with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
             try:
-                result = evaluate_run(exp, args.data, args.models, args.samples,
-                                      exp.cluster.resolved_storage(),
-                                      reference_stats_path(args.stats),
+                result = evaluate_run(inputs, exp.cluster.resolved_storage(),
                                       on_progress=tracker.progress(run_id, "evaluate",
                                                                    "evaluations"))
             finally:

@@ -714,8 +714,15 @@ def test_corrupt_prepared_data_names_the_file(prepared, tmp_path):
 def test_corrupt_reference_statistics_are_refused_by_evaluate_and_the_sweep(study, tmp_path):
     """data/reference_stats/train.npz cut short, or with one array edited and the file rewritten
     whole (its digest no longer matches): evaluate and the sweep stop in one line, before Ray,
-    naming the file and `dvc repro reference_stats`; nothing of the study is written."""
+    naming the file and `dvc repro reference_stats`; nothing of the study is written, and the
+    run's MLflow record keeps the status its stages gave it (the input is refused before the run
+    is marked RUNNING)."""
+    def statuses() -> dict[str, str]:
+        return {r.info.run_name: r.info.status for r in mlflow_runs(study)[1]}
+
     good = study / "data" / "reference_stats" / "train.npz"
+    recorded = statuses()
+    assert recorded[KEY] == "FINISHED"
     stats = tmp_path / "reference_stats"
     stats.mkdir()
     bad = truncate(Path(shutil.copy2(good, stats / "train.npz")))
@@ -735,6 +742,7 @@ def test_corrupt_reference_statistics_are_refused_by_evaluate_and_the_sweep(stud
                  cwd=study, code=study, timeout=120)
     assert_user_error(proc, bad, "do not match the digest", "dvc repro reference_stats")
     assert snapshot(study) == before and not (tmp_path / "out").exists()
+    assert statuses() == recorded
 
 
 def test_corrupt_samples_names_the_file(tmp_path):

@@ -214,7 +214,7 @@ def test_evaluate_reads_the_reference_statistics_and_extracts_no_train_features(
     from pipeline.cluster import ray_data
     from pipeline.cluster.sharding import run_here
     from pipeline.core.params import load_params
-    from pipeline.jobs.evaluation import Apparatus, evaluate_run
+    from pipeline.jobs.evaluation import Apparatus, evaluate_run, evaluation_inputs
     from pipeline.jobs.reference_stats import reference_statistics, reference_stats_job
     from pipeline.measure.classifier import classifier_path
     from pipeline.measure.extractors import FeatureNetwork
@@ -252,8 +252,9 @@ def test_evaluate_reads_the_reference_statistics_and_extracts_no_train_features(
     np.testing.assert_allclose(stats.moments.outer_sum, whole.outer_sum, rtol=1e-9)
 
     seen.clear()
-    result = evaluate_run(exp, repo / "data" / "prepared", repo / "models", repo / "samples",
-                          tmp_path / "storage", path)
+    inputs = evaluation_inputs(exp, repo / "data" / "prepared", repo / "models",
+                               repo / "samples", path)
+    result = evaluate_run(inputs, tmp_path / "storage")
     assert sorted(len(b) for b in seen) == [40, 40, 60]  # checkpoints' samples, the samples
     for batch in seen:
         assert not any(np.array_equal(batch[0], image) for image in train)  # no real image

@@ -1,6 +1,7 @@
 """What the evaluate and reference stages measure.
 
-One run (experiment E, seed S) is scored by `evaluate_run`:
+One run (experiment E, seed S) is read and checked by `evaluation_inputs` and scored by
+`evaluate_run`:
 - FID and KID of its N samples against the train split, and their Inception Score, through
   the study's feature extractor (the digits classifier, or inception-v3-compat), each with its
   jackknife standard error over the samples (`pipeline.measure.stats`);
@@ -243,27 +244,62 @@ class RunEvaluation:
     chunks: Any = None  # the job's ChunkStore: discard it once the outputs are written
 
 
-def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
-                 storage: str | Path, reference_stats: str | Path,
-                 on_progress=None) -> RunEvaluation:
-    """Score run `exp` (models/<key>/, samples/<key>/) on Ray workers, finished chunks kept in
-    `storage`: FID / IS / KID of its samples, the NLL bound of its EMA model and, with
-    evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot, all
-    against the train split's statistics read from `reference_stats` (checked first). An
-    unstable run (or one without samples) gets no scores. `on_progress(evaluations done,
-    evaluations/s)` is called as each chunk comes back."""
-    import sys
+@dataclass
+class EvaluationInputs:
+    """What `evaluate_run` reads of one run, read and checked before anything is measured (so
+    a stage refuses bad input before it marks its MLflow run RUNNING): the model's record, its
+    samples, and, where the run is to be scored, the apparatus and the train split's reference
+    side (FID's feature sums, KID's features)."""
 
-    from pipeline.artifacts.models import is_ok, kept_ema_snapshots, read_model_info
+    exp: Any
+    model_dir: Path
+    info: dict[str, Any]
+    samples: np.ndarray
+    sample_status: Status
+    apparatus: Optional[Apparatus] = None  # None: the run is not scored (unstable, no samples)
+    reference: Optional[FeatureMoments] = None
+    kernel: Optional[KernelReference] = None
+
+    @property
+    def scored(self) -> bool:
+        return self.apparatus is not None
+
+
+def evaluation_inputs(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
+                      reference_stats: str | Path) -> EvaluationInputs:
+    """Read run `exp`'s model record (models/<key>/) and samples (samples/<key>/) and, if the
+    run is to be scored, the prepared splits, the extractor and the reference statistics file
+    `reference_stats`, each checked (a `UserError` naming the file and the fix)."""
+    from pipeline.artifacts.models import is_ok, read_model_info
     from pipeline.artifacts.samples import load_samples
-    from pipeline.cluster import ray_data
-    from pipeline.cluster.sharding import ChunkStore
-    from pipeline.jobs.over_training import best_by_fid, checkpoint_rows, final_scores
     from pipeline.measure.classifier import classifier_path
 
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)
     samples, sample_status = load_samples(Path(samples_dir) / exp.key, exp)
+    inputs = EvaluationInputs(exp, model_dir, info, samples, sample_status)
+    if is_ok(info) and sample_status == Status.OK:
+        inputs.apparatus = Apparatus.load(exp, data_dir, classifier_path(models_dir))
+        inputs.reference, inputs.kernel = inputs.apparatus.reference_side(reference_stats)
+    return inputs
+
+
+def evaluate_run(inputs: EvaluationInputs, storage: str | Path,
+                 on_progress=None) -> RunEvaluation:
+    """Score the run whose `inputs` were read (`evaluation_inputs`) on Ray workers, finished
+    chunks kept in `storage`: FID / IS / KID of its samples, the NLL bound of its EMA model and,
+    with evaluate.checkpoints, a quick FID and the stratified NLL of every kept EMA snapshot, all
+    against the train split's reference statistics. An unstable run (or one without samples)
+    gets no scores. `on_progress(evaluations done, evaluations/s)` is called as each chunk comes
+    back."""
+    import sys
+
+    from pipeline.artifacts.models import kept_ema_snapshots
+    from pipeline.cluster import ray_data
+    from pipeline.cluster.sharding import ChunkStore
+    from pipeline.jobs.over_training import best_by_fid, checkpoint_rows, final_scores
+
+    exp, info, samples, model_dir = inputs.exp, inputs.info, inputs.samples, inputs.model_dir
     d = exp.diffusion
     record = {"experiment": exp.name, "seed": exp.seed,
               "status": info.get("status", Status.UNSTABLE.value), "dataset": exp.data.dataset,
@@ -278,12 +314,11 @@ def evaluate_run(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
               "images_per_s": info.get("images_per_s")}
     per_image = {"test": [], "train": []}
     scores = final_scores(record)  # no scores unless evaluated below
-    if not (is_ok(info) and sample_status == Status.OK):
+    if not inputs.scored:
         if record["status"] == Status.OK:
-            record["status"] = sample_status
+            record["status"] = inputs.sample_status
         return RunEvaluation(record=record, per_image=per_image, scores=scores)
-    apparatus = Apparatus.load(exp, data_dir, classifier_path(models_dir))
-    reference, kernel = apparatus.reference_side(reference_stats)
+    apparatus, reference, kernel = inputs.apparatus, inputs.reference, inputs.kernel
     snapshots = {}
     if exp.evaluate.checkpoints is not None:
         snapshots = kept_ema_snapshots(model_dir)
