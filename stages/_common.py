@@ -8,11 +8,18 @@ SIGTERM (how DVC, Ray and a cluster's scheduler stop a process) is raised in the
 `Terminated`, a KeyboardInterrupt, so that its cleanup runs as for Ctrl-C: Ray is shut down,
 the MLflow run is marked KILLED (`pipeline.core.tracking.Tracker.live_run`); the stage then
 exits 143 (128 + SIGTERM).
+
+Under `dvc repro` (DVC names the stage in $DVC_STAGE) a stage also checks, as it ends, that the
+params DVC records for it and its own code files are what they were when it started
+(`InputsWatch`): DVC reads both only after the command, so an edit made while a 15-hour stage
+ran would otherwise be written into dvc.lock beside outputs made without it. A change fails the
+stage in one line, before DVC records anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -68,13 +75,104 @@ def parser(prog: str, description: str, experiment: bool = False, folders: tuple
     return p
 
 
+class InputsChanged(UserError):
+    """params.yaml or a code file of the stage was edited while the stage ran."""
+
+
+class InputsWatch:
+    """What DVC will record of stage `stage` (its addressing, e.g. train@eps_simple-0) besides
+    its outputs, read as the stage starts: the values of the params keys it lists and the
+    digests of its Python deps (its code; data deps are the outputs of stages before, which
+    `dvc repro` does not run meanwhile, and hashing them would cost minutes at scale).
+    `check()` as the stage ends raises `InputsChanged` naming every key and file that changed."""
+
+    def __init__(self, stage: str, root: Path = Path(".")):
+        from dvc.repo import Repo
+
+        self.stage_name = stage
+        with Repo(str(root)) as repo:
+            self.stage = repo.stage.collect_granular(stage)[0].stage
+        self.params = self._params()
+        self.code = self._code()
+
+    def _params(self) -> dict[str, dict]:
+        return {str(dep.def_path): dep.read_params() for dep in self.stage.deps
+                if hasattr(dep, "read_params")}
+
+    def _code(self) -> dict[str, str | None]:
+        from pipeline.core.io import file_digest
+
+        def digest(path: Path) -> str | None:
+            return file_digest(path) if path.is_file() else None
+
+        return {str(dep.def_path): digest(Path(dep.fs_path)) for dep in self.stage.deps
+                if str(dep.def_path).endswith(".py")}
+
+    def check(self) -> None:
+        try:
+            params = self._params()
+        except Exception as exc:  # params.yaml half-edited: unreadable as YAML, or gone
+            raise InputsChanged(f"{self.stage_name}: its params file became unreadable while "
+                                f"the stage ran ({type(exc).__name__}: {exc}); fix it, then "
+                                "rerun `dvc repro`") from None
+        changed = [f"{key} {_short(old)} -> {_short(new)}"
+                   for file, before in self.params.items()
+                   for key, old, new in _changed_keys(before, params.get(file, {}))]
+        now = self._code()
+        changed += [path for path, digest in self.code.items() if now.get(path) != digest]
+        if changed:
+            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more"
+                                              if len(changed) > 6 else "")
+            raise InputsChanged(f"{self.stage_name}: edited while the stage ran ({shown}); its "
+                                "outputs were made with the values it started with, so DVC "
+                                "must not record it: rerun `dvc repro`")
+
+
+def _changed_keys(before: dict, after: dict, prefix: str = ""):
+    """(dotted key, old, new) of every leaf that differs between two params mappings."""
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key, _ABSENT), after.get(key, _ABSENT)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _changed_keys(old, new, f"{name}.")
+        elif old != new:
+            yield name, old, new
+
+
+_ABSENT = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def watch_inputs() -> InputsWatch | None:
+    """The stage's `InputsWatch` under `dvc repro` ($DVC_STAGE, run from $DVC_ROOT), else None:
+    a stage run by hand records nothing, and reads its params once."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return None
+    try:
+        return InputsWatch(stage, Path(os.environ.get("DVC_ROOT", ".")))
+    except Exception as exc:  # DVC's API moved, or dvc.yaml cannot be read here
+        print(f"warning: {stage}: DVC's record of the stage cannot be read ({exc}), so edits "
+              "to params.yaml made while it runs go unnoticed", file=sys.stderr)
+        return None
+
+
 def run(body: Callable[[Params], int | None], params_path: Path) -> int:
     """Load and validate params, run `body(params)`, turn user errors into exit code 2 and
-    SIGTERM into `Terminated` (exit code 143)."""
+    SIGTERM into `Terminated` (exit code 143). Under `dvc repro`, a stage whose recorded params
+    or code changed while it ran fails as it ends (`InputsWatch`)."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return body(load_params(params_path)) or 0
+        watch = watch_inputs()  # before params.yaml is read: an edit in between is seen too
+        code = body(load_params(params_path)) or 0
+        if watch is not None and code == 0:
+            watch.check()
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

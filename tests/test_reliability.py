@@ -429,10 +429,13 @@ def test_diverging_run_is_recorded_unstable_and_the_study_completes(study):
 
 
 @pytest.mark.slow
-def test_killed_sample_stage_redoes_only_the_missing_chunks(study, tmp_path):
+def test_killed_sample_stage_redoes_only_the_missing_and_damaged_chunks(study, tmp_path):
     """SIGKILL sample@eps_simple-0 (600 images in 6 chunks of 100) once 2 chunks are kept in
-    its storage: the rerun computes only the chunks not kept, its samples.npz is byte-identical
-    to an uninterrupted run's, and once it is written no chunk is left in storage."""
+    its storage, then damage two kept chunks as storage does over days (one overwritten with
+    garbage of its length, one with a single byte flipped): the rerun says in one line each
+    that it computes them again, computes only those and the chunks not kept, its samples.npz
+    is byte-identical to an uninterrupted run's, and once it is written no chunk is left in
+    storage."""
     params = yaml.safe_load((study / "params.yaml").read_text())
     params["sample"].update(num_samples=600, batch_size=100)
     params["experiments"] = {"eps_simple": params["experiments"]["eps_simple"]}
@@ -462,13 +465,23 @@ def test_killed_sample_stage_redoes_only_the_missing_chunks(study, tmp_path):
     log = (tmp_path / "killed.log").read_text()
     assert proc.returncode == -signal.SIGKILL and 2 <= len(kept) < 6, log[-3000:]
     assert not (tmp_path / "samples" / KEY).exists()  # nothing half-written
-    kept = sorted(p.stem for p in storage.glob("chunks/*/*.npz"))  # and any that came after
+    kept = sorted(storage.glob("chunks/*/*.npz"))  # and any that came after
+    garbage, flipped = kept[0], kept[1]
+    garbage.write_bytes(np.random.default_rng(0).bytes(garbage.stat().st_size))
+    damaged = bytearray(flipped.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    flipped.write_bytes(bytes(damaged))
 
     again = sample("samples", storage)
     assert again.returncode == 0, again.stderr[-3000:]
-    todo = re.search(r"(\d+) of 6 chunks to compute on 1 worker .*, (\d+) found in storage",
-                     again.stdout)
-    assert todo and int(todo[1]) == 6 - len(kept) and int(todo[2]) == len(kept), again.stdout
+    for path in (garbage, flipped):
+        chunk = path.name.split(".")[0]
+        assert (f"sample {KEY}: chunk {chunk} was damaged in storage ({path}: its bytes do not "
+                f"match the digest it was written with); computing it again") in again.stdout
+    good = len(kept) - 2
+    todo = re.search(r"(\d+) of 6 chunks to compute on 1 worker [^\n]*?(?:, (\d+) found in "
+                     r"storage)?; finished", again.stdout)
+    assert todo and int(todo[1]) == 6 - good and int(todo[2] or 0) == good, again.stdout
     assert not list(storage.glob("chunks/*/*"))  # discarded once samples.npz was written
 
     whole = sample("uninterrupted", tmp_path / "storage-2")

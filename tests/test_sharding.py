@@ -10,6 +10,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -219,6 +220,39 @@ def test_finished_chunks_are_kept_whole_in_storage_and_discarded_together(tmp_pa
     assert not [p for p in (tmp_path / "storage").rglob("*.tmp*")]  # no temporary left
     store.discard()
     assert store.finished() == set() and not (tmp_path / "storage" / "chunks" / "job-1").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flip", "truncate"])
+def test_a_chunk_damaged_in_storage_is_caught_by_its_digest_and_removed(tmp_path, damage):
+    """A chunk's file is named by the SHA-256 of its bytes: garbage of its length, one byte
+    flipped, or a cut-short file all raise DamagedChunk naming the file (never decoded as
+    data); `remove` deletes it, so that it is computed again, and leaves the other chunks."""
+    import hashlib
+
+    from pipeline.cluster.sharding import DamagedChunk, encode
+
+    store = ChunkStore(tmp_path / "storage", "job-1")
+    payload = encode({"images": np.arange(600, dtype=np.uint8).reshape(6, 10, 10)})
+    store.write("sample-000000", payload)
+    store.write("sample-000100", payload)
+    (path,) = (tmp_path / "storage" / "chunks" / "job-1").glob("sample-000000.*.npz")
+    assert path.name.split(".")[1] == hashlib.sha256(payload).hexdigest()[:16]
+    data = bytearray(path.read_bytes())
+    if damage == "garbage":
+        data = bytearray(np.random.default_rng(1).bytes(len(data)))
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) - 10]
+    path.write_bytes(bytes(data))
+    assert store.finished() == {"sample-000000", "sample-000100"}
+    with pytest.raises(DamagedChunk, match=re.escape(str(path))):
+        store.read("sample-000000")
+    assert store.read("sample-000100") == payload
+    store.remove("sample-000000")
+    assert not path.exists() and store.finished() == {"sample-000100"}
+    store.write("sample-000000", payload)  # computed again
+    assert store.read("sample-000000") == payload
 
 
 def test_one_progress_line_counts_images_chunks_rate_and_eta():

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.core.config import ExperimentConfig, checkpoint_steps
 from pipeline.core.errors import UserError
-from pipeline.core.io import atomic_dir
+from pipeline.core.io import atomic_dir, torch_load
 from pipeline.core.status import Status
 from pipeline.model.ema import ema_snapshot_path, ema_snapshot_steps, ema_weights
 from pipeline.model.unet import build_model
@@ -99,7 +99,7 @@ def load_model(exp: ExperimentConfig, model_dir: Path, weights: str = "ema",
     if checkpoint_step is not None:
         path = Path(ema_snapshot_path(Path(model_dir) / SNAPSHOTS_DIR, checkpoint_step))
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch_load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: weights not found; rerun "
                          + train_command(exp)) from None

@@ -130,7 +130,8 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
                                "submit the study to a cluster with GPU nodes")
         print(connect(), flush=True)
     store = ChunkStore(storage, job.name)
-    finished = store.finished() & {c.id for c in job.chunks}
+    payloads = _read_back(job, store, stream)
+    finished = set(payloads)
     todo = [i for i, c in enumerate(job.chunks) if c.id not in finished]
     workers = min(job.workers.num_workers, len(todo))
     if todo:
@@ -139,7 +140,6 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
                              reused_units=sum(c.units for c in job.chunks if c.id in finished),
                              reused_chunks=len(finished), workers=workers, stream=stream,
                              heartbeat_s=heartbeat_s)
-    payloads = {chunk_id: store.read(chunk_id) for chunk_id in finished}
     worker_s = 0.0
     start = time.monotonic()
     if todo:
@@ -195,6 +195,24 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
                     redone=sum(1 for n in starts.values() if n > 1), workers=workers,
                     wall_s=wall, units_per_s=progress.rate if todo else math.nan,
                     worker_s=worker_s)
+
+
+def _read_back(job, store, stream=None) -> dict[str, bytes]:
+    """{chunk id: bytes} of the job's chunks finished in `store`, each checked against the
+    digest it was written with. A damaged chunk is deleted, to be computed again, and said so
+    in one line."""
+    from pipeline.cluster.sharding import DamagedChunk
+
+    payloads = {}
+    for chunk_id in sorted(store.finished() & {c.id for c in job.chunks}):
+        try:
+            payloads[chunk_id] = store.read(chunk_id)
+        except DamagedChunk as exc:
+            print(f"{job.label}: chunk {chunk_id} was damaged in storage ({exc}: its bytes do "
+                  "not match the digest it was written with); computing it again",
+                  file=stream or sys.stdout, flush=True)
+            store.remove(chunk_id)
+    return payloads
 
 
 def _chunk_failure(job, error: BaseException, store, kept: int) -> UserError:

@@ -307,26 +307,54 @@ def decode(payload: bytes) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+class DamagedChunk(ValueError):
+    """A finished chunk in storage whose bytes are not those written: its file name's digest
+    does not match them, or they do not decode."""
+
+
 class ChunkStore:
     """The finished chunks of job `name` in storage `storage` (a path or a URI): one npz file
-    per chunk, `<storage>/chunks/<name>/<chunk id>.npz`, each written whole (a rename locally,
-    one PUT on S3), so a stage killed mid-write leaves no half chunk."""
+    per chunk, `<storage>/chunks/<name>/<chunk id>.<digest>.npz` (digest: the first 16 hex
+    digits of its bytes' SHA-256), each written whole (a rename locally, one PUT on S3), so a
+    stage killed mid-write leaves no half chunk, and checked against its digest when read back:
+    storage that garbles or truncates an object over days is caught, never decoded as data."""
+
+    DIGEST_LENGTH = 16
 
     def __init__(self, storage: str | Path, name: str):
         self.folder = f"{storage_location(storage)}/{CHUNKS_FOLDER}/{name}"
 
-    def _path(self, chunk_id: str) -> str:
-        return f"{self.folder}/{chunk_id}.npz"
+    def _files(self) -> dict[str, list[str]]:
+        """{chunk id: its file names in storage} (an id holds no dot; names of any other
+        shape, a temporary or a file of another layout, are not chunks)."""
+        files: dict[str, list[str]] = {}
+        for name in list_storage(self.folder):
+            parts = name.split(".")
+            if len(parts) == 3 and parts[2] == "npz" and len(parts[1]) == self.DIGEST_LENGTH:
+                files.setdefault(parts[0], []).append(name)
+        return files
 
     def finished(self) -> set[str]:
-        return {name[:-len(".npz")] for name in list_storage(self.folder)
-                if name.endswith(".npz")}
+        return set(self._files())
 
     def write(self, chunk_id: str, payload: bytes) -> None:
-        write_to_storage(self._path(chunk_id), payload)
+        digest = sha256_hex(payload, length=self.DIGEST_LENGTH)
+        write_to_storage(f"{self.folder}/{chunk_id}.{digest}.npz", payload)
 
     def read(self, chunk_id: str) -> bytes:
-        return read_from_storage(self._path(chunk_id))
+        """The bytes of finished chunk `chunk_id`, checked against the digest in its name
+        (`DamagedChunk` naming the file where they do not match)."""
+        names = self._files().get(chunk_id, [])
+        for name in names:
+            payload = read_from_storage(f"{self.folder}/{name}")
+            if sha256_hex(payload, length=self.DIGEST_LENGTH) == name.split(".")[1]:
+                return payload
+        raise DamagedChunk(f"{self.folder}/{names[0] if names else chunk_id + '.npz'}")
+
+    def remove(self, chunk_id: str) -> None:
+        """Delete every file of chunk `chunk_id` (a damaged one, before it is computed again)."""
+        for name in self._files().get(chunk_id, []):
+            delete_from_storage(f"{self.folder}/{name}")
 
     def mark_started(self, chunk_id: str, node: str = "local") -> None:
         """Note that a worker on `node` began `chunk_id` (a chunk begun twice was redone: its

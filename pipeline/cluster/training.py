@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipeline.core.config import ExperimentConfig
 from pipeline.core.errors import UserError
+from pipeline.core.io import torch_load
 from pipeline.core.progress import StepProgress
 from pipeline.core.status import Status
 from pipeline.data.datasets import (ImageBatches, Prepared, default_hflip, load_prepared,
@@ -343,7 +344,7 @@ def load_training_state(path: str | Path, map_location="cpu") -> dict[str, Any]:
                               "(`dvc repro train@<experiment>`)", path=path,
                               reason=f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch_load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated zip, unpickling error, ...
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc}); delete it "

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.errors import UserError, remake
-from pipeline.core.io import atomic_path
+from pipeline.core.io import atomic_path, torch_load
 from pipeline.data.datasets import uint8_images
 
 
@@ -180,7 +180,7 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
         raise ClassifierError(f"{path}: digits classifier weights not found; make them with "
                               f"{CLASSIFIER_REMAKE}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, not a torch file at all
         raise ClassifierError(f"{path}: cannot read the digits classifier weights (truncated or "
                               f"corrupt: {type(exc).__name__}); "
