@@ -19,6 +19,7 @@ stage in one line, before DVC records anything.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -176,12 +177,47 @@ def run(body: Callable[[Params], int | None], params_path: Path) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        message = disk_error(exc)
+        if message is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Terminated as exc:
         print(f"error: {exc}; a rerun goes on from where it stopped", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+# What the machine refuses a stage's write for: errno -> (what it means, what to do).
+_FULL = ("no space left on its device", "free space there, or point the output (--out, "
+         "cluster.storage, $TMPDIR) at a larger disk")
+_DENIED = ("not writable", "make it writable, or point the output (--out, cluster.storage) "
+           "elsewhere")
+DISK_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: _DENIED,
+               errno.EACCES: _DENIED, errno.EPERM: _DENIED}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """One line for a write the machine refused (a full disk or quota, a read-only or
+    unwritable path) anywhere in `exc`'s chain (Ray hands a worker's error back wrapped:
+    `.cause`), naming the path and what to do; None for any other error. Outputs are written
+    whole or not at all (`pipeline.core.io.atomic_path`), so nothing half-written is left."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRORS:
+            meaning, fix = DISK_ERRORS[current.errno]
+            where = current.filename or "a file the stage writes"
+            return (f"cannot write {where}: {meaning} ({current.strerror}); nothing "
+                    f"half-written was kept; {fix}, then rerun `dvc repro`")
+        wrapped = getattr(current, "cause", None)
+        current = (wrapped if isinstance(wrapped, BaseException)
+                   else current.__cause__ or current.__context__)
+    return None
 
 
 def tracker_for(params: Params, root: Path = Path(".")):

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 connection.shutdown()
             paths = save_evaluation(result, exp, args.out, args.figures)
-            if result.chunks is not None:  # the outputs are written: no chunk is needed any more
-                result.chunks.discard()
             log_evaluation(tracker, run_id, result, paths)
+            if result.chunks is not None:  # written and logged: no chunk is needed any more
+                result.chunks.discard()
         record = result.record
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"
                           for k in ("fid", "is_mean", "nll_bpd") if record.get(k) is not None)

@@ -54,9 +54,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from pipeline.core.io import sha256_hex
-from pipeline.core.tracking_store import (check_reachable, has_scheme, is_server,
-                                          resolve_artifact_root, resolve_tracking_uri,
-                                          retry_if_locked, store_lock, study_root)
+from pipeline.core.tracking_store import (TrackingError, check_reachable, has_scheme,
+                                          is_server, refused_write, resolve_artifact_root,
+                                          resolve_tracking_uri, retry_if_locked, store_lock,
+                                          study_root)
 
 if TYPE_CHECKING:
     import pandas
@@ -193,6 +194,19 @@ class Tracker:
         return (f"Tracker(study={self.study_name!r}, tracking_uri={self.tracking_uri!r}, "
                 f"artifact_location={self.artifact_location!r})")
 
+    def _store(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the store, retried while sqlite is busy (`retry_if_locked`);
+        a store that refuses the write (read-only, full, gone) is a `TrackingError` naming it."""
+        try:
+            return retry_if_locked(fn, *args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            refused = refused_write(exc, self.tracking_uri)
+            if refused is None:
+                raise
+            raise refused from None
+
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         """Raise `TrackingError` naming the URI, within about `timeout_s`, if unusable."""
         check_reachable(self.tracking_uri, timeout_s)
@@ -207,7 +221,7 @@ class Tracker:
             with store_lock(self.tracking_uri):
                 # MlflowClient() builds the store at once; on a new sqlite file that runs
                 # MLflow's schema migrations, which must not run in two processes at once.
-                self._client = retry_if_locked(MlflowClient, tracking_uri=self.tracking_uri)
+                self._client = self._store(MlflowClient, tracking_uri=self.tracking_uri)
         return self._client
 
     @property
@@ -216,7 +230,7 @@ class Tracker:
         if self._experiment_id is None:
             client = self.client
             with store_lock(self.tracking_uri):
-                self._experiment_id = retry_if_locked(self._get_or_create_experiment, client)
+                self._experiment_id = self._store(self._get_or_create_experiment, client)
         return self._experiment_id
 
     def _get_or_create_experiment(self, client: MlflowClient) -> str:
@@ -268,10 +282,10 @@ class Tracker:
                    tags: Optional[Mapping[str, Any]] = None) -> str:
         """A new run nested under `parent_run_id` (a sweep trial), in the parent's experiment."""
         client = self.client
-        parent = retry_if_locked(client.get_run, parent_run_id)
+        parent = self._store(client.get_run, parent_run_id)
         all_tags = {TAG_ROLE: "trial", **self._source_tags(), **_str_values(tags or {}),
                     "mlflow.parentRunId": parent_run_id}
-        run = retry_if_locked(client.create_run, parent.info.experiment_id, tags=all_tags,
+        run = self._store(client.create_run, parent.info.experiment_id, tags=all_tags,
                                run_name=name)
         return run.info.run_id
 
@@ -294,13 +308,13 @@ class Tracker:
         tags = {**tags, **self._experiment_tag()}
         query = " and ".join(f"tags.`{key}` = {_literal(value)}" for key, value in tags.items())
         with store_lock(self.tracking_uri):
-            runs = retry_if_locked(client.search_runs, [experiment_id], filter_string=query,
+            runs = self._store(client.search_runs, [experiment_id], filter_string=query,
                                     run_view_type=ViewType.ACTIVE_ONLY, max_results=100,
                                     order_by=["attributes.start_time DESC"])
             for run in runs:  # outside a DVC experiment, skip the runs of experiments
                 if run.data.tags.get(TAG_DVC_EXPERIMENT) == self.dvc_experiment:
                     return run.info.run_id
-            run = retry_if_locked(client.create_run, experiment_id,
+            run = self._store(client.create_run, experiment_id,
                                    tags={**tags, **self._source_tags()}, run_name=run_name)
         return run.info.run_id
 
@@ -326,7 +340,7 @@ class Tracker:
 
         client = self.client
         flat = flatten_params(params)
-        logged = retry_if_locked(client.get_run, run_id).data.params
+        logged = self._store(client.get_run, run_id).data.params
         new = [Param(key, value) for key, value in flat.items() if key not in logged]
         changed = {key: value for key, value in flat.items()
                    if key in logged and logged[key] != value}
@@ -336,9 +350,9 @@ class Tracker:
         tags = [RunTag(f"{TAG_PARAM_CHANGED}{key}", value[:MAX_TAG_VALUE_LENGTH])
                 for key, value in changed.items()]
         for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
-            retry_if_locked(client.log_batch, run_id, params=chunk)
+            self._store(client.log_batch, run_id, params=chunk)
         for chunk in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH):
-            retry_if_locked(client.log_batch, run_id, tags=chunk)
+            self._store(client.log_batch, run_id, tags=chunk)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Optional[float]],
                     step: Optional[int] = None) -> None:
@@ -349,7 +363,7 @@ class Tracker:
         batch = [Metric(key, float(value), timestamp, step or 0)
                  for key, value in metrics.items() if value is not None]
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            retry_if_locked(self.client.log_batch, run_id, metrics=chunk)
+            self._store(self.client.log_batch, run_id, metrics=chunk)
 
     def log_metric_history(self, run_id: str, name: str, steps: Sequence[int],
                            values: Sequence[float]) -> None:
@@ -363,12 +377,12 @@ class Tracker:
         if len(steps) != len(values):
             raise ValueError(f"metric {name}: {len(steps)} steps but {len(values)} values")
         client = self.client
-        done = {m.step for m in retry_if_locked(client.get_metric_history, run_id, name)}
+        done = {m.step for m in self._store(client.get_metric_history, run_id, name)}
         timestamp = _now_ms()
         batch = [Metric(name, float(value), timestamp, int(step))
                  for step, value in zip(steps, values) if int(step) not in done]
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            retry_if_locked(client.log_batch, run_id, metrics=chunk)
+            self._store(client.log_batch, run_id, metrics=chunk)
 
     def log_artifact(self, run_id: str, path: str | Path,
                      artifact_path: Optional[str] = None) -> None:
@@ -388,7 +402,7 @@ class Tracker:
         self._delete_artifact(run_id, artifact_file)
         with warnings.catch_warnings():  # mlflow's own select_dtypes call, noisy on pandas 3
             warnings.filterwarnings("ignore", message=".*select_dtypes.*")
-            retry_if_locked(self.client.log_table, run_id, table, artifact_file)
+            self._store(self.client.log_table, run_id, table, artifact_file)
 
     def _delete_artifact(self, run_id: str, artifact_file: str) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -397,7 +411,7 @@ class Tracker:
         parent = os.path.dirname(artifact_file) or None
         if artifact_file not in {f.path for f in client.list_artifacts(run_id, parent)}:
             return
-        artifact_uri = retry_if_locked(client.get_run, run_id).info.artifact_uri
+        artifact_uri = self._store(client.get_run, run_id).info.artifact_uri
         try:
             get_artifact_repository(artifact_uri).delete_artifacts(artifact_file)
         except Exception as exc:  # a store without deletes: MLflow appends, say so
@@ -411,17 +425,17 @@ class Tracker:
         batch = [RunTag(key, value[:MAX_TAG_VALUE_LENGTH])
                  for key, value in _str_values(tags).items()]
         for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
-            retry_if_locked(self.client.log_batch, run_id, tags=chunk)
+            self._store(self.client.log_batch, run_id, tags=chunk)
 
     def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""
-        retry_if_locked(self.client.set_terminated, run_id, status)
+        self._store(self.client.set_terminated, run_id, status)
 
     # -- while a stage runs ---------------------------------------------------------------------
 
     def last_step(self, run_id: str, name: str) -> Optional[int]:
         """The largest step of metric `name` the run holds; None if it holds none."""
-        history = retry_if_locked(self.client.get_metric_history, run_id, name)
+        history = self._store(self.client.get_metric_history, run_id, name)
         return max((m.step for m in history), default=None)
 
     def metric_stream(self, run_id: str, resume_key: str) -> "MetricStream":
@@ -450,7 +464,7 @@ class Tracker:
         interrupted: KeyboardInterrupt (Ctrl-C, SIGTERM before Ray starts:
         `stages._common.Terminated`) or SystemExit (the SIGTERM handler `ray.init` installs in
         the driver exits). The sampling thread stops however the body ends."""
-        retry_if_locked(self.client.update_run, run_id, status=RUN_RUNNING)
+        self._store(self.client.update_run, run_id, status=RUN_RUNNING)
         monitor = self._start_system_metrics(run_id) if system_metrics else None
         status = RUN_FINISHED
         try:

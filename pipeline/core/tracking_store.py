@@ -175,10 +175,12 @@ def _probe_sqlite(uri: str) -> None:
     except OSError as exc:
         raise TrackingError(f"tracking store {uri}: cannot create the folder {path.parent} "
                             f"({exc.strerror or exc})") from None
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
-    if not writable:
-        raise TrackingError(f"tracking store {uri}: {path if path.exists() else path.parent} "
-                            "is not writable")
+    # sqlite writes a journal beside the file: its folder must be writable too
+    unwritable = [p for p in (path, path.parent) if p.exists() and not os.access(p, os.W_OK)]
+    if unwritable:
+        raise TrackingError(f"tracking store {uri}: {unwritable[0]} is not writable; make it "
+                            "writable, or set MLFLOW_TRACKING_URI or tracking.tracking_uri to a "
+                            "store that accepts writes")
     problem = _sqlite_problem(path)
     if problem is not None:
         raise TrackingError(f"tracking store {uri}: {path} is not a readable sqlite database "
@@ -238,6 +240,36 @@ def _is_locked_error(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+# What a store that refuses writes says, in sqlite's, SQLAlchemy's, the OS's and an MLflow
+# server's words: (text in the error chain, lower case; what it means).
+REFUSED_WRITES = (("readonly database", "it is read-only"),
+                  ("read-only file system", "its file system is read-only"),
+                  ("permission denied", "permission denied"),
+                  ("permission_denied", "the server denies this client writes"),
+                  ("unable to open database file", "the sqlite file cannot be opened for writing"),
+                  ("database or disk is full", "its disk is full"),
+                  ("no space left on device", "its disk is full"),
+                  ("disk i/o error", "a disk I/O error"))
+
+
+def refused_write(exc: BaseException, tracking_uri: str) -> Optional[TrackingError]:
+    """A one-line `TrackingError` naming the store `tracking_uri` if `exc` (or an exception it
+    wraps) says the store refused a write; None for any other error."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        for needle, meaning in REFUSED_WRITES:
+            if needle in text:
+                return TrackingError(
+                    f"the MLflow store {tracking_uri} refuses writes ({meaning}); make it "
+                    "writable (the sqlite file and its folder), or set MLFLOW_TRACKING_URI or "
+                    "tracking.tracking_uri to a store that accepts them, then rerun `dvc repro`")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def retry_if_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
