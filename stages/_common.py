@@ -55,7 +55,8 @@ FOLDERS = {
 
 
 def parser(prog: str, description: str, experiment: bool = False, folders: tuple[str, ...] = (),
-           out: tuple[str, str] | None = None) -> argparse.ArgumentParser:
+           out: tuple[str, str] | None = None,
+           seed_use: str = "to train with") -> argparse.ArgumentParser:
     """The stage's argument parser: --params, with `experiment` --experiment and --seed, an
     option per name of `folders` (FOLDERS), and with `out` = (default, what) --out."""
     p = argparse.ArgumentParser(prog=f"python -m stages.{prog}", description=description)
@@ -65,7 +66,7 @@ def parser(prog: str, description: str, experiment: bool = False, folders: tuple
         p.add_argument("--experiment", "-e", required=True,
                        help="which entry of the `experiments` mapping in params.yaml")
         p.add_argument("--seed", "-s", type=int, default=None,
-                       help="which of study.seeds to train with (default: the first)")
+                       help=f"which of study.seeds {seed_use} (default: the first)")
     for name in folders:
         default, what = FOLDERS[name]
         p.add_argument(f"--{name}", default=default, type=Path,

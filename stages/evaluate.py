@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _common.parser("evaluate", "Measure FID / IS / KID and NLL (bits/dim) of one run.",
                        experiment=True, folders=("data", "stats", "models", "samples"),
                        out=("metrics", "folder for <E>-<S>.json, _run.json, _nll.csv and "
-                                       "_over_training.csv"))
+                                       "_over_training.csv"),
+                       seed_use="gives the run (its model and samples) to evaluate")
     p.add_argument("--figures", default="plots/fid_over_training", type=Path,
                    help="folder for <E>-<S>.png, FID and NLL over training "
                         "(default: %(default)s)")

@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be >= 1")
 
     def body(params) -> int:
-        from pipeline.core.progress import format_duration
-        from pipeline.reporting.plan import (measure_rates, plan_table, reference_saving,
-                                             study_work)
+        from pipeline.reporting.plan import (measure_rates, plan_lines, plan_table,
+                                             reference_saving, study_work)
 
         works = study_work(params, args.workers, args.cpus)
         if args.gflops:
@@ -52,14 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                               for (kind, batch, threads), rate in rates.items())
             print(f"throughput measured here, GFLOP/s per worker: {shown}")
         table = plan_table(works, args.gflops, rates)
-        print(f"{'stage':<26} {'workers':>7} {'evaluations':>15} {'GFLOP':>12} "
-              f"{'compute':>9} {'start-up':>8} {'total':>9}")
-        for row in table.to_dict("records"):
-            workers = "" if row["stage"] == "total" else f"{row['workers']:.0f}"
-            print(f"{row['stage']:<26} {workers:>7} {row['evaluations']:>15,.0f} "
-                  f"{row['gflop']:>12,.0f} {format_duration(row['compute_s']):>9} "
-                  f"{format_duration(row['startup_s']):>8} {format_duration(row['total_s']):>9}"
-                  f"  {row['note'] if isinstance(row['note'], str) else ''}")
+        for line in plan_lines(table):
+            print(line)
         saving = reference_saving(params)
         print(f"reference statistics: the {saving['images']:,} train images' features are "
               f"extracted once (reference_stats) and read by {saving['rows']} evaluate row"

@@ -19,7 +19,8 @@ from stages import _common
 
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("sample", "Sample one trained experiment of the study.", experiment=True,
-                       folders=("models",), out=("samples", "folder for samples/<E>-<S>/"))
+                       folders=("models",), out=("samples", "folder for samples/<E>-<S>/"),
+                       seed_use="gives the trained run to sample")
     args = p.parse_args(argv)
 
     def body(params) -> int:

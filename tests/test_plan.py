@@ -12,7 +12,7 @@ import yaml
 
 from helpers import PROJECT, env_for
 from pipeline.core.params import parse_params
-from pipeline.reporting.plan import (STARTUP_S, Work, plan_table, reference_saving,
+from pipeline.reporting.plan import (STARTUP_S, Work, plan_lines, plan_table, reference_saving,
                                      split_sizes, study_work, unet_gflops)
 
 
@@ -108,6 +108,33 @@ def test_time_is_flops_over_the_workers_throughput_plus_start_up():
         5.0 + 12.0 + STARTUP_S["sample"] + STARTUP_S["train"] + STARTUP_S["prepare"])
     measured = plan_table(works, rates={("infer", 100, 1): 10.0, ("train", 64, 1): 60.0})
     assert measured.set_index("stage").loc["sample@e-0", "compute_s"] == pytest.approx(12.5)
+
+
+def test_the_printed_columns_are_as_wide_as_their_widest_cell():
+    """CIFAR10's plan has GFLOP counts such as 3,824,144,928 and evaluations past a billion:
+    every cell stays under its column name (right-aligned cells end where the name ends), with
+    a space before it, whatever its length."""
+    works = [Work("prepare", "none", 0, 0.0, 1, 1, 1),
+             Work("train@eps_vlb_learned-0", "train", 102_400_000, 37.345, 8, 1, 128),
+             Work("sweep", "train", 12_800_000_000, 40.24, 8, 1, 128, "a note")]
+    table = plan_table(works, gflops=8640.0)
+    lines = plan_lines(table)
+    header = lines[0]
+    names = ["stage", "workers", "evaluations", "GFLOP", "compute", "start-up", "total"]
+    assert header.split() == names
+    assert "3,824,128,000" in lines[2] and "12,800,000,000" in lines[3]
+    widths = {len(header)}
+    for line, row in zip(lines[1:], table.to_dict("records")):
+        cells = line.split("  " + row["note"])[0] if row["note"] else line
+        widths.add(len(cells))
+        assert cells.split()[0] == row["stage"]
+        for name, cell in zip(names[2:4], (f"{row['evaluations']:,.0f}",
+                                           f"{row['gflop']:,.0f}")):
+            end = header.index(name) + len(name)
+            assert cells[end - len(cell):end] == cell, (name, line)
+            assert cells[end - len(cell) - 1] == " ", (name, line)
+    assert lines[3].endswith("  a note") and not lines[1].endswith(" ")
+    assert widths == {len(header)}  # the last column's cells end where its name ends
 
 
 def test_a_training_step_costs_about_three_forwards():

@@ -2,9 +2,10 @@
 
 A stage's network work (sampling, the NLL bound, feature extraction) is cut into `Chunk`s that
 depend on the params alone, never on how many workers there are: sampling in batches of
-`sample.batch_size` images, the bound in parts of (images x terms) (`metrics.nll_parts`),
-features in blocks of FEATURE_CHUNK images. Every image (and every bound term) draws its noise
-from a generator of its own (`pipeline.diffusion.seeding`), so a chunk's result is the same
+`sample.batch_size` images, the bound in parts of (images x terms)
+(`pipeline.measure.nll.nll_parts`), features in blocks of FEATURE_CHUNK images. Every image
+(and every bound term) draws its noise from a generator of its own
+(`pipeline.diffusion.seeding`), so a chunk's result is the same
 whichever worker makes it, in whatever order. A `ShardedJob` is the chunks plus what the workers
 need: the resolved experiment, the models' weights, the images, the feature extractor.
 

@@ -1,12 +1,14 @@
 """Sampling (Algorithm 2, or strided DDIM) from a trained model's EMA weights (Ho et al. 2020
-App. B) with a seed per image, and the samples' file `samples/<E>-<S>/samples.npz`
-(`save_samples` / `load_samples`) with its figures (`sample_run`).
+App. B) with a seed per image. The samples' file `samples/<E>-<S>/samples.npz` is written and
+read in `pipeline.artifacts.samples` (`save_samples` / `load_samples`), with its figures by the
+sample stage's work (`pipeline.jobs.sample.sample_run`).
 
 `sample_batch` draws images first .. first + n - 1 of a run: image i's noise, at every step,
 comes from a generator seeded by ("sample", run seed, i) alone, so the samples are the same
 whether one worker made them or many, in any order. The sample stage cuts its images into
-batches of sample.batch_size (`sample_job`) and runs them on Ray workers
-(`pipeline.cluster.ray_data.run_chunks`); `generate` runs the same batches in this process.
+batches of sample.batch_size (`sample_chunks`, `pipeline.jobs.sample.sample_job`) and runs them
+on Ray workers (`pipeline.cluster.ray_data.run_chunks`); `generate` runs the same batches in
+this process.
 """
 
 from __future__ import annotations

@@ -353,3 +353,31 @@ def plan_table(works: list[Work], gflops: Optional[float] = None,
              "startup_s": float(table["startup_s"].sum()),
              "total_s": float(table["total_s"].sum()), "note": "stages one after another"}
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+
+
+PLAN_COLUMNS = (("stage", "<"), ("workers", ">"), ("evaluations", ">"), ("GFLOP", ">"),
+                ("compute", ">"), ("start-up", ">"), ("total", ">"))
+
+
+def plan_lines(table) -> list[str]:
+    """`plan_table`'s rows as the lines `python -m stages.plan` prints: a header, then a line
+    per row; every column as wide as its widest cell (or its name), the note last, unpadded."""
+    from pipeline.core.progress import format_duration
+
+    cells = []
+    for row in table.to_dict("records"):
+        workers = "" if row["stage"] == "total" else f"{row['workers']:.0f}"
+        note = row["note"] if isinstance(row["note"], str) else ""
+        cells.append(([row["stage"], workers, f"{row['evaluations']:,.0f}",
+                       f"{row['gflop']:,.0f}", format_duration(row["compute_s"]),
+                       format_duration(row["startup_s"]), format_duration(row["total_s"])],
+                      note))
+    widths = [max([len(name)] + [len(row[i]) for row, _ in cells])
+              for i, (name, _) in enumerate(PLAN_COLUMNS)]
+
+    def line(values, note=""):
+        text = " ".join(f"{value:{align}{width}}"
+                        for value, (_, align), width in zip(values, PLAN_COLUMNS, widths))
+        return f"{text}  {note}" if note else text.rstrip()
+
+    return [line([name for name, _ in PLAN_COLUMNS])] + [line(row, note) for row, note in cells]
