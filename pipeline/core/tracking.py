@@ -447,13 +447,21 @@ class Tracker:
     def progress(self, run_id: str, stage: str, unit: str) -> Callable[[int, float], None]:
         """A callback `(done, per_s)` for a job cut into chunks: logs `<stage>_progress_<unit>`
         (units done, finished ones found in storage included) and `<stage>_progress_<unit>_per_s`
-        at step `done`. A tracking error is a warning: the work goes on."""
+        at step `done`. A tracking error is one warning, and the progress of this job is not
+        logged any more: the work goes on, and the stage's final record says what the store
+        does."""
+        failed = []
+
         def log_progress(done: int, per_s: float) -> None:
             name = f"{stage}_progress_{unit}"
+            if failed:
+                return
             try:
                 self.log_metrics(run_id, {name: done, f"{name}_per_s": per_s}, step=int(done))
             except Exception as exc:
-                log.warning("could not log %s of run %s to MLflow: %s", name, run_id, exc)
+                failed.append(exc)
+                log.warning("could not log %s of run %s to MLflow, so its progress is not "
+                            "logged: %s", name, run_id, exc)
 
         return log_progress
 
