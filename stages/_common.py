@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from pipeline.core import logs
 from pipeline.core.errors import UserError
 from pipeline.core.params import Params, load_params
 
@@ -74,7 +75,16 @@ def parser(prog: str, description: str, experiment: bool = False, folders: tuple
     if out is not None:
         p.add_argument("--out", default=out[0], type=Path,
                        help=f"{out[1]} (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action=_Verbose, nargs=0,
+                   help=f"print what Ray, Ray Train, Ray Tune and MLflow log too (as "
+                        f"{logs.VERBOSE_ENV}=1 does for every stage of `dvc repro`)")
     return p
+
+
+class _Verbose(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        logs.set_verbose()
+        setattr(namespace, self.dest, True)
 
 
 class InputsChanged(UserError):
@@ -167,6 +177,7 @@ def run(body: Callable[[Params], int | None], params_path: Path) -> int:
     """Load and validate params, run `body(params)`, turn user errors into exit code 2 and
     SIGTERM into `Terminated` (exit code 143). Under `dvc repro`, a stage whose recorded params
     or code changed while it ran fails as it ends (`InputsWatch`)."""
+    logs.quiet_libraries()  # unless -v or DDPM_VERBOSE=1
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:

@@ -36,7 +36,8 @@ def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:
 def shared_study(tmp_path_factory) -> Path:
     """The shared tiny study after one uninterrupted `dvc repro` under one local Ray instance,
     as `make study` runs it (a few minutes; test_stages.py runs a plain `dvc repro` too).
-    Beside it: `first_repro_s`, its wall time, and `scratch_left`, the training workers' scratch
+    Beside it: `first_repro_s`, its wall time, `first_repro.stdout` and `.stderr`, what it
+    printed, and `scratch_left`, the training workers' scratch
     folders (`ddpm-rank*` in the temporary folder) that it left behind, one per line. The
     temporary folder is the study's own (TMPDIR; Ray's sessions stay in /tmp, whose short path
     its sockets need), so that other work on the machine does not count."""
@@ -55,8 +56,10 @@ def shared_study(tmp_path_factory) -> Path:
     repo = make_study_repo(root, shared_study_params)
     before = scratch()
     start = time.monotonic()
-    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo, timeout=1800,
-       extra={"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"})
+    proc = sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo, timeout=1800,
+              extra={"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"})
     (repo.parent / "first_repro_s").write_text(f"{time.monotonic() - start:.1f}")
+    (repo.parent / "first_repro.stdout").write_text(proc.stdout)
+    (repo.parent / "first_repro.stderr").write_text(proc.stderr)
     (repo.parent / "scratch_left").write_text("".join(f"{p}\n" for p in sorted(scratch() - before)))
     return repo

@@ -19,6 +19,41 @@ from helpers import (PROJECT, env_for, make_cifar10_archive, make_study_repo, ml
 from pipeline.artifacts.records import over_training_path
 
 
+# What a quiet study log holds none of: Ray Train's report and checkpoint lines, Ray Tune's
+# tables, MLflow's INFO lines and database tracebacks, ANSI colour codes, Python warnings.
+NOISE = ("Reporting training result", "Checkpoint successfully created", "Trial _tune_trial",
+         "╭", "INFO mlflow", "Creating initial MLflow database tables", "Traceback", "\x1b[",
+         "UserWarning", "DeprecationWarning", "Requesting resources", "Setting up process group")
+
+
+@pytest.mark.slow
+def test_the_study_log_holds_the_stages_lines_and_no_library_chatter(shared_study, tmp_path):
+    """What `python -m stages.local_ray dvc repro` printed for the shared study (as `make study`
+    runs it): each stage's own lines (a training's progress, what each stage wrote, the sweep's
+    reports and rung decisions), and none of the libraries' INFO chatter, tracebacks or colour
+    codes; with `DDPM_VERBOSE=1` a stage prints MLflow's INFO lines again (the sample stage
+    rerun with it)."""
+    from conftest import STABLE_KEY
+
+    out = (shared_study.parent / "first_repro.stdout").read_text()
+    err = (shared_study.parent / "first_repro.stderr").read_text()
+    for needle in NOISE:
+        assert needle not in out + err, (needle, (out + err)[(out + err).find(needle) - 500:][:1500])
+    for line in (f"train {STABLE_KEY}: step 40/40 (100%)", f"trained {STABLE_KEY}: 40 steps",
+                 f"sampled {STABLE_KEY}: 60 images", f"evaluated {STABLE_KEY} (ok)",
+                 "sweep linear x uniform: step 10/20", "sweep: at step 10, 1 of 2 trials go on",
+                 "sweep done in"):
+        assert line in out, (line, out[-3000:])
+    verbose = subprocess.run(
+        [sys.executable, "-m", "stages.sample", "-e", "eps_simple", "--out", str(tmp_path)],
+        cwd=shared_study, env=env_for(shared_study, extra={
+            "DDPM_VERBOSE": "1", "DDPM_STORAGE": str(tmp_path / "storage"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}),
+        capture_output=True, text=True, timeout=600)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "INFO mlflow.system_metrics" in verbose.stderr, verbose.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_dvc_repro_of_a_tiny_digits_study(shared_study, tmp_path):
     """The shared tiny study (conftest.py): eps_simple trains, mu_vlb_fixed diverges on purpose;

@@ -543,7 +543,7 @@ def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_p
     ddp = tmp_path / "params.yaml"
     ddp.write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = run_stage(sweep_args(root, ddp, tmp_path / "out", tmp_path / "storage"), root,
-                     timeout=600)
+                     timeout=600, env={"DDPM_VERBOSE": "1"})  # Ray Train's INFO lines too
     assert "world_size=2" in proc.stdout + proc.stderr  # the trial's own TorchTrainer
     trials = pd.read_csv(tmp_path / "out" / "trials.csv")
     assert len(trials) == 1 and trials["status"].tolist() == ["ok"], trials

@@ -195,6 +195,9 @@ class SynchronousHalving(FIFOScheduler):
             key=lambda t: (sign * self._at_rung[t][rung], t.trial_id))
         self._kept[rung] = {t.trial_id for t in ranked[:math.ceil(len(ranked) / self._rf)]}
         self._save()
+        configs = [getattr(t, "config", {}) for t in ranked]
+        kept = len(self._kept[rung])
+        print(decision_line(rung, configs[:kept], configs[kept:]), flush=True)
         for trial in self._trials:
             if trial is current or self._ended(trial, current) or rung not in self._at_rung[trial]:
                 continue
@@ -217,6 +220,17 @@ class SynchronousHalving(FIFOScheduler):
         if not self._loaded and self._state_path is not None:
             self._kept = load_decisions(self._state_path)
         self._loaded = True
+
+
+def decision_line(rung: int, kept: list[dict], stopped: list[dict]) -> str:
+    """`sweep: at step 200, 2 of 4 trials go on (cosine x uniform, linear x uniform); stopped:
+    ...`: a rung's decision as the sweep prints it, best first."""
+    def names(configs: list[dict]) -> str:
+        return ", ".join(f"{c.get('schedule')} x {c.get('weighting')}" for c in configs)
+
+    total = len(kept) + len(stopped)
+    return (f"sweep: at step {rung}, {len(kept)} of {total} trials go on ({names(kept)})"
+            + (f"; stopped: {names(stopped)}" if stopped else ""))
 
 
 def load_decisions(path: str) -> dict[int, set[str]]:

@@ -29,6 +29,7 @@ import torch
 
 from pipeline.cluster.training import STATE_FILE, CheckpointError, load_training_state, train_worker
 from pipeline.core.config import ExperimentConfig
+from pipeline.core import logs
 from pipeline.core.errors import UserError
 from pipeline.core.io import storage_location
 from pipeline.core.status import Status
@@ -124,6 +125,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     a path), run the shared worker."""
     import ray
 
+    logs.quiet_worker(config.get("log_level", "INFO"))
     exp = ExperimentConfig.from_dict(config["experiment"])
     train_data = config["train_data"]
     if isinstance(train_data, ray.ObjectRef):
@@ -199,7 +201,8 @@ def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str
         _ray_train_loop,
         train_loop_config={"experiment": exp.to_dict(), "train_data": train_data,
                            "threads": max(1, int(exp.train.cpus_per_worker)),
-                           "on_log": on_log, "ema_snapshot_dir": ema_snapshot_dir},
+                           "on_log": on_log, "ema_snapshot_dir": ema_snapshot_dir,
+                           "log_level": logs.worker_log_level()},
         torch_config=TorchConfig(backend="nccl" if exp.train.use_gpu else "gloo"),
         scaling_config=scaling_config(exp),
         run_config=ray.train.RunConfig(
@@ -208,6 +211,7 @@ def make_trainer(exp: ExperimentConfig, train_data: Any, storage: str, name: str
             failure_config=ray.train.FailureConfig(max_failures=exp.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level=logs.worker_log_level()),
         ),
     )
 

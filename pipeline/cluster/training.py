@@ -125,7 +125,7 @@ def _train_worker(exp: ExperimentConfig, train_data: str | Path | Prepared, sess
     # a path, or the split itself (a `Prepared`, which Ray may hand over as a plain tuple)
     images, _, levels = load_prepared(train_data) \
         if isinstance(train_data, (str, os.PathLike)) else train_data
-    images_t = torch.from_numpy(images).to(device)
+    images_t = torch.tensor(images, device=device)  # a copy: Ray hands the split over read-only
     diffusion = GaussianDiffusion.from_config(exp.diffusion, data_levels=levels)
     model = build_model(exp, tuple(images.shape[1:])).to(device)
     if device.type == "cuda":  # on CPU channels_last measured slower for these U-Nets

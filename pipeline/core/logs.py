@@ -1,0 +1,61 @@
+"""What a stage prints: its own lines (progress, what it wrote, warnings, one line for an error)
+and the libraries' chatter only when asked for it.
+
+`DDPM_VERBOSE=1` (or a stage's `-v`) shows everything Ray, Ray Train, Ray Tune and MLflow log
+at their INFO level. Without it:
+- MLflow logs warnings only (not "Creating initial MLflow database tables...", nor the system
+  metrics monitor starting and stopping), and none of the database errors it logs with their
+  tracebacks before raising them: the stage reports those itself, in one line naming the store
+  (`pipeline.core.tracking_store.refused_write`);
+- Ray Train and Ray Tune log warnings only, on their workers too (not "Reporting training
+  result N: TrainingReport(...)" and "Checkpoint successfully created at: ..." at every report;
+  `worker_log_level` goes to the workers with their config, since a cluster's workers do not
+  share the driver's environment), and the sweep prints one line per report instead of Tune's
+  tables;
+- the prefix Ray puts on a worker's lines, `(RayTrainWorker pid=...)`, has no ANSI colour codes
+  where stdout is not a terminal (a log file, `dvc repro > log`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+VERBOSE_ENV = "DDPM_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether the libraries' own logs are asked for (DDPM_VERBOSE set, and not to 0)."""
+    return os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def set_verbose() -> None:
+    """Ask for the libraries' logs in this process and the processes it starts (a stage's -v)."""
+    os.environ[VERBOSE_ENV] = "1"
+
+
+def worker_log_level() -> str:
+    """The log level of Ray's workers for this stage: INFO when verbose, else WARNING."""
+    return "INFO" if verbose() else "WARNING"
+
+
+def quiet_libraries() -> None:
+    """Quiet MLflow and Ray's driver side in this process unless verbose (the module's
+    docstring says what goes). Call before MLflow is imported: MLflow reads its level then."""
+    if verbose():
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def quiet_worker(level: str) -> None:
+    """On a Ray worker (a Train worker, a Tune trial): the root logger at `level`. Ray Train logs
+    "Reporting training result" from a logger named by its file, outside `ray.train`, which its
+    own log level setting (`RunConfig(logging_config=...)`) does not reach."""
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ray.train").setLevel(level)
+    logging.getLogger("ray.tune").setLevel(level)
