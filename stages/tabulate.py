@@ -5,8 +5,8 @@ the findings: which of the paper's claims the study reproduces.
                               [--sweep results/sweep/trials.csv]
                               [--calibration calibration/seeds.json]
 
-Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, loss_curves.png
-and, when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png
+Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, loss_curves.png,
+samples.png (each experiment's samples) and, when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png
 (schedule x weighting); prints Table 1, Table 2, the findings (and the sweep table) as markdown.
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "the paper's Table 1 and Table 2, judge the paper's claims (findings), and tabulate the "
         "sweep's schedule x weighting table when its trials csv exists: "
         "<results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, sweep.{md,csv}.",
-        folders=("metrics", "plots"))
+        folders=("metrics", "plots", "samples"))
     parser.add_argument("--results", default="results", type=Path,
                         help="folder for the tables (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker = _common.tracker_for(params)
         lock = read_lock(args.lock)  # a broken one stops the stage before it writes a table
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
-                            args.calibration)
+                            args.calibration, args.samples)
         run_id = tracker.study_run()
         for name, frame in logged_tables(made).items():
             tracker.log_table(run_id, frame, f"tables/{name}.json")

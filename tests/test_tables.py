@@ -750,3 +750,33 @@ def test_the_lock_gives_each_run_the_md5_of_its_stages_outputs(tmp_path):
         for stage in ("train", "sample", "evaluate"):
             md5 = stages[f"{stage}@{run.key}"]["outs"][0]["md5"]
             assert tags[run.key][tag_dvc_stage_md5(stage)] == md5
+
+
+def test_samples_figure_shows_each_experiments_grid_titled_with_its_fid(tmp_path):
+    """results/samples.png: the first seed's samples/<E>-<S>/grid.png of every experiment of
+    params.yaml, side by side (each grid one solid colour here: every colour is in the figure);
+    a grid that is missing stops it in one line naming the file and the command."""
+    from PIL import Image
+
+    from pipeline.core.params import load_params
+    from pipeline.reporting.tabulate import samples_figure
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    colours = {}
+    for i, name in enumerate(params.experiments):
+        key = f"{name}-{params.study.seeds[0]}"
+        colours[key] = (40 * i + 20, 200 - 30 * i, 90)
+        (tmp_path / "samples" / key).mkdir(parents=True)
+        Image.new("RGB", (60, 60), colours[key]).save(tmp_path / "samples" / key / "grid.png")
+    runs = pd.DataFrame({"experiment": list(params.experiments),
+                         "seed": [params.study.seeds[0]] * len(params.experiments),
+                         "fid": [10.0 + i for i in range(len(params.experiments))]})
+    out = samples_figure(params, tmp_path / "samples", runs, tmp_path / "samples.png")
+    with Image.open(out) as image:
+        pixels = {tuple(p) for p in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert len(colours) == 6 and set(colours.values()) <= pixels
+    missing = next(iter(colours))
+    (tmp_path / "samples" / missing / "grid.png").unlink()
+    with pytest.raises(ResultsError, match=rf"{missing}/grid.png: no sample grid; make it with "
+                                           rf"`dvc repro sample@{missing}`"):
+        samples_figure(params, tmp_path / "samples", runs, tmp_path / "samples.png")

@@ -91,6 +91,27 @@ def save_placeholder(path: Path, message: str) -> None:
     _save(fig, path, plt)
 
 
+def save_image_panels(panels: Sequence[tuple[str, Path]], path: Path, columns: int = 3,
+                      title: Optional[str] = None) -> None:
+    """Several images (e.g. the runs' sample grids) side by side, one titled panel each."""
+    from PIL import Image
+
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.4), dpi=100,
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (name, image_path) in zip(axes.ravel(), panels):
+        with Image.open(image_path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        ax.imshow(pixels, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    _save(fig, path, plt)
+
+
 def save_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path,
                      title: str = "training loss") -> None:
     plt = _pyplot()

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
-from pipeline.artifacts.figures import save_loss_curves, save_sweep_heatmap
+from pipeline.artifacts.figures import save_image_panels, save_loss_curves, save_sweep_heatmap
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, loss_curve_path
 from pipeline.artifacts.records import ResultsError, load_nll_per_image, load_reference, nll_path
 from pipeline.artifacts.trials import load_sweep_trials
+from pipeline.core.config import run_key
 from pipeline.core.errors import remake
 from pipeline.core.io import write_text
 from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
@@ -37,13 +38,15 @@ if TYPE_CHECKING:
 def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Path,
                  sweep_csv: str | Path | None = None,
                  plots_dir: str | Path | None = None,
-                 calibration: str | Path | None = None) -> dict[str, Any]:
+                 calibration: str | Path | None = None,
+                 samples_dir: str | Path | None = None) -> dict[str, Any]:
     """Build and write the tables, the findings and the figures for the runs of `params`;
     return what was made.
 
     Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}; with a
     sweep csv that exists, sweep.{md,csv} and sweep_heatmap.png; with `plots_dir` (the loss
-    curves <experiment>-<seed>.csv), loss_curves.png. With a `calibration` file
+    curves <experiment>-<seed>.csv), loss_curves.png; with `samples_dir` (samples/<E>-<S>/), if
+    it exists, samples.png, the first seed's sample grids of every experiment side by side. With a `calibration` file
     (`pipeline.reporting.calibration`) that exists, single-seed rows of a recipe it holds have
     intervals that cover training noise too.
 
@@ -73,11 +76,32 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     if plots_dir is not None:
         paths.append(loss_figure(plots_dir, [r.key for r in params.runs()],
                                  results_dir / "loss_curves.png"))
+    if samples_dir is not None and Path(samples_dir).is_dir():
+        paths.append(samples_figure(params, samples_dir, runs, results_dir / "samples.png"))
     if sweep["sweep_raw"] is not None:
         save_sweep_heatmap(sweep["sweep_raw"], results_dir / "sweep_heatmap.png")
         paths.append(results_dir / "sweep_heatmap.png")
     return {**tables, **sweep, "runs": runs, "metrics": metrics, "reference": reference,
             "findings": found, "paths": paths}
+
+
+def samples_figure(params: Params, samples_dir: str | Path, runs, out: Path) -> Path:
+    """The sample grid of every experiment (its first seed: samples/<E>-<S>/grid.png, as the
+    sample stage drew it) side by side, in params.yaml's order, each titled with its name and
+    FID (results/samples.png)."""
+    fid = {run_key(row["experiment"], row["seed"]): row.get("fid")
+           for row in runs.to_dict("records")}
+    panels = []
+    for name in params.experiments:
+        key = run_key(name, params.study.seeds[0])
+        path = Path(samples_dir) / key / "grid.png"
+        if not path.is_file():
+            raise ResultsError(f"{path}: no sample grid; make it with `dvc repro sample@{key}`")
+        score = fid.get(key)
+        shown = f"FID {score:.1f}" if score is not None and score == score else "no FID"
+        panels.append((f"{key} · {shown}", path))
+    save_image_panels(panels, out, title=f"samples of each experiment ({params.data.dataset})")
+    return out
 
 
 def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
