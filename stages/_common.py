@@ -160,13 +160,16 @@ def _short(value) -> str:
 
 
 def watch_inputs() -> InputsWatch | None:
-    """The stage's `InputsWatch` under `dvc repro` ($DVC_STAGE, run from $DVC_ROOT), else None:
-    a stage run by hand records nothing, and reads its params once."""
+    """The stage's `InputsWatch` under `dvc repro` ($DVC_STAGE), else None: a stage run by hand
+    records nothing, and reads its params once. The repo is the folder the stage runs in (DVC
+    runs a command in its stage's folder, the repo's root here): a queued experiment runs in a
+    temporary copy of the repo, where $DVC_ROOT names the user's checkout, whose params.yaml the
+    user may edit meanwhile without touching the experiment's."""
     stage = os.environ.get("DVC_STAGE")
     if not stage:
         return None
     try:
-        return InputsWatch(stage, Path(os.environ.get("DVC_ROOT", ".")))
+        return InputsWatch(stage, Path.cwd())
     except Exception as exc:  # DVC's API moved, or dvc.yaml cannot be read here
         print(f"warning: {stage}: DVC's record of the stage cannot be read ({exc}), so edits "
               "to params.yaml made while it runs go unnoticed", file=sys.stderr)

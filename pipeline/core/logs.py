@@ -11,7 +11,8 @@ at their INFO level. Without it:
   result N: TrainingReport(...)" and "Checkpoint successfully created at: ..." at every report;
   `worker_log_level` goes to the workers with their config, since a cluster's workers do not
   share the driver's environment), and the sweep prints one line per report instead of Tune's
-  tables;
+  tables and boxes; Ray does not fold the stages' own lines from several workers into one
+  ("[repeated 2x across cluster]");
 - the prefix Ray puts on a worker's lines, `(RayTrainWorker pid=...)`, has no ANSI colour codes
   where stdout is not a terminal (a log file, `dvc repro > log`).
 """
@@ -48,6 +49,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Tune's output engine prints its experiment box and paths even at verbose 0; the one
+    # before it prints nothing there
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # the stages' own lines differ in their numbers only: Ray would fold them, with a note
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
