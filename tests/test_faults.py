@@ -356,3 +356,25 @@ def test_params_edited_while_sample_runs_leave_dvc_lock_untouched(shared_study, 
         assert len(f["images"]) == 60  # what the stage drew, from the params it started with
     status = sh(["dvc", "status", target], repo).stdout
     assert target in status and "sample.num_samples" in status, status
+
+
+@pytest.mark.parametrize("damaged", ["halving.json", "reports/abc_00001.json"])
+def test_a_damaged_file_of_a_stopped_sweeps_state_is_refused_before_it_resumes(tmp_path,
+                                                                                damaged):
+    """A stopped sweep keeps its rung decisions and its trials' reports beside Tune's folder;
+    one of them cut short: the check run before `Tuner.restore` names it and the fix (the
+    sweep from its start); sound files pass."""
+    from pipeline.cluster.tune import SweepStateError, check_sweep_state
+
+    state = tmp_path / "sweep-x.state"
+    (state / "reports").mkdir(parents=True)
+    (state / "halving.json").write_text(json.dumps({"kept": {"10": ["abc_00001"]}}))
+    for trial in ("abc_00000", "abc_00001"):
+        (state / "reports" / f"{trial}.json").write_text(json.dumps([{"step": 10,
+                                                                      "nll_bpd": 3.5}]))
+    check_sweep_state(str(state), str(tmp_path / "sweep-x"))
+    path = state / damaged
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(SweepStateError, match=rf"^{re.escape(str(path))}: damaged .*delete "
+                                              rf"{re.escape(str(tmp_path / 'sweep-x'))} and "):
+        check_sweep_state(str(state), str(tmp_path / "sweep-x"))

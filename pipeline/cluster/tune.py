@@ -19,6 +19,7 @@ from pipeline.cluster.train import RaySession, TrainingError, code_digest, make_
 from pipeline.cluster.training import train_worker
 from pipeline.core import logs
 from pipeline.core.config import ExperimentConfig, SweepConfig
+from pipeline.core.errors import UserError
 from pipeline.core.io import storage_location
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +200,31 @@ def load_trial_reports(state: str, trial_id: str) -> list[dict[str, Any]]:
     return json.loads(read_from_storage(f"{folder}/{trial_id}.json"))
 
 
+class SweepStateError(UserError, ValueError):
+    """A file the sweep keeps to resume (its decisions, its trials' reports) is damaged."""
+
+
+def check_sweep_state(state: str, experiment_path: str) -> None:
+    """Read back every file of a stopped sweep's state folder (the rung decisions and the
+    trials' reports) before the sweep resumes from it: a damaged one stops the stage in one
+    line naming it and the fix, rather than in the middle of Tune's loop."""
+    import json
+
+    from pipeline.core.io import list_storage, read_from_storage
+
+    files = [f"{state}/{name}" for name in list_storage(state) if name == HALVING_FILE]
+    files += [f"{state}/{REPORTS_FOLDER}/{name}"
+              for name in list_storage(f"{state}/{REPORTS_FOLDER}") if name.endswith(".json")]
+    for path in files:
+        try:
+            json.loads(read_from_storage(path))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SweepStateError(
+                f"{path}: damaged ({type(exc).__name__}: {exc}), so the stopped sweep cannot "
+                f"resume from it; delete {experiment_path} and {state} to run the sweep from "
+                "its start") from None
+
+
 def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
                 storage: str, probe: Callable, log_level: str = "INFO") -> None:
     """One Tune trial: train `base` with this trial's schedule and weighting with the shared
@@ -275,6 +301,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
         _tune_trial, sweep=sweep, base=base, storage=f"{experiment_path}/trainers",
         probe=probe, log_level=logs.worker_log_level()), trial_resources(sweep))
     if ray.tune.Tuner.can_restore(experiment_path):
+        check_sweep_state(state, experiment_path)  # before Tune reads it back, mid-sweep
         print(f"sweep: resuming {experiment_path} (finished trials are kept, the others go on "
               "from their last checkpoint)", flush=True)
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable,
