@@ -87,7 +87,7 @@ class TrialProbe:
             data = self.test_data if split == "test" else self.train_data
             if isinstance(data, (str, os.PathLike)):
                 data = load_prepared(data)
-            self._cache[split] = torch.from_numpy(data[0])  # (images, labels, levels)
+            self._cache[split] = torch.tensor(data[0])  # a copy: Ray hands it over read-only
         return self._cache[split]
 
     def _weights_path(self) -> Optional[str]:
