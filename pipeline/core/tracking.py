@@ -9,6 +9,10 @@ Layout of the records (`mlflow ui` shows it as is):
   (separate processes) so that they all log into it;
   a run is reused only while its `ddpm.config_hash` matches, so a re-run of the study after a
   params change starts a fresh run and keeps the old one for history;
+- a study experiment's run holds its EMA U-Net as an MLflow 3 logged model named `ema`
+  (`Tracker.log_torch_model`: pt2 format, so `mlflow.pytorch.load_model("runs:/<run id>/ema")`
+  loads it without the project's code); MLflow's fluent API, which logging and loading a model
+  go through, points at the study's store only for those calls;
 - one study run named "tables" (`ddpm.experiment=_study`) for study-level artifacts;
 - sweep trials as runs nested under a parent run (`mlflow.parentRunId`);
 - inside a DVC experiment (`dvc exp run`, queued or not; DVC sets `DVC_EXP_NAME`) every run is
@@ -53,6 +57,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
+from pipeline.core.errors import UserError
 from pipeline.core.io import sha256_hex
 from pipeline.core.tracking_store import (TrackingError, check_reachable, has_scheme,
                                           is_server, refused_write, resolve_artifact_root,
@@ -61,7 +66,9 @@ from pipeline.core.tracking_store import (TrackingError, check_reachable, has_sc
 
 if TYPE_CHECKING:
     import pandas
+    import torch
     from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
 
     from pipeline.core.config import ExperimentConfig, StudyConfig, TrackingConfig
 
@@ -153,6 +160,10 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
             text = text[:MAX_PARAM_VALUE_LENGTH]
         flat[name] = text
     return flat
+
+
+class LoggedModelError(UserError, LookupError):
+    """A logged model the tracking store does not hold: names its URI and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +442,70 @@ class Tracker:
         """Mark the run FINISHED, FAILED or KILLED (MLflow still accepts later logging)."""
         self._store(self.client.set_terminated, run_id, status)
 
+    # -- logged models --------------------------------------------------------------------------
+
+    def log_torch_model(self, run_id: str, model: torch.nn.Module, name: str,
+                        example_inputs: Mapping[str, torch.Tensor],
+                        metadata: Optional[Mapping[str, Any]] = None,
+                        tags: Optional[Mapping[str, Any]] = None) -> str:
+        """Log `model`, called as `model(*example_inputs.values())` (its inputs by name, in
+        order), as MLflow 3 logged model `name` of the run: made in the run's experiment, with
+        the run as its source and among its outputs, so that
+        `mlflow.pytorch.load_model("runs:/<run id>/<name>")` loads it back. A model of that name
+        the run logged before (a stage run again) is deleted once this one is logged.
+
+        Saved in MLflow's pt2 format (`torch.export` of the module, the batch dimension of the
+        inputs left free): it loads without unpickling any class, so without the project's code
+        on the path and without MLFLOW_ALLOW_PICKLE_DESERIALIZATION. `metadata` goes into its
+        MLmodel file (`load_torch_model` returns it). The requirements are given (torch), so
+        MLflow infers none. Returns the model's URI, `models:/<model id>`."""
+        import mlflow.pytorch
+        import torch
+
+        client = self.client
+        experiment_id = self._store(client.get_run, run_id).info.experiment_id
+        earlier = self._store(client.search_logged_models, [experiment_id],
+                              filter_string=f"name = {_literal(name)} AND "
+                                            f"source_run_id = {_literal(run_id)}")
+        logged = self._store(client.create_logged_model, experiment_id, name=name,
+                             source_run_id=run_id, tags=_str_values(tags or {}))
+        inputs = tuple(example_inputs.values())
+        with torch.no_grad():
+            output = model(*inputs)
+        version = torch.__version__.split("+")[0]
+        with _fluent_api(self.tracking_uri):
+            info = self._store(mlflow.pytorch.log_model, model, name=name, run_id=run_id,
+                               model_id=logged.model_id, serialization_format="pt2",
+                               input_example=inputs,
+                               signature=_tensor_signature(example_inputs, output),
+                               pip_requirements=[f"torch=={version}"],
+                               metadata=dict(metadata or {}))
+        for old in earlier:
+            self._store(client.delete_logged_model, old.model_id)
+        return info.model_uri
+
+    def load_torch_model(self, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The logged model at `model_uri` (`models:/<model id>`, `runs:/<run id>/<name>`, ...)
+        as `mlflow.pytorch.load_model` loads it (on the CPU), and the metadata of its MLmodel
+        file. A model the store does not hold is a `LoggedModelError` naming the URI."""
+        import mlflow.models
+        import mlflow.pytorch
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _fluent_api(self.tracking_uri):
+                model = self._store(mlflow.pytorch.load_model, model_uri)
+                info = self._store(mlflow.models.get_model_info, model_uri)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise LoggedModelError(
+                f"{model_uri}: not in the MLflow store {self.tracking_uri} "
+                f"({str(exc).splitlines()[0]}); copy a run's id from `mlflow ui`, or a model's "
+                "URI from the run's Logged models, and check MLFLOW_TRACKING_URI or "
+                "tracking.tracking_uri") from None
+        return model, dict(info.metadata or {})
+
     # -- while a stage runs ---------------------------------------------------------------------
 
     def last_step(self, run_id: str, name: str) -> Optional[int]:
@@ -575,6 +650,47 @@ def _now_ms() -> int:
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+@contextmanager
+def _fluent_api(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API, which `mlflow.pytorch.log_model` and `load_model` use, on
+    `tracking_uri` within the block, without its download progress bars; after it, the
+    process's tracking URI and environment as they were (`mlflow.set_tracking_uri` sets
+    MLFLOW_TRACKING_URI, and setting it back to none deletes the variable)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_uri = utils._tracking_uri
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _tensor_signature(inputs: Mapping[str, torch.Tensor],
+                      output: torch.Tensor) -> ModelSignature:
+    """The signature of a module called on `inputs` (by name) giving `output`: one tensor spec
+    each, of their dtype and shape, the first (batch) dimension free."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def spec(tensor: torch.Tensor, name: Optional[str] = None) -> TensorSpec:
+        dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+        return TensorSpec(dtype, (-1, *tensor.shape[1:]), name)
+
+    return ModelSignature(inputs=Schema([spec(x, name) for name, x in inputs.items()]),
+                          outputs=Schema([spec(output)]))
 
 
 def _str_values(tags: Mapping[str, Any]) -> dict[str, str]:

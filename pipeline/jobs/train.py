@@ -2,7 +2,8 @@
 what the study reads of it, models/<E>-<S>/ and the loss curve (`train_run`), and its MLflow
 record: opened with its params before training starts (`open_training`), the loss, learning
 rate, images/s and gradient norm streamed while it trains (`STREAMED`, from the Ray Train
-controller), the whole record at the end (`log_training`).
+controller), the whole record at the end (`log_training`), the EMA model among it as the run's
+logged model `ema` (`pipeline.artifacts.logged_model.log_ema_model`; a diverged run logs none).
 
 The folder's state.json gets the run's bookkeeping beside the training state: the Ray run name,
 the config hash, the training loop's wall time and images/s, the final loss and the run's folder
@@ -31,8 +32,11 @@ STREAMED = {"loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s",
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """What `train_run` kept: the training state read back, and figures of the run."""
+    """What `train_run` kept: the training state read back, its folder models/<E>-<S>/, and
+    figures of the run."""
 
+    exp: ExperimentConfig
+    model_dir: Path
     state: dict[str, Any]
     run_name: str
     images_per_s: Optional[float]
@@ -80,12 +84,13 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
              "final_loss": history[-1][1] if history else None,
              "run_path": str(outcome.run_path)}
     snapshots = wanted_ema_snapshots(exp, outcome.ema_snapshot_dir, state["step"])
-    write_model_dir(Path(models_dir) / exp.key, state, extra, ema_snapshots=snapshots)
+    model_dir = Path(models_dir) / exp.key
+    write_model_dir(model_dir, state, extra, ema_snapshots=snapshots)
     if outcome.ema_snapshot_dir is not None and is_uri(storage):  # a local copy: done
         shutil.rmtree(outcome.ema_snapshot_dir, ignore_errors=True)
     save_loss_curve(loss_curve_path(plots_dir, exp.key), history)
-    return TrainedRun(state=state, run_name=run_name, images_per_s=images_per_s, wall_s=wall,
-                      snapshots=snapshots)
+    return TrainedRun(exp=exp, model_dir=model_dir, state=state, run_name=run_name,
+                      images_per_s=images_per_s, wall_s=wall, snapshots=snapshots)
 
 
 def open_training(tracker: Tracker, exp: ExperimentConfig) -> tuple[str, MetricStream]:
@@ -99,10 +104,16 @@ def open_training(tracker: Tracker, exp: ExperimentConfig) -> tuple[str, MetricS
 
 def log_training(tracker: Tracker, run_id: str, run: TrainedRun) -> None:
     """The run's MLflow record at the end: the whole loss curve (the points the stream logged
-    are not logged again), the loop's figures, its status."""
+    are not logged again), the loop's figures, its status, and the EMA model of its folder as
+    the logged model `ema` unless the training diverged."""
+    from pipeline.artifacts.logged_model import log_ema_model
+    from pipeline.core.status import Status
+
     tracker.log_metric_history(run_id, STREAMED["loss"], [s for s, _ in run.history],
                                [v for _, v in run.history])
     tracker.log_metrics(run_id, {"train_wall_s": run.state.get("wall_s"),
                                  "train_images_per_s": run.images_per_s,
                                  "train_steps": run.steps})
     tracker.set_tags(run_id, {TAG_STATUS: run.status, TAG_RAY_RUN_NAME: run.run_name})
+    if run.status == Status.OK:
+        log_ema_model(tracker, run_id, run.exp, run.model_dir)
