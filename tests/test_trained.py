@@ -23,9 +23,10 @@ DOC = PROJECT / "docs" / "dvc.md"
 SECTION = "## Using a trained model"
 
 
-def doc_snippets() -> list[str]:
-    """The python blocks of docs/dvc.md's section "Using a trained model", in order."""
-    text = DOC.read_text()
+def doc_snippets(doc: Path = DOC) -> list[str]:
+    """The python blocks of `doc`'s section "Using a trained model" (docs/dvc.md, README.md),
+    in order."""
+    text = doc.read_text()
     assert SECTION in text, f"{DOC} has no section {SECTION!r}"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)
@@ -85,14 +86,17 @@ def experiment(checkout: Path):
     return load_params(checkout / "params.yaml").experiment("eps_simple", 0)
 
 
-def test_the_documented_snippet_runs_as_written(checkout, monkeypatch):
-    """docs/dvc.md's first block, run in a checkout: 16 images of the data's levels, the same
-    at every call with one seed and others with another, and their grid as a PNG."""
+@pytest.mark.parametrize("doc", [DOC, PROJECT / "README.md"], ids=["docs/dvc.md", "README.md"])
+def test_the_documented_snippet_runs_as_written(checkout, monkeypatch, doc):
+    """The first block of docs/dvc.md's and of the README's "Using a trained model", run in a
+    checkout: 16 images of the data's levels, the same at every call with one seed and others
+    with another, and their grid as a PNG."""
     from pipeline import load_run
 
     monkeypatch.chdir(checkout)
+    (checkout / "eps_simple-0.png").unlink(missing_ok=True)
     scope: dict = {}
-    exec(doc_snippets()[0], scope)
+    exec(doc_snippets(doc)[0], scope)
     images = scope["images"]
     assert images.dtype == np.uint8 and images.shape == (16, 1, 8, 8)
     levels = {round(k * 255 / 16) for k in range(17)}  # digits: 17 grey levels
