@@ -11,9 +11,16 @@ Tests must not change it: they copy it, or rerun stages into their own temporary
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite runs Ray workers, stages and in-process training side by side on 2 cores: OpenMP's
+# threads (torch's) spinning while they wait take the CPU from each other, which made a 60-step
+# training test take 69 s instead of 12 s on a busy machine. Passive waiting changes no number.
+# Set before anything imports torch; the stages and Ray workers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 STABLE = "eps_simple"
 UNSTABLE = "mu_vlb_fixed"  # diverges on purpose
