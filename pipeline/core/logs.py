@@ -61,7 +61,18 @@ def quiet_libraries() -> None:
 def quiet_worker(level: str) -> None:
     """On a Ray worker (a Train worker, a Tune trial): the root logger at `level`. Ray Train logs
     "Reporting training result" from a logger named by its file, outside `ray.train`, which its
-    own log level setting (`RunConfig(logging_config=...)`) does not reach."""
+    own log level setting (`RunConfig(logging_config=...)`) does not reach. Below INFO, the
+    SystemExit that Ray's SIGTERM handler raises when it stops an actor (a sweep's stopped
+    trial) inside a garbage collector callback is not printed as "Exception ignored in ...
+    Traceback": the actor is meant to end there."""
     logging.getLogger().setLevel(level)
     logging.getLogger("ray.train").setLevel(level)
     logging.getLogger("ray.tune").setLevel(level)
+    if logging.getLevelName(level) > logging.INFO:
+        sys.unraisablehook = _unraisable_unless_exit
+
+
+def _unraisable_unless_exit(unraisable) -> None:
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
