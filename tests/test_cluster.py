@@ -227,11 +227,15 @@ def save_log(text: str, name: str, tmp_path: Path) -> None:
 
 
 def submit(repo: Path, env: dict, address: str, *command: str, on_line=None,
-           timeout: float = 900) -> tuple[int, str]:
-    """`python -m stages.submit` as a user runs it; `on_line(line)` sees each output line."""
-    run_env = env_for(repo, isolated=True, extra=env)
+           timeout: float = 900, verbose: bool = False) -> tuple[int, str]:
+    """`python -m stages.submit` as a user runs it; `on_line(line)` sees each output line; with
+    `verbose`, the job's stages print Ray Train's own lines too (DDPM_VERBOSE=1, forwarded)."""
+    run_env = env_for(repo, isolated=True, extra={**env, **({"DDPM_VERBOSE": "1"}
+                                                             if verbose else {})})
     args = [sys.executable, "-m", "stages.submit", "--address", address,
             "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY"]
+    if verbose:
+        args += ["--env", "DDPM_VERBOSE"]
     if command:
         args += ["--", *command]
     proc = subprocess.Popen(args, cwd=repo, env=run_env, stdout=subprocess.PIPE,
@@ -276,7 +280,7 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_after_the_worker_node_d
 
     start = time.monotonic()
     code, out = submit(repo, env, cluster.address, "dvc", "repro", "train@eps_simple-0",
-                       on_line=on_line)
+                       on_line=on_line, verbose=True)  # Ray Train's lines: where workers ran
     wall = time.monotonic() - start
     assert code == 0, out[-6000:]
     assert killed, out[-4000:]

@@ -530,7 +530,7 @@ def test_two_workers_are_bitwise_reproducible(study, tmp_path):
         proc = stage("train", "-e", "eps_simple", "--params", tmp_path / "params.yaml",
                      "--data", study / "data" / "prepared", "--storage", tmp_path / run / "ckpt",
                      "--out", tmp_path / run / "models", "--plots", tmp_path / run / "plots",
-                     cwd=tmp_path, code=study)
+                     cwd=tmp_path, code=study, env={"DDPM_VERBOSE": "1"})  # Ray Train's lines
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "world_size=2" in proc.stdout + proc.stderr
         runs.append(tmp_path / run)
