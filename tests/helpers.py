@@ -23,6 +23,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from pipeline.core.logs import LIBRARY_SETTINGS, VERBOSE_ENV
+
 PROJECT = Path(__file__).resolve().parents[1]  # read at call time: a script may point it elsewhere
 TESTS = Path(__file__).resolve().parent
 COPIED = ("pipeline", "stages", "calibration", "dvc.yaml", ".dvcignore", ".gitignore",
@@ -31,6 +33,9 @@ COPIED = ("pipeline", "stages", "calibration", "dvc.yaml", ".dvcignore", ".gitig
 SERVICE_SETTINGS = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "DDPM_STORAGE")
 # With env_for(..., isolated=True), every variable with one of these prefixes is removed too.
 ISOLATED_PREFIXES = ("RAY_", "MLFLOW_", "AWS_", "DDPM_")
+# What a stage run in this process (tests that call a stage's main) leaves in os.environ to
+# quiet or unquiet the libraries: each command decides that for itself.
+QUIET_SETTINGS = (*LIBRARY_SETTINGS, VERBOSE_ENV)
 
 CIFAR10_CLASSES = [b"airplane", b"automobile", b"bird", b"cat", b"deer",
                    b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -159,7 +164,7 @@ def env_for(repo: Path | None = None, *, isolated: bool = False,
     """
     env = dict(os.environ)
     for key in list(env):
-        if key in SERVICE_SETTINGS or key == "PYTHONPATH" or (
+        if key in SERVICE_SETTINGS or key in QUIET_SETTINGS or key == "PYTHONPATH" or (
                 isolated and key.startswith(ISOLATED_PREFIXES)):
             del env[key]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

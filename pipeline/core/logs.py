@@ -24,6 +24,9 @@ import os
 import sys
 
 VERBOSE_ENV = "DDPM_VERBOSE"
+# What `quiet_libraries` sets in the environment (for this process and those it starts).
+LIBRARY_SETTINGS = ("MLFLOW_LOGGING_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS",
+                    "RAY_COLOR_PREFIX")
 
 
 def verbose() -> bool:
