@@ -227,7 +227,9 @@ def test_cifar10_study_from_a_local_archive(tmp_path):
         params["sweep"].update(schedules=["linear"])  # one trial: the sweep runs on CIFAR10 too
 
     repo = make_study_repo(tmp_path, edit)
-    sh(["dvc", "repro"], repo)
+    # under one Ray instance, as `make study` runs it (the plain `dvc repro`, each Ray stage
+    # starting its own, is test_dvc_repro_of_a_tiny_digits_study's)
+    sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro"], repo)
     train = np.load(repo / "data" / "prepared" / "cifar10" / "train.npz")
     assert train["images"].shape == (200, 3, 32, 32)
     m = run_record(repo / "metrics", "eps_simple-0")
