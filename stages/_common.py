@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.core import logs
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, error_chain
 from pipeline.core.params import Params, load_params
 
 EXIT_USER_ERROR = 2
@@ -220,18 +220,12 @@ def disk_error(exc: BaseException) -> str | None:
     unwritable path) anywhere in `exc`'s chain (Ray hands a worker's error back wrapped:
     `.cause`), naming the path and what to do; None for any other error. Outputs are written
     whole or not at all (`pipeline.core.io.atomic_path`), so nothing half-written is left."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_ERRORS:
-            meaning, fix = DISK_ERRORS[current.errno]
-            where = current.filename or "a file the stage writes"
-            return (f"cannot write {where}: {meaning} ({current.strerror}); nothing "
+    for error in error_chain(exc):
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            meaning, fix = DISK_ERRORS[error.errno]
+            where = error.filename or "a file the stage writes"
+            return (f"cannot write {where}: {meaning} ({error.strerror}); nothing "
                     f"half-written was kept; {fix}, then rerun `dvc repro`")
-        wrapped = getattr(current, "cause", None)
-        current = (wrapped if isinstance(wrapped, BaseException)
-                   else current.__cause__ or current.__context__)
     return None
 
 

@@ -9,6 +9,8 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 
 class UserError(Exception):
     """A problem phrased for the user: what is wrong and what to do about it."""
@@ -17,3 +19,16 @@ class UserError(Exception):
 def remake(command: str, what: str = "it") -> str:
     """The fix for a stage's output that cannot be read: "remake it with <command>"."""
     return f"remake {what} with {command}"
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it wraps, outermost first, each once: Ray's `.cause` (a
+    worker's error, handed back wrapped), else `__cause__` (raise ... from), else `__context__`."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        wrapped = getattr(current, "cause", None)
+        current = (wrapped if isinstance(wrapped, BaseException)
+                   else current.__cause__ or current.__context__)

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, error_chain
 from pipeline.core.io import sha256_hex
 
 if TYPE_CHECKING:
@@ -232,14 +232,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
 
 def _is_locked_error(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it wraps) is sqlite's "database is locked"."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if "database is locked" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any("database is locked" in str(error) for error in error_chain(exc))
 
 
 # What a store that refuses writes says, in sqlite's, SQLAlchemy's, the OS's and an MLflow
@@ -257,18 +250,14 @@ REFUSED_WRITES = (("readonly database", "it is read-only"),
 def refused_write(exc: BaseException, tracking_uri: str) -> Optional[TrackingError]:
     """A one-line `TrackingError` naming the store `tracking_uri` if `exc` (or an exception it
     wraps) says the store refused a write; None for any other error."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current).lower()
+    for error in error_chain(exc):
+        text = str(error).lower()
         for needle, meaning in REFUSED_WRITES:
             if needle in text:
                 return TrackingError(
                     f"the MLflow store {tracking_uri} refuses writes ({meaning}); make it "
                     "writable (the sqlite file and its folder), or set MLFLOW_TRACKING_URI or "
                     "tracking.tracking_uri to a store that accepts them, then rerun `dvc repro`")
-        current = current.__cause__ or current.__context__
     return None
 
 
