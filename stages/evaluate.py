@@ -3,8 +3,8 @@ the NLL bound (bits/dim) of its model, each with its standard error.
 
     python -m stages.evaluate --experiment eps_simple [--seed 0] [--params params.yaml]
 
-What is measured, and how, is `pipeline.jobs.evaluation`. Writes metrics/<E>-<S>.json (DVC
-metrics: numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
+What is measured, and how, is `pipeline.jobs.evaluation`. Writes metrics/<E>-<S>.json (the
+scores, numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
 counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for
 comparing runs image by image) and, for scores over training, metrics/<E>-<S>_over_training.csv with its figure
 plots/fid_over_training/<E>-<S>.png (one row, the final model, without evaluate.checkpoints).

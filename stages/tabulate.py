@@ -5,9 +5,11 @@ the findings: which of the paper's claims the study reproduces.
                               [--sweep results/sweep/trials.csv]
                               [--calibration calibration/seeds.json]
 
-Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, loss_curves.png,
-samples.png (each experiment's samples) and, when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png
-(schedule x weighting); prints Table 1, Table 2, the findings (and the sweep table) as markdown.
+Writes <results>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, metrics.json (the
+headline numbers: DVC's metrics), loss_curves.png, samples.png (each experiment's samples) and,
+when the sweep's trials csv exists, sweep.{md,csv} and the FID heat map sweep_heatmap.png
+(schedule x weighting); <charts>/loss.csv and fid_over_training.csv, the data of `dvc plots
+show`'s charts; prints Table 1, Table 2, the findings (and the sweep table) as markdown.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         folders=("metrics", "plots", "samples"))
     parser.add_argument("--results", default="results", type=Path,
                         help="folder for the tables (default: %(default)s)")
+    parser.add_argument("--charts", default="plots", type=Path,
+                        help="folder for the data of the DVC charts, loss.csv and "
+                             "fid_over_training.csv (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
     parser.add_argument("--calibration", default="calibration/seeds.json", type=Path,
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker = _common.tracker_for(params)
         lock = read_lock(args.lock)  # a broken one stops the stage before it writes a table
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
-                            args.calibration, args.samples)
+                            args.calibration, args.samples, args.charts)
         run_id = tracker.study_run()
         for name, frame in logged_tables(made).items():
             tracker.log_table(run_id, frame, f"tables/{name}.json")
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.set_tags(tracker.run_of(runs[key]), tags)
         tracker.set_terminated(run_id, "FINISHED")
         print(report(made), end="")
-        print(f"wrote {len(made['paths'])} files to {args.results}")
+        print(f"wrote {len(made['paths'])} files to {args.results} and {args.charts}")
         return 0
 
     return _common.run(body, args.params)

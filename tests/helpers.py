@@ -203,6 +203,7 @@ def make_study_repo(root: Path, edit) -> Path:
             shutil.copy2(src, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy2(PROJECT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(PROJECT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the charts' template
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     edit(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -7,6 +7,7 @@ making the stages that import the changed module stale."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from helpers import mlflow_runs, sh
 # A setting only the evaluate and reference stages read: each experiment below reruns them and
 # tabulate (about 30 s), not the training.
 KNOB = "evaluate.nll_num_images"
-EXPERIMENT_FILE = "metrics/eps_simple-0.json"
+HEADLINE = "results/metrics.json"  # the one metrics file: each Table 2 row's numbers, verdicts
+ROW = "eps_simple"
+RUN_FILE = "metrics/eps_simple-0.json"  # the run's own scores, in DVC's cache
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +57,32 @@ def exp_rows(repo: Path) -> dict[str, dict]:
     return rows
 
 
+def exp_show_columns(repo: Path) -> list[str]:
+    """The columns of `dvc exp show`, in its order (its csv header)."""
+    return sh(["dvc", "exp", "show", "--csv"], repo).stdout.splitlines()[0].split(",")
+
+
 @pytest.mark.slow
 def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_path):
     tracked = set(sh(["git", "ls-files", "metrics", "results", "plots"], repo).stdout.split())
-    assert {EXPERIMENT_FILE, "metrics/reference.json", "results/table2.md",
-            "results/findings.csv", "plots/loss/eps_simple-0.csv"} <= tracked
-    # what DVC caches stays out of git: per-image bounds, run descriptions, the sweep's trials
-    assert not {"metrics/eps_simple-0_nll.csv", "metrics/eps_simple-0_run.json"} & tracked
+    assert {HEADLINE, "results/table2.md", "results/findings.csv", "plots/loss.csv",
+            "plots/fid_over_training.csv"} <= tracked
+    # what DVC caches stays out of git: each run's own records, the sweep's trials
+    assert not {RUN_FILE, "metrics/reference.json", "metrics/eps_simple-0_nll.csv",
+                "metrics/eps_simple-0_run.json", "metrics/eps_simple-0_over_training.csv",
+                "plots/loss/eps_simple-0.csv"} & tracked
     assert not any(p.startswith("results/sweep/") for p in tracked)
-    for path in (EXPERIMENT_FILE, "metrics/mu_vlb_fixed-0.json"):
-        record = json.loads((repo / path).read_text())
-        assert record and all(numbers(v) for v in record.values()), (path, record)
+    headline = json.loads((repo / HEADLINE).read_text())
+    assert all(numbers(v) for section in headline.values() for v in section.values())
+    assert headline[ROW] == {k: json.loads((repo / RUN_FILE).read_text())[k]
+                             for k in ("fid", "is_mean", "nll_bpd")}
+    assert headline["mu_vlb_fixed"] == {}  # diverged: no numbers
+    # `dvc exp show`: the headline numbers right after the experiment's name and date
+    columns = exp_show_columns(repo)
+    assert columns[5:5 + len(headline["findings"]) + 3] == [
+        *(f"findings.{v}" for v in headline["findings"]),
+        f"{ROW}.fid", f"{ROW}.is_mean", f"{ROW}.nll_bpd"], columns[:15]
+    assert not any(c.startswith(("metrics/", "untrained.")) for c in columns), columns
 
     set_param(repo, KNOB, 10)
     rerun = sh(["dvc", "repro"], repo).stdout
@@ -73,14 +91,27 @@ def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_pat
     sh(["git", "commit", "-qm", f"{KNOB}: 10"], repo)
 
     diff = json.loads(sh(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], repo).stdout)
-    nll = diff[EXPERIMENT_FILE]["nll_bpd"]
+    assert list(diff) == [HEADLINE]
+    nll = diff[HEADLINE][f"{ROW}.nll_bpd"]
     assert numbers(nll["old"]) and numbers(nll["new"]) and nll["old"] != nll["new"]
     assert nll["diff"] == pytest.approx(nll["new"] - nll["old"])
-    assert "untrained.nll_bpd" in diff["metrics/reference.json"]
+    assert f"{ROW}.fid" not in diff[HEADLINE]  # the samples did not change
     shown = sh(["dvc", "metrics", "show", "-a"], repo)
     assert "failed to load" not in shown.stdout + shown.stderr
+
+    # `dvc plots diff`: one chart of every run's loss (a line per run, a dash per revision),
+    # FID over training (eps_simple was scored at several steps), the figures as images
     plots = sh(["dvc", "plots", "diff", "HEAD~1", "-o", str(tmp_path / "plots")], repo)
-    assert (tmp_path / "plots" / "index.html").is_file(), plots.stdout
+    assert "failed to load" not in plots.stdout + plots.stderr
+    page = (tmp_path / "plots" / "index.html").read_text()
+    charts = re.findall(r'<div id = "([^"]+)"', page)
+    assert charts == ["plots_loss_csv", "plots_fid_over_training_csv"], charts
+    assert '"field": "run"' in page and '"field": "rev"' in page  # .dvc/plots/by_run.json
+    assert '"run": "eps_simple-0"' in page
+    assert '"run": "mu_vlb_fixed-0"' not in page  # diverged at once: no finite loss, no FID
+    assert sorted(p.name for p in (tmp_path / "plots" / "static").iterdir()) == [
+        f"{rev}_results_{name}.png" for rev in ("HEAD~1", "workspace")
+        for name in ("samples", "sweep_heatmap")]
     text = sh(["dvc", "metrics", "diff", "HEAD~1"], repo).stdout
     print(f"$ dvc metrics diff HEAD~1\n{text}")
 
@@ -108,16 +139,23 @@ def test_dvc_experiments_run_queue_and_match_their_mlflow_runs(repo):
     rows = exp_rows(repo)
     _, runs = mlflow_runs(repo)
     for name in ("nll15", "nll12", "nll8"):
-        metrics = rows[name][EXPERIMENT_FILE]
+        metrics = rows[name][HEADLINE][ROW]
         assert numbers(metrics["fid"]) and numbers(metrics["nll_bpd"]), (name, metrics)
         mine = {r.info.run_name: r for r in runs if r.data.tags.get("dvc.exp_name") == name}
         assert {"eps_simple-0", "mu_vlb_fixed-0", "tables"} <= set(mine), (name, sorted(mine))
         assert mine["eps_simple-0"].data.metrics["nll_bpd"] == pytest.approx(metrics["nll_bpd"])
         assert mine["tables"].info.status == "FINISHED"
-    assert len({rows[n][EXPERIMENT_FILE]["nll_bpd"] for n in ("nll15", "nll12", "nll8")}) == 3
-    keep = "Experiment|State|fid$|is_mean$|nll_bpd$|" + KNOB  # docs/dvc.md's columns
+    assert len({rows[n][HEADLINE][ROW]["nll_bpd"] for n in ("nll15", "nll12", "nll8")}) == 3
+    keep = f"Experiment|State|{ROW}\\.|{KNOB}"  # docs/dvc.md's columns
     table = sh(["dvc", "exp", "show", "--drop", ".*", "--keep", keep], repo).stdout
     print(f"$ dvc exp show --drop '.*' --keep '{keep}'\n{table}")
+    # --only-changed: what the experiments changed (the knob, each row's NLL, and the data
+    # those depend on), not the columns that are the same in all of them
+    changed = sh(["dvc", "exp", "show", "--only-changed", "--csv"], repo).stdout
+    columns = changed.splitlines()[0].split(",")
+    assert KNOB in columns and f"{ROW}.nll_bpd" in columns, columns
+    assert f"{ROW}.fid" not in columns and "diffusion.schedule" not in columns, columns
+    print(f"$ dvc exp show --only-changed --csv | head -1\n{columns}")
 
 
 @pytest.mark.slow

@@ -528,7 +528,8 @@ def _argv(tmp_path, metrics_dir, params):
     return ["--params", str(params), "--metrics", str(metrics_dir),
             "--results", str(tmp_path / "results"),
             "--sweep", str(tmp_path / "sweep" / "trials.csv"),
-            "--plots", str(tmp_path / "plots"), "--lock", str(tmp_path / "dvc.lock")]
+            "--plots", str(tmp_path / "plots"), "--charts", str(tmp_path / "charts"),
+            "--lock", str(tmp_path / "dvc.lock")]
 
 
 def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
@@ -540,7 +541,9 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
     results = tmp_path / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(
         ["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
-         "findings.md", "findings.csv", "loss_curves.png"])
+         "findings.md", "findings.csv", "metrics.json", "loss_curves.png"])
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == [
+        "fid_over_training.csv", "loss.csv"]
     found = pd.read_csv(results / "findings.csv")
     assert len(found) == 8 and set(found["verdict"]) <= {"reproduced", "contradicted",
                                                          "inconclusive", "not measured"}
@@ -558,7 +561,7 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
                                                                    pd.DataFrame)
     assert made["sweep"] is None and made["dataset"] == "digits"
-    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 8
+    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 9
     assert list(made["findings"].columns) == ["claim", "paper", "ours", "interval", "verdict",
                                               "rule", "noise"]
 
@@ -572,16 +575,105 @@ def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tm
     (tmp_path / "sweep").mkdir()
     _trials().to_csv(tmp_path / "sweep" / "trials.csv", index=False)
     made = run_tabulate(load_params(_params(tmp_path)), metrics_dir, tmp_path / "results",
-                        tmp_path / "sweep" / "trials.csv", plots)
+                        tmp_path / "sweep" / "trials.csv", plots, charts_dir=tmp_path)
     assert [p.name for p in made["paths"]] == [
         "table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
-        "sweep.md", "sweep.csv", "findings.md", "findings.csv", "loss_curves.png",
-        "sweep_heatmap.png"]
+        "sweep.md", "sweep.csv", "findings.md", "findings.csv", "metrics.json", "loss.csv",
+        "fid_over_training.csv", "loss_curves.png", "sweep_heatmap.png"]
     assert all(p.is_file() for p in made["paths"])
     pd.testing.assert_frame_equal(made["sweep"], sweep_table(load_sweep_trials(
         tmp_path / "sweep" / "trials.csv")))
     printed = report(made)
     assert printed.startswith("Table 1\n\n| Model") and "\nSweep\n\n| Schedule" in printed
+
+
+def test_the_headline_counts_the_verdicts_and_holds_table2s_numbers_in_its_order(tmp_path,
+                                                                                   metrics_dir):
+    """results/metrics.json (what `dvc exp show` shows first): the count of each verdict of
+    findings.csv, then FID, IS and NLL of each Table 2 row as table2.csv has them (the
+    diverged row: none), in params.yaml's order, then the real data's FID and IS."""
+    from pipeline.core.params import load_params
+
+    params = load_params(_params(tmp_path))
+    run_tabulate(params, metrics_dir, tmp_path / "results", None)
+    text = (tmp_path / "results" / "metrics.json").read_text()
+    headline = json.loads(text)
+    verdicts = pd.read_csv(tmp_path / "results" / "findings.csv")["verdict"]
+    assert headline["findings"] == {
+        "reproduced": int((verdicts == "reproduced").sum()),
+        "contradicted": int((verdicts == "contradicted").sum()),
+        "inconclusive": int((verdicts == "inconclusive").sum()),
+        "not_measured": int((verdicts == "not measured").sum())}
+    assert sum(headline["findings"].values()) == len(verdicts) == 8
+    assert list(headline) == ["findings", *params.experiments, "real_data"]
+    table2 = pd.read_csv(tmp_path / "results" / "table2.csv").set_index("experiment")
+    for name in params.experiments:
+        if name == UNSTABLE:
+            assert headline[name] == {}
+            continue
+        assert headline[name] == {score: table2.at[name, score]
+                                  for score in ("fid", "is_mean", "nll_bpd")}
+        assert headline[name]["fid"] == FID[name]  # the run's own number, to the last digit
+    assert headline["real_data"] == {"fid": 4.41, "is_mean": 9.81}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_an_experiment_named_like_a_headline_section_is_refused(tmp_path):
+    from pipeline.reporting.tabulate import headline
+
+    made = {"findings": pd.DataFrame({"verdict": ["reproduced"]}),
+            "metrics": pd.DataFrame([{"experiment": "real_data", "fid": 1.0}]),
+            "reference": None}
+    with pytest.raises(ResultsError, match="experiment 'real_data'.*rename"):
+        headline(made)
+
+
+def _over_training(path, steps, fids):
+    from pipeline.artifacts.records import save_over_training
+
+    save_over_training(path, pd.DataFrame({"step": steps, "fid": fids,
+                                           "nll_bpd": [3.0] * len(steps)}))
+
+
+def test_plot_data_puts_every_loss_curve_and_each_multi_step_fid_curve_in_one_file(
+        tmp_path, metrics_dir):
+    """plots/loss.csv: one row per (run, logged step), non-finite losses left out;
+    plots/fid_over_training.csv: only runs scored at several steps (one point is no curve)."""
+    from pipeline.core.params import load_params
+    from pipeline.reporting.tabulate import plot_data
+
+    params = load_params(_params(tmp_path))
+    curves = tmp_path / "plots" / "loss"
+    save_loss_curve(curves / "eps_simple-0.csv", [(10, 0.5), (20, 0.25), (30, float("nan"))])
+    save_loss_curve(curves / "mu_vlb_fixed-0.csv", [(10, 0.1 + 0.2)])
+    _over_training(metrics_dir / "eps_simple-0_over_training.csv", [10, 20, 30],
+                   [40.5, 20.25, float("nan")])
+    _over_training(metrics_dir / "mu_vlb_fixed-0_over_training.csv", [30], [12.0])
+    out = tmp_path / "plots"
+    paths = plot_data(params, curves, metrics_dir, out)
+    assert paths == [out / "loss.csv", out / "fid_over_training.csv"]
+    loss = (out / "loss.csv").read_text().splitlines()
+    assert loss[0] == "run,step,loss"
+    assert sorted(loss[1:]) == sorted(["eps_simple-0,10,0.5", "eps_simple-0,20,0.25",
+                                       "mu_vlb_fixed-0,10,0.30000000000000004"])
+    fid = pd.read_csv(out / "fid_over_training.csv")
+    assert fid.to_dict("list") == {"run": ["eps_simple-0"] * 2, "step": [10, 20],
+                                   "fid": [40.5, 20.25]}
+
+    (metrics_dir / "eps_simple-0_over_training.csv").unlink()
+    plot_data(params, curves, metrics_dir, out)
+    assert (out / "fid_over_training.csv").read_text() == "run,step,fid\n"  # no run has a curve
+
+
+def test_a_broken_scores_over_training_file_is_named(tmp_path, metrics_dir):
+    from pipeline.core.params import load_params
+    from pipeline.reporting.tabulate import plot_data
+
+    (metrics_dir / "eps_simple-0_over_training.csv").write_text("step,nll_bpd\n10,3.0\n")
+    with pytest.raises(ResultsError, match=r"eps_simple-0_over_training\.csv: not a table of "
+                                           r"scores over training .*no column fid.*"
+                                           r"dvc repro evaluate@eps_simple-0"):
+        plot_data(load_params(_params(tmp_path)), tmp_path / "none", metrics_dir, tmp_path)
 
 
 @pytest.mark.parametrize("dataset, reference", [("digits", REFERENCE), ("cifar10", None),

@@ -7,8 +7,8 @@ pushes what DVC caches (models, samples, prepared data, per-run records, and DVC
 to the DVC remote, and packs the rest of what the checkout keeps with git into a results
 bundle, stored beside the remote's data as `<remote>/ddpm-jobs/<job id>.tar.gz`:
 
-- `dvc.lock`, and every `cache: false` output of dvc.yaml that exists (metrics/*.json, plots/,
-  the tables in results/);
+- `dvc.lock`, and every `cache: false` output of dvc.yaml that exists (the headline numbers
+  results/metrics.json, the tables and figures in results/, the charts' data plots/*.csv);
 - `manifest.json`: the SHA-256 of every file of the checkout that the job's stages depended on
   and that git keeps (params.yaml, dvc.yaml, the code), as the job saw them.
 
@@ -44,8 +44,8 @@ def bundle_key(job_id: str) -> str:
 
 
 def uncached_outputs(repo: Path) -> list[str]:
-    """The `cache: false` outputs (metrics, plots, tables) of dvc.yaml's stages that exist in
-    `repo`, as paths relative to it (a folder as its files)."""
+    """The `cache: false` outputs (headline metrics, tables, charts) of dvc.yaml's stages that
+    exist in `repo`, as paths relative to it (a folder as its files)."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:

@@ -1,6 +1,6 @@
 """plots/loss/<experiment>-<seed>.csv: a run's training loss by step, written by the train stage
-(`save_loss_curve`), read by `tabulate` for results/loss_curves.png (`load_loss_curve`) and by
-DVC as the stage's plot.
+(`save_loss_curve`), read by `tabulate` (`load_loss_curve`) for results/loss_curves.png and for
+plots/loss.csv, every run's curve in the one file DVC charts.
 
     step,loss
     50,0.08574053391814232

@@ -1,13 +1,13 @@
 """A run's result files and the reference scores: each writer beside its reader.
 
-- metrics/<E>-<S>.json (DVC metrics: numbers only, so that `dvc metrics diff` and `dvc exp
-  show` compare figures) and metrics/<E>-<S>_run.json (what the run was: experiment, status,
+- metrics/<E>-<S>.json (numbers only: the scores that tabulate turns into Table 2 and the
+  headline numbers results/metrics.json, DVC's metrics) and metrics/<E>-<S>_run.json (what the run was: experiment, status,
   settings, sample counts, timings): `save_run_metrics` / `load_run_metrics`;
 - metrics/<E>-<S>_nll.csv, the bound of every test and train image:
   `save_nll_per_image` / `load_nll_per_image`;
 - metrics/<E>-<S>_over_training.csv, the scores at each scored training step (one row, the
-  final model, without `evaluate.checkpoints`): `save_over_training` (DVC plots it; no stage
-  reads it back);
+  final model, without `evaluate.checkpoints`): `save_over_training` / `load_over_training`
+  (tabulate puts the runs scored at several steps on one DVC chart);
 - metrics/reference.json (real data, an untrained model, the ceiling of the bound):
   `save_reference` / `load_reference`.
 
@@ -34,8 +34,8 @@ METRICS = tuple(name for score in SCORES for name in (score, f"{score}_se"))
 DESCRIPTORS = ("experiment", "seed", "status", "dataset", "mean_type", "var_type", "loss",
                "weighting", "schedule", "num_timesteps")
 STATUSES = (Status.OK, Status.UNSTABLE)  # of a run: trained, or diverged
-# The numbers of metrics/<key>.json, the file DVC compares across revisions and experiments;
-# every other field of a run's record goes to metrics/<key>_run.json.
+# The numbers of metrics/<key>.json (a run's scores, numbers only); every other field of a
+# run's record goes to metrics/<key>_run.json.
 DVC_METRICS = (*METRICS, "train_steps", "final_loss", "best_checkpoint_step",
                "best_checkpoint_fid", "best_checkpoint_nll_bpd")
 REFERENCE_FILE = "reference.json"
@@ -178,6 +178,24 @@ def save_over_training(path: str | Path, scores: pd.DataFrame) -> None:
 
     with atomic_path(path) as tmp:
         scores.to_csv(tmp, index=False)
+
+
+def load_over_training(path: str | Path, key: str) -> pd.DataFrame:
+    """`save_over_training`'s file as a frame (at least `step` and `fid`, as numbers); a file
+    that is not one is refused with a ResultsError naming it."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+        missing = sorted({"step", "fid"} - set(frame.columns))
+        if missing:
+            raise KeyError(f"no column {', '.join(missing)}")
+        frame["step"] = frame["step"].astype(np.int64)
+        frame["fid"] = frame["fid"].astype(np.float64)
+        return frame
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError,
+            UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: not a table of scores over training "
+                           f"({type(exc).__name__}: {exc}); re{_make_hint(key)}") from None
 
 
 def save_reference(path: str | Path, reference: Mapping[str, Mapping[str, Any]]) -> None:

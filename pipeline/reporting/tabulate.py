@@ -1,6 +1,9 @@
 """The `tabulate` stage's work (`run_tabulate`): the paper's Tables 1 and 2, the sweep report,
-the findings and the figures, written to results/; and what goes on each run's MLflow page
-(`run_tags`).
+the findings and the figures, written to results/; the study's headline numbers
+(`headline`: results/metrics.json, what `dvc exp show` shows first and `dvc metrics diff`
+compares); the data of `dvc plots show`'s charts (`plot_data`: every run's loss curve, and
+the FID of each run scored at several training steps, in one file each); and what goes on each
+run's MLflow page (`run_tags`).
 """
 
 from __future__ import annotations
@@ -8,18 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import math
+
+import numpy as np
 import yaml
 
 from pipeline.artifacts.figures import save_image_panels, save_loss_curves, save_sweep_heatmap
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, loss_curve_path
-from pipeline.artifacts.records import ResultsError, load_nll_per_image, load_reference, nll_path
+from pipeline.artifacts.records import (ResultsError, load_nll_per_image, load_over_training,
+                                       load_reference, nll_path, over_training_path)
 from pipeline.artifacts.trials import load_sweep_trials
 from pipeline.core.config import run_key
 from pipeline.core.errors import remake
-from pipeline.core.io import write_text
+from pipeline.core.io import write_json, write_text
 from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
 from pipeline.reporting import findings as paper_findings
 from pipeline.reporting.calibration import apply_calibration, load_calibration
+from pipeline.reporting.findings import VERDICTS
 from pipeline.reporting.formats import to_markdown, write_csv
 from pipeline.reporting.results import aggregate, check_dataset, load_runs
 from pipeline.reporting.sweep_report import build_sweep, write_sweep
@@ -39,11 +47,14 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
                  sweep_csv: str | Path | None = None,
                  plots_dir: str | Path | None = None,
                  calibration: str | Path | None = None,
-                 samples_dir: str | Path | None = None) -> dict[str, Any]:
+                 samples_dir: str | Path | None = None,
+                 charts_dir: str | Path | None = None) -> dict[str, Any]:
     """Build and write the tables, the findings and the figures for the runs of `params`;
     return what was made.
 
-    Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}; with a
+    Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv} and the
+    headline numbers, metrics.json (`headline`); with `charts_dir`, the data of the DVC charts
+    there (`plot_data`, the loss curves read from `plots_dir`); with a
     sweep csv that exists, sweep.{md,csv} and sweep_heatmap.png; with `plots_dir` (the loss
     curves <experiment>-<seed>.csv), loss_curves.png; with `samples_dir` (samples/<E>-<S>/), if
     it exists, samples.png, the first seed's sample grids of every experiment side by side. With a `calibration` file
@@ -73,6 +84,13 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     found = hold_verdicts(paper_findings.findings(metrics, per_image), seeds)
     write_text(results_dir / "findings.md", paper_findings.to_markdown(found))
     paths += [results_dir / "findings.md", write_csv(results_dir / "findings.csv", found)]
+    made = {**tables, **sweep, "runs": runs, "metrics": metrics, "reference": reference,
+            "findings": found}
+    write_json(results_dir / "metrics.json", headline(made))
+    paths.append(results_dir / "metrics.json")
+    if charts_dir is not None:
+        paths += plot_data(params, plots_dir if plots_dir is not None else charts_dir,
+                           metrics_dir, charts_dir)
     if plots_dir is not None:
         paths.append(loss_figure(plots_dir, [r.key for r in params.runs()],
                                  results_dir / "loss_curves.png"))
@@ -81,8 +99,73 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     if sweep["sweep_raw"] is not None:
         save_sweep_heatmap(sweep["sweep_raw"], results_dir / "sweep_heatmap.png")
         paths.append(results_dir / "sweep_heatmap.png")
-    return {**tables, **sweep, "runs": runs, "metrics": metrics, "reference": reference,
-            "findings": found, "paths": paths}
+    return {**made, "paths": paths}
+
+
+# The numbers of each Table 2 row in results/metrics.json, and those of the real data's row
+HEADLINE_SCORES = ("fid", "is_mean", "nll_bpd")
+REAL_DATA_SCORES = ("fid", "is_mean")
+
+
+def headline(made: Mapping[str, Any]) -> dict[str, Any]:
+    """results/metrics.json, the study at a glance (`run_tabulate`'s `made` in): how many of the
+    paper's claims got each verdict (`findings.<verdict>`), then each Table 2 row's FID, IS and
+    NLL in bits/dim (the mean over its seeds, as in table2.csv; a diverged row has none), in
+    params.yaml's order, then the real data's FID and IS (`real_data.*`, Table 1's reference).
+    Only finite numbers: DVC compares them across commits and experiments."""
+    found = made["findings"]["verdict"]
+    out: dict[str, Any] = {"findings": {v.replace(" ", "_"): int((found == v).sum())
+                                        for v in VERDICTS}}
+    for row in made["metrics"].to_dict("records"):
+        if row["experiment"] in ("findings", "real_data"):
+            raise ResultsError(f"experiment '{row['experiment']}': the name of a section of "
+                               f"results/metrics.json; rename the experiment in params.yaml")
+        out[row["experiment"]] = _finite(row, HEADLINE_SCORES)
+    real = (made.get("reference") or {}).get("real_data")
+    if real:
+        out["real_data"] = _finite(real, REAL_DATA_SCORES)
+    return out
+
+
+def _finite(record: Mapping[str, Any], names: Iterable[str]) -> dict[str, float]:
+    return {name: float(record[name]) for name in names
+            if isinstance(record.get(name), (int, float)) and math.isfinite(record[name])}
+
+
+def plot_data(params: Params, plots_dir: str | Path, metrics_dir: str | Path,
+              out_dir: str | Path) -> list[Path]:
+    """The data of `dvc plots show`'s two charts (dvc.yaml's top-level `plots`, drawn by the
+    template .dvc/plots/by_run.json, one line per run), as long tables with a `run` column:
+
+    - <out_dir>/loss.csv (run, step, loss): every run's training loss curve (plots/loss/<key>.csv;
+      non-finite losses left out), all runs on one set of axes;
+    - <out_dir>/fid_over_training.csv (run, step, fid): the FID of each run scored at several
+      training steps (`evaluate.checkpoints`); a run scored only at its end has no line (a
+      one-point chart says nothing), and the file holds its header alone when none was.
+
+    Returns the paths written."""
+    out_dir = Path(out_dir)
+    loss = ["run,step,loss"]
+    fid = ["run,step,fid"]
+    for run in params.runs():
+        path = loss_curve_path(plots_dir, run.key)
+        if path.is_file():
+            try:
+                steps, losses = load_loss_curve(path)
+            except LossCurveError as exc:  # names the file and what is wrong with it
+                raise ResultsError(f"{exc}; {remake(f'`dvc repro train@{run.key}`')}") from None
+            loss += [f"{run.key},{s},{v!r}" for s, v in zip(steps, losses)]
+        scores = over_training_path(metrics_dir, run.key)
+        if scores.is_file():
+            table = load_over_training(scores, run.key)
+            table = table[np.isfinite(table["fid"])]
+            if len(table) > 1:
+                fid += [f"{run.key},{int(s)},{float(v)!r}"
+                        for s, v in zip(table["step"], table["fid"])]
+    paths = [out_dir / "loss.csv", out_dir / "fid_over_training.csv"]
+    for path, lines in zip(paths, (loss, fid)):
+        write_text(path, "\n".join(lines) + "\n")
+    return paths
 
 
 def samples_figure(params: Params, samples_dir: str | Path, runs, out: Path) -> Path:
