@@ -71,7 +71,9 @@ class Service:
         self.proc = subprocess.Popen(args, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> None:
+    def stop(self, sig=signal.SIGTERM, timeout: float = 5.0) -> None:
+        """`sig` to the group, SIGKILL to what is left after `timeout` s (a Ray node or an
+        MLflow server that has not exited by then is only cleaning up after itself)."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)

@@ -39,17 +39,11 @@ def numbers(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def set_param(repo: Path, dotted: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    section, key = dotted.split(".")
-    params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def exp_rows(repo: Path) -> dict[str, dict]:
-    """`dvc exp show --json`: {experiment name: its metrics by file} for every experiment."""
+    """`dvc exp show -A --json`: {experiment name: its metrics by file} for every experiment of
+    every commit."""
     rows = {}
-    for baseline in json.loads(sh(["dvc", "exp", "show", "--json"], repo).stdout):
+    for baseline in json.loads(sh(["dvc", "exp", "show", "-A", "--json"], repo).stdout):
         for experiment in baseline.get("experiments") or []:
             for rev in experiment["revs"]:
                 rows[rev["name"]] = {path: entry["data"]
@@ -84,8 +78,9 @@ def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_pat
         f"{ROW}.fid", f"{ROW}.is_mean", f"{ROW}.nll_bpd"], columns[:15]
     assert not any(c.startswith(("metrics/", "untrained.")) for c in columns), columns
 
-    set_param(repo, KNOB, 10)
-    rerun = sh(["dvc", "repro"], repo).stdout
+    # a variant run in the workspace as a DVC experiment (test_dvc_experiments_run_queue_...
+    # finds its MLflow runs), then committed: the next commit
+    rerun = sh(["dvc", "exp", "run", "-S", f"{KNOB}=10", "-n", "nll10"], repo, timeout=600).stdout
     assert "Running stage 'evaluate@eps_simple-0'" in rerun and "Running stage 'train@" not in rerun
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", f"{KNOB}: 10"], repo)
@@ -118,10 +113,10 @@ def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_pat
 
 @pytest.mark.slow
 def test_dvc_experiments_run_queue_and_match_their_mlflow_runs(repo):
-    """`dvc exp run -S` in the workspace, then two queued experiments run two at a time: each
-    shows its numeric FID and NLL in `dvc exp show`, and has MLflow runs of its own, tagged
-    with its name, in the repo's mlflow.db (queued experiments run in temporary copies)."""
-    sh(["dvc", "exp", "run", "-S", f"{KNOB}=15", "-n", "nll15"], repo, timeout=600)
+    """Two queued experiments run two at a time, and the one the test above ran in the
+    workspace (nll10; the module's tests share one repo, in order): each shows its numeric FID
+    and NLL in `dvc exp show`, and has MLflow runs of its own, tagged with its name, in the
+    repo's mlflow.db (queued experiments run in temporary copies)."""
     for value in (12, 8):
         sh(["dvc", "exp", "run", "--queue", "-S", f"{KNOB}={value}", "-n", f"nll{value}"], repo)
     sh(["dvc", "queue", "start", "-j", "2"], repo)
@@ -137,18 +132,21 @@ def test_dvc_experiments_run_queue_and_match_their_mlflow_runs(repo):
     assert "database is locked" not in logs and "Traceback" not in logs
 
     rows = exp_rows(repo)
+    if "nll10" not in rows:
+        pytest.fail("no experiment nll10: test_results_are_versioned_with_git_and_compare_"
+                    "across_commits runs it; run this module's tests together, in order")
     _, runs = mlflow_runs(repo)
-    for name in ("nll15", "nll12", "nll8"):
+    for name in ("nll10", "nll12", "nll8"):
         metrics = rows[name][HEADLINE][ROW]
         assert numbers(metrics["fid"]) and numbers(metrics["nll_bpd"]), (name, metrics)
         mine = {r.info.run_name: r for r in runs if r.data.tags.get("dvc.exp_name") == name}
         assert {"eps_simple-0", "mu_vlb_fixed-0", "tables"} <= set(mine), (name, sorted(mine))
         assert mine["eps_simple-0"].data.metrics["nll_bpd"] == pytest.approx(metrics["nll_bpd"])
         assert mine["tables"].info.status == "FINISHED"
-    assert len({rows[n][HEADLINE][ROW]["nll_bpd"] for n in ("nll15", "nll12", "nll8")}) == 3
+    assert len({rows[n][HEADLINE][ROW]["nll_bpd"] for n in ("nll10", "nll12", "nll8")}) == 3
     keep = f"Experiment|State|{ROW}\\.|{KNOB}"  # docs/dvc.md's columns
-    table = sh(["dvc", "exp", "show", "--drop", ".*", "--keep", keep], repo).stdout
-    print(f"$ dvc exp show --drop '.*' --keep '{keep}'\n{table}")
+    table = sh(["dvc", "exp", "show", "-A", "--drop", ".*", "--keep", keep], repo).stdout
+    print(f"$ dvc exp show -A --drop '.*' --keep '{keep}'\n{table}")
     # --only-changed: what the experiments changed (the knob, each row's NLL, and the data
     # those depend on), not the columns that are the same in all of them
     changed = sh(["dvc", "exp", "show", "--only-changed", "--csv"], repo).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -47,9 +48,11 @@ def test_quiet_libraries_sets_the_libraries_defaults_unless_verbose(verbose):
     """Quiet (DDPM_VERBOSE unset): MLflow at WARNING, Tune's legacy output, no folding of the
     workers' lines, no colour codes in a pipe; verbose: none of it; a setting the user made is
     kept either way."""
-    code = ("import os; from pipeline.core import logs; logs.quiet_libraries(); "
-            "print({k: os.environ.get(k) for k in ('MLFLOW_LOGGING_LEVEL', 'RAY_AIR_NEW_OUTPUT', "
-            "'RAY_DEDUP_LOGS', 'RAY_COLOR_PREFIX', 'RAY_BACKEND_LOG_LEVEL')})")
+    code = ("import logging, os; from pipeline.core import logs; logs.quiet_libraries(); "
+            "print({**{k: os.environ.get(k) for k in ('MLFLOW_LOGGING_LEVEL', "
+            "'RAY_AIR_NEW_OUTPUT', 'RAY_DEDUP_LOGS', 'RAY_COLOR_PREFIX', "
+            "'RAY_BACKEND_LOG_LEVEL')}, "
+            "'tune_logger': logging.getLogger('ray.tune.logger').getEffectiveLevel()})")
     env = env_for(PROJECT, extra={"DDPM_VERBOSE": verbose, "RAY_DEDUP_LOGS": "1"})
     for key in ("MLFLOW_LOGGING_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_COLOR_PREFIX"):
         env.pop(key, None)
@@ -63,3 +66,5 @@ def test_quiet_libraries_sets_the_libraries_defaults_unless_verbose(verbose):
     for key, value in quiet.items():
         assert settings[key] == (None if verbose else value), (key, settings)
     assert settings["RAY_BACKEND_LOG_LEVEL"] is None
+    # Tune's "Remote file not found: .../result.json" (a WARNING) for a resumed trial
+    assert (settings["tune_logger"] > logging.WARNING) == (not verbose), settings

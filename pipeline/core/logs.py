@@ -10,9 +10,10 @@ at their INFO level. Without it:
 - Ray Train and Ray Tune log warnings only, on their workers too (not "Reporting training
   result N: TrainingReport(...)" and "Checkpoint successfully created at: ..." at every report;
   `worker_log_level` goes to the workers with their config, since a cluster's workers do not
-  share the driver's environment), and the sweep prints one line per report instead of Tune's
-  tables and boxes; Ray does not fold the stages' own lines from several workers into one
-  ("[repeated 2x across cluster]");
+  share the driver's environment), Tune nothing about result files of its own that the sweep
+  does not use, and the sweep prints one line per report instead of Tune's tables and boxes;
+  Ray does not fold the stages' own lines from several workers into one ("[repeated 2x
+  across cluster]");
 - the prefix Ray puts on a worker's lines, `(RayTrainWorker pid=...)`, has no ANSI colour codes
   where stdout is not a terminal (a log file, `dvc repro > log`).
 """
@@ -52,6 +53,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow was imported already
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # Tune's own result files (result.json, progress.csv: the sweep keeps its trials itself)
+    # that it fails to copy back for a trial resumed from a checkpoint before it wrote them
+    logging.getLogger("ray.tune.logger").setLevel(logging.ERROR)
     # Tune's output engine prints its experiment box and paths even at verbose 0; the one
     # before it prints nothing there
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
