@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.reporting.calibration import CALIBRATION_FILE
+
 
 def machine_description() -> str:
     """The CPU the calibration ran on, and the kernels torch was told to use."""
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate", "Measure each experiment's spread between training seeds from the metrics "
         "of a several-seed study and keep it as data, for tabulate to widen single-seed "
         "intervals by it.", folders=("metrics",),
-        out=("calibration/seeds.json", "the calibration file (and <out>.md beside it)"))
+        out=(str(CALIBRATION_FILE), "the calibration file (and <out>.md beside it)"))
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="the seeds to calibrate on (default: study.seeds)")
     parser.add_argument("--machine", default=None,

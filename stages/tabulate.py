@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.params import Params
+from pipeline.reporting.calibration import CALIBRATION_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                              "fid_over_training.csv (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
-    parser.add_argument("--calibration", default="calibration/seeds.json", type=Path,
+    parser.add_argument("--calibration", default=CALIBRATION_FILE, type=Path,
                         help="the seed calibration that widens single-seed intervals by "
                              "training noise; skipped if absent (default: %(default)s)")
     parser.add_argument("--lock", default="dvc.lock", type=Path,

@@ -34,8 +34,22 @@ def tiny_experiment(**train):
     return parse_params(raw)
 
 
-def run(exp, data, root, **kw):
-    session = LocalSession(root, **kw)
+class CrashingSession(LocalSession):
+    """A LocalSession whose process dies (KeyboardInterrupt) right after its n-th report."""
+
+    def __init__(self, root, stop_after_reports: int):
+        super().__init__(root)
+        self.stop_after = stop_after_reports
+
+    def report(self, metrics, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir)
+        if len(self.reports) >= self.stop_after:
+            raise KeyboardInterrupt("a simulated crash")
+
+
+def run(exp, data, root, stop_after_reports=None):
+    session = (LocalSession(root) if stop_after_reports is None
+               else CrashingSession(root, stop_after_reports))
     train_worker(exp, data, session, checkpoint_root=root)
     return session
 

@@ -32,8 +32,7 @@ import torch
 from pipeline.core.config import ExperimentConfig
 from pipeline.core.io import (delete_from_storage, list_storage, read_from_storage, sha256_hex,
                               storage_location, write_to_storage)
-from pipeline.measure.stats import (JACKKNIFE_GROUPS, FeatureGroups, FeatureMoments, LogitMoments,
-                                    group_bounds)
+from pipeline.measure.stats import FeatureGroups, FeatureMoments, LogitMoments, group_bounds
 
 FEATURE_CHUNK = 1000  # images per chunk of feature extraction
 CHUNKS_FOLDER = "chunks"  # <storage>/chunks/<job name>/<chunk id>.npz
@@ -459,7 +458,3 @@ def assemble_nll_chunks(chunks: Sequence[Chunk], results: Sequence[Mapping[str, 
     parts = [NllPart(c.args["first"], c.args["count"], c.args["term_first"],
                      c.args["term_count"]) for c in chunks]
     return assemble_nll(parts, [r["bpd"] for r in results], num_images)
-
-
-def jackknife_groups(total: int) -> int:
-    return len(group_bounds(total, JACKKNIFE_GROUPS)) - 1

@@ -368,13 +368,11 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def __init__(self, checkpoint_root: str | Path, device: str = "cpu",
-                 stop_after_reports: Optional[int] = None):
+    def __init__(self, checkpoint_root: str | Path, device: str = "cpu"):
         self.device = torch.device(device)
         self.checkpoint_root = Path(checkpoint_root)
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []
-        self._stop_after = stop_after_reports
 
     def prepare_model(self, model):
         return model
@@ -387,8 +385,6 @@ class LocalSession:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
             self.checkpoints.append(Path(checkpoint_dir))
-        if self._stop_after is not None and len(self.reports) >= self._stop_after:
-            raise KeyboardInterrupt("stopped by LocalSession (simulated crash)")
 
     def all_reduce_mean(self, value):
         return value

@@ -169,16 +169,6 @@ class FeatureNetwork:
         return tuple(features[layer].float().numpy() for layer in self.layers)
 
 
-def extract_features(images_uint8: Any, *, extractor: str, weights_path: str | None,
-                     batch_size: int = 256, device: str = "cpu",
-                     download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(FID / KID features, IS logits) of uint8 N x C x H x W images in this process, with the
-    extractor's weights resolved and checked first (`FeatureNetwork`)."""
-    network = FeatureNetwork(extractor, _weights_for(extractor, weights_path, download), device,
-                             batch_size)
-    return network(images_uint8)
-
-
 def fidelity_of(samples_uint8: Any, reference_uint8: Any, *, extractor: str,
                 weights_path: str | None, is_splits: int = 1, device: str = "cpu",
                 download: bool = False) -> dict[str, float]:
