@@ -41,8 +41,8 @@ import pandas as pd
 from pipeline.artifacts.records import (METRICS, nll_path, over_training_path, save_nll_per_image,
                                        save_over_training, save_run_metrics)
 from pipeline.core.status import Status
-from pipeline.measure.stats import (KID_MAX_IMAGES, Estimate, FeatureMoments, KernelReference,
-                                    fidelity_scores, kid_subset)
+from pipeline.measure.stats import (JACKKNIFE_GROUPS, KID_MAX_IMAGES, Estimate, FeatureMoments,
+                                    KernelReference, fidelity_scores, kid_subset)
 
 FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> record names
 NLL_SPLITS = {"test": "nll_bpd", "train": "nll_bpd_train"}
@@ -117,7 +117,7 @@ class Apparatus:
 
 def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list:
     """Features of a run's n samples, in jackknife groups, with KID's first images."""
-    from pipeline.cluster.sharding import JACKKNIFE_GROUPS, feature_chunks
+    from pipeline.cluster.sharding import feature_chunks
 
     return feature_chunks(images, n, groups=JACKKNIFE_GROUPS, kid=range(min(n, KID_MAX_IMAGES)),
                           prefix=prefix)
@@ -126,7 +126,7 @@ def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list
 def scores_of(chunks, run, reference: FeatureMoments, kernel: KernelReference, is_splits: int,
               seed: int, total: int) -> dict[str, Estimate]:
     """FID, IS and KID with their standard errors, from a run's feature chunks."""
-    from pipeline.cluster.sharding import JACKKNIFE_GROUPS, merge_feature_parts
+    from pipeline.cluster.sharding import merge_feature_parts
 
     groups = merge_feature_parts(run.of(chunks), groups=JACKKNIFE_GROUPS, total=total)
     scores = fidelity_scores(groups, reference, kernel, is_splits=is_splits, seed=seed)
@@ -452,8 +452,7 @@ def reference_job(exp, apparatus: Apparatus):
     """The reference stage's `ShardedJob` and its chunks by purpose: {"pool" (the features of
     every prepared image, kept per image), "untrained" (its samples, sampled and featurized),
     "nll" (its bound, by split)}."""
-    from pipeline.cluster.sharding import (JACKKNIFE_GROUPS, Chunk, ShardedJob, Workers,
-                                           feature_chunks, job_name)
+    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, feature_chunks, job_name
     from pipeline.core.config import WORKER_KEYS
     from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, sample_chunks
 
