@@ -1,8 +1,9 @@
 """A run's result files and the reference scores: each writer beside its reader.
 
 - metrics/<E>-<S>.json (numbers only: the scores that tabulate turns into Table 2 and the
-  headline numbers results/metrics.json, DVC's metrics) and metrics/<E>-<S>_run.json (what the run was: experiment, status,
-  settings, sample counts, timings): `save_run_metrics` / `load_run_metrics`;
+  headline numbers results/metrics.json, DVC's metrics) and metrics/<E>-<S>_run.json (what the
+  run was: experiment, status, settings, sample counts, timings): `save_run_metrics` /
+  `load_run_metrics`;
 - metrics/<E>-<S>_nll.csv, the bound of every test and train image:
   `save_nll_per_image` / `load_nll_per_image`;
 - metrics/<E>-<S>_over_training.csv, the scores at each scored training step (one row, the

@@ -8,10 +8,9 @@ run's MLflow page (`run_tags`).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
-
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import numpy as np
 import yaml
@@ -89,8 +88,7 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     write_json(results_dir / "metrics.json", headline(made))
     paths.append(results_dir / "metrics.json")
     if charts_dir is not None:
-        paths += plot_data(params, plots_dir if plots_dir is not None else charts_dir,
-                           metrics_dir, charts_dir)
+        paths += plot_data(params, plots_dir, metrics_dir, charts_dir)
     if plots_dir is not None:
         paths.append(loss_figure(plots_dir, [r.key for r in params.runs()],
                                  results_dir / "loss_curves.png"))
@@ -132,13 +130,13 @@ def _finite(record: Mapping[str, Any], names: Iterable[str]) -> dict[str, float]
             if isinstance(record.get(name), (int, float)) and math.isfinite(record[name])}
 
 
-def plot_data(params: Params, plots_dir: str | Path, metrics_dir: str | Path,
+def plot_data(params: Params, plots_dir: Optional[str | Path], metrics_dir: str | Path,
               out_dir: str | Path) -> list[Path]:
     """The data of `dvc plots show`'s two charts (dvc.yaml's top-level `plots`, drawn by the
     template .dvc/plots/by_run.json, one line per run), as long tables with a `run` column:
 
-    - <out_dir>/loss.csv (run, step, loss): every run's training loss curve (plots/loss/<key>.csv;
-      non-finite losses left out), all runs on one set of axes;
+    - <out_dir>/loss.csv (run, step, loss): every run's training loss curve in `plots_dir`
+      (plots/loss/<key>.csv; `loss_curves`), all runs on one set of axes;
     - <out_dir>/fid_over_training.csv (run, step, fid): the FID of each run scored at several
       training steps (`evaluate.checkpoints`); a run scored only at its end has no line (a
       one-point chart says nothing), and the file holds its header alone when none was.
@@ -147,20 +145,17 @@ def plot_data(params: Params, plots_dir: str | Path, metrics_dir: str | Path,
     out_dir = Path(out_dir)
     loss = ["run,step,loss"]
     fid = ["run,step,fid"]
-    for run in params.runs():
-        path = loss_curve_path(plots_dir, run.key)
-        if path.is_file():
-            try:
-                steps, losses = load_loss_curve(path)
-            except LossCurveError as exc:  # names the file and what is wrong with it
-                raise ResultsError(f"{exc}; {remake(f'`dvc repro train@{run.key}`')}") from None
-            loss += [f"{run.key},{s},{v!r}" for s, v in zip(steps, losses)]
-        scores = over_training_path(metrics_dir, run.key)
+    keys = [run.key for run in params.runs()]
+    curves = loss_curves(plots_dir, keys) if plots_dir is not None else {}
+    for key, (steps, losses) in curves.items():
+        loss += [f"{key},{s},{v!r}" for s, v in zip(steps, losses)]
+    for key in keys:
+        scores = over_training_path(metrics_dir, key)
         if scores.is_file():
-            table = load_over_training(scores, run.key)
+            table = load_over_training(scores, key)
             table = table[np.isfinite(table["fid"])]
             if len(table) > 1:
-                fid += [f"{run.key},{int(s)},{float(v)!r}"
+                fid += [f"{key},{int(s)},{float(v)!r}"
                         for s, v in zip(table["step"], table["fid"])]
     paths = [out_dir / "loss.csv", out_dir / "fid_over_training.csv"]
     for path, lines in zip(paths, (loss, fid)):
@@ -187,9 +182,11 @@ def samples_figure(params: Params, samples_dir: str | Path, runs, out: Path) -> 
     return out
 
 
-def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
-    """Every run's training loss curve in one figure (results/loss_curves.png); a run without a
-    loss curve file, or without a finite loss, is left out."""
+def loss_curves(plots_dir: str | Path, keys: Iterable[str]
+                ) -> dict[str, tuple[list[int], list[float]]]:
+    """{key: (steps, losses)}: the loss curve of each run of `keys` that has a file in
+    `plots_dir` and a finite loss (non-finite losses left out); a file that is not a loss curve
+    stops tabulate with a ResultsError naming it and the fix."""
     curves = {}
     for key in keys:
         path = loss_curve_path(plots_dir, key)
@@ -200,7 +197,13 @@ def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
                 raise ResultsError(f"{exc}; {remake(f'`dvc repro train@{key}`')}") from None
             if steps:
                 curves[key] = (steps, losses)
-    save_loss_curves(curves, out, "training loss by experiment")
+    return curves
+
+
+def loss_figure(plots_dir: str | Path, keys: Iterable[str], out: Path) -> Path:
+    """Every run's training loss curve in one figure (results/loss_curves.png); a run without a
+    loss curve file, or without a finite loss, is left out."""
+    save_loss_curves(loss_curves(plots_dir, keys), out, "training loss by experiment")
     return out
 
 
