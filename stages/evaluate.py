@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.scores import headline
 from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _common.parser("evaluate", "Measure FID / IS / KID and NLL (bits/dim) of one run.",
+    p = _common.parser("evaluate", "Measure FID / IS / KID, precision / recall and NLL (bits/dim) of one run.",
                        experiment=True, folders=("data", "stats", "models", "samples"),
                        out=("metrics", "folder for <E>-<S>.json, _run.json, _nll.csv and "
                                        "_over_training.csv"),
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 result.chunks.discard()
         record = result.record
         shown = ", ".join(f"{k} {record[k]:.4g} ± {1.96 * record[k + '_se']:.2g}"
-                          for k in ("fid", "is_mean", "nll_bpd") if record.get(k) is not None)
+                          for k in headline() if record.get(k) is not None)
         print(f"evaluated {exp.key} ({record['status']}): {shown or 'no metrics'} "
               f"-> {paths['metrics']}")
         if record.get("best_checkpoint_step") is not None:

@@ -205,7 +205,8 @@ def test_the_stage_writes_the_runs_and_a_report_of_spread_and_coverage(calibrate
     entry = content["experiments"]["eps_simple"]
     assert sorted(entry["runs"]) == ["1", "2", "3", "4"]
     assert set(entry["runs"]["1"]) == {"fid", "is_mean", "kid_mean", "nll_bpd",
-                                       "nll_bpd_train", "nll_gap", "log_fid"}
+                                       "nll_bpd_train", "nll_gap", "log_fid", "precision",
+                                       "recall"}
     report = out.with_suffix(".md").read_text()
     assert "## Spread between seeds" in report and "## Coverage, each seed left out" in report
     calibration = cal.load_calibration(out)
@@ -275,7 +276,7 @@ def test_tabulate_stage_reads_the_calibration_and_labels_the_findings(calibrated
     results = tmp_path / "results"
     argv = ["--params", str(params), "--metrics", str(metrics), "--results", str(results),
             "--sweep", str(tmp_path / "none.csv"), "--plots", str(tmp_path / "plots"),
-            "--lock", str(tmp_path / "dvc.lock"), "--calibration", str(out)]
+            "--charts", str(tmp_path / "charts"), "--lock", str(tmp_path / "dvc.lock"), "--calibration", str(out)]
     assert tabulate_stage.main(argv) == 0
     assert "training noise calibrated on 4 seeds" in (results / "findings.md").read_text()
     argv[-1] = str(tmp_path / "absent.json")

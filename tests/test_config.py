@@ -1,6 +1,7 @@
 """params.yaml -> typed sections: defaults, overrides, and a catalogue of broken variants."""
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from helpers import assert_refused
 from pipeline.core.config import ConfigError, DiffusionConfig, ExperimentConfig
 from pipeline.core.params import load_params, parse_params
+from pipeline.core.sampler_specs import SAMPLER_SPECS
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -95,7 +97,10 @@ CATALOGUE = [
     (broken("experiments.eps_simple.weighting", "p2"), []),  # valid: p2 weights the simple loss
     (broken("experiments.eps_vlb_fixed.weighting", "p2"), ["weighting", "simple loss"]),
     (broken("train.lr", -1.0), ["train.lr", "> 0"]),
-    (broken("sample.steps", 50), ["sample.steps", "ancestral"]),
+    (broken("sample.steps", 50), ["sample.steps", "ancestral sampler takes no steps", "'ddim'"]),
+    (broken("sample.eta", 1.0), ["sample.eta", "ancestral sampler takes no eta", "'ddim'"]),
+    (broken("experiments.eps_simple.sample", {"steps": 20}), ["experiments.eps_simple.sample.steps",
+                                                               "takes no steps"]),
     (broken("evaluate.feature_extractor", "nonsense"), ["feature_extractor", "module:Class"]),
     (broken("experiments", ["eps"]), ["experiments", "mapping"]),
     (broken("evaluate.checkpoints", "every"), ["evaluate.checkpoints", "'all'", "list"]),
@@ -286,6 +291,10 @@ def test_the_library_registries_are_keyed_by_the_params_choices():
     assert config.LOSSES == tuple(gaussian.LOSSES)
     assert config.WEIGHTINGS == tuple(gaussian.WEIGHTINGS)
     assert config.SAMPLERS == tuple(samplers.SAMPLERS)
+    for name, spec in SAMPLER_SPECS.items():  # each takes its declared options, by keyword
+        parameters = inspect.signature(samplers.SAMPLERS[name]).parameters
+        assert set(spec.options) <= {k for k, p in parameters.items()
+                                     if p.kind == p.KEYWORD_ONLY}, name
     assert config.SWEEP_WEIGHTINGS == tuple(config.SWEEP_OBJECTIVES)
     assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
     for loss, weighting in config.SWEEP_OBJECTIVES.values():

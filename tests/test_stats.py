@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.measure.stats import (Estimate, FeatureGroups, FeatureMoments, KernelReference,
                                     LogitMoments, combine_seeds, delete_a_group, fidelity_scores,
+                                    precision_recall_estimates, precision_recall_reference,
                                     frechet_distance, group_bounds, inception_score,
                                     inception_score_of, jackknife, mean_estimate, paired_difference,
                                     total)
@@ -161,13 +162,55 @@ def test_fidelity_scores_of_a_run():
     reference = FeatureMoments.of(reference_features)
     groups = FeatureGroups.of(features, logits)
     scores = fidelity_scores(groups, reference, KernelReference(reference_features))
-    assert set(scores) == {"fid", "is", "kid"}
+    assert set(scores) == {"fid", "is_mean", "kid_mean", "precision", "recall"}
     for name, estimate in scores.items():
         low, high = estimate.interval()
         assert 0 < estimate.se < abs(estimate.value) and low < estimate.value < high, name
     assert scores["fid"].value == pytest.approx(
         frechet_distance(FeatureMoments.of(features), reference), rel=1e-10)
-    assert scores["is"].value == pytest.approx(inception_score_of(logits), rel=1e-12)
+    assert scores["is_mean"].value == pytest.approx(inception_score_of(logits), rel=1e-12)
+    real = precision_recall_reference(reference_features, 120)
+    assert (scores["precision"].value, scores["recall"].value) == pytest.approx(
+        knn_precision_recall(features, real, 3), abs=1e-12)
+
+
+def knn_precision_recall(generated, real, k):
+    """Kynkäänniemi et al. 2019 written out: an image's ball reaches its k-th nearest neighbour
+    in its own set; precision is the share of generated images inside some real ball, recall
+    the share of real images inside some generated ball."""
+    def radii(x):
+        d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]  # column 0 is the image itself
+
+    cross = np.sqrt(((generated[:, None, :] - real[None, :, :]) ** 2).sum(-1))
+    precision = (cross <= radii(real)[None, :]).any(axis=1).mean()
+    recall = (cross.T <= radii(generated)[None, :]).any(axis=1).mean()
+    return precision, recall
+
+
+def test_precision_and_recall_on_cases_with_known_answers():
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((200, 4))
+    same = precision_recall_estimates(real.copy(), real)
+    assert same["precision"].value == 1.0 and same["recall"].value == 1.0
+    far = precision_recall_estimates(real + 100.0, real)
+    assert far["precision"].value == 0.0 and far["recall"].value == 0.0
+    # a generator that covers a quarter of the real cloud, densely: samples that look real
+    # (high precision) but miss most of the data (low recall)
+    inner = real[np.linalg.norm(real, axis=1) < np.quantile(np.linalg.norm(real, axis=1), 0.25)]
+    collapsed = inner[rng.integers(len(inner), size=200)] + rng.normal(0, 0.01, (200, 4))
+    mode = precision_recall_estimates(collapsed, real, seed=1)
+    assert mode["precision"].value > 0.95 and mode["recall"].value < 0.5
+    assert (mode["precision"].value, mode["recall"].value) == pytest.approx(
+        knn_precision_recall(collapsed, real, 3), abs=1e-12)
+    low, high = mode["recall"].interval()
+    assert 0 < mode["recall"].se < 0.2 and low < mode["recall"].value < high
+    assert mode["precision"].se == 0.0 or mode["precision"].value < 1  # all inside: no spread
+    # a larger real set is cut to the generated set's size, the same images every time
+    big = rng.standard_normal((500, 4))
+    chosen = precision_recall_reference(big, 200)
+    assert len(chosen) == 200 and np.array_equal(chosen, precision_recall_reference(big, 200))
+    assert math.isnan(precision_recall_estimates(real[:4], real)["recall"].value)
 
 
 def test_paired_differences_see_a_shift_that_each_run_alone_cannot():

@@ -62,7 +62,9 @@ FID = {name: 3.2 + 10 * i + 0.123456789 for i, name in enumerate(SIX)}
 Z = 1.959963984540054  # the 97.5 % quantile of the normal distribution
 REFERENCE = {
     "real_data": {"fid": 4.41, "fid_sd": 1.4, "is_mean": 9.81, "is_mean_sd": 0.05,
-                  "kid_mean": 0.0, "kid_mean_sd": 0.001, "draws": 10, "num_images": 400,
+                  "kid_mean": 0.0, "kid_mean_sd": 0.001, "precision": 0.72,
+                  "precision_sd": 0.02, "recall": 0.7, "recall_sd": 0.03, "draws": 10,
+                  "num_images": 400,
                   "reference_images": 1397},
     "untrained": {"fid": 310.5, "fid_se": 2.0, "is_mean": 1.3, "is_mean_se": 0.01,
                   "kid_mean": 0.4, "kid_mean_se": 0.01, "nll_bpd": 8.1, "nll_bpd_se": 0.05},
@@ -81,11 +83,13 @@ def _record(name: str, dataset: str = "digits", seed: int = 0, **overrides) -> d
               "num_timesteps": 1000, "fid": FID.get(name, 5.0), "fid_se": 0.5,
               "is_mean": 8.1, "is_mean_se": 0.05, "kid_mean": 0.01, "kid_mean_se": 0.002,
               "nll_bpd": 3.9, "nll_bpd_se": 0.02, "nll_bpd_train": 3.8,
-              "nll_bpd_train_se": 0.02, "nll_method": "exact", "train_steps": 2000,
+              "nll_bpd_train_se": 0.02, "precision": 0.75, "precision_se": 0.02,
+              "recall": 0.5, "recall_se": 0.03, "nll_method": "exact", "train_steps": 2000,
               "final_loss": 0.03, "train_wall_s": 120.0, "images_per_s": 2100.0}
     if status == "unstable":
         record.update({k: None for k in record if k.startswith(("fid", "is_mean", "kid_",
-                                                                   "nll_bpd"))})
+                                                                   "nll_bpd", "precision",
+                                                                   "recall"))})
     record.update(overrides)
     return record
 
@@ -255,7 +259,8 @@ def test_absent_reference_is_none(tmp_path):
 
 def test_table2_groups_and_orders_rows_as_in_the_paper(six):
     table = table2(six, "digits")
-    assert list(table.columns) == ["Objective", "IS", "FID", "NLL Test (Train)", "KID"]
+    assert list(table.columns) == ["Objective", "IS", "FID", "NLL Test (Train)", "KID",
+                                   "Precision", "Recall"]
     assert list(table["Objective"]) == [
         "μ̃ prediction (baseline)",
         "L, learned diagonal Σ",
@@ -275,10 +280,10 @@ def test_table2_groups_and_orders_rows_as_in_the_paper(six):
 
 def test_table2_formats_numbers_and_shows_a_dash_for_the_unstable_row(six):
     rows = {r[0]: r[1:] for r in _md_rows(to_markdown(table2(six, "digits")))}
-    assert rows["||μ̃ − μ̃_θ||²"] == ["–"] * 4
+    assert rows["||μ̃ − μ̃_θ||²"] == ["–"] * 6
     assert rows["||ε̃ − ε_θ||² (L_simple)"] == [
         cell(8.1, 0.05), cell(FID["eps_simple"], 0.5), f"≤ {cell(3.9, 0.02)} (3.80)",
-        cell(0.01, 0.002, 4)]  # 3 significant figures
+        cell(0.01, 0.002, 4), cell(0.75, 0.02), cell(0.5, 0.03)]  # KID: 3 significant figures
 
 
 def test_markdown_keeps_trailing_zeros_and_escapes_norm_bars(six):
@@ -335,7 +340,8 @@ def test_table2_puts_x0_hybrid_and_variants_where_they_belong(tmp_path):
 
 def test_table1_labels_name_every_parameterization_but_the_papers_eps(six):
     table = table1(six, None, "digits")
-    assert list(table.columns) == ["Model", "IS", "FID", "NLL Test (Train)"]
+    assert list(table.columns) == ["Model", "IS", "FID", "NLL Test (Train)", "Precision",
+                                   "Recall"]
     assert list(table["Model"]) == [
         "Ours (μ̃ prediction, L, learned diagonal Σ)",
         "Ours (μ̃ prediction, L, fixed isotropic Σ)",
@@ -359,8 +365,9 @@ def test_table1_labels_name_every_parameterization_but_the_papers_eps(six):
 def test_table1_cells(six):
     table = table1(six, None, "digits").set_index("Model")
     assert list(table.loc["Ours (L_simple)"]) == [
-        cell(8.1, 0.05), cell(FID["eps_simple"], 0.5), f"≤ {cell(3.9, 0.02)} (3.80)"]
-    assert list(table.loc["Ours (||μ̃ − μ̃_θ||²)"]) == ["–", "–", "–"]
+        cell(8.1, 0.05), cell(FID["eps_simple"], 0.5), f"≤ {cell(3.9, 0.02)} (3.80)",
+        cell(0.75, 0.02), cell(0.5, 0.03)]
+    assert list(table.loc["Ours (||μ̃ − μ̃_θ||²)"]) == ["–"] * 5
 
 
 def test_table1_appends_weighting_and_schedule_and_separates_duplicates(tmp_path):
@@ -385,10 +392,12 @@ def test_table1_digits_reference_rows(six):
     intervals) and the ceiling of the bound: log2 of the data's 17 levels."""
     table = table1(six, REFERENCE, "digits").set_index("Model")
     real = "Real data (400 images, mean ± sd over 10 draws)"
-    assert list(table.loc[real]) == ["9.81 ± 0.05", "4.41 ± 1.40", ""]
+    assert list(table.loc[real]) == ["9.81 ± 0.05", "4.41 ± 1.40", "", "0.72 ± 0.02",
+                                     "0.70 ± 0.03"]
     assert list(table.loc["Untrained model"]) == [cell(1.3, 0.01), cell(310.5, 2.0),
-                                                  f"≤ {cell(8.1, 0.05)}"]
-    assert list(table.loc["Uniform over the 17 levels (NLL ceiling)"]) == ["", "", "4.09"]
+                                                  f"≤ {cell(8.1, 0.05)}", "", ""]
+    assert list(table.loc["Uniform over the 17 levels (NLL ceiling)"]) == ["", "", "4.09", "",
+                                                                           ""]
     raw = table1_raw(six, REFERENCE, "digits")
     assert list(raw["source"]).count("reference") == 3
     assert raw.set_index("model").loc[real, "fid_sd"] == 1.4
@@ -399,8 +408,8 @@ def test_table1_cifar10_adds_the_papers_rows_after_ours(six):
     table = table1(six.assign(dataset="cifar10"), None, "cifar10")
     assert list(table["Model"])[-2:] == ["Paper: Ours (L, fixed isotropic Σ)",
                                          "Paper: Ours (L_simple)"]
-    assert list(table.iloc[-2, 1:]) == ["7.67 ± 0.13", "13.51", "≤ 3.70 (3.69)"]
-    assert list(table.iloc[-1, 1:]) == ["9.46 ± 0.11", "3.17", "≤ 3.75 (3.72)"]
+    assert list(table.iloc[-2, 1:]) == ["7.67 ± 0.13", "13.51", "≤ 3.70 (3.69)", "", ""]
+    assert list(table.iloc[-1, 1:]) == ["9.46 ± 0.11", "3.17", "≤ 3.75 (3.72)", "", ""]
 
 
 def test_cell_formatters():

@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import UserError
+from pipeline.core.scores import MEASURED as SCORES
 from pipeline.core.status import Status
 
-# Every score of a run; each has a standard error `<score>_se` beside it in metrics/<key>.json.
-SCORES = ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train")
+# Every measured score of a run (`pipeline.core.scores`), each with its standard error
+# `<score>_se` beside it in metrics/<key>.json.
 METRICS = tuple(name for score in SCORES for name in (score, f"{score}_se"))
 DESCRIPTORS = ("experiment", "seed", "status", "dataset", "mean_type", "var_type", "loss",
                "weighting", "schedule", "num_timesteps")

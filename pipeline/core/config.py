@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pipeline.core.coerce import ConfigError, build_section, choices, plain
+from pipeline.core.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, unused_options
 
 # A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
 # hybrid loss (Nichol & Dhariwal) with the uniform weighting. Name -> (diffusion.loss, weighting).
@@ -208,13 +209,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling: ancestral (Algorithm 2, all T steps) or strided DDIM (`steps`, `eta`)."""
+    """Sampling with one of the samplers of `pipeline.core.sampler_specs` (ancestral: Algorithm
+    2, all T steps; ddim: strided DDIM, `steps` and `eta`), each taking its declared options."""
 
     num_samples: int = 400
     batch_size: int = 400
-    sampler: Literal["ancestral", "ddim"] = "ancestral"
-    steps: Optional[int] = None  # None: all T steps
-    eta: float = 0.0
+    sampler: Literal[SAMPLER_NAMES] = "ancestral"
+    steps: Optional[int] = None  # None: all T steps (a sampler option: ddim)
+    eta: float = 0.0             # a sampler option: ddim
     grid_size: int = 10
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # PRECISIONS (pipeline/model/precision.py)
     compile: bool = False  # torch.compile the U-Net's forward (pays off on long runs)
@@ -229,6 +231,12 @@ class SampleConfig:
         require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
         require(self.steps is None or self.steps >= 1, f"{where}.steps", "must be >= 1")
         require(self.eta >= 0.0, f"{where}.eta", "must be >= 0")
+        for key in unused_options(self):
+            takers = [s.name for s in SAMPLER_SPECS.values() if key in s.options]
+            require(False, f"{where}.{key}",
+                    f"the {self.sampler} sampler takes no {key} "
+                    f"({SAMPLER_SPECS[self.sampler].summary}); leave it empty or use "
+                    f"sampler {' or '.join(repr(t) for t in takers)}")
         require(self.grid_size >= 1, f"{where}.grid_size", "must be >= 1")
 
 
@@ -540,7 +548,7 @@ MEAN_TYPES = choices(DiffusionConfig, "mean_type")
 VAR_TYPES = choices(DiffusionConfig, "var_type")
 LOSSES = choices(DiffusionConfig, "loss")
 WEIGHTINGS = choices(DiffusionConfig, "weighting")
-SAMPLERS = choices(SampleConfig, "sampler")
+SAMPLERS = SAMPLER_NAMES
 PRECISIONS = choices(TrainConfig, "precision")  # sample.precision has the same (tested)
 SWEEP_SCHEDULES = choices(SweepConfig, "schedules")
 SWEEP_WEIGHTINGS = choices(SweepConfig, "weightings")

@@ -211,10 +211,6 @@ def _resolve_experiment(name: str, overrides: Any, sections: dict[str, Any]) -> 
     merged = {**plain(dataclasses.asdict(sections["diffusion"])), **diffusion_overrides}
     resolved["diffusion"] = build_section(DiffusionConfig, merged, where)
     resolved["diffusion"].validate(where)
-    if resolved["sample"].steps is not None and resolved["sample"].sampler == "ancestral":
-        require(resolved["sample"].steps == resolved["diffusion"].num_timesteps,
-                 "sample.steps", "the ancestral sampler runs all num_timesteps steps; "
-                 "leave steps empty or use sampler 'ddim' for fewer")
     if resolved["sample"].steps is not None:
         require(resolved["sample"].steps <= resolved["diffusion"].num_timesteps, "sample.steps",
                  f"must be <= diffusion.num_timesteps ({resolved['diffusion'].num_timesteps})")

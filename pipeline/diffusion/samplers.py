@@ -1,7 +1,8 @@
 """Samplers of the reverse process: ancestral sampling (Algorithm 2 of Ho et al. 2020) and
 strided DDIM (Song et al. 2021), each (diffusion, model, x_T, *, generator, callback, progress,
-...) -> x_0, in `SAMPLERS` under the names `sample.sampler` takes; `sample` draws x_T and runs
-one."""
+<its options>) -> x_0, in `SAMPLERS` under the names of their declarations
+(`pipeline.core.sampler_specs`: what `sample.sampler` takes, and which options of `sample` each
+is called with); `sample` draws x_T and runs one."""
 
 from __future__ import annotations
 

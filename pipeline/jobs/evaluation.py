@@ -40,11 +40,13 @@ import pandas as pd
 
 from pipeline.artifacts.records import (METRICS, nll_path, over_training_path, save_nll_per_image,
                                        save_over_training, save_run_metrics)
+from pipeline.core.scores import SCORES
 from pipeline.core.status import Status
 from pipeline.measure.stats import (JACKKNIFE_GROUPS, KID_MAX_IMAGES, Estimate, FeatureMoments,
                                     KernelReference, fidelity_scores, kid_subset)
 
-FIDELITY_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean"}  # stats -> record names
+# The scores of a set of images, also measured on real data (`pipeline.core.scores`)
+REAL_DATA_SCORES = tuple(s.name for s in SCORES if s.real_data)
 NLL_SPLITS = {"test": "nll_bpd", "train": "nll_bpd_train"}
 
 
@@ -129,8 +131,7 @@ def scores_of(chunks, run, reference: FeatureMoments, kernel: KernelReference, i
     from pipeline.cluster.sharding import merge_feature_parts
 
     groups = merge_feature_parts(run.of(chunks), groups=JACKKNIFE_GROUPS, total=total)
-    scores = fidelity_scores(groups, reference, kernel, is_splits=is_splits, seed=seed)
-    return {FIDELITY_KEYS[name]: value for name, value in scores.items()}
+    return fidelity_scores(groups, reference, kernel, is_splits=is_splits, seed=seed)
 
 
 def nll_job_chunks(exp, model: str, seed: int, sizes: Mapping[str, int], prefix: str = "nll",
@@ -391,7 +392,7 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
     tracker.log_artifact(run_id, paths["scores"], "fid_over_training")
     tracker.log_artifact(run_id, paths["figure"], "fid_over_training")
     tracker.log_metrics(run_id, {k: v for k, v in record.items()
-                                 if k.startswith(("fid", "is_", "kid_", "nll_bpd", "evaluate_"))
+                                 if (k in METRICS or k.startswith("evaluate_"))
                                  and v is not None})
     tracker.set_tags(run_id, {TAG_STATUS: record["status"]})
     tracker.log_artifact(run_id, paths["metrics"], "metrics")
@@ -406,9 +407,10 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
 def real_data_draws(features: np.ndarray, logits: np.ndarray, num_images: int, draws: int,
                     is_splits: int, seed: int = 0) -> dict[str, Any]:
     """`draws` draws of `num_images` real images from all prepared images (their `features` and
-    `logits`), each scored against the rest of them: {fid, fid_sd, is_mean, is_mean_sd,
-    kid_mean, kid_mean_sd, draws, num_images, reference_images}."""
-    from pipeline.measure.stats import frechet_distance, inception_score_of
+    `logits`), each scored against the rest of them: {<score>, <score>_sd} for each score of
+    REAL_DATA_SCORES, and draws, num_images, reference_images."""
+    from pipeline.measure.stats import (frechet_distance, inception_score_of, precision_recall,
+                                        precision_recall_reference)
 
     num_images = min(num_images, len(features) - 2)
     rng = np.random.default_rng(seed)
@@ -418,14 +420,18 @@ def real_data_draws(features: np.ndarray, logits: np.ndarray, num_images: int, d
         chosen, rest = order[:num_images], order[num_images:]
         kernel = KernelReference(features[rest][kid_subset(len(rest))])
         k_xx, sums = kernel.prepare(features[chosen[:KID_MAX_IMAGES]])
+        precision, recall = precision_recall(
+            features[chosen[:KID_MAX_IMAGES]],
+            precision_recall_reference(features[rest], min(len(chosen), KID_MAX_IMAGES)))
         rows.append({"fid": frechet_distance(FeatureMoments.of(features[chosen]),
                                              FeatureMoments.of(features[rest])),
                      "is_mean": inception_score_of(logits[chosen], is_splits),
-                     "kid_mean": kernel.distance(k_xx, sums, np.arange(len(k_xx)))})
+                     "kid_mean": kernel.distance(k_xx, sums, np.arange(len(k_xx))),
+                     "precision": precision, "recall": recall})
     frame = pd.DataFrame(rows)
     out: dict[str, Any] = {"draws": draws, "num_images": int(num_images),
                            "reference_images": int(len(features) - num_images)}
-    for key in FIDELITY_KEYS.values():
+    for key in REAL_DATA_SCORES:
         out[key] = float(frame[key].mean())
         out[f"{key}_sd"] = float(frame[key].std(ddof=1)) if draws > 1 else math.nan
     return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import ExperimentConfig
+from pipeline.core.sampler_specs import sampler_options
 from pipeline.data.datasets import to_uint8
 from pipeline.diffusion.gaussian import GaussianDiffusion
 from pipeline.diffusion.samplers import sample
@@ -75,10 +76,9 @@ def sample_batch(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg,
             snapshot_t.append(int(t))
 
     generators = item_generators("sample", seed, range(first, first + count), device)
-    kwargs = {"steps": cfg.steps, "eta": cfg.eta} if cfg.sampler == "ddim" else {}
     with matmul_precision(cfg.precision):
         x = sample(diffusion, net, (count, *image_shape), generators, sampler=cfg.sampler,
-                   device=device, callback=callback, **kwargs)
+                   device=device, callback=callback, **sampler_options(cfg))
     out = {"images": to_uint8(x.clamp(-1, 1), diffusion.data_levels).cpu().numpy()}
     if num_progressive:
         out["progressive"] = torch.stack(snapshots, dim=1).numpy()

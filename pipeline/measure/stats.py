@@ -1,5 +1,5 @@
-"""How sure the study's numbers are: standard errors and intervals for FID / IS / KID, the NLL
-bound, and differences between runs.
+"""How sure the study's numbers are: standard errors and intervals for FID / IS / KID,
+precision and recall, the NLL bound, and differences between runs.
 
 Every score is an `Estimate` (value, standard error, degrees of freedom) with a 95 % interval:
 
@@ -11,6 +11,11 @@ Every score is an `Estimate` (value, standard error, degrees of freedom) with a 
   set aside: at N = 400 in 128 feature dimensions a resample's repeated images shift and spread
   FID far more than new images do (measured: bootstrap sd 3.3x the true sd of FID over fresh
   draws, jackknife 1.2x), so its intervals mean little there.
+- Precision and recall (Kynkäänniemi et al. 2019, torch-fidelity's `metric_prc`): the share of
+  generated images inside the real images' k-NN balls (k = 3), and of real images inside the
+  generated images'. Both sets are of equal size, the first min(N, 2000) generated images and
+  as many real ones (`precision_recall_reference`); their standard error is the jackknife over
+  random groups of the generated images, recomputing the generated balls without each group.
 - The NLL bound is a mean over images: standard error sd / sqrt(n), and two runs scored on the
   same images are compared image by image (`paired_difference`), which removes the spread
   between images from their difference.
@@ -31,6 +36,7 @@ import torch
 LEVEL = 0.95            # of every interval the study reports
 JACKKNIFE_GROUPS = 50   # delete-a-group jackknife: leave out one of this many groups at a time
 KID_MAX_IMAGES = 2000   # KID over all pairs of at most this many images on each side
+PRC_NEIGHBORHOOD = 3    # precision and recall: each image's ball reaches its 3rd nearest neighbour
 
 
 @dataclass(frozen=True)
@@ -267,17 +273,64 @@ class FeatureGroups:
 
 def fidelity_scores(groups: FeatureGroups, reference: FeatureMoments, kernel: KernelReference,
                     *, is_splits: int = 1, seed: int = 0) -> dict[str, Estimate]:
-    """{"fid", "is", "kid"} of a run's images against the reference (`reference`: its feature
-    sums; `kernel`: its KID side), each with its delete-a-group jackknife standard error (FID
-    and IS over `groups`' groups, KID over random groups of its images)."""
+    """{"precision", "recall", "fid", "is_mean", "kid_mean"} (`pipeline.core.scores`' names)
+    of a run's images against the reference (`reference`: its feature
+    sums; `kernel`: its KID side, whose images precision and recall compare with too), each
+    with its delete-a-group jackknife standard error (FID and IS over `groups`' groups, KID,
+    precision and recall over random groups of its first images)."""
     k_xx, xy_sums = kernel.prepare(groups.kid_features)
-    return {
+    prc = precision_recall_estimates(groups.kid_features, kernel.y, seed=seed)
+    return {**prc,
         "fid": delete_a_group(lambda kept: frechet_distance(
             total([groups.features[g] for g in kept]), reference), len(groups.features)),
-        "is": delete_a_group(lambda kept: inception_score(
+        "is_mean": delete_a_group(lambda kept: inception_score(
             [groups.logits[g] for g in kept], is_splits), len(groups.logits)),
-        "kid": jackknife(lambda i: kernel.distance(k_xx, xy_sums, i), len(k_xx), seed=seed),
+        "kid_mean": jackknife(lambda i: kernel.distance(k_xx, xy_sums, i), len(k_xx),
+                              seed=seed),
     }
+
+
+def precision_recall_reference(real: np.ndarray, n: int, seed: int = 2019) -> np.ndarray:
+    """The real images that precision and recall compare n generated images with: all of
+    `real` if it holds n or fewer, else a seeded random n of them, in order (the k-NN balls
+    shrink as a set grows, so both sets are of one size)."""
+    real = np.asarray(real, dtype=np.float64)
+    if len(real) <= n:
+        return real
+    return real[np.sort(np.random.default_rng(seed).permutation(len(real))[:n])]
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """(precision, recall) of `generated` against `real` features, torch-fidelity's k-NN
+    estimate with k = PRC_NEIGHBORHOOD."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    precision, recall = calculate_precision_recall_full(
+        torch.from_numpy(np.asarray(generated, np.float64)),
+        torch.from_numpy(np.asarray(real, np.float64)), neighborhood=PRC_NEIGHBORHOOD)
+    # each is a share of images, which torch-fidelity averages in float32: back to the count's
+    return round(precision * len(generated)) / len(generated), round(recall * len(real)) / len(real)
+
+
+def precision_recall_estimates(generated: np.ndarray, real: np.ndarray,
+                               seed: int = 0) -> dict[str, Estimate]:
+    """{"precision", "recall"} of `generated` against as many of `real`
+    (`precision_recall_reference`), each with the jackknife standard error over random groups
+    of the generated images (both from one computation per group left out)."""
+    generated = np.asarray(generated, dtype=np.float64)
+    real = precision_recall_reference(real, len(generated))
+    if len(generated) < PRC_NEIGHBORHOOD + 2 or len(real) < PRC_NEIGHBORHOOD + 1:  # no balls
+        return {name: Estimate(math.nan, math.nan) for name in ("precision", "recall")}
+    computed: dict[bytes, tuple[float, float]] = {}
+
+    def both(index: np.ndarray) -> tuple[float, float]:
+        key = index.tobytes()
+        if key not in computed:
+            computed[key] = precision_recall(generated[index], real)
+        return computed[key]
+
+    return {name: jackknife(lambda i, k=k: both(i)[k], len(generated), seed=seed)
+            for k, name in enumerate(("precision", "recall"))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +365,7 @@ def combine_seeds(per_seed: Sequence[Estimate]) -> Estimate:
 
 
 def estimate(row: Mapping[str, Any], score: str) -> Estimate:
-    """The `Estimate` of `score` in a row of `aggregate` (or of `load_runs`)."""
-    return Estimate(float(row[score]), float(row[f"{score}_se"]),
+    """The `Estimate` of `score` in a row of `aggregate` (or of `load_runs`); NaN where the row
+    lacks it (not measured)."""
+    return Estimate(float(row.get(score, math.nan)), float(row.get(f"{score}_se", math.nan)),
                     float(row.get(f"{score}_df", math.inf)))

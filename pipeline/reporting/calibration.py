@@ -27,12 +27,13 @@ import pandas as pd
 from pipeline.core.coerce import plain
 from pipeline.core.errors import UserError
 from pipeline.core.io import sha256_hex, write_text
+from pipeline.core.scores import ROW_SCORES, SCORES
 from pipeline.core.status import Status
 from pipeline.measure.seed_noise import (SeedSpread, add_variance, leave_one_out, predicts,
                                          seed_spread)
 from pipeline.measure.stats import Estimate
 from pipeline.reporting.formats import to_markdown
-from pipeline.reporting.results import ROW_SCORES, run_estimates
+from pipeline.reporting.results import run_estimates
 
 if TYPE_CHECKING:
     from pipeline.core.config import ExperimentConfig
@@ -245,7 +246,7 @@ def row_spread(row: Mapping[str, Any], score: str) -> Optional[SeedSpread]:
 # What a calibration measured, and whether its intervals hold
 # --------------------------------------------------------------------------------------------
 
-SHOWN_SCORES = ("fid", "log_fid", "is_mean", "nll_bpd", "nll_bpd_train", "nll_gap")
+SHOWN_SCORES = tuple(s.name for s in SCORES if s.calibrated)
 
 
 def spread_frame(calibration: Calibration) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.core import scores
 from pipeline.core.status import Status
 from pipeline.measure.seed_noise import add_variance
 from pipeline.measure.stats import Estimate, estimate, paired_difference
@@ -51,11 +52,7 @@ ROW_NAMES = {("mu", "learned"): "μ̃, L, learned Σ", ("mu", "fixed"): "μ̃, L
              ("mu", "simple"): "μ̃, MSE", ("eps", "learned"): "ε, L, learned Σ",
              ("eps", "fixed"): "ε, L, fixed Σ", ("eps", "simple"): "ε, L_simple"}
 TRAINABLE = (("mu", "learned"), ("mu", "fixed"), ("eps", "fixed"), ("eps", "simple"))
-LOWER_IS_BETTER = {"fid": True, "is_mean": False, "nll_bpd": True}
-SCORE_NAMES = {"fid": "FID", "is_mean": "IS", "nll_bpd": "NLL"}
 SAMPLING_ONLY = "one seed: sampling noise only"
-_DIFFERENCE = {"fid": "FID ratio", "is_mean": "difference", "nll_bpd": "difference"}
-_TIE = {"fid": "1", "is_mean": "0", "nll_bpd": "0"}
 CALIBRATED_LABEL = "one seed, training noise calibrated on"   # ... N seeds
 
 
@@ -99,10 +96,28 @@ def _advantage(a: Mapping[str, Any], b: Mapping[str, Any], score: str,
             # variance (calibration) is added to the paired difference's
             spreads = [s for s in (row_spread(a, score), row_spread(b, score)) if s is not None]
             return add_variance(paired_difference(b_images, a_images), spreads)
-    if score == "fid":
-        return _estimate(b, LOG_FID) - _estimate(a, LOG_FID)
+    if _ratio(score):
+        return _estimate(b, f"log_{score}") - _estimate(a, f"log_{score}")
     diff = _estimate(b, score) - _estimate(a, score)
-    return diff if LOWER_IS_BETTER[score] else Estimate(-diff.value, diff.se, diff.df)
+    return diff if scores.score(score).lower_is_better else Estimate(-diff.value, diff.se,
+                                                                     diff.df)
+
+
+def _ratio(score: str) -> bool:
+    """Whether rows are compared on `score` by their ratio (its log, `log_<score>`): FID."""
+    return bool(score) and scores.score(score).compare == "ratio"
+
+
+def _name(score: str) -> str:
+    return scores.score(score).label
+
+
+def _difference(score: str) -> str:
+    return f"{_name(score)} ratio" if _ratio(score) else "difference"
+
+
+def _tie(score: str) -> str:
+    return "1" if _ratio(score) else "0"
 
 
 def _side(estimate: Estimate) -> str:
@@ -126,15 +141,15 @@ def _lead(value: float, digits: int = 2, score: str = "") -> str:
     """"ahead by 1.20" or "behind by 1.20" (a negative advantage); for FID (a log ratio,
     `_advantage`) "ahead: FID ratio 2.90" (the other row's FID over this one's)."""
     side = "ahead" if value >= 0 else "behind"
-    if score == "fid":
-        return f"{side}: FID ratio {_fmt(math.exp(value), digits)}"
+    if _ratio(score):
+        return f"{side}: {_difference(score)} {_fmt(math.exp(value), digits)}"
     return f"{side} by {_fmt(abs(value), digits)}"
 
 
 def _interval(estimate: Estimate, digits: int = 2, score: str = "") -> str:
     """"[low, high]"; for FID the interval of the ratio (`_lead`)."""
     low, high = estimate.interval()
-    if score == "fid":
+    if _ratio(score):
         low, high = math.exp(low), math.exp(high)
     return f"[{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
@@ -160,11 +175,11 @@ class _Judge:
     def _value(self, key, score, digits=2) -> str:
         row = self.rows[key]
         return "unstable" if _unstable(row) else \
-            f"{SCORE_NAMES[score]} {_fmt(row[score], digits)}"
+            f"{_name(score)} {_fmt(row[score], digits)}"
 
     def better(self, claim: str, paper: str, a, b, score: str) -> Finding:
-        rule = (f"{SCORE_NAMES[score]}: 95 % interval of the {_DIFFERENCE[score]} excludes "
-                f"{_TIE[score]} (paired on the test images for NLL)")
+        rule = (f"{_name(score)}: 95 % interval of the {_difference(score)} excludes "
+                f"{_tie(score)} (paired on the test images for NLL)")
         if a not in self.rows or b not in self.rows:
             return Finding(claim, paper, "", "", NOT_MEASURED, rule)
         ra, rb = self.rows[a], self.rows[b]
@@ -181,8 +196,8 @@ class _Judge:
 
 
     def best(self, claim: str, paper: str, a, score: str) -> Finding:
-        rule = (f"{SCORE_NAMES[score]}: better than every other row, each "
-                f"{_DIFFERENCE[score]}'s 95 % interval excluding {_TIE[score]}")
+        rule = (f"{_name(score)}: better than every other row, each "
+                f"{_difference(score)}'s 95 % interval excluding {_tie(score)}")
         if a not in self.rows:
             return Finding(claim, paper, "", "", NOT_MEASURED, rule)
         others = [k for k in self.rows if k != a]

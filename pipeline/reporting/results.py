@@ -21,17 +21,12 @@ import pandas as pd
 from pipeline.artifacts.records import (DESCRIPTORS, METRICS, SCORES, ResultsError,
                                         load_run_metrics, metrics_path, run_info_path)
 from pipeline.core.config import LOSSES, MEAN_TYPES, SCHEDULES, VAR_TYPES, WEIGHTINGS, run_key
+from pipeline.core.scores import ROW_SCORES
 from pipeline.core.status import Status
 from pipeline.measure.stats import Estimate, combine_seeds, estimate
 
-# The scores of a row: those of metrics/<key>.json, and the test - train gap of the bound
-# (one model's two bounds: its training noise cancels in the gap, so the gap is a score of
-# its own, not the difference of two rows' scores).
-GAP = "nll_gap"
-# log FID: FID's noise, between samples and between seeds, grows with the score (a row at FID
-# 180 spreads 35x as far as one at 8), so rows are compared by their ratio of FIDs
-LOG_FID = "log_fid"
-ROW_SCORES = (*SCORES, GAP, LOG_FID)
+# The derived scores of a row (`pipeline.core.scores`): the test - train gap of the bound, log FID
+GAP, LOG_FID = "nll_gap", "log_fid"
 
 
 def run_estimates(run: Mapping[str, Any]) -> dict[str, Estimate]:

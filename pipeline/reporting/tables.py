@@ -39,6 +39,8 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from pipeline.core import scores
+from pipeline.core.scores import Score
 from pipeline.core.status import Status
 from pipeline.measure.stats import Estimate
 from pipeline.reporting.formats import (TEX, TEXT, Notation, finite, format_mean_std, format_nll,
@@ -166,9 +168,31 @@ def table2_labels(rows: list[dict], notation: Notation = TEXT) -> list[str]:
 # Table 1
 # --------------------------------------------------------------------------------------------
 
-TABLE1_SCORES = ("is_mean", "fid", "nll_bpd", "nll_bpd_train")
+TABLE1_SCORES = tuple(s.name for s in scores.in_table(1))
 INTERVAL_COLUMNS = tuple(f"{score}{suffix}" for score in TABLE1_SCORES
                          for suffix in ("", "_low", "_high", "_sd"))
+
+
+def _columns(table: int) -> list[Score]:
+    """The scores with a column of their own in Table `table`, in order."""
+    return [s for s in scores.in_table(table) if s.column is not None]
+
+
+def _cell(row: Mapping[str, Any], s: Score, notation: Notation, spread: bool = False) -> str:
+    """One score's cell: its value with its interval (one seed) or mean ± sd (several); with
+    `spread` (the paper's rows, the real-data draws) mean ± sd for a score of the samples and
+    the value alone for one of the bound. A score shown `within` it follows in brackets."""
+    digits = s.digits if s.digits is not None else significant_digits(row[s.name])
+    if not spread:
+        cell = format_score(row, s.name, digits, notation)
+    elif s.source == scores.SAMPLES:
+        cell = format_mean_std(row[s.name], row.get(f"{s.name}_sd"), digits, notation)
+    else:
+        cell = format_value(row[s.name], digits)
+    for inner in scores.SCORES:
+        if inner.within == s.name:
+            cell = format_nll(cell, row.get(inner.name), notation)
+    return cell
 
 
 def _reference_label(key: str, entry: Mapping[str, Any], notation: Notation) -> str:
@@ -231,28 +255,19 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
 
 def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> pd.DataFrame:
     """Table 1 formatted in `notation` from its raw rows and their model labels."""
+    columns = _columns(1)
     cells = []
     for model, row in zip(models, raw.to_dict("records")):
         if unstable(row):
-            cells.append([model, *[notation.dash] * 3])
+            cells.append([model, *[notation.dash] * len(columns)])
+            continue
+        if row["source"] == "reference" and not finite(row["fid"]):
+            # the ceiling, the uniform distribution over the levels: an NLL, no samples
+            cells.append([model, *(format_value(row[s.name], s.digits or 2) for s in columns)])
             continue
         spread = row["source"] == "paper" or model.startswith("Real data")
-        ceiling = row["source"] == "reference" and not finite(row["fid"])
-        if spread:  # the paper's ± and the real-data draws: mean ± sd
-            is_cell = format_mean_std(row["is_mean"], row["is_mean_sd"], 2, notation)
-            fid_cell = format_mean_std(row["fid"], row["fid_sd"], 2, notation)
-            nll_cell = format_value(row["nll_bpd"])
-        else:
-            is_cell = format_score(row, "is_mean", 2, notation)
-            fid_cell = format_score(row, "fid", 2, notation)
-            nll_cell = format_score(row, "nll_bpd", 2, notation)
-        if ceiling:  # the uniform distribution over the levels: an NLL, no samples
-            cells.append([model, "", "", format_value(row["nll_bpd"])])
-            continue
-
-        cells.append([model, is_cell, fid_cell,
-                      format_nll(nll_cell, row["nll_bpd_train"], notation)])
-    return pd.DataFrame(cells, columns=["Model", "IS", "FID", "NLL Test (Train)"])
+        cells.append([model, *(_cell(row, s, notation, spread) for s in columns)])
+    return pd.DataFrame(cells, columns=["Model", *(s.column for s in columns)])
 
 
 
@@ -263,7 +278,7 @@ def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> p
 # Table 2
 # --------------------------------------------------------------------------------------------
 
-TABLE2_SCORES = ("is_mean", "fid", "nll_bpd", "nll_bpd_train", "kid_mean")
+TABLE2_SCORES = tuple(s.name for s in scores.in_table(2))
 
 
 def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
@@ -315,7 +330,8 @@ def _table2_frame(df: pd.DataFrame, dataset: str
 def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str,
                   notation: Notation) -> pd.DataFrame:
     """Table 2 formatted in `notation` from its raw rows and their (group, objective)."""
-    columns = ["Objective", "IS", "FID", "NLL Test (Train)", "KID"]
+    scored = _columns(2)
+    columns = ["Objective", *(s.column for s in scored)]
     paper = dataset == "cifar10"
     if paper:
         columns += ["IS (paper)", "FID (paper)"]
@@ -326,14 +342,9 @@ def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str
             group = row_group
             cells.append([group, *[""] * (len(columns) - 1)])
         if unstable(row):
-            ours = [notation.dash] * 4
+            ours = [notation.dash] * len(scored)
         else:
-            ours = [format_score(row, "is_mean", 2, notation),
-                    format_score(row, "fid", 2, notation),
-                    format_nll(format_score(row, "nll_bpd", 2, notation), row["nll_bpd_train"],
-                               notation),
-                    format_score(row, "kid_mean", significant_digits(row["kid_mean"]),
-                                 notation)]
+            ours = [_cell(row, s, notation) for s in scored]
 
         theirs = []
         if paper:

@@ -22,6 +22,7 @@ from pipeline.artifacts.records import (ResultsError, load_nll_per_image, load_o
 from pipeline.artifacts.trials import load_sweep_trials
 from pipeline.core.config import run_key
 from pipeline.core.errors import remake
+from pipeline.core import scores
 from pipeline.core.io import write_json, write_text
 from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
 from pipeline.reporting import findings as paper_findings
@@ -100,9 +101,6 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     return {**made, "paths": paths}
 
 
-# The numbers of each Table 2 row in results/metrics.json, and those of the real data's row
-HEADLINE_SCORES = ("fid", "is_mean", "nll_bpd")
-REAL_DATA_SCORES = ("fid", "is_mean")
 
 
 def headline(made: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,10 +116,10 @@ def headline(made: Mapping[str, Any]) -> dict[str, Any]:
         if row["experiment"] in ("findings", "real_data"):
             raise ResultsError(f"experiment '{row['experiment']}': the name of a section of "
                                f"results/metrics.json; rename the experiment in params.yaml")
-        out[row["experiment"]] = _finite(row, HEADLINE_SCORES)
+        out[row["experiment"]] = _finite(row, scores.headline())
     real = (made.get("reference") or {}).get("real_data")
     if real:
-        out["real_data"] = _finite(real, REAL_DATA_SCORES)
+        out["real_data"] = _finite(real, scores.headline(real_data=True))
     return out
 
 
@@ -150,9 +148,9 @@ def plot_data(params: Params, plots_dir: Optional[str | Path], metrics_dir: str 
     for key, (steps, losses) in curves.items():
         loss += [f"{key},{s},{v!r}" for s, v in zip(steps, losses)]
     for key in keys:
-        scores = over_training_path(metrics_dir, key)
-        if scores.is_file():
-            table = load_over_training(scores, key)
+        path = over_training_path(metrics_dir, key)
+        if path.is_file():
+            table = load_over_training(path, key)
             table = table[np.isfinite(table["fid"])]
             if len(table) > 1:
                 fid += [f"{key},{int(s)},{float(v)!r}"
