@@ -33,7 +33,7 @@ def shared_study_params(params: dict, experiments=SHARED_EXPERIMENTS) -> None:
     experiments keeps their settings, so a one-experiment study trains the same `eps_simple`)."""
     from helpers import tiny
 
-    tiny(params, experiments=experiments)
+    tiny(params, experiments=experiments, sampling_steps=True)
     params["evaluate"].update(checkpoints="all", checkpoint_num_samples=40)
     if UNSTABLE in experiments:
         params["experiments"][UNSTABLE]["train"] = {"lr": 1.0e6, "grad_clip": 1.0e12}

@@ -213,9 +213,10 @@ def make_study_repo(root: Path, edit) -> Path:
     return repo
 
 
-def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
+def tiny(params, experiments=("eps_simple", "mu_vlb_fixed"), sampling_steps=False):
     """Edit the project's params in place into a tiny digits study (T = 20, 40 steps) of
-    `experiments` (the first is the sweep's base)."""
+    `experiments` (the first is the sweep's base, and with `sampling_steps` the run measured
+    against sampling steps: DDIM at 5 and 10 steps, ancestral at 20; else none is)."""
     params["diffusion"]["num_timesteps"] = 20
     params["train"].update(steps=40, batch_size=32, log_every=10, checkpoint_every=20,
                            warmup_steps=5)
@@ -227,6 +228,8 @@ def tiny(params, experiments=("eps_simple", "mu_vlb_fixed")):
                            weightings=["uniform"], steps=20, report_every=10,
                            grace_period=10, val_images=20, val_strata=5,
                            fid_num_samples=50, fid_steps=5)
+    params["sampling_steps"].update(experiments=[experiments[0]] if sampling_steps else [],
+                                    ddim_steps=[5, 10])
 
 
 def mlflow_runs(repo: Path):
@@ -238,3 +241,15 @@ def mlflow_runs(repo: Path):
     experiment = client.get_experiment_by_name("ddpm-digits")
     assert experiment is not None, "the study's MLflow experiment was not created"
     return client, client.search_runs([experiment.experiment_id])
+
+
+# The six rows of the paper's Table 2 as params.yaml's experiments, in its order (not the
+# table's): the synthetic studies of test_tables.py and test_calibration.py.
+SIX = {
+    "eps_simple": dict(mean_type="eps", var_type="fixed_large", loss="simple"),
+    "mu_vlb_learned": dict(mean_type="mu", var_type="learned", loss="vlb"),
+    "mu_vlb_fixed": dict(mean_type="mu", var_type="fixed_large", loss="vlb"),
+    "mu_simple": dict(mean_type="mu", var_type="fixed_large", loss="simple"),
+    "eps_vlb_learned": dict(mean_type="eps", var_type="learned", loss="vlb"),
+    "eps_vlb_fixed": dict(mean_type="eps", var_type="fixed_large", loss="vlb"),
+}

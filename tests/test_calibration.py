@@ -26,14 +26,8 @@ from pipeline.reporting.results import aggregate, load_runs
 from pipeline.reporting.verdicts import hold_verdicts
 from stages import calibrate as calibrate_stage, tabulate as tabulate_stage
 
-SIX = {
-    "eps_simple": dict(mean_type="eps", var_type="fixed_large", loss="simple"),
-    "mu_vlb_learned": dict(mean_type="mu", var_type="learned", loss="vlb"),
-    "mu_vlb_fixed": dict(mean_type="mu", var_type="fixed_large", loss="vlb"),
-    "mu_simple": dict(mean_type="mu", var_type="fixed_large", loss="simple"),
-    "eps_vlb_learned": dict(mean_type="eps", var_type="learned", loss="vlb"),
-    "eps_vlb_fixed": dict(mean_type="eps", var_type="fixed_large", loss="vlb"),
-}
+from helpers import SIX
+
 TAU, SE = 2.0, 0.5   # the synthetic runs' training sd and sampling standard error of FID
 
 
@@ -140,7 +134,8 @@ def _params(tmp_path, seeds=(0,), **sections):
     path = tmp_path / "params.yaml"
     raw = {"study": {"seeds": list(seeds)}, "experiments": SIX,
            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "artifact_root": str(tmp_path / "mlartifacts")}, **sections}
+                        "artifact_root": str(tmp_path / "mlartifacts")},
+           "sampling_steps": {"experiments": []}, **sections}
     path.write_text(yaml.safe_dump(raw))
     return path
 

@@ -19,6 +19,7 @@ from pipeline.reporting.plan import (STARTUP_S, Work, plan_lines, plan_table, re
 def small_params(**evaluate):
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["diffusion"]["num_timesteps"] = 10
+    raw["sampling_steps"].update(ddim_steps=[2, 5])
     raw["train"].update(steps=3, batch_size=4, num_workers=2, warmup_steps=1)
     raw["sample"].update(num_samples=6, batch_size=4, num_workers=3)
     raw["evaluate"].update(nll_num_images=5, nll="exact", num_workers=2, **evaluate)
@@ -38,8 +39,8 @@ def test_the_study_work_counted_by_hand():
     assert split_sizes(params) == (1437, 360)
     works = {w.stage: w for w in study_work(params, cluster_cpus=2)}
     assert list(works) == ["prepare", "classifier", "reference_stats", "train@eps_simple-0",
-                           "sample@eps_simple-0", "evaluate@eps_simple-0", "reference", "sweep",
-                           "tabulate"]
+                           "sample@eps_simple-0", "evaluate@eps_simple-0",
+                           "sampling_steps@eps_simple-0", "reference", "sweep", "tabulate"]
     exp = params.experiment("eps_simple")
     unet = unet_gflops(exp, (1, 8, 8))
     train, sample = works["train@eps_simple-0"], works["sample@eps_simple-0"]
@@ -52,6 +53,11 @@ def test_the_study_work_counted_by_hand():
     # images' are the reference statistics, extracted once)
     assert evaluate.evaluations == 100 + 6 and evaluate.workers == 2
     assert evaluate.note == "100 U-Net forwards + 6 feature extractions"
+    steps = works["sampling_steps@eps_simple-0"]
+    # the 6 samples drawn with DDIM at 2 and 5 steps and ancestrally at all 10, each set of
+    # 6 featurized; 3 settings x 2 chunks keep all 3 sample workers busy
+    assert steps.evaluations == 6 * (2 + 5 + 10) + 3 * 6 and steps.workers == 3
+    assert steps.note == "102 U-Net forwards + 18 feature extractions"
     stats = works["reference_stats"]
     assert (stats.evaluations, stats.workers) == (1437, 2)
     reference = works["reference"]

@@ -41,6 +41,7 @@ def test_the_study_log_holds_the_stages_lines_and_no_library_chatter(shared_stud
         assert needle not in out + err, (needle, (out + err)[(out + err).find(needle) - 500:][:1500])
     for line in (f"train {STABLE_KEY}: step 40/40 (100%)", f"trained {STABLE_KEY}: 40 steps",
                  f"sampled {STABLE_KEY}: 60 images", f"evaluated {STABLE_KEY} (ok)",
+                 f"sampling steps of {STABLE_KEY}",
                  "sweep linear x uniform: step 10/20", "sweep: at step 10, 1 of 2 trials go on",
                  "sweep done in"):
         assert line in out, (line, out[-3000:])
@@ -210,6 +211,37 @@ def test_train_sample_and_evaluate_stream_into_their_run(shared_study):
     assert history("system/system_memory_usage_megabytes")
 
 
+def test_the_sampling_steps_stage_redraws_the_runs_samples_and_scores_each_sampler(
+        shared_study):
+    """sampling_steps@<stable run>: DDIM at 5 and 10 steps and ancestral sampling at all 20,
+    from the run's model and per-image seeds. The ancestral setting redraws the sample stage's
+    images, so its scores are the evaluate stage's; each DDIM count is on the run's MLflow run
+    at step = its number of steps; tabulate's table and chart hold every setting."""
+    from conftest import STABLE_KEY
+    from pipeline.artifacts.records import load_sampling_steps, sampling_steps_path
+
+    steps = load_sampling_steps(sampling_steps_path(shared_study / "metrics", STABLE_KEY),
+                                STABLE_KEY)
+    assert list(zip(steps["sampler"], steps["steps"])) == [("ddim", 5), ("ddim", 10),
+                                                           ("ancestral", 20)]
+    evaluated = json.loads((shared_study / "metrics" / f"{STABLE_KEY}.json").read_text())
+    ancestral = steps.iloc[-1]
+    for score in ("fid", "is_mean", "kid_mean", "precision", "recall"):
+        assert ancestral[score] == pytest.approx(evaluated[score], rel=1e-9), score
+        assert ancestral[f"{score}_se"] == pytest.approx(evaluated[f"{score}_se"], rel=1e-6)
+    assert steps["fid"].nunique() == 3 and (steps["precision"].between(0, 1)).all()
+    client, runs = mlflow_runs(shared_study)
+    run = {r.info.run_name: r for r in runs}[STABLE_KEY]
+    history = client.get_metric_history(run.info.run_id, "ddim_fid")
+    assert sorted((m.step, m.value) for m in history) == list(zip([5, 10], steps["fid"][:2]))
+    assert run.info.status == "FINISHED"
+    table = (shared_study / "results" / "sampling_steps.md").read_text()
+    assert table.count(f"| {STABLE_KEY}") == 3
+    chart = (shared_study / "plots" / "sampling_steps.csv").read_text().splitlines()
+    assert chart[1:] == [f"{STABLE_KEY} {s},{n},{float(f)!r}"
+                         for s, n, f in zip(steps["sampler"], steps["steps"], steps["fid"])]
+
+
 @pytest.mark.slow
 def test_cifar10_study_from_a_local_archive(tmp_path):
 
@@ -341,9 +373,9 @@ def test_stage_errors_are_short_and_name_the_problem(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     for stage in ("prepare", "classifier", "reference_stats", "train", "sample", "evaluate",
-                  "reference", "tabulate"):
+                  "sampling_steps", "reference", "tabulate"):
         args = [sys.executable, "-m", f"stages.{stage}", "--params", str(bad)]
-        if stage in ("train", "sample", "evaluate"):
+        if stage in ("train", "sample", "evaluate", "sampling_steps"):
             args += ["--experiment", "eps_simple"]
         start = time.monotonic()
         proc = subprocess.run(args, cwd=tmp_path, env=env_for(PROJECT), capture_output=True,
@@ -392,12 +424,13 @@ def test_unknown_experiment_lists_the_defined_ones(tmp_path):
     assert "eps_smple" in proc.stderr and "eps_simple" in proc.stderr
 
 
-def test_sample_before_train_names_the_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--experiment", "eps_simple",
-                           "--params", str(PROJECT / "params.yaml"), "--models",
+@pytest.mark.parametrize("stage", ["sample", "sampling_steps"])
+def test_sampling_before_train_names_the_command(tmp_path, stage):
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--experiment",
+                           "eps_simple", "--params", str(PROJECT / "params.yaml"), "--models",
                            str(tmp_path / "models")], cwd=tmp_path, env=env_for(PROJECT),
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "dvc repro train@eps_simple-0" in proc.stderr
 
 

@@ -78,7 +78,7 @@ def test_weighting_names_map_to_objectives():
 
 def test_without_a_sweep_section_the_defaults_need_not_fit():
     raw = copy.deepcopy(DEFAULT)
-    del raw["sweep"]
+    del raw["sweep"], raw["sampling_steps"]  # (it names eps_simple too)
     raw["experiments"] = {"mine": {"mean_type": "eps"}}  # no eps_simple: the default base
     params = parse_params(raw)
     assert params.sweep == SweepConfig()
@@ -306,6 +306,7 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
                  levels=np.asarray(256))
     raw = copy.deepcopy(DEFAULT)
     raw["diffusion"]["num_timesteps"] = 10
+    raw["sampling_steps"].update(ddim_steps=[5, 10])
     raw["model"].update(ch=8, ch_mult=[1], attn_resolutions=[])
     raw["sweep"].update(fid_steps=5)
     exp = parse_params(raw).sweep_experiment("cosine", "p2")
@@ -358,6 +359,7 @@ def tiny_params(root: Path) -> Path:
     """A tiny digits study (T = 20, the test_stages size) with a 2 x 2 sweep, under `root`."""
     params = copy.deepcopy(DEFAULT)
     params["diffusion"]["num_timesteps"] = 20
+    params["sampling_steps"].update(experiments=[], ddim_steps=[5, 10])
     params["train"].update(steps=20, batch_size=32, log_every=10, checkpoint_every=10,
                            warmup_steps=5)
     params["evaluate"].update(classifier_steps=300)

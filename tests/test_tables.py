@@ -5,6 +5,7 @@ loss curves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -19,6 +20,7 @@ import yaml
 
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, save_loss_curve
 from pipeline.artifacts.records import (DVC_METRICS, ResultsError, load_reference, load_run_metrics,
+                                        sampling_steps_path, save_sampling_steps,
                                         save_nll_per_image, save_reference, save_run_metrics)
 from pipeline.artifacts.trials import load_sweep_trials
 from pipeline.reporting.results import aggregate, load_runs
@@ -28,6 +30,8 @@ from pipeline.reporting.formats import (TEX, format_interval, format_mean_std, f
 from pipeline.reporting.tables import build_tables, write_tables
 from pipeline.reporting.tabulate import loss_figure, report, run_tabulate
 from stages import tabulate as tabulate_stage
+
+from helpers import SIX
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +52,6 @@ def table2(df, dataset, notation=None):
 def table2_raw(df, dataset):
     return build_tables(df, dataset)["table2_raw"]
 
-# The six rows of the paper's Table 2, in params.yaml order (not the table's order).
-SIX = {
-    "eps_simple": dict(mean_type="eps", var_type="fixed_large", loss="simple"),
-    "mu_vlb_learned": dict(mean_type="mu", var_type="learned", loss="vlb"),
-    "mu_vlb_fixed": dict(mean_type="mu", var_type="fixed_large", loss="vlb"),
-    "mu_simple": dict(mean_type="mu", var_type="fixed_large", loss="simple"),
-    "eps_vlb_learned": dict(mean_type="eps", var_type="learned", loss="vlb"),
-    "eps_vlb_fixed": dict(mean_type="eps", var_type="fixed_large", loss="vlb"),
-}
 UNSTABLE = "mu_simple"
 FID = {name: 3.2 + 10 * i + 0.123456789 for i, name in enumerate(SIX)}
 Z = 1.959963984540054  # the 97.5 % quantile of the normal distribution
@@ -112,7 +107,19 @@ def metrics_dir(tmp_path):
     path = tmp_path / "metrics"
     _write_metrics(path, [_record(name) for name in SIX])
     (path / "reference.json").write_text(json.dumps(REFERENCE))
+    save_sampling_steps(sampling_steps_path(path, "eps_simple-0"), STEPS)
     return path
+
+
+# eps_simple-0 against sampling steps (params.yaml's sampling_steps: DDIM at 10, 20, 50, 100)
+STEPS = pd.DataFrame(
+    [{"sampler": "ddim", "steps": s, "eta": 0.0, "num_samples": 400, "fid": fid,
+      "fid_se": 1.0, "is_mean": 7.0, "is_mean_se": 0.1, "kid_mean": 9.0, "kid_mean_se": 1.0,
+      "precision": 0.6, "precision_se": 0.02, "recall": 0.9, "recall_se": 0.03}
+     for s, fid in ((10, 25.0), (20, 17.0), (50, 14.0), (100, 13.5))]
+    + [{"sampler": "ancestral", "steps": 1000, "eta": 0.0, "num_samples": 400, "fid": 9.0,
+        "fid_se": 1.5, "is_mean": 8.1, "is_mean_se": 0.05, "kid_mean": 6.0, "kid_mean_se": 2.0,
+        "precision": 0.75, "precision_se": 0.02, "recall": 0.5, "recall_se": 0.03}])
 
 
 @pytest.fixture
@@ -550,9 +557,10 @@ def test_stage_writes_tables_and_prints_them(tmp_path, metrics_dir, capsys):
     results = tmp_path / "results"
     assert sorted(p.name for p in results.iterdir()) == sorted(
         ["table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
-         "findings.md", "findings.csv", "metrics.json", "loss_curves.png"])
+         "findings.md", "findings.csv", "metrics.json", "loss_curves.png", "sampling_steps.md",
+         "sampling_steps.csv", "sampling_steps.png"])
     assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == [
-        "fid_over_training.csv", "loss.csv"]
+        "fid_over_training.csv", "loss.csv", "sampling_steps.csv"]
     found = pd.read_csv(results / "findings.csv")
     assert len(found) == 8 and set(found["verdict"]) <= {"reproduced", "contradicted",
                                                          "inconclusive", "not measured"}
@@ -570,7 +578,7 @@ def test_run_tabulate_returns_the_frames_and_paths(tmp_path, metrics_dir):
     assert isinstance(made["table1"], pd.DataFrame) and isinstance(made["table2_raw"],
                                                                    pd.DataFrame)
     assert made["sweep"] is None and made["dataset"] == "digits"
-    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 9
+    assert all(p.is_file() for p in made["paths"]) and len(made["paths"]) == 12
     assert list(made["findings"].columns) == ["claim", "paper", "ours", "interval", "verdict",
                                               "rule", "noise"]
 
@@ -588,7 +596,8 @@ def test_run_tabulate_with_loss_curves_and_a_sweep_writes_every_file_in_order(tm
     assert [p.name for p in made["paths"]] == [
         "table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex",
         "sweep.md", "sweep.csv", "findings.md", "findings.csv", "metrics.json", "loss.csv",
-        "fid_over_training.csv", "loss_curves.png", "sweep_heatmap.png"]
+        "fid_over_training.csv", "sampling_steps.md", "sampling_steps.csv",
+        "sampling_steps.png", "sampling_steps.csv", "loss_curves.png", "sweep_heatmap.png"]
     assert all(p.is_file() for p in made["paths"])
     pd.testing.assert_frame_equal(made["sweep"], sweep_table(load_sweep_trials(
         tmp_path / "sweep" / "trials.csv")))
@@ -881,3 +890,48 @@ def test_samples_figure_shows_each_experiments_grid_titled_with_its_fid(tmp_path
     with pytest.raises(ResultsError, match=rf"{missing}/grid.png: no sample grid; make it with "
                                            rf"`dvc repro sample@{missing}`"):
         samples_figure(params, tmp_path / "samples", runs, tmp_path / "samples.png")
+
+
+# --------------------------------------------------------------------------------------------
+# sample quality against sampling steps
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_sampling_steps_table_shows_each_setting_with_its_intervals(tmp_path, metrics_dir):
+    from pipeline.core.params import load_params
+    from pipeline.reporting.steps_table import write_steps_table
+
+    params = load_params(_params(tmp_path))
+    paths = write_steps_table(params, metrics_dir, tmp_path / "results", tmp_path / "charts")
+    assert [p.name for p in paths] == ["sampling_steps.md", "sampling_steps.csv",
+                                       "sampling_steps.png", "sampling_steps.csv"]
+    rows = _md_rows((tmp_path / "results" / "sampling_steps.md").read_text())
+    assert rows[0] == ["Run", "Sampler", "Steps", "IS", "FID", "KID", "Precision", "Recall"]
+    assert [r[1:3] for r in rows[1:]] == [["DDIM", "10"], ["DDIM", "20"], ["DDIM", "50"],
+                                          ["DDIM", "100"], ["ancestral", "1000"]]
+    assert rows[1][0] == "eps_simple-0" and rows[1][4] == cell(25.0, 1.0)
+    assert rows[5][6:] == [cell(0.75, 0.02), cell(0.5, 0.03)]
+    raw = pd.read_csv(tmp_path / "results" / "sampling_steps.csv")
+    assert raw["fid_low"].tolist()[0] == pytest.approx(25.0 - Z * 1.0)
+    chart = (tmp_path / "charts" / "sampling_steps.csv").read_text().splitlines()
+    assert chart[0] == "run,steps,fid" and chart[1] == "eps_simple-0 ddim,10,25.0"
+    assert chart[-1] == "eps_simple-0 ancestral,1000,9.0"
+
+
+def test_the_sampling_steps_table_refuses_a_missing_run_and_says_when_none_is_measured(
+        tmp_path, metrics_dir):
+    from pipeline.core.params import load_params
+    from pipeline.reporting.steps_table import write_steps_table
+
+    params = load_params(_params(tmp_path))
+    sampling_steps_path(metrics_dir, "eps_simple-0").unlink()
+    with pytest.raises(ResultsError, match=r"eps_simple-0_sampling_steps.csv: .* not found; "
+                                           r"make it with `dvc repro sampling_steps@eps_simple-0`"):
+        write_steps_table(params, metrics_dir, tmp_path / "results")
+    sampling_steps_path(metrics_dir, "eps_simple-0").write_text("sampler,steps\nddim,10\n")
+    with pytest.raises(ResultsError, match="not a table of scores against sampling steps"):
+        write_steps_table(params, metrics_dir, tmp_path / "results")
+    none = dataclasses.replace(params, sampling_steps=dataclasses.replace(
+        params.sampling_steps, experiments=()))
+    write_steps_table(none, metrics_dir, tmp_path / "results")
+    assert "No run measured" in (tmp_path / "results" / "sampling_steps.md").read_text()

@@ -37,6 +37,7 @@ def tiny_params() -> dict:
     4 steps of a small U-Net; 24 samples in chunks of 8."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["diffusion"]["num_timesteps"] = 20
+    params["sampling_steps"].update(ddim_steps=[5, 10])
     params["model"].update(ch=16)
     params["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4,
                            warmup_steps=1)

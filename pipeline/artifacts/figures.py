@@ -169,6 +169,48 @@ def save_scores_over_training(steps: Sequence[int], fid: Sequence[float],
     _save(fig, path, plt)
 
 
+def save_sampling_steps(frame, path: Path,
+                        title: str = "sample quality against sampling steps") -> None:
+    """Two panels from `pipeline.reporting.steps_table`'s raw rows (run, sampler, steps, each
+    score with `_low` / `_high`): FID, and precision and recall, against the number of sampling
+    steps (log scale); DDIM as a line per run with its 95 % intervals, ancestral sampling at
+    all T steps as a star."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    if len(frame) == 0:
+        left.text(0.5, 0.5, "no run measured (sampling_steps.experiments is empty, or the runs "
+                  "diverged)", ha="center", va="center", transform=left.transAxes, fontsize=8)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (run, rows) in enumerate(frame.groupby("run", sort=False)):
+        colour = colours[k % len(colours)]
+        for ax, scores in ((left, ("fid",)), (right, ("precision", "recall"))):
+            for score, style in zip(scores, ("-", "--")):
+                for sampler, marker in (("ddim", "o"), ("ancestral", "*")):
+                    part = rows[rows["sampler"] == sampler]
+                    if part.empty:
+                        continue
+                    error = np.abs(part[[f"{score}_low", f"{score}_high"]].to_numpy().T
+                                   - part[score].to_numpy())
+                    label = " ".join([run, *([score] if len(scores) > 1 else []), sampler])
+                    ax.errorbar(part["steps"], part[score], yerr=error, fmt=marker + style,
+                                color=colour, capsize=3, markersize=9 if marker == "*" else 5,
+                                label=label)
+    ticks = sorted(set(int(v) for v in frame["steps"])) if len(frame) else []
+    for ax, label in ((left, "FID"), (right, "precision / recall")):
+        ax.set_xscale("log")
+        if ticks:  # the measured counts, as numbers
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_lines():
+            ax.legend(fontsize=7, loc="best")
+    right.set_ylim(0, 1.02)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path, plt)
+
+
 def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x weighting"
                        ) -> None:
     """Heat map of the sweep's FID, schedules (rows) x weightings (columns), from

@@ -9,6 +9,9 @@
 - metrics/<E>-<S>_over_training.csv, the scores at each scored training step (one row, the
   final model, without `evaluate.checkpoints`): `save_over_training` / `load_over_training`
   (tabulate puts the runs scored at several steps on one DVC chart);
+- metrics/<E>-<S>_sampling_steps.csv, the run's scores with DDIM at each count of steps and
+  with ancestral sampling (the `sampling_steps` stage): `save_sampling_steps` /
+  `load_sampling_steps`;
 - metrics/reference.json (real data, an untrained model, the ceiling of the bound):
   `save_reference` / `load_reference`.
 
@@ -27,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import UserError
-from pipeline.core.scores import MEASURED as SCORES
+from pipeline.core.scores import MEASURED as SCORES, SAMPLES, SCORES as SCORES_DECLARED
 from pipeline.core.status import Status
 
 # Every measured score of a run (`pipeline.core.scores`), each with its standard error
@@ -198,6 +201,51 @@ def load_over_training(path: str | Path, key: str) -> pd.DataFrame:
             UnicodeDecodeError) as exc:
         raise ResultsError(f"{path}: not a table of scores over training "
                            f"({type(exc).__name__}: {exc}); re{_make_hint(key)}") from None
+
+
+def sampling_steps_path(metrics_dir: str | Path, key: str) -> Path:
+    """metrics/<key>_sampling_steps.csv: run `key`'s scores with each sampler and number of
+    steps (the `sampling_steps` stage)."""
+    return Path(metrics_dir) / f"{key}_sampling_steps.csv"
+
+
+# Its columns: the setting, then each score of the samples with its standard error
+SAMPLING_STEPS_COLUMNS = ("sampler", "steps", "eta", "num_samples",
+                          *(name for s in SCORES_DECLARED if s.source == SAMPLES
+                            for name in (s.name, f"{s.name}_se")))
+
+
+def save_sampling_steps(path: str | Path, frame: pd.DataFrame) -> None:
+    """`sampling_steps_path`'s file: one row per (sampler, steps), SAMPLING_STEPS_COLUMNS."""
+    from pipeline.core.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        frame.reindex(columns=list(SAMPLING_STEPS_COLUMNS)).to_csv(tmp, index=False)
+
+
+def load_sampling_steps(path: str | Path, key: str) -> pd.DataFrame:
+    """`save_sampling_steps`' file as a frame, checked: a file that is not one is refused with
+    a ResultsError naming it and the command that remakes it."""
+    path = Path(path)
+    make = (f"make it with `dvc repro sampling_steps@{key}` (or `python -m "
+            f"stages.sampling_steps --experiment {key.rpartition('-')[0]} --seed "
+            f"{key.rpartition('-')[2]}`)")
+    if not path.is_file():
+        raise ResultsError(f"{path}: scores against sampling steps of run '{key}' not found; "
+                           f"{make}")
+    try:
+        frame = pd.read_csv(path)
+        missing = [c for c in SAMPLING_STEPS_COLUMNS if c not in frame.columns]
+        if missing:
+            raise KeyError(f"no column {', '.join(missing)}")
+        frame[["steps", "num_samples"]] = frame[["steps", "num_samples"]].astype(np.int64)
+        for column in ("eta", *SAMPLING_STEPS_COLUMNS[4:]):
+            frame[column] = frame[column].astype(np.float64)
+        return frame
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError,
+            UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: not a table of scores against sampling steps "
+                           f"({type(exc).__name__}: {exc}); re{make}") from None
 
 
 def save_reference(path: str | Path, reference: Mapping[str, Mapping[str, Any]]) -> None:

@@ -19,6 +19,7 @@ arguments that returns named numpy arrays. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import time
@@ -234,11 +235,15 @@ def per_image(results: Iterable[Mapping[str, np.ndarray]], key: str) -> np.ndarr
 
 
 def _sample_kind(ctx: ChunkContext, *, model: str, first: int, count: int, seed: int,
-                 progressive: int = 0) -> dict[str, np.ndarray]:
-    """Images first .. first + count - 1 of a run's samples (`sampling.sample_batch`)."""
+                 progressive: int = 0, sampler: Optional[Mapping[str, Any]] = None
+                 ) -> dict[str, np.ndarray]:
+    """Images first .. first + count - 1 of a run's samples (`sampling.sample_batch`), with the
+    run's sampler or, given `sampler`, with those keys of its `sample` section replaced
+    ({"sampler": "ddim", "steps": 10, "eta": 0.0})."""
     from pipeline.measure.sampling import sample_batch
 
-    return sample_batch(ctx.sampling_network(model), ctx.diffusion(), ctx.exp.sample,
+    cfg = dataclasses.replace(ctx.exp.sample, **sampler) if sampler else ctx.exp.sample
+    return sample_batch(ctx.sampling_network(model), ctx.diffusion(), cfg,
                         ctx.image_shape, first, count, seed=seed, device=ctx.device,
                         num_progressive=progressive)
 
@@ -252,10 +257,13 @@ def _features_kind(ctx: ChunkContext, *, images: str, first: int, count: int, to
 
 def _sample_features_kind(ctx: ChunkContext, *, model: str, first: int, count: int, seed: int,
                           total: int, groups: int, kid: Sequence[int],
-                          keep_images: bool = False) -> dict[str, np.ndarray]:
-    """Sample images first .. first + count - 1 of a set of `total` and return their
-    `feature_parts` (and the images with `keep_images`): scores of samples not kept."""
-    sampled = _sample_kind(ctx, model=model, first=first, count=count, seed=seed)["images"]
+                          keep_images: bool = False,
+                          sampler: Optional[Mapping[str, Any]] = None) -> dict[str, np.ndarray]:
+    """Sample images first .. first + count - 1 of a set of `total` (with `sampler`, as
+    `_sample_kind`) and return their `feature_parts` (and the images with `keep_images`):
+    scores of samples not kept."""
+    sampled = _sample_kind(ctx, model=model, first=first, count=count, seed=seed,
+                           sampler=sampler)["images"]
     features, logits = ctx.feature_network()(sampled)
     out = feature_parts(features, logits, first, total, groups, kid, keep=False)
     if keep_images:

@@ -540,6 +540,28 @@ class SweepConfig:
                                    diffusion=diffusion, train=train)
 
 
+@dataclass(frozen=True)
+class SamplingStepsConfig:
+    """FID, IS and precision / recall against the number of sampling steps (the
+    `sampling_steps` stage): each run of `experiments` (every seed of the study) sampled with
+    DDIM (`eta`) at each of `ddim_steps`, and with ancestral sampling at all T steps, from the
+    same trained model and the same per-image seeds as its samples (sample.num_samples images,
+    sample.batch_size at a time). An empty `experiments` leaves the stage out."""
+
+    experiments: tuple[str, ...] = ("eps_simple",)
+    ddim_steps: tuple[int, ...] = (10, 20, 50, 100)
+    eta: float = 0.0
+
+    def validate(self, where: str) -> None:
+        require(len(set(self.experiments)) == len(self.experiments), f"{where}.experiments",
+                f"lists an experiment twice: {', '.join(self.experiments)}")
+        require(len(self.ddim_steps) >= 1, f"{where}.ddim_steps", "must list at least one count")
+        require(all(s >= 1 for s in self.ddim_steps), f"{where}.ddim_steps", "must be >= 1")
+        require(list(self.ddim_steps) == sorted(set(self.ddim_steps)), f"{where}.ddim_steps",
+                f"must increase, each count once, got {list(self.ddim_steps)}")
+        require(self.eta >= 0.0, f"{where}.eta", "must be >= 0")
+
+
 # The choices of params.yaml, read from the annotations above (their only home); the library's
 # registries (pipeline.diffusion.schedules.SCHEDULES, pipeline.diffusion.gaussian.MEAN_TYPES,
 # ...) are keyed by the same names (tests/test_config.py checks each registry against its annotation).

@@ -22,7 +22,8 @@ from pipeline.core.coerce import (ConfigError, build_section, check_unknown, des
                                   plain, suggest)
 from pipeline.core.config import (SECTIONS, ClusterConfig, DataConfig, DiffusionConfig,
                                   EvaluateConfig, ExperimentConfig, ModelConfig, SampleConfig,
-                                  StudyConfig, SweepConfig, TrackingConfig, TrainConfig,
+                                  SamplingStepsConfig, StudyConfig, SweepConfig, TrackingConfig,
+                                  TrainConfig,
                                   checkpoint_steps, require)
 
 
@@ -41,6 +42,7 @@ class Params:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experiments: Mapping[str, ExperimentConfig] = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    sampling_steps: SamplingStepsConfig = field(default_factory=SamplingStepsConfig)
 
     def experiment(self, name: str, seed: Optional[int] = None) -> ExperimentConfig:
         """Experiment `name` trained with `seed` (default: the study's first seed), which must
@@ -77,6 +79,7 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         out = {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
         out["sweep"] = plain(dataclasses.asdict(self.sweep))
+        out["sampling_steps"] = plain(dataclasses.asdict(self.sampling_steps))
         return out
 
 
@@ -133,7 +136,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 def _parse_params(raw: Any) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"the top level must be a mapping of sections, got {describe_value(raw)}")
-    allowed = (*SECTIONS, "experiments", "sweep")
+    allowed = (*SECTIONS, "experiments", "sweep", "sampling_steps")
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"unknown section '{key}'; allowed: {', '.join(allowed)}")
@@ -154,9 +157,13 @@ def _parse_params(raw: Any) -> Params:
         experiments[str(name)] = _resolve_experiment(str(name), overrides, sections)
     sweep = build_section(SweepConfig, raw.get("sweep") or {}, "sweep")
     sweep.validate("sweep")
-    params = Params(**sections, experiments=experiments, sweep=sweep)
+    steps = build_section(SamplingStepsConfig, raw.get("sampling_steps") or {}, "sampling_steps")
+    steps.validate("sampling_steps")
+    params = Params(**sections, experiments=experiments, sweep=sweep, sampling_steps=steps)
     if "sweep" in raw:  # without a sweep section the defaults need not fit these experiments
         _check_sweep(params)
+    if "sampling_steps" in raw:  # likewise
+        _check_sampling_steps(params)
     return params
 
 
@@ -177,6 +184,18 @@ def _check_sweep(params: Params) -> None:
         exp = params.sweep_experiment(schedule, weighting)
         require(params.sweep.fid_steps <= exp.diffusion.num_timesteps, "sweep.fid_steps",
                  f"must be <= diffusion.num_timesteps ({exp.diffusion.num_timesteps})")
+
+
+def _check_sampling_steps(params: Params) -> None:
+    """Every experiment `sampling_steps` names must exist, with at least its largest count of
+    timesteps."""
+    for name in params.sampling_steps.experiments:
+        require(name in params.experiments, "sampling_steps.experiments",
+                f"'{name}' is not an experiment; choose from: {', '.join(params.experiments)}")
+        steps, top = params.sampling_steps.ddim_steps[-1], \
+            params.experiments[name].diffusion.num_timesteps
+        require(steps <= top, "sampling_steps.ddim_steps",
+                f"{steps} steps: experiment '{name}' has {top} timesteps")
 
 
 _EXPERIMENT_NESTED = ("train", "sample")

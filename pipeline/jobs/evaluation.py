@@ -125,6 +125,28 @@ def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list
                           prefix=prefix)
 
 
+def sampled_feature_chunks(model: str, n: int, batch_size: int, steps: int, seed: int,
+                           prefix: str, *, groups: int = JACKKNIFE_GROUPS, kid: bool = True,
+                           keep_images: bool = False,
+                           sampler: Optional[Mapping[str, Any]] = None) -> list:
+    """Chunks that sample n images of model `model` (`steps` network evaluations each, the
+    per-image seeds of stream `seed`), batch_size at a time, and return their features in
+    `groups` jackknife groups, with KID's first images (`kid`), the images (`keep_images`), and
+    another sampler than the run's (`sampler`, as `sharding._sample_kind` takes it)."""
+    from pipeline.cluster.sharding import Chunk
+    from pipeline.measure.sampling import sample_chunks
+
+    extra = {"keep_images": True} if keep_images else {}
+    if sampler:
+        extra["sampler"] = dict(sampler)
+    return [Chunk(f"{prefix}-{first:06d}", "sample_features", count * (steps + 1),
+                  {"model": model, "first": first, "count": count, "seed": seed, "total": n,
+                   "groups": groups,
+                   "kid": [i for i in range(first, first + count)
+                           if kid and i < KID_MAX_IMAGES], **extra})
+            for first, count in sample_chunks(n, batch_size)]
+
+
 def scores_of(chunks, run, reference: FeatureMoments, kernel: KernelReference, is_splits: int,
               seed: int, total: int) -> dict[str, Estimate]:
     """FID, IS and KID with their standard errors, from a run's feature chunks."""
@@ -183,10 +205,9 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
     split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}. The train
     split's features are not among them: they are the reference statistics' file."""
     from pipeline.artifacts.models import load_weights
-    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, job_name
+    from pipeline.cluster.sharding import ShardedJob, Workers, job_name
     from pipeline.core.io import file_digest
     from pipeline.core.config import WORKER_KEYS
-    from pipeline.measure.sampling import sample_chunks
 
     cfg = exp.evaluate
     workers = Workers.of(cfg, "evaluate")
@@ -199,12 +220,9 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
     for step in snapshots:
         name = f"ema@{step}"
         models[name] = load_weights(exp, model_dir, checkpoint_step=step)
-        sampled = [Chunk(f"checkpoint{step}-sample-{first:06d}", "sample_features",
-                         count * (steps + 1),
-                         {"model": name, "first": first, "count": count,
-                          "seed": exp.seed + CHECKPOINT_SAMPLE_OFFSET, "total": n, "groups": 1,
-                          "kid": []})
-                   for first, count in sample_chunks(n, exp.sample.batch_size)]
+        sampled = sampled_feature_chunks(name, n, exp.sample.batch_size, steps,
+                                         exp.seed + CHECKPOINT_SAMPLE_OFFSET,
+                                         f"checkpoint{step}-sample", groups=1, kid=False)
         bound = nll_job_chunks(exp, name, exp.seed + CHECKPOINT_NLL_OFFSET, {"test": sizes["test"]},
                                prefix=f"checkpoint{step}-nll", method="stratified")["test"]
         parts["checkpoints"][step] = (sampled, bound)
@@ -458,9 +476,9 @@ def reference_job(exp, apparatus: Apparatus):
     """The reference stage's `ShardedJob` and its chunks by purpose: {"pool" (the features of
     every prepared image, kept per image), "untrained" (its samples, sampled and featurized),
     "nll" (its bound, by split)}."""
-    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, feature_chunks, job_name
+    from pipeline.cluster.sharding import ShardedJob, Workers, feature_chunks, job_name
     from pipeline.core.config import WORKER_KEYS
-    from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, sample_chunks
+    from pipeline.measure.sampling import SAMPLE_SEED_OFFSET
 
     cfg, n = exp.evaluate, exp.sample.num_samples
     workers = Workers.of(cfg, "evaluate")
@@ -469,14 +487,9 @@ def reference_job(exp, apparatus: Apparatus):
     steps = exp.sample.steps or exp.diffusion.num_timesteps
     sizes = {"test": len(apparatus.test.images), "train": len(apparatus.train.images)}
     parts = {"pool": feature_chunks("pool", len(pool), groups=1, kid=[], keep=True),
-             "untrained": [Chunk(f"untrained-{first:06d}", "sample_features", count * (steps + 1),
-                                 {"model": "untrained", "first": first, "count": count,
-                                  "seed": exp.seed + SAMPLE_SEED_OFFSET, "total": n,
-                                  "groups": JACKKNIFE_GROUPS,
-                                  "kid": [i for i in range(first, first + count)
-                                          if i < KID_MAX_IMAGES],
-                                  "keep_images": True})
-                           for first, count in sample_chunks(n, exp.sample.batch_size)],
+             "untrained": sampled_feature_chunks("untrained", n, exp.sample.batch_size, steps,
+                                                 exp.seed + SAMPLE_SEED_OFFSET, "untrained",
+                                                 keep_images=True),
              "nll": nll_job_chunks(exp, "untrained", exp.seed + NLL_SEED_OFFSET, sizes)}
     settings = {section: {k: v for k, v in exp.to_dict()[section].items()
                           if k not in WORKER_KEYS} for section in ("evaluate", "sample")}

@@ -37,9 +37,11 @@ from pipeline.core.params import Params
 # a tiny study (T = 20, 40 training steps, 60 samples: next to no compute) under
 # `python -m stages.local_ray dvc repro`, less that compute: Python and torch imports, Ray, the
 # workers' start, MLflow, DVC. What a stage costs however little it computes. reference_stats
-# is not measured yet: the reference stage's less building a U-Net, about 10 s.
+# is not measured yet: the reference stage's less building a U-Net, about 10 s; nor is
+# sampling_steps: the evaluate stage's, whose inputs it reads.
 STARTUP_S = {"prepare": 4.0, "classifier": 4.0, "reference_stats": 10.0, "train": 16.0,
-             "sample": 11.0, "evaluate": 12.0, "reference": 11.0, "sweep": 12.0, "tabulate": 6.0}
+             "sample": 11.0, "evaluate": 12.0, "sampling_steps": 12.0, "reference": 11.0,
+             "sweep": 12.0, "tabulate": 6.0}
 DATA_SIZES = {"cifar10": (50_000, 10_000)}  # (train, test) images
 DIGITS_IMAGES = 1797
 
@@ -192,6 +194,17 @@ def study_work(params: Params, workers: Optional[int] = None,
             features += kept * e.checkpoint_num_samples
         out.append(_inference(f"evaluate@{exp.key}", unet_evals, unet(exp)["forward"],
                               features, feature, count(e), e.cpus_per_worker, e.nll_batch_size))
+    for name in params.sampling_steps.experiments:
+        for seed in params.study.seeds:
+            exp = params.experiment(name, seed)
+            s = exp.sample
+            steps = sum(params.sampling_steps.ddim_steps) + exp.diffusion.num_timesteps
+            settings = len(params.sampling_steps.ddim_steps) + 1
+            out.append(_inference(f"sampling_steps@{exp.key}", s.num_samples * steps,
+                                  unet(exp)["forward"], settings * s.num_samples, feature,
+                                  min(count(s), settings * math.ceil(s.num_samples /
+                                                                     s.batch_size)),
+                                  s.cpus_per_worker, s.batch_size))
     e = base.evaluate
     n = base.sample.num_samples
     out.append(_inference("reference", n * sampler_steps(base) +

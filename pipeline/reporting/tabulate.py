@@ -30,6 +30,7 @@ from pipeline.reporting.calibration import apply_calibration, load_calibration
 from pipeline.reporting.findings import VERDICTS
 from pipeline.reporting.formats import to_markdown, write_csv
 from pipeline.reporting.results import aggregate, check_dataset, load_runs
+from pipeline.reporting.steps_table import write_steps_table
 from pipeline.reporting.sweep_report import build_sweep, write_sweep
 from pipeline.reporting.tables import build_tables, run_descriptions, write_tables
 from pipeline.reporting.verdicts import hold_verdicts
@@ -52,8 +53,9 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     """Build and write the tables, the findings and the figures for the runs of `params`;
     return what was made.
 
-    Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv} and the
-    headline numbers, metrics.json (`headline`); with `charts_dir`, the data of the DVC charts
+    Writes <results_dir>/table1.{md,csv,tex}, table2.{md,csv,tex}, findings.{md,csv}, the
+    headline numbers, metrics.json (`headline`), and sampling_steps.{md,csv,png}
+    (`steps_table`, the runs of sampling_steps.experiments); with `charts_dir`, the data of the DVC charts
     there (`plot_data`, the loss curves read from `plots_dir`); with a
     sweep csv that exists, sweep.{md,csv} and sweep_heatmap.png; with `plots_dir` (the loss
     curves <experiment>-<seed>.csv), loss_curves.png; with `samples_dir` (samples/<E>-<S>/), if
@@ -90,6 +92,7 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     paths.append(results_dir / "metrics.json")
     if charts_dir is not None:
         paths += plot_data(params, plots_dir, metrics_dir, charts_dir)
+    paths += write_steps_table(params, metrics_dir, results_dir, charts_dir)
     if plots_dir is not None:
         paths.append(loss_figure(plots_dir, [r.key for r in params.runs()],
                                  results_dir / "loss_curves.png"))
