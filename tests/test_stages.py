@@ -23,7 +23,8 @@ from pipeline.artifacts.records import over_training_path
 # tables, MLflow's INFO lines and database tracebacks, ANSI colour codes, Python warnings.
 NOISE = ("Reporting training result", "Checkpoint successfully created", "Trial _tune_trial",
          "╭", "INFO mlflow", "Creating initial MLflow database tables", "Traceback", "\x1b[",
-         "UserWarning", "DeprecationWarning", "Requesting resources", "Setting up process group")
+         "UserWarning", "DeprecationWarning", "Requesting resources", "Setting up process group",
+         "Experiment state snapshotting")
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ at their INFO level. Without it:
   result N: TrainingReport(...)" and "Checkpoint successfully created at: ..." at every report;
   `worker_log_level` goes to the workers with their config, since a cluster's workers do not
   share the driver's environment), Tune nothing about result files of its own that the sweep
-  does not use, and the sweep prints one line per report instead of Tune's tables and boxes;
+  does not use, nor its advice to snapshot the sweep's state less often, and the sweep prints
+  one line per report instead of Tune's tables and boxes;
   Ray does not fold the stages' own lines from several workers into one ("[repeated 2x
   across cluster]");
 - the prefix Ray puts on a worker's lines, `(RayTrainWorker pid=...)`, has no ANSI colour codes
@@ -27,7 +28,8 @@ import sys
 VERBOSE_ENV = "DDPM_VERBOSE"
 # What `quiet_libraries` sets in the environment (for this process and those it starts).
 LIBRARY_SETTINGS = ("MLFLOW_LOGGING_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS",
-                    "RAY_COLOR_PREFIX")
+                    "RAY_COLOR_PREFIX",
+                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")
 
 
 def verbose() -> bool:
@@ -61,6 +63,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # the stages' own lines differ in their numbers only: Ray would fold them, with a note
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Tune's advice to snapshot its experiment state less often, three lines each time: the
+    # sweep checkpoints at every report on purpose (a trial stopped at a rung resumes there)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
