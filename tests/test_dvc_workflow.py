@@ -100,13 +100,15 @@ def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_pat
     assert "failed to load" not in plots.stdout + plots.stderr
     page = (tmp_path / "plots" / "index.html").read_text()
     charts = re.findall(r'<div id = "([^"]+)"', page)
-    assert charts == ["plots_loss_csv", "plots_fid_over_training_csv"], charts
+    # (and the chart of FID against sampling steps, empty: this study measures no run so)
+    assert charts == ["plots_loss_csv", "plots_fid_over_training_csv",
+                      "plots_sampling_steps_csv"], charts
     assert '"field": "run"' in page and '"field": "rev"' in page  # .dvc/plots/by_run.json
     assert '"run": "eps_simple-0"' in page
     assert '"run": "mu_vlb_fixed-0"' not in page  # diverged at once: no finite loss, no FID
     assert sorted(p.name for p in (tmp_path / "plots" / "static").iterdir()) == [
         f"{rev}_results_{name}.png" for rev in ("HEAD~1", "workspace")
-        for name in ("samples", "sweep_heatmap")]
+        for name in ("samples", "sampling_steps", "sweep_heatmap")]
     text = sh(["dvc", "metrics", "diff", "HEAD~1"], repo).stdout
     print(f"$ dvc metrics diff HEAD~1\n{text}")
 
