@@ -327,6 +327,7 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
         for section in ("train", "sample", "evaluate"):  # the nodes have 1 CPU each
             params[section].update(cpus_per_worker=1.0)
         params["evaluate"].update(checkpoints="all", checkpoint_num_samples=20)  # EMA via S3
+        params["sweep"].update(schedules=["linear"])  # one trial: the sweep runs, on the nodes
         params["cluster"] = {"storage": f"s3://{BUCKETS[0]}/{tmp_path.name}/ray"}
 
     repo, env = cluster_study(tmp_path, s3, mlflow_server, edit)

@@ -1,18 +1,14 @@
 """The sweep: the `sweep` section of params.yaml, what a trial measures, what the results become,
-a tiny real Ray Tune sweep (ASHA, nested MLflow runs), and a stage submitted to a Ray cluster."""
+a tiny real Ray Tune sweep (ASHA, nested MLflow runs). A stage submitted to a Ray cluster as a
+job: test_cluster.py (the whole study, through `stages.submit`)."""
 
 import copy
-import json
 import math
 import os
 import pickle
-import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -551,96 +547,3 @@ def test_a_ddp_trial_trains_through_a_torch_trainer_of_its_own(tiny_study, tmp_p
     assert len(trials) == 1 and trials["status"].tolist() == ["ok"], trials
     assert trials["step"].tolist() == [10] and trials["fid"].notna().all()
     assert any((tmp_path / "storage").glob("*/trainers/*"))  # Ray Train's run folder
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_a_stage_submitted_to_a_ray_cluster(tiny_study, tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir` a train stage: it connects
-    to that cluster (RAY_ADDRESS), writes its outputs and its MLflow run to absolute paths."""
-    import mlflow
-
-    root, params = tiny_study
-    bin_dir = Path(sys.executable).parent
-    repo = tmp_path / "repo"  # what `--working-dir .` uploads: the code and params.yaml
-    repo.mkdir()
-    for name in ("pipeline", "stages"):
-        shutil.copytree(PROJECT / name, repo / name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(params, repo / "params.yaml")
-    out = tmp_path / "out"
-    tracking = f"sqlite:///{out / 'mlflow.db'}"
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    # a private temp dir: other Ray users of this machine never discover this node
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-         # ports with fixed defaults, so that a Ray instance already on this machine (another
-         # test, another user) cannot keep this node's job agent or client server from starting
-         "--dashboard-agent-listen-port", str(_free_port()),
-         "--ray-client-server-port", str(_free_port()),
-         "--disable-usage-stats", "--temp-dir", temp_dir],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dashboard_port}"
-        deadline = time.monotonic() + 120
-        while True:  # the dashboard's job API answers once the head is up
-            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address],
-                                   env=env, capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, head.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, probe.stderr[-2000:]
-            time.sleep(2)
-        runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "RAY_AUTH_MODE": "disabled",
-                                    "PYTHONUNBUFFERED": "1"}}
-        for _ in range(20):  # the job agent may come up a little after the job API answers
-            submit = subprocess.run(
-                [str(bin_dir / "ray"), "job", "submit", "--address", address,
-                 "--working-dir", str(repo), "--runtime-env-json", json.dumps(runtime_env),
-                 "--", "python", "-m", "stages.train", "--experiment", "eps_simple",
-                 "--data", str(root / "data"), "--out", str(out / "models"),
-                 "--plots", str(out / "plots"), "--storage", str(out / "checkpoints")],
-                env=env, capture_output=True, text=True, timeout=600)
-            logs = submit.stdout + submit.stderr
-            if "No available agent to submit job" not in logs:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
-        # the job's driver got RAY_ADDRESS (this head's GCS) from the job system
-        assert re.search(rf"connected to Ray cluster at [\d.]+:{gcs_port}\b", logs), logs[-6000:]
-        assert "started a local Ray instance" not in logs
-        assert (out / "models" / "eps_simple-0" / "ema.pt").is_file()
-        curve = pd.read_csv(out / "plots" / "eps_simple-0.csv")
-        assert curve["step"].tolist() == [10, 20]
-        client = mlflow.MlflowClient(tracking_uri=tracking)
-        experiment = client.get_experiment_by_name("ddpm-digits")
-        runs = client.search_runs([experiment.experiment_id])
-        assert [r.info.run_name for r in runs] == ["eps_simple-0"]
-        history = client.get_metric_history(runs[0].info.run_id, "train_loss")
-        assert [m.step for m in history] == [10, 20]
-    finally:
-        # stop only the node this test started: `ray start --block` stops its processes on
-        # SIGTERM; its own session (process group) catches anything left behind
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
