@@ -100,7 +100,7 @@ def test_results_are_versioned_with_git_and_compare_across_commits(repo, tmp_pat
     assert "failed to load" not in plots.stdout + plots.stderr
     page = (tmp_path / "plots" / "index.html").read_text()
     charts = re.findall(r'<div id = "([^"]+)"', page)
-    # (and the chart of FID against sampling steps, empty: this study measures no run so)
+    # (and the chart of FID against sampling steps of the shared study's stable run)
     assert charts == ["plots_loss_csv", "plots_fid_over_training_csv",
                       "plots_sampling_steps_csv"], charts
     assert '"field": "run"' in page and '"field": "rev"' in page  # .dvc/plots/by_run.json

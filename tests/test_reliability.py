@@ -241,9 +241,9 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(study, tmp_path
 def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     """SIGKILL the process group of a real `dvc repro` once training has a checkpoint: a plain
     `dvc repro` again resumes from it (no manual step, no stale-lock error) and the study's
-    outputs equal those of the uninterrupted run."""
+    outputs (weights, loss curve, samples) equal those of the uninterrupted run."""
     repo = make_study_repo(tmp_path, lambda p: shared_study_params(p, ("eps_simple",)))
-    target = f"evaluate@{KEY}"  # train, sample, evaluate (and prepare, classifier)
+    target = f"sample@{KEY}"  # train and sample (and prepare, classifier)
     storage = repo / "ray_storage"
     # Ray's default 2 s controller poll (a user's setting overrides the local cluster's 0.5 s):
     # the checkpoints of steps 20 and 40 then register seconds apart, and the kill lands between
@@ -284,12 +284,10 @@ def test_killed_dvc_repro_resumes_from_the_last_checkpoint(study, tmp_path):
     for weights in ("ema.pt", "model.pt"):
         assert tensors_equal(load_state(repo / "models" / name / weights),
                              load_state(study / "models" / name / weights)), weights
+    # the same samples, to the byte (their scores then are the same: evaluation is
+    # deterministic, test_one_worker_samples_and_metrics_are_bitwise_reproducible)
     assert ((repo / "samples" / name / "samples.npz").read_bytes()
             == (study / "samples" / name / "samples.npz").read_bytes())
-    resumed = run_record(repo / "metrics", name)
-    uninterrupted = run_record(study / "metrics", name)
-    for key in ("fid", "is_mean", "kid_mean", "nll_bpd", "nll_bpd_train", "train_steps"):
-        assert resumed[key] == uninterrupted[key], key
     assert not sh(["dvc", "status", target], repo).stdout.count("changed"), \
         "dvc status not clean"
 
