@@ -34,9 +34,9 @@ from pipeline.measure.sampling import SAMPLE_SEED_OFFSET
 from pipeline.measure.stats import FeatureMoments, KernelReference
 
 
-def settings(cfg: SamplingStepsConfig, num_timesteps: int) -> list[dict[str, Any]]:
+def settings(cfg: SamplingStepsConfig) -> list[dict[str, Any]]:
     """The samplers measured, as the `sample` keys each one replaces: DDIM at each count of
-    `cfg.ddim_steps`, then ancestral sampling at all `num_timesteps` steps."""
+    `cfg.ddim_steps`, then ancestral sampling at all T steps (steps None)."""
     return [*({"sampler": "ddim", "steps": steps, "eta": cfg.eta} for steps in cfg.ddim_steps),
             {"sampler": "ancestral", "steps": None, "eta": 0.0}]
 
@@ -74,7 +74,7 @@ def steps_job(inputs: StepsInputs, cfg: SamplingStepsConfig
     n, batch = exp.sample.num_samples, exp.sample.batch_size
     seed = exp.seed + SAMPLE_SEED_OFFSET
     parts = []
-    for setting in settings(cfg, exp.diffusion.num_timesteps):
+    for setting in settings(cfg):
         steps = setting["steps"] or exp.diffusion.num_timesteps
         prefix = f"{setting['sampler']}{steps}"
         parts.append((setting, sampled_feature_chunks("ema", n, batch, steps, seed, prefix,
