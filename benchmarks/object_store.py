@@ -1,7 +1,7 @@
 """Training data through Ray's object store at CIFAR10 size, against reading it from disk.
 
 A Ray Train worker gets its prepared split from the object store, where the train stage's
-driver put it (`pipeline.cluster.train.fit`), so that no worker reads the driver's disk. This
+driver put it (`pipeline.cluster.ray_train.fit`), so that no worker reads the driver's disk. This
 measures that hand-over for a CIFAR10-sized split (50,000 x 3 x 32 x 32 uint8, 147 MiB; random
 pixels, saved as the prepare stage saves it) on a private local Ray instance:
 

@@ -1,7 +1,7 @@
 """Ray Train scaling: the same training run with 1 worker and with N workers (DDP, gloo on CPU).
 
 The default study's experiment (`params.yaml`, `--experiment`) on the digits train split, fit
-through `pipeline.cluster.train.fit` exactly as the train stage does it, under a private local
+through `pipeline.cluster.ray_train.fit` exactly as the train stage does it, under a private local
 Ray instance. Every case trains the same global batch (`train.batch_size`, split across the
 workers) for `--steps` steps and gets the same CPUs in all (`--cpus`, split across the workers:
 2 workers of 1 CPU on the 2-core machine). Reported per case:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     common.check_pipeline_is_this_checkout()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from pipeline.cluster import connection, train
+    from pipeline.cluster import connection, ray_train
     from pipeline.data.datasets import prepare_dataset, prepared_path
 
     base, _ = common.load_experiment("digits", args.experiment)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     log_every=max(1, args.steps // 4), checkpoint_every=args.steps))
                 storage = work / f"ckpt-{n}-{r}"
                 start = time.monotonic()
-                outcome = train.fit(exp, train_data, storage)
+                outcome = ray_train.fit(exp, train_data, storage)
                 fit_s = time.monotonic() - start
                 shutil.rmtree(storage, ignore_errors=True)
                 train_s = float(outcome.state["wall_s"])

@@ -6,7 +6,7 @@ training, and a quick FID at the end, for each row of the study under recipe var
         --json results/bench/recipe.json
 
 Each (variant, experiment) trains in this process with the train stage's per-worker function
-(`pipeline.cluster.training.train_worker`, no Ray) on the digits train split, prepared in a
+(`pipeline.training.loop.train_worker`, no Ray) on the digits train split, prepared in a
 temporary
 folder. Every `--eval-every` steps it measures the stratified NLL bound (bits/dim, the 17-level
 decoder) of the first `--nll-images` test images under the raw weights and under the EMA, with
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(p)
     args = p.parse_args(argv)
 
-    from pipeline.cluster.training import LocalSession, train_worker
+    from pipeline.training.loop import LocalSession, train_worker
     from pipeline.core.params import load_params
     from pipeline.data.datasets import load_prepared, prepare_dataset, prepared_path
-    from pipeline.measure.classifier import save_classifier, train_digits_classifier
+    from pipeline.measure.digits_classifier import save_classifier, train_digits_classifier
     from pipeline.measure.extractors import DIGITS_EXTRACTOR
 
     common.set_threads(args.threads)

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     common.check_pipeline_is_this_checkout()
 
     from pipeline.cluster import connection, ray_data
-    from pipeline.cluster.sharding import ShardedJob, Workers, nll_chunks, run_here
+    from pipeline.measure.chunks import ShardedJob, Workers, nll_chunks, run_here
     from pipeline.core.params import load_params
     from pipeline.diffusion.gaussian import GaussianDiffusion
     from pipeline.diffusion.samplers import sample
-    from pipeline.jobs.evaluation import untrained_model
-    from pipeline.jobs.sample import sample_job
+    from pipeline.jobs.evaluate_job import untrained_model
+    from pipeline.jobs.sample_job import sample_job
     from pipeline.measure.sampling import sampling_network
 
     params = load_params(common.REPO_ROOT / "params.yaml")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     job = jobs(workers)[work]
                     result = ray_data.run_chunks(job, f"{storage}/{work}-{workers}",
                                                     stream=open("/dev/null", "w"))
-                    from pipeline.cluster.sharding import ChunkStore
+                    from pipeline.measure.chunks import ChunkStore
 
                     ChunkStore(f"{storage}/{work}-{workers}", job.name).discard()
                     runs.setdefault(f"{work} Ray, {workers} worker"

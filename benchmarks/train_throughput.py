@@ -1,6 +1,6 @@
 """Training throughput (images/s) of our train step against Hugging Face diffusers.
 
-Ours: one step of `pipeline.cluster.training.train_worker`'s loop (Algorithm 1) in one process,
+Ours: one step of `pipeline.training.loop.train_worker`'s loop (Algorithm 1) in one process,
 built from the pipeline's own pieces: `build_model` (pipeline.model.unet U-Net), the timestep sampler,
 `GaussianDiffusion.training_losses`, backward, gradient clipping, Adam with its warmup
 schedule (`make_optimizer`) and the EMA update (`make_ema`).
@@ -48,7 +48,7 @@ def our_train_step(exp, image_shape, batch_size: int, seed: int = 0, precision: 
     puts them on a GPU); with `compile_backend`, the wrapped U-Net through `torch.compile` (as
     train.compile does). TF32 (`tf32`) is a process setting: run the step under
     `pipeline.model.precision.matmul_precision`."""
-    from pipeline.cluster.training import make_optimizer, seed_generators, train_step
+    from pipeline.training.loop import make_optimizer, seed_generators, train_step
     from pipeline.data.datasets import to_model_range
     from pipeline.diffusion.gaussian import GaussianDiffusion
     from pipeline.diffusion.timesteps import timestep_sampler
@@ -86,7 +86,7 @@ def diffusers_train_step(exp, image_shape, batch_size: int, seed: int = 0,
     precision runs it)."""
     from diffusers import DDPMScheduler
 
-    from pipeline.cluster.training import apply_gradients, make_optimizer
+    from pipeline.training.loop import apply_gradients, make_optimizer
     from pipeline.data.datasets import to_model_range
     from pipeline.diffusion.schedules import schedule_from_config
     from pipeline.model.ema import make_ema

@@ -1,7 +1,11 @@
 """What every stage shares: argument parsing, params loading and user-facing errors.
 
-A stage's `main()` parses paths, loads and validates the whole params.yaml (so a typo stops
-`dvc repro` in seconds, before Ray or a model starts), then calls the library. Known
+Every stage has one shape. Its `main()` parses its arguments and hands its `body` to `run`,
+which loads and validates the whole params.yaml (so a typo stops `dvc repro` in seconds, before
+Ray or a model starts). `body(params)` then imports its job's modules (one block: they load
+torch and Ray), reads and checks its inputs, runs its job (`pipeline.jobs.<stage>_job`) inside
+the run's MLflow record (`tracker.live_run`) with Ray shut down in a `finally`, writes its
+outputs, logs them, and prints one line of what it made. Known
 problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
 `pipeline.core.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
 SIGTERM (how DVC, Ray and a cluster's scheduler stop a process) is raised in the stage as
@@ -29,7 +33,9 @@ from typing import Callable
 
 from pipeline.core import logs
 from pipeline.core.errors import UserError, error_chain
+from pipeline.core.io import file_digest
 from pipeline.core.params import Params, load_params
+from pipeline.core.tracking import Tracker
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -53,6 +59,10 @@ FOLDERS = {
     "metrics": ("metrics", "the metrics, <E>-<S>.json, _run.json, _nll.csv, reference.json"),
     "plots": ("plots/loss", "the training loss curves, <E>-<S>.csv"),
 }
+
+
+# The seed calibration: `stages.calibrate` writes it, `stages.tabulate` reads it.
+CALIBRATION_FILE = Path("calibration/seeds.json")
 
 
 def parser(prog: str, description: str, experiment: bool = False, folders: tuple[str, ...] = (),
@@ -112,8 +122,6 @@ class InputsWatch:
                 if hasattr(dep, "read_params")}
 
     def _code(self) -> dict[str, str | None]:
-        from pipeline.core.io import file_digest
-
         def digest(path: Path) -> str | None:
             return file_digest(path) if path.is_file() else None
 
@@ -231,8 +239,6 @@ def disk_error(exc: BaseException) -> str | None:
 
 def tracker_for(params: Params, root: Path = Path(".")):
     """The study's MLflow tracker, checked reachable (fails fast, naming the URI)."""
-    from pipeline.core.tracking import Tracker
-
     tracker = Tracker(params.tracking, params.study, root)
     tracker.check_reachable()
     return tracker

@@ -15,16 +15,15 @@ on another CPU, or with another seed) with the calibration, and writes nothing.
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
-from pipeline.reporting.calibration import CALIBRATION_FILE
+from stages import _common
 
 
 def machine_description() -> str:
     """The CPU the calibration ran on, and the kernels torch was told to use."""
-    import os
-    import platform
-
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,13 +40,11 @@ def machine_description() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages import _common
-
     parser = _common.parser(
         "calibrate", "Measure each experiment's spread between training seeds from the metrics "
         "of a several-seed study and keep it as data, for tabulate to widen single-seed "
         "intervals by it.", folders=("metrics",),
-        out=(str(CALIBRATION_FILE), "the calibration file (and <out>.md beside it)"))
+        out=(str(_common.CALIBRATION_FILE), "the calibration file (and <out>.md beside it)"))
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="the seeds to calibrate on (default: study.seeds)")
     parser.add_argument("--machine", default=None,
@@ -60,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.core.io import write_text
         from pipeline.reporting import calibration as cal
-        from pipeline.reporting.results import load_runs
         from pipeline.reporting.formats import to_markdown
+        from pipeline.reporting.results import load_runs
         from pipeline.reporting.verdicts import seed_verdicts
 
         if args.check is not None:

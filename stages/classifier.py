@@ -24,10 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        _common.tracker_for(params)  # an unreachable tracking store stops the study here
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.core.io import write_json
         from pipeline.data.datasets import load_prepared, prepared_path
-        from pipeline.measure import classifier, extractors
+        from pipeline.measure import digits_classifier, extractors
+
+        _common.tracker_for(params)  # an unreachable tracking store stops the study here
 
         dataset = params.data.dataset
         extractor = extractors.extractor_name(dataset, params.evaluate.feature_extractor)
@@ -35,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         if extractor == extractors.DIGITS_EXTRACTOR:
             train_x, train_y, _ = load_prepared(prepared_path(args.data, dataset, "train"))
             test_x, test_y, _ = load_prepared(prepared_path(args.data, dataset, "test"))
-            model = classifier.train_digits_classifier(train_x, train_y,
+            model = digits_classifier.train_digits_classifier(train_x, train_y,
                                                        steps=params.evaluate.classifier_steps,
                                                        seed=params.data.seed)
-            accuracy = classifier.classifier_accuracy(model, test_x, test_y)
-            classifier.save_classifier(model, args.out / classifier.CLASSIFIER_FILE)
+            accuracy = digits_classifier.classifier_accuracy(model, test_x, test_y)
+            digits_classifier.save_classifier(model, args.out / digits_classifier.CLASSIFIER_FILE)
             info["test_accuracy"] = accuracy
             print(f"digits classifier: test accuracy {accuracy:.4f} "
-                  f"({len(test_y)} images) -> {args.out / classifier.CLASSIFIER_FILE}")
+                  f"({len(test_y)} images) -> {args.out / digits_classifier.CLASSIFIER_FILE}")
             if accuracy < MIN_ACCURACY:
                 print(f"warning: accuracy below {MIN_ACCURACY:.0%}; FID / IS on digits will be "
                       "noisy (raise evaluate.classifier_steps)")

@@ -3,7 +3,7 @@ the NLL bound (bits/dim) of its model, each with its standard error.
 
     python -m stages.evaluate --experiment eps_simple [--seed 0] [--params params.yaml]
 
-What is measured, and how, is `pipeline.jobs.evaluation`. Writes metrics/<E>-<S>.json (the
+What is measured, and how, is `pipeline.jobs.evaluate_job`. Writes metrics/<E>-<S>.json (the
 scores, numbers only), metrics/<E>-<S>_run.json (what the run was: settings, status, sample
 counts, timings), metrics/<E>-<S>_nll.csv (the bound of every test and train image, for
 comparing runs image by image) and, for scores over training, metrics/<E>-<S>_over_training.csv with its figure
@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.cluster import connection
-        from pipeline.jobs.evaluation import (evaluate_run, evaluation_inputs, log_evaluation,
-                                              save_evaluation)
-        from pipeline.measure.reference_stats import reference_stats_path
+        from pipeline.jobs.evaluate_job import (evaluate_run, evaluation_inputs, log_evaluation,
+                                                save_evaluation)
+        from pipeline.measure.reference_stats_file import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)

@@ -8,7 +8,7 @@ workers, at a throughput measured here or given.
 With --gflops (GFLOP/s achieved by one worker, e.g. a GPU's) the times are extrapolated from
 FLOPs; without it the U-Net's forward and training step are timed here first, at each
 stage's batch and threads (a few seconds on the digits model, minutes on CIFAR10's on a CPU).
-How it counts: pipeline/reporting/plan.py.
+How it counts: pipeline/reporting/cost_plan.py.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be >= 1")
 
     def body(params) -> int:
-        from pipeline.reporting.plan import (measure_rates, plan_lines, plan_table,
-                                             reference_saving, study_work)
+        # the job's modules load once the params are checked (torch and Ray take seconds)
+        from pipeline.core.io import atomic_path
+        from pipeline.reporting.cost_plan import (measure_rates, plan_lines, plan_table,
+                                                  reference_saving, study_work)
 
         works = study_work(params, args.workers, args.cpus)
         if args.gflops:
@@ -60,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
               f"one pass per row, and up to {saving['trials_saved']:,} fewer in the "
               f"{saving['trials']} sweep trials")
         if args.csv is not None:
-            from pipeline.core.io import atomic_path
-
             with atomic_path(args.csv) as tmp:
                 table.to_csv(tmp, index=False)
         return 0

@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params) -> int:
-        _common.tracker_for(params)  # an unreachable tracking store stops the study here
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.data.datasets import prepare_dataset
+
+        _common.tracker_for(params)  # an unreachable tracking store stops the study here
 
         summary = prepare_dataset(params.data, args.out, seed=params.data.seed)
         c, h, w = summary["image_shape"]

@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.artifacts.figures import save_sample_grid
         from pipeline.artifacts.records import save_reference
         from pipeline.cluster import connection
-        from pipeline.jobs.evaluation import Apparatus, reference_scores
-        from pipeline.measure.classifier import classifier_path
+        from pipeline.jobs.evaluate_job import Apparatus, reference_scores
+        from pipeline.measure.digits_classifier import classifier_path
 
         exp = params.base_experiment("untrained")
         tracker = _common.tracker_for(params)

@@ -8,7 +8,7 @@ data/reference_stats/train.npz: the train split's feature sums, the features of 
 images, their provenance (extractor and the SHA-256 of its weights, split, N, the SHA-256 of the
 prepared split) and a digest of it all. Every evaluate stage, its checkpoints' quick FIDs and
 the sweep's trials read it instead of extracting the train split again, and refuse a file made
-for another study (`pipeline.measure.reference_stats`).
+for another study (`pipeline.measure.reference_stats_file`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.cluster import connection
-        from pipeline.jobs.evaluation import Apparatus
-        from pipeline.jobs.reference_stats import SPLIT, reference_stats_run
-        from pipeline.measure.classifier import classifier_path
-        from pipeline.measure.reference_stats import reference_stats_path, save_reference_stats
+        from pipeline.jobs.evaluate_job import Apparatus
+        from pipeline.jobs.reference_stats_job import SPLIT, reference_stats_run
+        from pipeline.measure.digits_classifier import classifier_path
+        from pipeline.measure.reference_stats_file import reference_stats_path, save_reference_stats
 
         exp = params.base_experiment("reference_stats")
         _common.tracker_for(params)  # an unreachable tracking store stops the study here

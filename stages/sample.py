@@ -24,34 +24,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
+        from pipeline.cluster import connection
+        from pipeline.jobs.sample_job import sample_run
+
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         run_id = tracker.run_of(exp)
-        with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
-            return _sample(exp, tracker, run_id)
-
-    def _sample(exp, tracker, run_id) -> int:
-        from pipeline.cluster import connection
-        from pipeline.jobs.sample import sample_run
-
         out = args.out / exp.key
-        try:
-            result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage(),
-                                on_progress=tracker.progress(run_id, "sample", "images"))
-        finally:
-            connection.shutdown()
-        if result is None:
-            print(f"{exp.key} is unstable: wrote empty samples")
-            return 0
-        tracker.log_metrics(run_id, {"sample_wall_s": result.wall_s,
-                                     "sample_images_per_s": result.images_per_s,
-                                     "sample_workers": result.workers,
-                                     "sample_chunks_computed": result.computed,
-                                     "sample_chunks_reused": result.reused,
-                                     "sample_chunks_redone": result.redone})
-        tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})
-        for name in ("grid.png", "progressive.png"):
-            tracker.log_artifact(run_id, out / name, "samples")
+        with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
+            try:
+                result = sample_run(exp, args.models, args.out, exp.cluster.resolved_storage(),
+                                    on_progress=tracker.progress(run_id, "sample", "images"))
+            finally:
+                connection.shutdown()
+            if result is None:
+                print(f"{exp.key} is unstable: wrote empty samples")
+                return 0
+            tracker.log_metrics(run_id, {"sample_wall_s": result.wall_s,
+                                         "sample_images_per_s": result.images_per_s,
+                                         "sample_workers": result.workers,
+                                         "sample_chunks_computed": result.computed,
+                                         "sample_chunks_reused": result.reused,
+                                         "sample_chunks_redone": result.redone})
+            tracker.log_params(run_id, {"sample": exp.to_dict()["sample"]})
+            for name in ("grid.png", "progressive.png"):
+                tracker.log_artifact(run_id, out / name, "samples")
         reused = f", {result.reused} found in storage" if result.reused else ""
         if result.redone:
             reused += f", {result.redone} begun again after its worker was lost"

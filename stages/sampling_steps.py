@@ -25,11 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.artifacts.records import sampling_steps_path, save_sampling_steps
         from pipeline.cluster import connection
-        from pipeline.jobs.sampling_steps import (log_sampling_steps, sampling_steps_run,
-                                                  steps_inputs, summary)
-        from pipeline.measure.reference_stats import reference_stats_path
+        from pipeline.jobs.sampling_steps_job import (log_sampling_steps, sampling_steps_run,
+                                                      steps_inputs, summary)
+        from pipeline.measure.reference_stats_file import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)

@@ -31,7 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.artifacts.bundle import (apply_bundle, bundle_key, changed_sources, make_bundle,
+                                       read_bundle, summary)
 from pipeline.core.errors import UserError
+from pipeline.core.params import load_params
+from pipeline.core.tracking_store import check_reachable, resolve_tracking_uri
 from stages import _common
 
 # Environment passed to the job where it is set here (the job runs with the cluster's own
@@ -107,9 +111,6 @@ def remote_url(repo: Path) -> str:
 
 def check_tracking(repo: Path, params_path: Path) -> str:
     """The tracking URI the job will use: a server, reachable from here."""
-    from pipeline.core.params import load_params
-    from pipeline.core.tracking_store import check_reachable, resolve_tracking_uri
-
     params = load_params(params_path)
     uri = resolve_tracking_uri(params.tracking, repo)
     if uri.startswith("sqlite:"):
@@ -198,9 +199,6 @@ def follow(client, job_id: str) -> str:
 
 def fetch(repo: Path, job_id: str, pull: bool = True) -> int:
     """Apply the results bundle of job `job_id` to the checkout, then `dvc pull`."""
-    from pipeline.artifacts.bundle import (apply_bundle, bundle_key, changed_sources, read_bundle,
-                                           summary)
-
     data = read_from_remote(repo, bundle_key(job_id))
     manifest, files = read_bundle(data)
     changed = changed_sources(repo, manifest)
@@ -269,8 +267,6 @@ def write_to_remote(repo: Path, key: str, data: bytes) -> str:
 
 
 def run_in_job(repo: Path, job_id: str, command: list[str]) -> int:
-    from pipeline.artifacts.bundle import bundle_key, make_bundle, summary
-
     if not (repo / ".git").exists():  # --working-dir uploads leave .git out
         subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=repo, check=True)
     print(f"job {job_id}: pulling what the DVC remote holds for this dvc.lock (outputs, run "

@@ -30,10 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
-        from pipeline.cluster.sweep import trial_probe
+        # the job's modules load once the params are checked (torch and Ray take seconds)
+        from pipeline.cluster.ray_train import TrainingError
         from pipeline.data.datasets import load_prepared, prepared_path
-        from pipeline.measure.classifier import classifier_path
-        from pipeline.measure.reference_stats import reference_stats_path
+        from pipeline.jobs.sweep_job import sweep_run
+        from pipeline.measure.digits_classifier import classifier_path
+        from pipeline.measure.reference_stats_file import reference_stats_path
+        from pipeline.training.sweep_trials import trial_probe
 
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
@@ -45,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         load_prepared(test_path)
         probe = trial_probe(cfg, base, train_path, test_path, classifier_path(args.models),
                             reference_stats_path(args.stats))
-
-        from pipeline.jobs.sweep import sweep_run
 
         num_trials = len(trial_exps) if cfg.search == "grid" else cfg.num_samples
         storage = args.storage or f"{params.cluster.resolved_storage().rstrip('/')}/sweep"
@@ -64,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: trial {row['trial']} ({row['schedule']}, {row['weighting']}) "
                   f"failed: {row['error']}", file=sys.stderr)
         if len(errors) == len(table):
-            from pipeline.cluster.train import TrainingError
-
             raise TrainingError(f"every sweep trial failed; logs are under {result.tune_path}")
         return 0
 

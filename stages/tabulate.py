@@ -17,12 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.params import Params
-from pipeline.reporting.calibration import CALIBRATION_FILE
+from stages import _common
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages import _common
-
     parser = _common.parser(
         "tabulate", "Collect metrics/<experiment>-<seed>.json of every run in params.yaml into "
         "the paper's Table 1 and Table 2, judge the paper's claims (findings), and tabulate the "
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                              "fid_over_training.csv (default: %(default)s)")
     parser.add_argument("--sweep", default="results/sweep/trials.csv", type=Path,
                         help="the sweep's trials csv; skipped if absent (default: %(default)s)")
-    parser.add_argument("--calibration", default=CALIBRATION_FILE, type=Path,
+    parser.add_argument("--calibration", default=_common.CALIBRATION_FILE, type=Path,
                         help="the seed calibration that widens single-seed intervals by "
                              "training noise; skipped if absent (default: %(default)s)")
     parser.add_argument("--lock", default="dvc.lock", type=Path,
@@ -45,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from pipeline.reporting.tabulate import (logged_tables, read_lock, report, run_tabulate,
-                                                 run_tags)
+        # the job's modules load once the params are checked (torch and Ray take seconds)
+        from pipeline.reporting.tabulate_job import (logged_tables, read_lock, report, run_tabulate,
+                                                     run_tags)
 
         tracker = _common.tracker_for(params)
         lock = read_lock(args.lock)  # a broken one stops the stage before it writes a table

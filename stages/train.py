@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body(params) -> int:
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.data.datasets import load_prepared, prepared_path
+        from pipeline.jobs.train_job import log_training, open_training, train_run
 
         exp = params.experiment(args.experiment, args.seed)
         tracker = _common.tracker_for(params)
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
-
-        from pipeline.jobs.train import log_training, open_training, train_run
 
         storage = args.storage or exp.cluster.resolved_storage()
         run_id, stream = open_training(tracker, exp)

@@ -313,10 +313,21 @@ def test_the_library_registries_are_keyed_by_the_params_choices():
     for var_type in config.VAR_TYPES:  # the network outputs a variance exactly for these
         learned = gaussian.GaussianDiffusion(betas, "eps", var_type, "vlb").learns_variance
         assert learned == (var_type in config.LEARNED_VAR_TYPES), var_type
+    from pipeline.core.dataset_specs import DATASET_NAMES, DATASET_SPECS
+    from pipeline.data import datasets
     from pipeline.measure import extractors
 
-    assert set(extractors.FIDELITY_EXTRACTORS.values()) == {config.DIGITS_EXTRACTOR,
-                                                            config.INCEPTION_EXTRACTOR}
+    # each dataset: declared once, read by its reader, measured by its declared extractor,
+    # flipped as declared; config's choices are the declared names
+    assert config.choices(config.DataConfig, "dataset") == DATASET_NAMES == tuple(
+        datasets.READERS)
+    for name, spec in DATASET_SPECS.items():
+        assert spec.extractor in (config.DIGITS_EXTRACTOR, config.INCEPTION_EXTRACTOR), name
+        assert extractors.extractor_name(name) == spec.extractor
+        assert datasets.default_hflip(config.DataConfig(dataset=name)) == spec.flip
+        assert config.DataConfig(dataset=name).image_shape() == (spec.shape or (3, 32, 32))
+    assert not DATASET_SPECS["digits"].flip and DATASET_SPECS["cifar10"].flip
+    assert DATASET_SPECS["cifar10"].paper_table1 and not DATASET_SPECS["digits"].paper_table1
 
 
 def test_choices_reads_a_literal_field_and_a_list_of_literals():

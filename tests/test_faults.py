@@ -148,9 +148,9 @@ def test_model_classifier_and_checkpoint_with_a_flipped_byte_are_refused_naming_
     import torch
 
     from pipeline.artifacts.models import ModelError, load_model
-    from pipeline.cluster.training import CheckpointError, load_training_state
+    from pipeline.training.loop import CheckpointError, load_training_state
     from pipeline.core.params import load_params
-    from pipeline.measure.classifier import (ClassifierError, DigitsClassifier, load_classifier,
+    from pipeline.measure.digits_classifier import (ClassifierError, DigitsClassifier, load_classifier,
                                              save_classifier)
     from pipeline.model.unet import build_model
 
@@ -364,7 +364,7 @@ def test_a_damaged_file_of_a_stopped_sweeps_state_is_refused_before_it_resumes(t
     """A stopped sweep keeps its rung decisions and its trials' reports beside Tune's folder;
     one of them cut short: the check run before `Tuner.restore` names it and the fix (the
     sweep from its start); sound files pass."""
-    from pipeline.cluster.tune import SweepStateError, check_sweep_state
+    from pipeline.cluster.ray_tune import SweepStateError, check_sweep_state
 
     state = tmp_path / "sweep-x.state"
     (state / "reports").mkdir(parents=True)

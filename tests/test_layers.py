@@ -1,16 +1,22 @@
 """pipeline/'s layers (pipeline.core.layers): every import, those inside functions too, goes to
-the module's own layer or one below it, and every module sits in a layer."""
+the module's own layer or one below it, and every module sits in a layer; cluster/ holds the Ray
+code and only that; no two modules share a file name; imports sit at the top of each module,
+but for the libraries a stage loads only where it uses them (`LAZY_LIBRARIES`)."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.core.layers import LAYERS, PACKAGE, layer_files, source_digest
+from pipeline.core.layers import (LAYERS, LAZY_IN_CORE, LAZY_LIBRARIES, PACKAGE, layer_files,
+                                  source_digest)
 
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE)
+STAGES = PACKAGE.parent / "stages"
 
 
 def pipeline_imports(path: Path) -> list[tuple[int, str]]:
@@ -73,9 +79,9 @@ def test_no_two_modules_import_each_other_through_any_path():
 def test_the_check_catches_an_import_from_above(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipeline.reporting.tables import to_markdown\n"
-                      "import pipeline.jobs.sample\nfrom pipeline.core import io\n")
+                      "import pipeline.jobs.sample_job\nfrom pipeline.core import io\n")
     assert pipeline_imports(module) == [(2, "pipeline.reporting.tables"),
-                                        (3, "pipeline.jobs.sample"), (4, "pipeline.core.io")]
+                                        (3, "pipeline.jobs.sample_job"), (4, "pipeline.core.io")]
 
 
 def test_the_source_digest_covers_every_module_of_its_layers(tmp_path):
@@ -89,3 +95,94 @@ def test_the_source_digest_covers_every_module_of_its_layers(tmp_path):
     assert source_digest(("diffusion",), extra) != first
     with pytest.raises(ValueError, match="unknown layers"):
         layer_files("plumbing")
+
+
+def imports_inside_functions(path: Path) -> list[tuple[int, str, str]]:
+    """(line, imported module, enclosing function) of every import made inside a function."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        scope = parents[node]
+        while not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Module)):
+            scope = parents[scope]
+        if isinstance(scope, ast.Module):  # module level, `if TYPE_CHECKING:` blocks too
+            continue
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or "."])
+        found += [(node.lineno, name, scope.name) for name in names]
+    return sorted(found)
+
+
+def imports_ray(path: Path) -> bool:
+    return any(name == "ray" or name.startswith("ray.")
+               for node in ast.walk(ast.parse(path.read_text()))
+               for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                            [node.module or ""] if isinstance(node, ast.ImportFrom) else []))
+
+
+def test_cluster_holds_the_ray_code_and_only_that():
+    cluster = [p for p in MODULES if p.parent.name == "cluster" and p.name != "__init__.py"]
+    without = [p.name for p in cluster if not imports_ray(p)]
+    assert cluster and not without, f"modules in pipeline/cluster/ that do not use Ray: {without}"
+    elsewhere = [str(p.relative_to(PACKAGE.parent)) for p in MODULES
+                 if p.parent.name != "cluster" and imports_ray(p)]
+    assert not elsewhere, f"modules outside pipeline/cluster/ that import Ray: {elsewhere}"
+
+
+def test_no_two_modules_share_a_file_name():
+    names: dict[str, list[str]] = {}
+    for path in [*MODULES, *STAGES.glob("*.py")]:
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(str(path.relative_to(PACKAGE.parent)))
+    assert not {n: p for n, p in names.items() if len(p) > 1}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_a_module_imports_at_its_top_but_the_libraries_loaded_where_used(path):
+    allowed = LAZY_LIBRARIES + (LAZY_IN_CORE if path.parent.name == "core" else ())
+    if path == PACKAGE / "__init__.py":
+        return  # its public API loads on first use (PEP 562): `import pipeline` stays light
+    late = [f"line {line}: {name} (in {function})"
+            for line, name, function in imports_inside_functions(path)
+            if name.split(".")[0] not in allowed]
+    assert not late, f"{path.relative_to(PACKAGE.parent)}: imports inside functions: {late}"
+
+
+@pytest.mark.parametrize("path", sorted(STAGES.glob("*.py")), ids=lambda p: p.name)
+def test_a_stage_loads_its_job_in_one_block_once_its_params_are_checked(path):
+    """A stage imports the library's modules inside `body`, which `_common.run` calls with the
+    checked params, and nowhere else inside a function."""
+    late = [f"line {line}: {name} (in {function})"
+            for line, name, function in imports_inside_functions(path)
+            if name.split(".")[0] not in LAZY_LIBRARIES and function != "body"]
+    assert not late, f"stages/{path.name}: {late}"
+
+
+def test_the_stages_start_without_torch_ray_or_mlflow():
+    """What every stage imports before its params are checked (stages._common, pipeline.core)
+    loads none of the heavy libraries: a refused params.yaml is refused in a fraction of a
+    second."""
+    code = ("import sys, importlib, pathlib\n"
+            "import stages._common\n"
+            "for p in sorted(pathlib.Path('pipeline/core').glob('*.py')):\n"
+            "    importlib.import_module('pipeline.core.' + p.stem)\n"
+            "for stage in sorted(pathlib.Path('stages').glob('*.py')):\n"
+            "    importlib.import_module('stages.' + stage.stem)\n"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas', 'torch_fidelity')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_the_checks_see_an_import_inside_a_function_and_a_module_without_ray(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\nif os:\n    import json\n\n\ndef f():\n"
+                      "    if os:\n        from pipeline.core import io\n    import ray\n")
+    assert imports_inside_functions(module) == [(8, "pipeline.core", "f"), (9, "ray", "f")]
+    assert imports_ray(module)
+    module.write_text("def f():\n    from rayleigh import x\n")
+    assert not imports_ray(module)

@@ -22,7 +22,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from helpers_metrics import STANDIN_EXTRACTOR, TinyConvExtractor, register_standin_extractor
 from pipeline.core.config import EvaluateConfig
-from pipeline.measure.classifier import (ClassifierError, classifier_accuracy, classifier_predict,
+from pipeline.measure.digits_classifier import (ClassifierError, classifier_accuracy, classifier_predict,
                                          load_classifier, save_classifier, train_digits_classifier)
 from pipeline.measure.extractors import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR,
                                          DigitsFeatureExtractor, MetricsError, extractor_name,

@@ -1,4 +1,4 @@
-"""The cost plan (pipeline/reporting/plan.py, stages/plan.py): its counts and arithmetic on a
+"""The cost plan (pipeline/reporting/cost_plan.py, stages/plan.py): its counts and arithmetic on a
 hand-computed case, and the command as a user runs it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 
 from helpers import PROJECT, env_for
 from pipeline.core.params import parse_params
-from pipeline.reporting.plan import (STARTUP_S, Work, plan_lines, plan_table, reference_saving,
+from pipeline.reporting.cost_plan import (STARTUP_S, Work, plan_lines, plan_table, reference_saving,
                                      split_sizes, study_work, unet_gflops)
 
 

@@ -1,4 +1,4 @@
-"""The reference statistics file (pipeline/measure/reference_stats.py): written and read back
+"""The reference statistics file (pipeline/measure/reference_stats_file.py): written and read back
 bit for bit, its digest and provenance checked on load, and the sweep's probe reading it.
 
 The evaluate stage reading it (no train features extracted, the same metrics) and its refusals
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.measure.reference_stats import (ReferenceStats, ReferenceStatsError,
+from pipeline.measure.reference_stats_file import (ReferenceStats, ReferenceStatsError,
                                               load_reference_stats, provenance,
                                               reference_stats_path, save_reference_stats)
 from pipeline.measure.stats import FeatureMoments, KernelReference
@@ -118,7 +118,7 @@ def test_the_sweep_probe_reads_the_statistics_and_refuses_another_n(tmp_path):
     """trial_probe takes the train split's sums from the file (the quick FID extracts only the
     samples' features), and a file of another N stops the sweep before any trial."""
     sys.path.insert(0, str(TESTS))
-    from pipeline.cluster.sweep import trial_probe
+    from pipeline.training.sweep_trials import trial_probe
     from pipeline.core.params import parse_params
     from pipeline.measure.extractors import FeatureNetwork
 

@@ -761,7 +761,7 @@ def test_corrupt_model_weights_name_the_file(tmp_path):
 
 
 def test_corrupt_classifier_weights_name_the_file(prepared, tmp_path):
-    from pipeline.measure.classifier import DigitsClassifier, save_classifier
+    from pipeline.measure.digits_classifier import DigitsClassifier, save_classifier
 
     bad = tmp_path / "models" / "classifier" / "classifier.pt"
     save_classifier(DigitsClassifier(), bad)
@@ -834,7 +834,7 @@ def test_stage_before_its_inputs_names_the_file_and_the_command(prepared, tmp_pa
         samples = tmp_path / "samples" / KEY / "samples.npz"
         samples.parent.mkdir(parents=True)
         np.savez(samples, images=np.zeros((60, 1, 8, 8), np.uint8), status=np.array("ok"))
-        from pipeline.measure.classifier import DigitsClassifier, save_classifier
+        from pipeline.measure.digits_classifier import DigitsClassifier, save_classifier
 
         save_classifier(DigitsClassifier(), models / "classifier" / "classifier.pt")
         args, needles = ["-e", "eps_simple", "--data", prepared, "--stats", empty, "--models",

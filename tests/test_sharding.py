@@ -1,4 +1,4 @@
-"""Work in chunks (pipeline/cluster/sharding.py, pipeline/diffusion/seeding.py,
+"""Work in chunks (pipeline/measure/chunks.py, pipeline/diffusion/seeding.py,
 ray_data.run_chunks): a seed per
 image and per bound term, so that samples and per-image bounds are the same bytes whichever
 worker made which chunk, in whatever order; sums of chunks that merge into the whole; finished
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import PROJECT
-from pipeline.cluster.sharding import (Chunk, ChunkStore, ShardedJob, Workers, assemble_nll_chunks,
+from pipeline.measure.chunks import (Chunk, ChunkStore, ShardedJob, Workers, assemble_nll_chunks,
                                        feature_chunks, feature_parts, merge_feature_parts,
                                        nll_chunks, run_here)
 from pipeline.core.params import load_params
@@ -49,7 +49,7 @@ def random_weights(exp):
 def mixed_job(exp, images: np.ndarray, calls_per_part: int = 6) -> ShardedJob:
     """A job of 3 sampling chunks and the exact bound of 9 images (12 terms) in parts: 4
     images and 1 term per network call (nll_batch_size 4), `calls_per_part` calls a part."""
-    from pipeline.jobs.sample import sample_job
+    from pipeline.jobs.sample_job import sample_job
     from pipeline.measure.nll import nll_parts
 
     job = sample_job(exp, None, {"image_shape": [1, 8, 8], "data_levels": 17},
@@ -229,7 +229,7 @@ def test_a_chunk_damaged_in_storage_is_caught_by_its_digest_and_removed(tmp_path
     data); `remove` deletes it, so that it is computed again, and leaves the other chunks."""
     import hashlib
 
-    from pipeline.cluster.sharding import DamagedChunk, encode
+    from pipeline.measure.chunks import DamagedChunk, encode
 
     store = ChunkStore(tmp_path / "storage", "job-1")
     payload = encode({"images": np.arange(600, dtype=np.uint8).reshape(6, 10, 10)})

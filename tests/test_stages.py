@@ -284,13 +284,13 @@ def test_evaluate_reads_the_reference_statistics_and_extracts_no_train_features(
     evaluate stage extracted and merged for itself before); and the scores are those `dvc repro`
     wrote, bit for bit."""
     from pipeline.cluster import ray_data
-    from pipeline.cluster.sharding import run_here
+    from pipeline.measure.chunks import run_here
     from pipeline.core.params import load_params
-    from pipeline.jobs.evaluation import Apparatus, evaluate_run, evaluation_inputs
-    from pipeline.jobs.reference_stats import reference_statistics, reference_stats_job
-    from pipeline.measure.classifier import classifier_path
+    from pipeline.jobs.evaluate_job import Apparatus, evaluate_run, evaluation_inputs
+    from pipeline.jobs.reference_stats_job import reference_statistics, reference_stats_job
+    from pipeline.measure.digits_classifier import classifier_path
     from pipeline.measure.extractors import FeatureNetwork
-    from pipeline.measure.reference_stats import load_reference_stats
+    from pipeline.measure.reference_stats_file import load_reference_stats
     from pipeline.measure.stats import FeatureMoments
 
     repo = shared_study
@@ -344,7 +344,7 @@ def test_a_reference_file_made_for_another_study_is_refused_in_one_line(shared_s
     """data/reference_stats/train.npz of another N or another extractor (its digest rewritten to
     match: a sound file of another study) stops evaluate and the sweep before Ray, in one line
     naming the file, what differs and `dvc repro reference_stats`; nothing is written."""
-    from pipeline.measure.reference_stats import (ReferenceStats, load_reference_stats,
+    from pipeline.measure.reference_stats_file import (ReferenceStats, load_reference_stats,
                                                   save_reference_stats)
 
     repo = shared_study

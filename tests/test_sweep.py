@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from helpers import assert_refused, env_for
-from pipeline.cluster.sweep import TrialOutcome, best_record, best_trial, trial_status, trials_table
+from pipeline.training.sweep_trials import TrialOutcome, best_record, best_trial, trial_status, trials_table
 from pipeline.core.config import ConfigError, SWEEP_WEIGHTINGS, SweepConfig
 from pipeline.core.params import load_params, parse_params
 
@@ -124,7 +124,7 @@ def test_broken_sweep_params_are_refused_naming_the_key(raw, needles):
 
 
 def test_a_sweep_is_named_by_its_recipe_not_its_resources(tmp_path):
-    from pipeline.cluster.tune import other_sweeps, sweep_name
+    from pipeline.cluster.ray_tune import other_sweeps, sweep_name
 
     def name(**sweep):
         params = parse_params(with_sweep(**sweep))
@@ -232,7 +232,7 @@ def test_trial_status_and_trials_table():
 def test_log_sweep_nests_one_run_per_trial(tmp_path):
     import mlflow
 
-    from pipeline.cluster.sweep import log_sweep
+    from pipeline.training.sweep_trials import log_sweep
     from pipeline.core.config import StudyConfig, TrackingConfig
     from pipeline.core.tracking import Tracker
 
@@ -290,7 +290,7 @@ def test_trial_probe_measures_nll_every_report_and_fid_at_the_end(tmp_path):
     """The on_log hook of a sweep trial, on an untrained tiny model (no Ray)."""
     import numpy as np
 
-    from pipeline.cluster.sweep import TrialProbe
+    from pipeline.training.sweep_trials import TrialProbe
     from pipeline.diffusion.gaussian import GaussianDiffusion
     from pipeline.model.unet import build_model
 

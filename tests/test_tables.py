@@ -28,7 +28,7 @@ from pipeline.reporting.sweep_report import build_sweep, sweep_raw, sweep_table,
 from pipeline.reporting.formats import (TEX, format_interval, format_mean_std, format_nll,
                                         to_markdown)
 from pipeline.reporting.tables import build_tables, write_tables
-from pipeline.reporting.tabulate import loss_figure, report, run_tabulate
+from pipeline.reporting.tabulate_job import loss_figure, report, run_tabulate
 from stages import tabulate as tabulate_stage
 
 from helpers import SIX
@@ -637,7 +637,7 @@ def test_the_headline_counts_the_verdicts_and_holds_table2s_numbers_in_its_order
 
 
 def test_an_experiment_named_like_a_headline_section_is_refused(tmp_path):
-    from pipeline.reporting.tabulate import headline
+    from pipeline.reporting.tabulate_job import headline
 
     made = {"findings": pd.DataFrame({"verdict": ["reproduced"]}),
             "metrics": pd.DataFrame([{"experiment": "real_data", "fid": 1.0}]),
@@ -658,7 +658,7 @@ def test_plot_data_puts_every_loss_curve_and_each_multi_step_fid_curve_in_one_fi
     """plots/loss.csv: one row per (run, logged step), non-finite losses left out;
     plots/fid_over_training.csv: only runs scored at several steps (one point is no curve)."""
     from pipeline.core.params import load_params
-    from pipeline.reporting.tabulate import plot_data
+    from pipeline.reporting.tabulate_job import plot_data
 
     params = load_params(_params(tmp_path))
     curves = tmp_path / "plots" / "loss"
@@ -685,7 +685,7 @@ def test_plot_data_puts_every_loss_curve_and_each_multi_step_fid_curve_in_one_fi
 
 def test_a_broken_scores_over_training_file_is_named(tmp_path, metrics_dir):
     from pipeline.core.params import load_params
-    from pipeline.reporting.tabulate import plot_data
+    from pipeline.reporting.tabulate_job import plot_data
 
     (metrics_dir / "eps_simple-0_over_training.csv").write_text("step,nll_bpd\n10,3.0\n")
     with pytest.raises(ResultsError, match=r"eps_simple-0_over_training\.csv: not a table of "
@@ -784,10 +784,10 @@ def test_a_corrupt_loss_curve_stops_tabulate_naming_the_file_and_the_fix(tmp_pat
 
 
 def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkeypatch):
-    import pipeline.reporting.tabulate
+    import pipeline.reporting.tabulate_job
 
     drawn = {}
-    monkeypatch.setattr(pipeline.reporting.tabulate, "save_loss_curves",
+    monkeypatch.setattr(pipeline.reporting.tabulate_job, "save_loss_curves",
                         lambda curves, out, title: drawn.update(curves))
     save_loss_curve(tmp_path / "a-0.csv", [(10, 0.5), (20, float("nan")), (30, 0.25)])
     save_loss_curve(tmp_path / "b-0.csv", [(10, float("nan"))])
@@ -799,10 +799,10 @@ def test_loss_figure_skips_runs_without_a_file_or_a_finite_loss(tmp_path, monkey
 def test_tabulate_imports_no_training_code_and_train_reads_the_curve_format_alone():
     """tabulate reads results and never the training code; the train stage's loss-curve writer
     drags in no pandas, torch or tables code."""
-    code = ("import sys, stages.tabulate, pipeline.reporting.tabulate, "
+    code = ("import sys, stages.tabulate, pipeline.reporting.tabulate_job, "
             "pipeline.reporting.sweep_report, pipeline.reporting.findings, "
             "pipeline.artifacts.figures\n"
-            "print(sorted(m for m in ('pipeline.cluster.training', 'pipeline.measure.sampling', "
+            "print(sorted(m for m in ('pipeline.training.loop', 'pipeline.measure.sampling', "
             "'ray') "
             "if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
@@ -849,7 +849,7 @@ def test_stage_bad_input_exits_2_with_a_short_message(tmp_path, metrics_dir, cap
 def test_the_lock_gives_each_run_the_md5_of_its_stages_outputs(tmp_path):
     from pipeline.core.params import load_params
     from pipeline.core.tracking import tag_dvc_stage_md5
-    from pipeline.reporting.tabulate import read_lock, run_tags
+    from pipeline.reporting.tabulate_job import read_lock, run_tags
 
     assert read_lock(tmp_path / "dvc.lock") == {}  # none yet: no tags from it
     stages = read_lock(PROJECT / "dvc.lock")
@@ -869,7 +869,7 @@ def test_samples_figure_shows_each_experiments_grid_titled_with_its_fid(tmp_path
     from PIL import Image
 
     from pipeline.core.params import load_params
-    from pipeline.reporting.tabulate import samples_figure
+    from pipeline.reporting.tabulate_job import samples_figure
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     colours = {}

@@ -63,7 +63,7 @@ def checkout(tmp_path_factory) -> Path:
     """A folder holding params.yaml and models/eps_simple-0/ as the train stage writes it, from
     the shared training loop run here (no Ray); beside it `training/state.pt`, the final state."""
     from pipeline.artifacts.models import write_model_dir
-    from pipeline.cluster.training import STATE_FILE, LocalSession, train_worker
+    from pipeline.training.loop import STATE_FILE, LocalSession, train_worker
     from pipeline.core.params import load_params
     from pipeline.data.datasets import prepare_dataset, prepared_path
 
@@ -114,8 +114,8 @@ def test_sampling_without_a_seed_draws_the_sample_stages_first_images(checkout):
     stage's job makes them (3 chunks of 8, here in one process), across chunk boundaries."""
     from pipeline.artifacts.models import read_model_info
     from pipeline.artifacts.samples import load_samples, save_samples
-    from pipeline.cluster.sharding import run_here
-    from pipeline.jobs.sample import sample_job
+    from pipeline.measure.chunks import run_here
+    from pipeline.jobs.sample_job import sample_job
     from pipeline.measure.trained import load_run
 
     exp = experiment(checkout)
@@ -197,7 +197,7 @@ def logged(checkout):
     store (params.yaml's tracking section): (tracker, MLflow run id)."""
     from pipeline.core.params import load_params
     from pipeline.core.tracking import Tracker
-    from pipeline.jobs.train import TrainedRun, log_training
+    from pipeline.jobs.train_job import TrainedRun, log_training
 
     params = load_params(checkout / "params.yaml")
     exp = params.experiment("eps_simple", 0)
@@ -285,7 +285,7 @@ def test_a_model_the_store_does_not_hold_is_one_line(checkout, logged):
 
 
 def test_a_diverged_run_logs_no_model(checkout, logged):
-    from pipeline.jobs.train import TrainedRun, log_training
+    from pipeline.jobs.train_job import TrainedRun, log_training
 
     tracker, _ = logged
     exp = experiment(checkout)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cluster.training import (STATE_FILE, CheckpointError, LocalSession,
+from pipeline.training.loop import (STATE_FILE, CheckpointError, LocalSession,
                                        load_training_state, lr_factor, make_optimizer, train_worker)
 from pipeline.core.params import parse_params
 from pipeline.data.datasets import prepare_dataset, prepared_path
@@ -304,8 +304,8 @@ def test_stream_reports_logs_rank_zero_once_under_the_mlflow_names():
     state) is not logged. It travels to the controller pickled."""
     from ray import cloudpickle
 
-    from pipeline.cluster.train import stream_reports
-    from pipeline.jobs.train import STREAMED
+    from pipeline.cluster.ray_train import stream_reports
+    from pipeline.jobs.train_job import STREAMED
 
     stream = _Stream()
     callback = cloudpickle.loads(cloudpickle.dumps(stream_reports(stream, STREAMED)))

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 import yaml
 
 from pipeline.core.errors import UserError
-from pipeline.core.io import sha256_hex
+from pipeline.core.io import atomic_path, sha256_hex
 
 BUNDLE_FOLDER = "ddpm-jobs"
 MANIFEST = "manifest.json"
@@ -123,8 +123,6 @@ def changed_sources(repo: Path, manifest: Mapping) -> list[str]:
 
 def apply_bundle(repo: Path, files: Mapping[str, bytes]) -> list[str]:
     """Write the bundle's files into `repo`, each atomically, dvc.lock last; return them."""
-    from pipeline.core.io import atomic_path
-
     order = [rel for rel in files if rel != LOCK] + [LOCK]
     for rel in order:
         with atomic_path(repo / rel) as tmp:

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.artifacts.models import ModelError, load_model, read_model_info
 from pipeline.core.config import ExperimentConfig
+from pipeline.core.tracking import TAG_EXPERIMENT, TAG_SEED
 from pipeline.model.unet import build_model
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ LOGGED_MODEL = "ema"
 def log_ema_model(tracker: Tracker, run_id: str, exp: ExperimentConfig, model_dir: Path) -> str:
     """Log the EMA U-Net of models/<E>-<S>/ (`load_model`) to the run's MLflow record as its
     logged model `ema`, with what sampling it needs as metadata; returns the model's URI."""
-    from pipeline.core.tracking import TAG_EXPERIMENT, TAG_SEED
-
     info = read_model_info(model_dir, exp)
     model = load_model(exp, model_dir)
     shape = tuple(info["image_shape"])

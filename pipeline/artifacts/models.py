@@ -40,7 +40,7 @@ class ModelError(UserError, RuntimeError):
 
 def write_model_dir(out: Path, state: dict[str, Any], extra: dict[str, Any],
                     ema_snapshots: Optional[dict[int, Path]] = None) -> None:
-    """Write `models/<E>/` atomically from a final training state (see `pipeline.cluster.training`);
+    """Write `models/<E>/` atomically from a final training state (see `pipeline.training.loop`);
     `ema_snapshots` ({step: file}) are copied to `models/<E>-<S>/ema_snapshots/ema_<step>.pt`."""
     with atomic_dir(out) as tmp:
         torch.save(ema_weights(state["ema"]), tmp / "ema.pt")

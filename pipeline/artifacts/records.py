@@ -15,7 +15,7 @@
 - metrics/reference.json (real data, an untrained model, the ceiling of the bound):
   `save_reference` / `load_reference`.
 
-The evaluate and reference stages write them (`pipeline.jobs.evaluation` measures); tabulate reads
+The evaluate and reference stages write them (`pipeline.jobs.evaluate_job` measures); tabulate reads
 them (`pipeline.reporting.results`). Nothing here imports torch.
 """
 
@@ -30,7 +30,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import UserError
-from pipeline.core.scores import MEASURED as SCORES, SAMPLES, SCORES as SCORES_DECLARED
+from pipeline.core.io import atomic_path, write_json
+from pipeline.core.scores import MEASURED as SCORES
+from pipeline.core.scores import SAMPLES
+from pipeline.core.scores import SCORES as SCORES_DECLARED
 from pipeline.core.status import Status
 
 # Every measured score of a run (`pipeline.core.scores`), each with its standard error
@@ -83,8 +86,6 @@ def save_run_metrics(metrics_dir: str | Path, key: str,
                      record: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write one run's record: its finite DVC_METRICS to metrics/<key>.json and every other
     field to metrics/<key>_run.json; return both paths."""
-    from pipeline.core.io import write_json
-
     numbers = {name: record[name] for name in DVC_METRICS
                if _is_number(record.get(name)) and math.isfinite(record[name])}
     about = {name: value for name, value in record.items() if name not in DVC_METRICS}
@@ -153,8 +154,6 @@ def load_run_metrics(metrics_dir: str | Path, key: str,
 
 def save_nll_per_image(path: str | Path, per_image: Mapping[str, np.ndarray]) -> None:
     """metrics/<key>_nll.csv: split (test | train), image (its index in the split), bpd."""
-    from pipeline.core.io import atomic_path
-
     frame = pd.concat([pd.DataFrame({"split": split, "image": np.arange(len(values)),
                                      "bpd": np.asarray(values, dtype=np.float64)})
                        for split, values in per_image.items()], ignore_index=True)
@@ -179,8 +178,6 @@ def load_nll_per_image(path: str | Path, key: str) -> dict[str, np.ndarray]:
 def save_over_training(path: str | Path, scores: pd.DataFrame) -> None:
     """`over_training_path`'s file: the table of `pipeline.jobs.over_training` as csv (DVC
     plots it: x step, y fid), written atomically."""
-    from pipeline.core.io import atomic_path
-
     with atomic_path(path) as tmp:
         scores.to_csv(tmp, index=False)
 
@@ -188,19 +185,24 @@ def save_over_training(path: str | Path, scores: pd.DataFrame) -> None:
 def load_over_training(path: str | Path, key: str) -> pd.DataFrame:
     """`save_over_training`'s file as a frame (at least `step` and `fid`, as numbers); a file
     that is not one is refused with a ResultsError naming it."""
-    path = Path(path)
+    return _read_checked_csv(path, "a table of scores over training",
+                             {"step": np.int64, "fid": np.float64}, _make_hint(key))
+
+
+def _read_checked_csv(path: str | Path, what: str, columns: Mapping[str, Any],
+                      remake: str) -> pd.DataFrame:
+    """The csv at `path` with every one of `columns` as its dtype; a file that is not one is
+    refused with a ResultsError naming it, `what` it should be and how to `remake` it."""
     try:
         frame = pd.read_csv(path)
-        missing = sorted({"step", "fid"} - set(frame.columns))
+        missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise KeyError(f"no column {', '.join(missing)}")
-        frame["step"] = frame["step"].astype(np.int64)
-        frame["fid"] = frame["fid"].astype(np.float64)
-        return frame
+        return frame.astype(dict(columns))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError,
             UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: not a table of scores over training "
-                           f"({type(exc).__name__}: {exc}); re{_make_hint(key)}") from None
+        raise ResultsError(f"{path}: not {what} ({type(exc).__name__}: {exc}); "
+                           f"re{remake}") from None
 
 
 def sampling_steps_path(metrics_dir: str | Path, key: str) -> Path:
@@ -217,8 +219,6 @@ SAMPLING_STEPS_COLUMNS = ("sampler", "steps", "eta", "num_samples",
 
 def save_sampling_steps(path: str | Path, frame: pd.DataFrame) -> None:
     """`sampling_steps_path`'s file: one row per (sampler, steps), SAMPLING_STEPS_COLUMNS."""
-    from pipeline.core.io import atomic_path
-
     with atomic_path(path) as tmp:
         frame.reindex(columns=list(SAMPLING_STEPS_COLUMNS)).to_csv(tmp, index=False)
 
@@ -233,26 +233,15 @@ def load_sampling_steps(path: str | Path, key: str) -> pd.DataFrame:
     if not path.is_file():
         raise ResultsError(f"{path}: scores against sampling steps of run '{key}' not found; "
                            f"{make}")
-    try:
-        frame = pd.read_csv(path)
-        missing = [c for c in SAMPLING_STEPS_COLUMNS if c not in frame.columns]
-        if missing:
-            raise KeyError(f"no column {', '.join(missing)}")
-        frame[["steps", "num_samples"]] = frame[["steps", "num_samples"]].astype(np.int64)
-        for column in ("eta", *SAMPLING_STEPS_COLUMNS[4:]):
-            frame[column] = frame[column].astype(np.float64)
-        return frame
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError,
-            UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: not a table of scores against sampling steps "
-                           f"({type(exc).__name__}: {exc}); re{make}") from None
+    columns = {c: np.float64 for c in SAMPLING_STEPS_COLUMNS if c != "sampler"}
+    return _read_checked_csv(path, "a table of scores against sampling steps",
+                             {"sampler": object, **columns, "steps": np.int64,
+                              "num_samples": np.int64}, make)
 
 
 def save_reference(path: str | Path, reference: Mapping[str, Mapping[str, Any]]) -> None:
     """metrics/reference.json: {real_data, untrained, ceiling}, each an object of numbers (a
     value that is not a finite number, such as the sd of one draw, is left out)."""
-    from pipeline.core.io import write_json
-
     write_json(path, {section: {name: value for name, value in entry.items()
                                 if _is_number(value) and math.isfinite(value)}
                       for section, entry in reference.items()})

@@ -1,9 +1,9 @@
 """results/sweep/: the sweep's trials.csv and best.yaml, written by the sweep stage
 (`save_sweep`), trials.csv read back by `tabulate` (`load_sweep_trials`).
 
-trials.csv has a row per trial (`pipeline.cluster.sweep.trials_table`: schedule, weighting,
+trials.csv has a row per trial (`pipeline.training.sweep_trials.trials_table`: schedule, weighting,
 status, the rung's and the last NLL, the quick FID, ...); best.yaml names the best trial and its
-settings (`pipeline.cluster.sweep.best_record`).
+settings (`pipeline.training.sweep_trials.best_record`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from pipeline.artifacts.records import ResultsError
 from pipeline.core.io import atomic_path, write_text
@@ -24,8 +25,6 @@ REQUIRED = ("schedule", "weighting", "fid", "nll_bpd")  # what the sweep's table
 def save_sweep(out_dir: str | Path, table: pd.DataFrame, record: dict[str, Any]) -> list[Path]:
     """Write trials.csv (`table`) and best.yaml (`record`) in `out_dir`, each atomically; return
     their paths."""
-    import yaml
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / TRIALS_FILE) as tmp:

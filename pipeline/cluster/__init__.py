@@ -1,1 +1,2 @@
-"""Running on Ray: the training loop, Ray Train, Ray Tune, work in chunks on Ray Data."""
+"""Running on Ray: Ray Train (one run's workers), Ray Tune (the sweep), Ray Data (work in chunks),
+the connection to a cluster. Every module here imports Ray."""

@@ -4,17 +4,24 @@ one actor per worker holding the models, each finished chunk kept in storage by 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.cluster.connection import connect
 from pipeline.core.errors import UserError
+from pipeline.core.progress import ChunkProgress
+from pipeline.measure.chunks import (ChunkContext, ChunkRun, ChunkStore, DamagedChunk, decode,
+                                     run_chunk)
 
 # --------------------------------------------------------------------------------------------
 # Inference in chunks: sampling, the NLL bound and features on Ray Data's workers
@@ -56,8 +63,6 @@ class _ChunkWorker:
     def __init__(self, spec, chunks, objects, workers, store):
         import ray
 
-        from pipeline.cluster.sharding import ChunkContext
-
         if workers.use_gpu and not torch.cuda.is_available():
             raise WorkersError(f"{workers.section}.use_gpu is true but torch on node "
                                f"{ray.util.get_node_ip_address()} sees no CUDA device (torch "
@@ -70,10 +75,6 @@ class _ChunkWorker:
         self.node = ray.util.get_node_ip_address()
 
     def __call__(self, batch):
-        import numpy as np
-
-        from pipeline.cluster.sharding import run_chunk
-
         index = int(batch["chunk"][0])
         chunk = self.chunks[index]
         self.store.mark_started(chunk.id, self.node)
@@ -85,8 +86,6 @@ class _ChunkWorker:
 
 def _quiet_ray_data() -> None:
     """Ray Data's own progress bars and per-dataset log lines off: the job prints one line."""
-    import logging
-
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -99,7 +98,7 @@ def _quiet_ray_data() -> None:
 
 def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
                on_progress=None):
-    """Run `job` (a `pipeline.cluster.sharding.ShardedJob`) on Ray workers and return its
+    """Run `job` (a `pipeline.measure.chunks.ShardedJob`) on Ray workers and return its
     `ChunkRun`.
 
     Chunks already finished in `storage` (a path, or a URI every node reaches) are read back,
@@ -112,14 +111,8 @@ def run_chunks(job, storage: str | Path, stream=None, heartbeat_s: float = 60.0,
     with the job's units done (those found in storage included) and this run's rate (e.g.
     `pipeline.core.tracking.Tracker.progress`, which logs them to the stage's MLflow run).
     """
-    import queue
-    import threading
-
     import ray
     import ray.data
-
-    from pipeline.cluster.sharding import ChunkRun, ChunkStore, decode
-    from pipeline.core.progress import ChunkProgress
 
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS") and job.workers.use_gpu and \
@@ -201,8 +194,6 @@ def _read_back(job, store, stream=None) -> dict[str, bytes]:
     """{chunk id: bytes} of the job's chunks finished in `store`, each checked against the
     digest it was written with. A damaged chunk is deleted, to be computed again, and said so
     in one line."""
-    from pipeline.cluster.sharding import DamagedChunk
-
     payloads = {}
     for chunk_id in sorted(store.finished() & {c.id for c in job.chunks}):
         try:

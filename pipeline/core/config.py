@@ -19,11 +19,16 @@ the study as it was. The paper's CIFAR10 values are docs/cifar10.params.yaml, co
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pipeline.core.coerce import ConfigError, build_section, choices, plain
+from pipeline.core.dataset_specs import (DATASET_NAMES, DATASET_SPECS, DIGITS_EXTRACTOR,
+                                         INCEPTION_EXTRACTOR)
+from pipeline.core.io import sha256_hex
 from pipeline.core.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, unused_options
 
 # A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
@@ -39,9 +44,6 @@ SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
 
 # The var_types whose variance the network outputs (its last layer has 2C channels).
 LEARNED_VAR_TYPES = ("learned", "learned_range")
-# The feature extractors evaluate.feature_extractor may name besides a 'package.module:Class'.
-DIGITS_EXTRACTOR = "digits-classifier"
-INCEPTION_EXTRACTOR = "inception-v3-compat"
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ class DataConfig:
     split (and the digits classifier's training): the measuring apparatus, the same for every
     training seed of the study."""
 
-    dataset: Literal["digits", "cifar10", "folder"] = "digits"
+    dataset: Literal[DATASET_NAMES] = "digits"  # pipeline.core.dataset_specs
     seed: int = 0
     cifar10_archive: str = "data/raw/cifar-10-python.tar.gz"
     download: bool = False
@@ -82,9 +84,15 @@ class DataConfig:
     test_fraction: float = 0.2
     hflip: Optional[bool] = None  # None: the dataset's default (cifar10/folder yes, digits no)
 
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the dataset's images: its spec's, or data.channels x image_size² (a
+        folder of images)."""
+        shape = DATASET_SPECS[self.dataset].shape
+        return shape if shape is not None else (self.channels, self.image_size, self.image_size)
+
     def resolution(self) -> int:
         """The side of the dataset's square images (digits 8, cifar10 32, folder image_size)."""
-        return {"digits": 8, "cifar10": 32}.get(self.dataset, self.image_size)
+        return self.image_shape()[-1]
 
     def validate(self, where: str) -> None:
         require(self.seed >= 0, f"{where}.seed", "must be >= 0")
@@ -200,10 +208,9 @@ class TrainConfig:
         require(0.0 <= self.ema_decay < 1.0, f"{where}.ema_decay", "must be in [0, 1)")
         require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
         require(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
-        require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
+        _validate_workers(self, where)
         require(self.batch_size % self.num_workers == 0, f"{where}.batch_size",
                  f"({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
         require(self.max_failures >= -1, f"{where}.max_failures", "must be >= -1 (-1: no limit)")
 
 
@@ -343,8 +350,6 @@ class ClusterConfig:
 
     def resolved_storage(self) -> str:
         """Where runs keep their storage: `DDPM_STORAGE` where it is set, else `storage`."""
-        import os
-
         return os.environ.get("DDPM_STORAGE") or self.storage
 
     def validate(self, where: str) -> None:
@@ -408,10 +413,6 @@ class ExperimentConfig:
                                                           "train")) -> str:
         """Short hash of what determines a trained model: the study's name, the experiment, its
         seed and `sections` (names a training run; the study's other seeds do not enter)."""
-        import json
-
-        from pipeline.core.io import sha256_hex
-
         payload = {name: plain(dataclasses.asdict(getattr(self, name))) for name in sections}
         return sha256_hex(json.dumps([self.study.name, self.name, self.seed, payload],
                                      sort_keys=True), length=10)
@@ -488,8 +489,7 @@ class SweepConfig:
                 "of report_every")
         require(self.max_concurrent_trials >= 0, f"{where}.max_concurrent_trials",
                  "must be >= 0 (0: as many as the cluster's CPUs / GPUs hold at once)")
-        require(self.num_workers >= 1, f"{where}.num_workers", "must be >= 1")
-        require(self.cpus_per_worker > 0.0, f"{where}.cpus_per_worker", "must be > 0")
+        _validate_workers(self, where)
         require(self.val_images >= 2, f"{where}.val_images", "must be >= 2")
         require(self.val_strata >= 1, f"{where}.val_strata", "must be >= 1")
         require(self.fid_num_samples >= 2, f"{where}.fid_num_samples", "must be >= 2")

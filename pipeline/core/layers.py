@@ -6,11 +6,21 @@ below it (tests/test_layers.py checks every import, those inside functions too).
 - model: the U-Net, its precision, the EMA of its weights
 - data: raw data to the prepared format, and minibatches of it
 - artifacts: the files the stages write, each writer beside its reader
-- measure: sampling a batch, feature extractors, the NLL bound in parts, FID / IS / KID
-- cluster: running on Ray: the training loop, Ray Train, Ray Tune, work in chunks on Ray Data
+- measure: sampling a batch, feature extractors, the NLL bound in parts, FID / IS / KID, the
+  chunks a stage's work is cut into and what each kind computes
+- training: the training loop and what a sweep trial measures, without Ray
+- cluster: running on Ray, and only that: Ray Train, Ray Tune, chunks on Ray Data, connecting
 - jobs: the stages' work: a run trained and kept, the sweep, the sample, evaluate and reference
   stages' jobs of chunks
 - reporting: results read back, the findings, the tables, the cost plan
+
+Imports sit at the top of each module, so that its first lines say what it depends on. The one
+exception is a library that costs a stage's start-up seconds and only some of its paths need:
+Ray, MLflow, torch-fidelity, pyarrow and DVC are imported inside the functions that use them (a
+stage that refuses its params, or a test of a table, never loads them). For the same reason
+core/, which every stage imports before it has checked its params, imports torch only where it
+is used, and a stage (stages/) imports its job's modules at the start of its `body`, once the
+params are valid. tests/test_layers.py holds every module to this (`LAZY_LIBRARIES`).
 """
 
 from __future__ import annotations
@@ -19,14 +29,18 @@ from pathlib import Path
 
 from pipeline.core.io import sha256_hex
 
-LAYERS = ("core", "diffusion", "model", "data", "artifacts", "measure", "cluster", "jobs",
-          "reporting")
+LAYERS = ("core", "diffusion", "model", "data", "artifacts", "measure", "training", "cluster",
+          "jobs", "reporting")
 PACKAGE = Path(__file__).resolve().parents[1]
 
 # What shapes a number: the layers whose code, changed, changes a trained model or a measured
 # chunk (the plumbing and the files around them do not).
 SHAPES_A_MODEL = ("diffusion", "model", "data")
 SHAPES_A_CHUNK = ("diffusion", "model", "data", "measure")
+
+# Imported inside functions (see above): everywhere, and in core/ also torch.
+LAZY_LIBRARIES = ("ray", "mlflow", "torch_fidelity", "pyarrow", "dvc")
+LAZY_IN_CORE = ("torch",)
 
 
 def layer_files(*layers: str) -> list[Path]:

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, Optional, TextIO, TypeVar
 
+from tqdm.auto import tqdm
+
 T = TypeVar("T")
 
 
@@ -64,7 +66,6 @@ def progress_bar(iterable: Iterable[T], total: Optional[int] = None, desc: str =
         return
     stream = sys.stderr if stream is None else stream
     if _is_terminal(stream):
-        from tqdm.auto import tqdm
 
         yield from tqdm(iterable, total=total, desc=desc, file=stream, dynamic_ncols=True)
         return
@@ -116,7 +117,6 @@ class StepProgress:
         self.start = time.monotonic()
         self._bar = None
         if enabled and _is_terminal(self.stream):
-            from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, initial=self.start_step, desc=desc,
                              file=self.stream, dynamic_ncols=True, unit="step")

@@ -2,7 +2,7 @@
 and in which columns, how the findings compare two rows, what results/metrics.json headlines
 and what the seed calibration reports all derive from `SCORES`.
 
-A measured score is computed by the evaluate and reference stages (`pipeline.jobs.evaluation`
+A measured score is computed by the evaluate and reference stages (`pipeline.jobs.evaluate_job`
 through `pipeline.measure.stats`, which implements each `estimator`) and written to
 metrics/<E>-<S>.json as `<name>` and its standard error `<name>_se`. A derived score is
 computed from a run's measured ones when its results are read (`pipeline.reporting.results`).

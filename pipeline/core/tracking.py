@@ -57,10 +57,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
+import numpy as np
+
+from pipeline.core.config import run_key
 from pipeline.core.errors import UserError
 from pipeline.core.io import sha256_hex
-from pipeline.core.tracking_store import (TrackingError, check_reachable, has_scheme,
-                                          is_server, refused_write, resolve_artifact_root,
+from pipeline.core.tracking_store import (TrackingError, check_reachable, has_scheme, is_server,
+                                          refused_write, resolve_artifact_root,
                                           resolve_tracking_uri, retry_if_locked, store_lock,
                                           study_root)
 
@@ -272,8 +275,6 @@ class Tracker:
         its `ddpm.config_hash` matches; otherwise a new run starts and the old one stays for
         history. Deleted runs are never reused.
         """
-        from pipeline.core.config import run_key
-
         digest = config_hash(config if config is not None else {})
         tags = {TAG_EXPERIMENT: experiment, TAG_SEED: str(seed), TAG_CONFIG_HASH: digest,
                 TAG_ROLE: "experiment"}
@@ -681,7 +682,6 @@ def _tensor_signature(inputs: Mapping[str, torch.Tensor],
                       output: torch.Tensor) -> ModelSignature:
     """The signature of a module called on `inputs` (by name) giving `output`: one tensor spec
     each, of their dtype and shape, the first (batch) dimension free."""
-    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import tempfile
 import time
 import urllib.error
@@ -32,8 +33,14 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
+from pipeline.core.config import tracking_uri_problem
 from pipeline.core.errors import UserError, error_chain
 from pipeline.core.io import sha256_hex
+
+try:
+    import fcntl
+except ImportError:  # Windows: no inter-process lock
+    fcntl = None
 
 if TYPE_CHECKING:
     from pipeline.core.config import TrackingConfig
@@ -131,8 +138,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     `pipeline.core.config.TRACKING_SCHEMES`; MLFLOW_TRACKING_URI is not checked with params.yaml) is
     refused; other database schemes are left to MLflow.
     """
-    from pipeline.core.config import tracking_uri_problem
-
     problem = tracking_uri_problem(tracking_uri)
     if problem is not None:
         source = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri
@@ -191,8 +196,6 @@ def _probe_sqlite(uri: str) -> None:
 
 def _sqlite_problem(path: Path) -> str | None:
     """What is wrong with the sqlite file at `path` (None: missing, empty or sound); read only."""
-    import sqlite3
-
     if not path.is_file() or path.stat().st_size == 0:
         return None
     with open(path, "rb") as fh:
@@ -214,10 +217,6 @@ def _sqlite_problem(path: Path) -> str | None:
 def store_lock(tracking_uri: str) -> Iterator[None]:
     """An inter-process lock per sqlite store (no-op for other stores and off POSIX)."""
     path = sqlite_path(tracking_uri)
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
     if path is None or fcntl is None:
         yield
         return

@@ -39,8 +39,12 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.datasets import load_digits  # sklearn only where it is needed: prepare
+from sklearn.model_selection import train_test_split
+from torchvision.datasets.utils import download_url
 
 from pipeline.core.config import DataConfig
+from pipeline.core.dataset_specs import DATASET_SPECS
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_path, save_npz
 
@@ -50,9 +54,9 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the real archive; checked
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
-CIFAR10_SHAPE = (3, 32, 32)
+CIFAR10_SHAPE = DATASET_SPECS["cifar10"].shape
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-DIGITS_LEVELS = 17  # load_digits() pixel values run over 0..16
+DIGITS_LEVELS = DATASET_SPECS["digits"].levels  # load_digits() pixel values run over 0..16
 PIXEL_LEVELS = 256  # 8-bit images (cifar10, folder)
 PREPARE_COMMAND = "`dvc repro prepare` (or `python -m stages.prepare`)"
 
@@ -73,8 +77,6 @@ def prepared_path(out_root: str | Path, dataset: str, split: str) -> Path:
     return Path(out_root) / dataset / f"{split}.npz"
 
 
-DATASET_LEVELS = {"digits": DIGITS_LEVELS, "cifar10": PIXEL_LEVELS, "folder": PIXEL_LEVELS}
-
 
 class Prepared(NamedTuple):
     """One prepared split: images (uint8 N x C x H x W), labels (int64 N), and the number of
@@ -91,9 +93,8 @@ def prepare_dataset(data_cfg: DataConfig, out_root: str | Path, seed: int) -> di
     Each file is written atomically. Returns a small summary: dataset, split sizes, image shape
     (C, H, W), intensity levels and the output folder.
     """
-    readers = {"digits": _read_digits, "cifar10": _read_cifar10, "folder": _read_folder}
-    splits = readers[data_cfg.dataset](data_cfg, seed)
-    levels = DATASET_LEVELS[data_cfg.dataset]
+    splits = READERS[data_cfg.dataset](data_cfg, seed)
+    levels = DATASET_SPECS[data_cfg.dataset].levels
     for split in SPLITS:
         images, labels = splits[split]
         save_npz(prepared_path(out_root, data_cfg.dataset, split),
@@ -139,14 +140,14 @@ def load_prepared(path: str | Path) -> Prepared:
 
 
 def default_hflip(data_cfg: DataConfig) -> bool:
-    """Random horizontal flips: `data.hflip` if set, else on for all but digits.
+    """Random horizontal flips: `data.hflip` if set, else the dataset's spec (`flip`).
 
     Ho et al. 2020 (App. B) flip CIFAR10 randomly during training; handwritten digits are not
     mirror-symmetric, so a flipped digit is not a digit.
     """
     if data_cfg.hflip is not None:
         return data_cfg.hflip
-    return data_cfg.dataset != "digits"
+    return DATASET_SPECS[data_cfg.dataset].flip
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +156,6 @@ def default_hflip(data_cfg: DataConfig) -> bool:
 
 
 def _read_digits(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits  # sklearn only where it is needed: prepare
-
     digits = load_digits()
     images = level_to_uint8(digits.images, DIGITS_LEVELS)[:, None]
     labels = digits.target.astype(np.int64)
@@ -165,7 +164,6 @@ def _read_digits(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray,
 
 def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int, *,
            stratify: bool, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import train_test_split
 
     index = np.arange(len(images))
     try:
@@ -202,8 +200,6 @@ def _read_cifar10(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray
 
 def _download_cifar10(archive: Path) -> None:
     """Fetch the real archive to `archive` (atomically) with torchvision's downloader."""
-    from torchvision.datasets.utils import download_url
-
     try:
         with atomic_path(archive) as tmp:
             download_url(CIFAR10_URL, root=str(tmp.parent), filename=tmp.name, md5=CIFAR10_MD5)
@@ -300,6 +296,11 @@ def _load_image(path: Path, mode: str, size: int) -> np.ndarray:
     image = image.resize((size, size), resample=Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+# Each dataset's reader, under its name in pipeline.core.dataset_specs (tests/test_config.py
+# holds the two registries equal): params -> {split: (uint8 images N x C x H x W, labels)}
+READERS = {"digits": _read_digits, "cifar10": _read_cifar10, "folder": _read_folder}
 
 
 # --------------------------------------------------------------------------------------------

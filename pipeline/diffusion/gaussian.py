@@ -21,7 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from pipeline.core.config import LEARNED_VAR_TYPES
+from pipeline.core.progress import progress_bar
 from pipeline.diffusion.likelihood import LN2, discretized_gaussian_log_likelihood, normal_kl
+from pipeline.diffusion.schedules import schedule_from_config
 from pipeline.diffusion.seeding import TermGenerators, rand, randn, term_generator
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -278,8 +280,6 @@ class GaussianDiffusion:
     def from_config(cls, diffusion_cfg, data_levels: int = 256) -> "GaussianDiffusion":
         """Build from a `pipeline.core.config.DiffusionConfig`, for data with `data_levels`
         levels."""
-        from pipeline.diffusion.schedules import schedule_from_config
-
         c = diffusion_cfg
         return cls(schedule_from_config(c), c.mean_type, c.var_type, c.loss, c.weighting,
                    hybrid_lambda=c.hybrid_lambda, p2_k=c.p2_k, p2_gamma=c.p2_gamma,
@@ -435,8 +435,6 @@ class GaussianDiffusion:
         The terms are evaluated `terms_per_call` timesteps at a time (one network call on
         B x that many inputs); the draws and the sum run in the same order whatever it is.
         """
-        from pipeline.core.progress import progress_bar
-
         order = list(range(self.num_timesteps - 1, -1, -1)) if terms is None else list(terms)
         total = self.prior_bpd(x0.double()) if terms is None else \
             torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline.core.progress import progress_bar
 from pipeline.diffusion.gaussian import GaussianDiffusion, Model
 from pipeline.diffusion.seeding import Generator, randn
 
@@ -35,8 +36,6 @@ def sample_ancestral(d: GaussianDiffusion, model: Model, x_T: torch.Tensor, *,
 
     callback(step, t, x_t, pred_x0) is called after every step (for progressive figures).
     """
-    from pipeline.core.progress import progress_bar
-
     x = x_T
     batch = x.shape[0]
     for step, t_index in enumerate(progress_bar(range(d.num_timesteps - 1, -1, -1),
@@ -66,8 +65,6 @@ def sample_ddim(d: GaussianDiffusion, model: Model, x_T: torch.Tensor, *,
     sigma = eta sqrt((1 - alpha_bar_s)/(1 - alpha_bar_t)) sqrt(1 - alpha_bar_t/alpha_bar_s).
     eta = 0 is deterministic; eta = 1 with all T steps is ancestral sampling with beta-tilde.
     """
-    from pipeline.core.progress import progress_bar
-
     steps = d.num_timesteps if steps is None else steps
     if not 1 <= steps <= d.num_timesteps:
         raise ValueError(f"steps must be in 1..{d.num_timesteps}, got {steps}")

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import ExperimentConfig
-from pipeline.measure.stats import Estimate
+from pipeline.measure.chunks import merge_feature_parts
+from pipeline.measure.stats import Estimate, frechet_distance, inception_score, total
 
 COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_se", "num_samples", "nll_method",
            "source")
@@ -34,12 +35,9 @@ COLUMNS = ("step", "fid", "is_mean", "nll_bpd", "nll_bpd_se", "num_samples", "nl
 def checkpoint_rows(exp: ExperimentConfig, checkpoints: dict[int, tuple[list, list]], run,
                     reference, nll_by_step: Mapping[int, Estimate]) -> pd.DataFrame:
     """One row per kept step (`COLUMNS`), from the evaluate job's chunks of each step
-    (`pipeline.jobs.evaluation.evaluation_job`: its samples' features, its stratified bound,
+    (`pipeline.jobs.evaluate_job.evaluation_job`: its samples' features, its stratified bound,
     whose estimate per step is `nll_by_step`) and the train split's feature sums `reference`
-    (read from the reference statistics file, `pipeline.measure.reference_stats`)."""
-    from pipeline.cluster.sharding import merge_feature_parts
-    from pipeline.measure.stats import frechet_distance, inception_score, total
-
+    (read from the reference statistics file, `pipeline.measure.reference_stats_file`)."""
     cfg = exp.evaluate
     rows = []
     for step, (sampled, _) in sorted(checkpoints.items()):
@@ -75,4 +73,3 @@ def best_by_fid(scores: pd.DataFrame) -> Optional[dict[str, Any]]:
     row = finite.sort_values(["fid", "step"], kind="stable").iloc[0]
     return {"step": int(row["step"]), "fid": float(row["fid"]),
             "nll_bpd": float(row["nll_bpd"])}
-

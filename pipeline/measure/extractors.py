@@ -5,7 +5,7 @@ the Inception-v3 network; torch-fidelity's `inception-v3-compat` reproduces the 
 numbers and is what the real study uses (with a local weights file when offline).
 
 The embedded default study runs on scikit-learn's 8x8 grey digits, where Inception features mean
-nothing. There, the features come from the small CNN of `pipeline.measure.classifier` (trained in
+nothing. There, the features come from the small CNN of `pipeline.measure.digits_classifier` (trained in
 its own stage), wrapped here as the torch-fidelity extractor `digits-classifier`
 (`DigitsFeatureExtractor`). `resolve_extractor` picks a study's extractor and checks its
 weights, in one place; `FeatureNetwork` runs it over images (the evaluate stage's chunks), and
@@ -20,6 +20,7 @@ Nothing here does work at import time: extractors are registered on first use.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -35,18 +36,15 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from pipeline.core.config import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
+from pipeline.core.dataset_specs import DATASET_SPECS
 from pipeline.core.errors import UserError
 from pipeline.data.datasets import uint8_images
-from pipeline.measure.classifier import CLASSIFIER_REMAKE, load_classifier, to_unit_grey
+from pipeline.measure.digits_classifier import CLASSIFIER_REMAKE, load_classifier, to_unit_grey
+from pipeline.measure.stats import (KID_MAX_IMAGES, FeatureMoments, KernelReference,
+                                    frechet_distance, inception_score_of, kid_subset)
 
 INCEPTION_WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
 
-# Which feature extractor measures which dataset (params.yaml `data.dataset`).
-FIDELITY_EXTRACTORS = {
-    "digits": DIGITS_EXTRACTOR,
-    "cifar10": INCEPTION_EXTRACTOR,
-    "folder": INCEPTION_EXTRACTOR,
-}
 
 
 class MetricsError(UserError, RuntimeError):
@@ -176,9 +174,6 @@ def fidelity_of(samples_uint8: Any, reference_uint8: Any, *, extractor: str,
     through the study's one path (`pipeline.measure.stats`: FID from feature sums, IS from class
     probability sums, KID over at most KID_MAX_IMAGES images each side); values only, no
     standard errors. uint8 N x C x H x W images (C = 1 or 3), at least 2 on each side."""
-    from pipeline.measure.stats import (KID_MAX_IMAGES, FeatureMoments, KernelReference,
-                                        frechet_distance, inception_score_of, kid_subset)
-
     samples = uint8_images(samples_uint8, "samples")
     reference = uint8_images(reference_uint8, "reference images")
     if len(samples) < 2 or len(reference) < 2:
@@ -198,8 +193,6 @@ def fidelity_of(samples_uint8: Any, reference_uint8: Any, *, extractor: str,
 def register_extractor_path(spec: str) -> str:
     """Import 'package.module:ClassName' (a FeatureExtractorBase subclass) and register it with
     torch-fidelity under `spec`; returns the name."""
-    import importlib
-
     module_name, _, class_name = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -220,10 +213,10 @@ def extractor_name(dataset: str, feature_extractor: str | None = None) -> str:
     if feature_extractor is not None:
         return feature_extractor
     try:
-        return FIDELITY_EXTRACTORS[dataset]
+        return DATASET_SPECS[dataset].extractor
     except KeyError:
         raise MetricsError(f"no feature extractor for dataset '{dataset}'; "
-                           f"known: {', '.join(FIDELITY_EXTRACTORS)}") from None
+                           f"known: {', '.join(DATASET_SPECS)}") from None
 
 
 def resolve_extractor(dataset: str, evaluate, classifier_path: str | Path,

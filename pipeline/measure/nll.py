@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.datasets import uint8_images
+from pipeline.core.progress import progress_bar
+from pipeline.data.datasets import to_model_range, uint8_images
+from pipeline.diffusion.likelihood import summarize_nll
+from pipeline.diffusion.seeding import item_generators
+from pipeline.model.precision import matmul_precision
 
 # --------------------------------------------------------------------------------------------
 # NLL in bits/dim (the variational bound of Ho et al. 2020 Eq. 5), in parts
@@ -69,10 +73,6 @@ def nll_part(model: Any, diffusion: Any, images_uint8: Any, part: NllPart, *,
     set). Term j of image i draws its x_t from a generator of its own, seeded by ("nll",
     seed, i * J + j) (J terms per image), so a part's values do not depend on the others.
     Always strict float32 (`matmul_precision("fp32")`: no TF32 on GPU)."""
-    from pipeline.data.datasets import to_model_range
-    from pipeline.diffusion.seeding import item_generators
-    from pipeline.model.precision import matmul_precision
-
     images = uint8_images(images_uint8)
     if len(images) > part.count:
         images = images[part.first:part.first + part.count]
@@ -122,9 +122,6 @@ def nll_bpd(model: Any, diffusion: Any, images_uint8: Any, *, method: str = "exa
     network's batch: (image, timestep) pairs per call, so 100 images with batch_size 800 are
     evaluated at 8 timesteps per call.
     """
-    from pipeline.core.progress import progress_bar
-    from pipeline.diffusion.likelihood import summarize_nll
-
     images = uint8_images(images_uint8)
     parts = nll_parts(len(images), diffusion.num_bound_terms(method, num_strata), batch_size)
     _, terms_per_call = nll_layout(len(images), batch_size)

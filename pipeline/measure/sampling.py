@@ -1,12 +1,12 @@
 """Sampling (Algorithm 2, or strided DDIM) from a trained model's EMA weights (Ho et al. 2020
 App. B) with a seed per image. The samples' file `samples/<E>-<S>/samples.npz` is written and
 read in `pipeline.artifacts.samples` (`save_samples` / `load_samples`), with its figures by the
-sample stage's work (`pipeline.jobs.sample.sample_run`).
+sample stage's work (`pipeline.jobs.sample_job.sample_run`).
 
 `sample_batch` draws images first .. first + n - 1 of a run: image i's noise, at every step,
 comes from a generator seeded by ("sample", run seed, i) alone, so the samples are the same
 whether one worker made them or many, in any order. The sample stage cuts its images into
-batches of sample.batch_size (`sample_chunks`, `pipeline.jobs.sample.sample_job`) and runs them
+batches of sample.batch_size (`sample_chunks`, `pipeline.jobs.sample_job.sample_job`) and runs them
 on Ray workers (`pipeline.cluster.ray_data.run_chunks`); `generate` runs the same batches in
 this process.
 """
@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from pipeline.core.config import ExperimentConfig
+from pipeline.core.progress import progress_bar
 from pipeline.core.sampler_specs import sampler_options
 from pipeline.data.datasets import to_uint8
 from pipeline.diffusion.gaussian import GaussianDiffusion
 from pipeline.diffusion.samplers import sample
+from pipeline.diffusion.seeding import item_generators
 from pipeline.model.precision import matmul_precision, with_precision
 
 
@@ -62,8 +64,6 @@ def sample_batch(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg,
     (given the same kernels). {"images": uint8 count x C x H x W} and, with
     `num_progressive`, the predicted x0 of the first of them at `progressive_steps` times
     ("progressive", "progressive_t": the paper's Fig. 6)."""
-    from pipeline.diffusion.seeding import item_generators
-
     steps = cfg.steps or diffusion.num_timesteps
     kept = set(np.linspace(0, steps - 1, progressive_steps).round().astype(int).tolist())
     snapshots: list[torch.Tensor] = []
@@ -98,8 +98,6 @@ def generate(model: torch.nn.Module, diffusion: GaussianDiffusion, exp: Experime
              num_progressive: int = 8) -> SampleRun:
     """Draw `num_samples` (default sample.num_samples) images here, batch by batch
     (`sample_batch`): the images the sample stage's workers make."""
-    from pipeline.core.progress import progress_bar
-
     cfg = exp.sample
     total = cfg.num_samples if num_samples is None else num_samples
     net = sampling_network(model, cfg)

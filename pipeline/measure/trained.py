@@ -27,12 +27,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline.artifacts.figures import save_sample_grid
 from pipeline.artifacts.logged_model import LOGGED_MODEL, load_logged_ema
-from pipeline.artifacts.models import (ModelError, is_ok, load_model, read_model_info,
-                                       train_command)
+from pipeline.artifacts.models import ModelError, is_ok, load_model, read_model_info, train_command
 from pipeline.core.config import ExperimentConfig
 from pipeline.core.errors import UserError
 from pipeline.core.params import Params, load_params
+from pipeline.core.tracking import Tracker
 from pipeline.diffusion.gaussian import GaussianDiffusion
 from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, generate
 
@@ -82,8 +83,6 @@ class TrainedModel:
                   nrow: Optional[int] = None) -> Path:
         """`images` (uint8 N x C x H x W) as a PNG grid of `nrow` per row (default: as square
         as N allows), as the sample stage's grid.png; returns its path."""
-        from pipeline.artifacts.figures import save_sample_grid
-
         images = np.asarray(images)
         path = Path(path)
         save_sample_grid(images, path, nrow=nrow or math.ceil(math.sqrt(len(images))))
@@ -121,8 +120,6 @@ def load_logged_model(model: str, params: str | Path = "params.yaml",
     `models:/<model id>`), in the tracking store of `params` (tracking.tracking_uri, or
     MLFLOW_TRACKING_URI). It samples with the experiment config it was trained with (the
     logged model's metadata): the images of `load_run` of that run."""
-    from pipeline.core.tracking import Tracker
-
     params_path = Path(params)
     study = load_params(params_path)
     tracker = Tracker(study.tracking, study.study, params_path.parent)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from pipeline.core.io import write_to_storage
+
 
 def ema_decay_at(num_averaged: int, decay: float, warmup: bool = True) -> float:
     """The EMA's decay at the update after `num_averaged` earlier ones: `decay`, or with the
@@ -67,8 +69,6 @@ def ema_snapshot_steps(folder: str | Path) -> dict[int, Path]:
 def save_ema_snapshot(ema: AveragedModel, location: str | Path) -> None:
     """Write the EMA weights (a plain U-Net state dict, as models/<E>/ema.pt) atomically, to a
     local path or into storage (`pipeline.core.io.write_to_storage`)."""
-    from pipeline.core.io import write_to_storage
-
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in ema_weights(ema.state_dict()).items()}, buffer)
     write_to_storage(location, buffer.getvalue())

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.config import LEARNED_VAR_TYPES
+
 if TYPE_CHECKING:
     from pipeline.core.config import ExperimentConfig, ModelConfig
 
@@ -301,8 +303,6 @@ def count_parameters(model: nn.Module) -> int:
 
 def build_model(exp: ExperimentConfig, image_shape: tuple[int, int, int]) -> UNet:
     """The experiment's U-Net for images of shape (C, H, W)."""
-    from pipeline.core.config import LEARNED_VAR_TYPES
-
     channels, height, width = image_shape
     if height != width:
         raise ValueError(f"square images expected, got {height}x{width}")

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from pipeline.core.coerce import plain
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from pipeline.core.config import ExperimentConfig
     from pipeline.core.params import Params
 
-CALIBRATION_FILE = Path("calibration/seeds.json")
 FORMAT = 1
 MIN_SEEDS = 2           # a spread needs two runs; `stages.calibrate` advises 4 or more
 # Keys that say where or how often work runs, not what is computed: a calibration made with one
@@ -252,8 +252,6 @@ SHOWN_SCORES = tuple(s.name for s in SCORES if s.calibrated)
 def spread_frame(calibration: Calibration) -> pd.DataFrame:
     """Per experiment and score: the seeds' mean, their sd, the rms of the runs' own (sampling)
     standard errors, and the training sd tau it leaves (`seed_spread`)."""
-    import numpy as np
-
     rows = []
     for name, scores in calibration.estimates.items():
         for score in SHOWN_SCORES:

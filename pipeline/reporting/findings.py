@@ -33,13 +33,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import scores
+from pipeline.core.dataset_specs import PAPER_TABLE1, PAPER_TABLE2
 from pipeline.core.status import Status
 from pipeline.measure.seed_noise import add_variance
 from pipeline.measure.stats import Estimate, estimate, paired_difference
 from pipeline.reporting.calibration import NOISE_CALIBRATED, NOISE_SAMPLING, NOISE_SEEDS, row_spread
 from pipeline.reporting.formats import to_markdown as table_markdown
 from pipeline.reporting.results import GAP, LOG_FID
-from pipeline.reporting.tables import PAPER_TABLE1, PAPER_TABLE2, objective_key, paper_table2_row
+from pipeline.reporting.tables import objective_key, paper_table2_row
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = (
     "reproduced", "contradicted", "inconclusive", "not measured")

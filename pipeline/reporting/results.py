@@ -1,4 +1,4 @@
-"""The runs' results as the `tabulate` stage reads them (`pipeline.reporting.tabulate`).
+"""The runs' results as the `tabulate` stage reads them (`pipeline.reporting.tabulate_job`).
 
 The files of the train and evaluate stages; their formats live with their writers in
 `pipeline.artifacts.records` and `pipeline.artifacts.loss_curve` (the sweep's trials.csv:

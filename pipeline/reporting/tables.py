@@ -40,33 +40,18 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from pipeline.core import scores
+from pipeline.core.dataset_specs import DATASET_SPECS, PAPER_TABLE2
 from pipeline.core.scores import Score
 from pipeline.core.status import Status
 from pipeline.measure.stats import Estimate
 from pipeline.reporting.formats import (TEX, TEXT, Notation, finite, format_mean_std, format_nll,
-                                        format_score, format_value, significant_digits,
-                                        tex_escape, to_latex, to_markdown, unstable, write_csv,
-                                        write_file)
+                                        format_score, format_value, significant_digits, tex_escape,
+                                        to_latex, to_markdown, unstable, write_csv, write_file)
 
 GROUP_ORDER = ("mu", "eps", "x0")          # Table 2: baseline first, then ours, then extras
 OBJECTIVE_ORDER = ("learned", "fixed", "simple", "hybrid")  # within a group, as in the paper
 
-DATASET_NAMES = {"cifar10": "CIFAR10", "digits": "Digits (8x8)", "folder": "Image folder"}
 WEIGHTING_NAMES = {"vlb": "VLB", "p2": "P2", "min_snr": "min-SNR"}
-
-# The paper's published numbers (Ho et al. 2020, Tables 1 and 2). None: "unstable" (blank).
-PAPER_TABLE1 = (  # (objective, is_mean, is_std, fid, nll_bpd, nll_bpd_train)
-    ("fixed", 7.67, 0.13, 13.51, 3.70, 3.69),
-    ("simple", 9.46, 0.11, 3.17, 3.75, 3.72),
-)
-PAPER_TABLE2: dict[tuple[str, str], tuple[float, float, float] | None] = {
-    ("mu", "learned"): (7.28, 0.10, 23.69),
-    ("mu", "fixed"): (8.06, 0.09, 13.22),
-    ("mu", "simple"): None,
-    ("eps", "learned"): None,
-    ("eps", "fixed"): (7.67, 0.13, 13.51),
-    ("eps", "simple"): (9.46, 0.11, 3.17),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +195,12 @@ def _paper_table1_label(objective: str, notation: Notation) -> str:
     return f"Paper: Ours ({_objective(row, notation, table=1)})"
 
 
+def _paper(dataset: str) -> tuple[tuple, Mapping]:
+    """The paper's rows of Table 1 and Table 2 on `dataset` (its spec's; none if it has none)."""
+    spec = DATASET_SPECS.get(dataset)
+    return (spec.paper_table1, spec.paper_table2) if spec is not None else ((), {})
+
+
 def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
                   ) -> tuple[pd.DataFrame, Callable[[Notation], list[str]]]:
     """Table 1's rows, built once: the numbers (`build_tables`' table1_raw, its model column
@@ -217,7 +208,7 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
     rows = _sorted_rows(df)
     references = [(key, (reference or {})[key]) for key in ("real_data", "untrained", "ceiling")
                   if (reference or {}).get(key) is not None]
-    papers = PAPER_TABLE1 if dataset == "cifar10" else ()
+    papers = _paper(dataset)[0]
 
     def labels(notation: Notation) -> list[str]:
         return [*table1_labels(rows, notation),
@@ -281,16 +272,18 @@ def _table1_cells(raw: pd.DataFrame, models: list[str], notation: Notation) -> p
 TABLE2_SCORES = tuple(s.name for s in scores.in_table(2))
 
 
-def paper_table2_row(row: Mapping[str, Any]) -> tuple[str, tuple | None] | None:
-    """("ok", (is_mean, is_std, fid)) or ("unstable", None) for a row the paper has, else None."""
+def paper_table2_row(row: Mapping[str, Any], table: Mapping = PAPER_TABLE2
+                     ) -> tuple[str, tuple | None] | None:
+    """("ok", (is_mean, is_std, fid)) or ("unstable", None) for a row the paper's Table 2
+    (`table`: the paper's CIFAR10 numbers) has, else None."""
     if row["schedule"] != "linear" or row["weighting"] != "uniform":
         return None
     if row["var_type"] == "learned_range" or row["loss"] == "hybrid":
         return None
     key = (row["mean_type"], objective_key(row))
-    if key not in PAPER_TABLE2:
+    if key not in table:
         return None
-    values = PAPER_TABLE2[key]
+    values = table[key]
     return (Status.UNSTABLE.value, None) if values is None else (Status.OK.value, values)
 
 
@@ -313,8 +306,8 @@ def _table2_frame(df: pd.DataFrame, dataset: str
                   **{k: row[k] for k in ("experiment", "mean_type", "var_type", "loss",
                                          "weighting", "schedule", "status", "seeds")},
                   **{k: row.get(k) for k in columns}}
-        if dataset == "cifar10":
-            paper = paper_table2_row(row)
+        if _paper(dataset)[1]:
+            paper = paper_table2_row(row, _paper(dataset)[1])
             status, values = paper if paper else (None, None)
             is_mean, is_std, fid = values if values else (math.nan, math.nan, math.nan)
             record.update({"paper_status": status, "is_mean_paper": is_mean,
@@ -332,7 +325,7 @@ def _table2_cells(raw: pd.DataFrame, labels: list[tuple[str, str]], dataset: str
     """Table 2 formatted in `notation` from its raw rows and their (group, objective)."""
     scored = _columns(2)
     columns = ["Objective", *(s.column for s in scored)]
-    paper = dataset == "cifar10"
+    paper = bool(_paper(dataset)[1])
     if paper:
         columns += ["IS (paper)", "FID (paper)"]
     cells: list[list[str]] = []
@@ -405,7 +398,8 @@ def write_tables(results_dir: str | Path, tables: Mapping[str, Any]) -> list[Pat
     """Write the output of `build_tables`, each file atomically: <results_dir>/table1.{md,csv,tex}
     and table2.{md,csv,tex}. Returns the paths."""
     results_dir = Path(results_dir)
-    name = DATASET_NAMES.get(tables["dataset"], tables["dataset"])
+    spec = DATASET_SPECS.get(tables["dataset"])
+    name = spec.label if spec is not None else tables["dataset"]
     intervals = ("[a, b]: 95 \\% interval (jackknife over the samples; over the images for "
                  "the NLL bound); mean $\\pm$ sd over seeds where there are several.")
     captions = {

@@ -9,12 +9,15 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.artifacts.models import is_ok, read_model_info
+from pipeline.artifacts.figures import save_placeholder, save_progressive, save_sample_grid
+from pipeline.artifacts.models import is_ok, load_weights, read_model_info
 from pipeline.artifacts.samples import save_samples
-from pipeline.core.config import ExperimentConfig
-from pipeline.core.io import atomic_dir
+from pipeline.cluster import ray_data
+from pipeline.core.config import WORKER_KEYS, ExperimentConfig
+from pipeline.core.io import atomic_dir, file_digest
 from pipeline.core.status import Status
-from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, SampleRun
+from pipeline.measure.chunks import Chunk, ChunkStore, ShardedJob, Workers, job_name
+from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, SampleRun, sample_chunks
 
 NUM_PROGRESSIVE = 8  # samples shown over time in progressive.png
 
@@ -24,11 +27,6 @@ def sample_job(exp: ExperimentConfig, model_dir: Path, info: dict, *, model_name
     """The sample stage's `ShardedJob`: sample.num_samples images of the run's EMA model (or of
     `weights`) in chunks of sample.batch_size, on sample.num_workers workers (its units:
     images)."""
-    from pipeline.artifacts.models import load_weights
-    from pipeline.cluster.sharding import Chunk, ShardedJob, Workers, job_name
-    from pipeline.core.io import file_digest
-    from pipeline.measure.sampling import sample_chunks
-
     cfg = exp.sample
     workers = Workers.of(cfg, "sample")
     seed = exp.seed + SAMPLE_SEED_OFFSET
@@ -39,7 +37,7 @@ def sample_job(exp: ExperimentConfig, model_dir: Path, info: dict, *, model_name
                      "progressive": NUM_PROGRESSIVE if first == 0 else 0})
               for first, count in sample_chunks(cfg.num_samples, cfg.batch_size)]
     settings = {k: v for k, v in exp.to_dict()["sample"].items()
-                if k not in ("num_workers", "cpus_per_worker")}
+                if k not in WORKER_KEYS}
     name = job_name(exp, stage, workers, source, settings, exp.to_dict()["diffusion"],
                     exp.to_dict()["model"], info["image_shape"], info["data_levels"], seed)
     return ShardedJob(name=name, label=f"{stage} {exp.key}", unit="images", chunks=chunks,
@@ -56,10 +54,6 @@ def sample_run(exp: ExperimentConfig, models_dir: Path, out_dir: Path,
     written): samples.npz, grid.png and progressive.png (predicted x0 over time), written
     together. A model recorded as unstable gets an empty samples.npz and figures that say so
     (returns None). `on_progress(images done, images/s)` is called as each chunk comes back."""
-    from pipeline.artifacts.figures import save_placeholder, save_progressive, save_sample_grid
-    from pipeline.cluster import ray_data
-    from pipeline.cluster.sharding import ChunkStore
-
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)
     shape = tuple(info["image_shape"])

@@ -1,4 +1,4 @@
-"""The train stage's work: fit one run with Ray Train (`pipeline.cluster.train.fit`), then keep
+"""The train stage's work: fit one run with Ray Train (`pipeline.cluster.ray_train.fit`), then keep
 what the study reads of it, models/<E>-<S>/ and the loss curve (`train_run`), and its MLflow
 record: opened with its params before training starts (`open_training`), the loss, learning
 rate, images/s and gradient norm streamed while it trains (`STREAMED`, from the Ray Train
@@ -20,10 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.artifacts.logged_model import log_ema_model
+from pipeline.artifacts.loss_curve import loss_curve_path, save_loss_curve
+from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
+from pipeline.cluster import connection, ray_train
 from pipeline.core.config import ExperimentConfig
+from pipeline.core.io import is_uri
+from pipeline.core.status import Status
 from pipeline.core.tracking import TAG_RAY_RUN_NAME, TAG_STATUS, MetricStream, Tracker
 
-# What a training report holds (pipeline.cluster.training.train_worker) -> its MLflow metric,
+# What a training report holds (pipeline.training.loop.train_worker) -> its MLflow metric,
 # streamed every train.log_every steps: the loss and the gradient norm averaged over those
 # steps, the learning rate and the throughput of the last of them.
 STREAMED = {"loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s",
@@ -61,16 +67,11 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
     """Fit `exp` on the prepared split at `train_path` (Ray Train storage `storage`; a killed
     run resumes there), then write models_dir/<E>-<S>/ and the loss curve in `plots_dir`.
     With `stream`, every report's `STREAMED` metrics go to it as training goes."""
-    from pipeline.artifacts.loss_curve import loss_curve_path, save_loss_curve
-    from pipeline.artifacts.models import wanted_ema_snapshots, write_model_dir
-    from pipeline.cluster import connection, train
-    from pipeline.core.io import is_uri
-
     print(connection.connect(), flush=True)
     start = time.monotonic()
     try:
-        callbacks = [train.stream_reports(stream, STREAMED)] if stream is not None else None
-        outcome = train.fit(exp, train_path, storage, callbacks=callbacks)
+        callbacks = [ray_train.stream_reports(stream, STREAMED)] if stream is not None else None
+        outcome = ray_train.fit(exp, train_path, storage, callbacks=callbacks)
     finally:
         connection.shutdown()
     wall = time.monotonic() - start
@@ -78,7 +79,7 @@ def train_run(exp: ExperimentConfig, train_path: Path, storage: str, models_dir:
     history = state["loss_history"]
     images_per_s = state["step"] * exp.train.batch_size / state["wall_s"] \
         if state.get("wall_s") else None
-    run_name = train.run_name(exp)
+    run_name = ray_train.run_name(exp)
     extra = {"run_name": run_name, "config_hash": exp.config_hash(),
              "train_wall_s": state.get("wall_s"), "images_per_s": images_per_s,
              "final_loss": history[-1][1] if history else None,
@@ -106,9 +107,6 @@ def log_training(tracker: Tracker, run_id: str, run: TrainedRun) -> None:
     """The run's MLflow record at the end: the whole loss curve (the points the stream logged
     are not logged again), the loop's figures, its status, and the EMA model of its folder as
     the logged model `ema` unless the training diverged."""
-    from pipeline.artifacts.logged_model import log_ema_model
-    from pipeline.core.status import Status
-
     tracker.log_metric_history(run_id, STREAMED["loss"], [s for s, _ in run.history],
                                [v for _, v in run.history])
     tracker.log_metrics(run_id, {"train_wall_s": run.state.get("wall_s"),

@@ -24,12 +24,13 @@ import pandas as pd
 
 from pipeline.artifacts.models import is_ok, load_weights, read_model_info
 from pipeline.artifacts.records import SAMPLING_STEPS_COLUMNS
-from pipeline.cluster.sharding import ChunkStore, ShardedJob, Workers, job_name
+from pipeline.cluster import ray_data  # Ray: imported when work is run
 from pipeline.core.config import WORKER_KEYS, SamplingStepsConfig
 from pipeline.core.io import file_digest
 from pipeline.core.status import Status
-from pipeline.jobs.evaluation import Apparatus, flatten, sampled_feature_chunks, scores_of
-from pipeline.measure.classifier import classifier_path
+from pipeline.jobs.evaluate_job import Apparatus, flatten, sampled_feature_chunks, scores_of
+from pipeline.measure.chunks import ChunkStore, ShardedJob, Workers, job_name
+from pipeline.measure.digits_classifier import classifier_path
 from pipeline.measure.sampling import SAMPLE_SEED_OFFSET
 from pipeline.measure.stats import FeatureMoments, KernelReference
 
@@ -68,8 +69,9 @@ def steps_inputs(exp, data_dir: Path, models_dir: Path,
 
 
 def steps_job(inputs: StepsInputs, cfg: SamplingStepsConfig
-              ) -> tuple[ShardedJob, list[tuple[dict[str, Any], list]]]:
-    """The stage's `ShardedJob` and, per setting of `settings`, its chunks."""
+              ) -> tuple[ShardedJob, list[tuple[dict[str, Any], int, list]]]:
+    """The stage's `ShardedJob` and, per setting of `settings`, its number of steps (all T
+    for ancestral sampling) and its chunks."""
     exp, apparatus, info = inputs.exp, inputs.apparatus, inputs.info
     n, batch = exp.sample.num_samples, exp.sample.batch_size
     seed = exp.seed + SAMPLE_SEED_OFFSET
@@ -77,8 +79,8 @@ def steps_job(inputs: StepsInputs, cfg: SamplingStepsConfig
     for setting in settings(cfg):
         steps = setting["steps"] or exp.diffusion.num_timesteps
         prefix = f"{setting['sampler']}{steps}"
-        parts.append((setting, sampled_feature_chunks("ema", n, batch, steps, seed, prefix,
-                                                      sampler=setting)))
+        parts.append((setting, steps, sampled_feature_chunks("ema", n, batch, steps, seed,
+                                                             prefix, sampler=setting)))
     workers = Workers.of(exp.sample, "sample")
     sample_settings = {k: v for k, v in exp.to_dict()["sample"].items() if k not in WORKER_KEYS}
     name = job_name(exp, "sampling_steps", workers, *apparatus.digests(),
@@ -87,7 +89,7 @@ def steps_job(inputs: StepsInputs, cfg: SamplingStepsConfig
                     exp.to_dict()["diffusion"], exp.to_dict()["model"], info["data_levels"])
     job = ShardedJob(
         name=name, label=f"sampling_steps {exp.key}", unit="evaluations",
-        chunks=[c for _, chunks in parts for c in chunks], workers=workers,
+        chunks=[c for _, _, chunks in parts for c in chunks], workers=workers,
         spec={"experiment": exp.to_dict(), "image_shape": info["image_shape"],
               "data_levels": info["data_levels"], "extractor": apparatus.extractor},
         objects={"models": {"ema": load_weights(exp, inputs.model_dir, "ema")},
@@ -108,8 +110,6 @@ def sampling_steps_run(inputs: StepsInputs, cfg: SamplingStepsConfig, storage: s
                        on_progress=None) -> StepsResult:
     """Measure every setting of run `inputs.exp` on Ray workers, finished chunks kept in
     `storage`. A diverged run gets an empty table."""
-    from pipeline.cluster import ray_data  # Ray: imported when work is run
-
     exp = inputs.exp
     if inputs.apparatus is None:
         return StepsResult(pd.DataFrame(columns=list(SAMPLING_STEPS_COLUMNS)),
@@ -117,11 +117,11 @@ def sampling_steps_run(inputs: StepsInputs, cfg: SamplingStepsConfig, storage: s
     job, parts = steps_job(inputs, cfg)
     run = ray_data.run_chunks(job, storage, on_progress=on_progress)
     rows = []
-    for setting, chunks in parts:
+    for setting, steps, chunks in parts:
         estimates = scores_of(chunks, run, inputs.reference, inputs.kernel,
                               exp.evaluate.is_splits, exp.seed, exp.sample.num_samples)
         rows.append({"sampler": setting["sampler"],
-                     "steps": setting["steps"] or exp.diffusion.num_timesteps,
+                     "steps": steps,
                      "eta": setting["eta"], "num_samples": exp.sample.num_samples,
                      **flatten(estimates)})
     return StepsResult(pd.DataFrame(rows, columns=list(SAMPLING_STEPS_COLUMNS)),

@@ -1,5 +1,5 @@
 """The sweep stage's work: every trial of the schedule x weighting sweep on Ray Tune
-(`pipeline.cluster.tune.run_sweep`), then what the study keeps of it: the trials table and the
+(`pipeline.cluster.ray_tune.run_sweep`), then what the study keeps of it: the trials table and the
 best trial in results/sweep/ (`pipeline.artifacts.trials`), and the sweep's MLflow runs."""
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from pipeline.artifacts.trials import save_sweep
+from pipeline.cluster import connection, ray_tune
 from pipeline.core.config import ExperimentConfig, SweepConfig
 from pipeline.core.tracking import Tracker
+from pipeline.training.sweep_trials import (LiveTrialRuns, best_record, best_trial, log_sweep,
+                                            trials_table)
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,9 @@ class SweepResult:
 
 def describe(cfg: SweepConfig, base: ExperimentConfig, num_trials: int) -> str:
     """One line on what the sweep will run."""
-    from pipeline.cluster import tune
-
     return (f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over "
             f"{len(cfg.schedules)} schedules x {len(cfg.weightings)} weightings), "
-            f"{cfg.steps} steps each, {tune.concurrent_trials(cfg)} at a time; the best "
+            f"{cfg.steps} steps each, {ray_tune.concurrent_trials(cfg)} at a time; the best "
             f"1/{cfg.reduction_factor:g} on the validation nll_bpd go on at steps "
             f"{', '.join(map(str, cfg.rung_steps())) or '(no rung)'}")
 
@@ -45,17 +47,12 @@ def sweep_run(cfg: SweepConfig, base: ExperimentConfig, num_trials: int, probe, 
     """Run the sweep's trials (`probe`: what each trial measures with, `trial_probe`) with Ray
     Tune storage `storage`; write trials.csv and best.yaml in `out_dir` and log the sweep's
     parent run, a nested run per trial and the two files."""
-    from pipeline.artifacts.trials import save_sweep
-    from pipeline.cluster import connection, tune
-    from pipeline.cluster.sweep import (LiveTrialRuns, best_record, best_trial, log_sweep,
-                                        trials_table)
-
     print(connection.connect(), flush=True)
     print(describe(cfg, base, num_trials), flush=True)
     start = time.monotonic()
     try:
-        live = LiveTrialRuns(tracker, tune.sweep_name(cfg, base), cfg.base_experiment)
-        run = tune.run_sweep(cfg, base, storage, probe, seed=base.seed, num_trials=num_trials,
+        live = LiveTrialRuns(tracker, ray_tune.sweep_name(cfg, base), cfg.base_experiment)
+        run = ray_tune.run_sweep(cfg, base, storage, probe, seed=base.seed, num_trials=num_trials,
                              live=live)
     finally:
         connection.shutdown()

@@ -11,16 +11,25 @@ their last checkpoint); a changed recipe starts a sweep of another name.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.cluster.train import RaySession, TrainingError, code_digest, make_trainer
-from pipeline.cluster.training import train_worker
+import pandas as pd
+
+from pipeline.cluster.halving import SynchronousHalving, load_decisions
+from pipeline.cluster.ray_train import RaySession, TrainingError, code_digest, make_trainer
 from pipeline.core import logs
 from pipeline.core.config import ExperimentConfig, SweepConfig
 from pipeline.core.errors import UserError
-from pipeline.core.io import storage_location
+from pipeline.core.io import (delete_from_storage, list_storage, read_from_storage, sha256_hex,
+                              storage_location, write_to_storage)
+from pipeline.training.loop import train_worker
+from pipeline.training.sweep_trials import METRIC, TrialOutcome
 
 # --------------------------------------------------------------------------------------------
 # The sweep: Ray Tune; a single-worker trial trains in its own actor, a DDP trial through a
@@ -47,7 +56,7 @@ def trial_resources(sweep: SweepConfig) -> dict[str, float]:
 @dataclass
 class SweepRun:
     name: str     # sweep_name: the sweep's recipe
-    trials: list  # of pipeline.cluster.sweep.TrialOutcome
+    trials: list  # of pipeline.training.sweep_trials.TrialOutcome
     path: str     # the Tune experiment folder (a path or a URI)
     wall_s: float
 
@@ -64,8 +73,6 @@ def sweep_recipe(sweep: SweepConfig, base: ExperimentConfig) -> dict[str, Any]:
     """What a sweep finds depends on: the sweep section and the base experiment, without their
     resources (`SWEEP_RESOURCES`, `EXPERIMENT_RESOURCES`) and the cluster and tracking
     sections."""
-    import dataclasses
-
     recipe = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in SWEEP_RESOURCES}
     experiment = base.to_dict()
     for section in ("cluster", "tracking"):  # where the work runs and is recorded
@@ -78,10 +85,6 @@ def sweep_recipe(sweep: SweepConfig, base: ExperimentConfig) -> dict[str, Any]:
 def sweep_name(sweep: SweepConfig, base: ExperimentConfig) -> str:
     """Fixed per (study, sweep recipe, base experiment, training code): `<study>-sweep-<recipe
     digest>-<code digest>`."""
-    import json
-
-    from pipeline.core.io import sha256_hex
-
     blob = json.dumps(sweep_recipe(sweep, base), sort_keys=True, default=str)
     return f"{sweep_prefix(base)}{sha256_hex(blob, length=10)}-{code_digest()}"
 
@@ -92,8 +95,6 @@ def sweep_prefix(base: ExperimentConfig) -> str:
 
 def other_sweeps(storage: str, base: ExperimentConfig, name: str) -> list[str]:
     """The study's other sweeps in `storage` (another recipe or other training code)."""
-    from pipeline.core.io import list_storage
-
     return [n for n in list_storage(storage, folders=True)
             if n.startswith(sweep_prefix(base)) and n != name and "." not in n]
 
@@ -179,10 +180,6 @@ def report_line(config: dict[str, Any], report: dict[str, Any],
 
 
 def save_trial_reports(state: str, trial_id: str, reports: list) -> None:
-    import json
-
-    from pipeline.core.io import write_to_storage
-
     reports = sorted(reports, key=lambda r: r["step"])
     write_to_storage(f"{state}/{REPORTS_FOLDER}/{trial_id}.json",
                      json.dumps(reports, default=float).encode())
@@ -190,10 +187,6 @@ def save_trial_reports(state: str, trial_id: str, reports: list) -> None:
 
 def load_trial_reports(state: str, trial_id: str) -> list[dict[str, Any]]:
     """The reports `save_trial_reports` kept for a trial, by step (none if there are none)."""
-    import json
-
-    from pipeline.core.io import list_storage, read_from_storage
-
     folder = f"{state}/{REPORTS_FOLDER}"
     if f"{trial_id}.json" not in list_storage(folder):
         return []
@@ -208,10 +201,6 @@ def check_sweep_state(state: str, experiment_path: str) -> None:
     """Read back every file of a stopped sweep's state folder (the rung decisions and the
     trials' reports) before the sweep resumes from it: a damaged one stops the stage in one
     line naming it and the fix, rather than in the middle of Tune's loop."""
-    import json
-
-    from pipeline.core.io import list_storage, read_from_storage
-
     files = [f"{state}/{name}" for name in list_storage(state) if name == HALVING_FILE]
     files += [f"{state}/{REPORTS_FOLDER}/{name}"
               for name in list_storage(f"{state}/{REPORTS_FOLDER}") if name.endswith(".json")]
@@ -252,8 +241,6 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
 def concurrent_trials(sweep: SweepConfig) -> int:
     """`sweep.max_concurrent_trials`, or where it is 0 as many trials as the cluster's CPUs (and
     GPUs, with `use_gpu`) can hold at once, so that no trial's Train run waits for workers."""
-    import math
-
     import ray
 
     if sweep.max_concurrent_trials:
@@ -270,7 +257,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
               live: Optional[Callable] = None) -> SweepRun:
     """Ray Tune over `sweep.cells()` (`num_trials` trials) with synchronous successive halving
     on the validation NLL; returns every trial. Trials train on `probe.train_data`
-    (`pipeline.cluster.sweep.trial_probe`) and report a checkpoint at every report, so that a
+    (`pipeline.training.sweep_trials.trial_probe`) and report a checkpoint at every report, so that a
     trial paused at a rung, or stopped with the sweep, goes on from where it was.
 
     The Tune experiment lives in `<storage>/<sweep_name>` (a local or shared path, or a URI;
@@ -280,18 +267,11 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
     starts this one beside it. Trials that fail are recorded (`TrialOutcome.error`), not
     retried by Tune (Ray Train retries the workers of a DDP trial). Single-worker trials reuse
     their actors from trial to trial. Every report is kept (`load_trial_reports`) and passed to
-    `live(trial_id, config, report)` as it arrives (`pipeline.cluster.sweep.LiveTrialRuns`; it
+    `live(trial_id, config, report)` as it arrives (`pipeline.training.sweep_trials.LiveTrialRuns`; it
     is saved with the sweep and used again when it is restored).
     """
-    import time
-
-    import pandas as pd
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from pipeline.cluster.halving import SynchronousHalving, load_decisions
-    from pipeline.cluster.sweep import METRIC, TrialOutcome
-    from pipeline.core.io import delete_from_storage
 
     name = sweep_name(sweep, base)
     storage = storage_location(storage)

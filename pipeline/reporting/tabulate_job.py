@@ -18,11 +18,11 @@ import yaml
 from pipeline.artifacts.figures import save_image_panels, save_loss_curves, save_sweep_heatmap
 from pipeline.artifacts.loss_curve import LossCurveError, load_loss_curve, loss_curve_path
 from pipeline.artifacts.records import (ResultsError, load_nll_per_image, load_over_training,
-                                       load_reference, nll_path, over_training_path)
+                                        load_reference, nll_path, over_training_path)
 from pipeline.artifacts.trials import load_sweep_trials
+from pipeline.core import scores
 from pipeline.core.config import run_key
 from pipeline.core.errors import remake
-from pipeline.core import scores
 from pipeline.core.io import write_json, write_text
 from pipeline.core.tracking import TAG_NOTE, tag_dvc_stage_md5
 from pipeline.reporting import findings as paper_findings

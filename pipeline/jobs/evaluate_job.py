@@ -15,7 +15,7 @@ on Ray workers (`pipeline.cluster.ray_data.run_chunks`, evaluate.num_workers of 
 back are sums of features per jackknife group, the features KID needs and the bound of each
 image, from which the statistics are computed here. The train split's side of FID and KID is
 not extracted again: it is read from the reference statistics file that the `reference_stats`
-stage wrote once (`pipeline.jobs.reference_stats`), checked against this study first.
+stage wrote once (`pipeline.jobs.reference_stats_job`), checked against this study first.
 
 The reference rows (`reference_scores`) are measured the way the runs are:
 - real data: `evaluate.reference_draws` draws of N real images (N = sample.num_samples), drawn
@@ -31,19 +31,41 @@ The files they write, each writer beside its reader, are `pipeline.artifacts.rec
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
+import torch
 
+from pipeline.artifacts.figures import save_scores_over_training
+from pipeline.artifacts.models import is_ok, kept_ema_snapshots, load_weights, read_model_info
 from pipeline.artifacts.records import (METRICS, nll_path, over_training_path, save_nll_per_image,
-                                       save_over_training, save_run_metrics)
+                                        save_over_training, save_run_metrics)
+from pipeline.artifacts.samples import load_samples
+from pipeline.cluster import ray_data
+from pipeline.core.config import WORKER_KEYS
+from pipeline.core.io import file_digest, sha256_hex
 from pipeline.core.scores import SCORES
 from pipeline.core.status import Status
+from pipeline.core.tracking import TAG_STATUS
+from pipeline.data.datasets import load_prepared, prepared_path
+from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.jobs.over_training import best_by_fid, checkpoint_rows, final_scores
+from pipeline.measure import extractors
+from pipeline.measure.chunks import (Chunk, ChunkStore, ShardedJob, Workers, assemble_nll_chunks,
+                                     feature_chunks, job_name, merge_feature_parts, nll_chunks,
+                                     per_image)
+from pipeline.measure.digits_classifier import classifier_path
+from pipeline.measure.reference_stats_file import load_reference_stats, provenance
+from pipeline.measure.sampling import SAMPLE_SEED_OFFSET, sample_chunks
 from pipeline.measure.stats import (JACKKNIFE_GROUPS, KID_MAX_IMAGES, Estimate, FeatureMoments,
-                                    KernelReference, fidelity_scores, kid_subset)
+                                    KernelReference, fidelity_scores, frechet_distance,
+                                    inception_score_of, kid_subset, mean_estimate, precision_recall,
+                                    precision_recall_reference)
+from pipeline.model.unet import build_model
 
 # The scores of a set of images, also measured on real data (`pipeline.core.scores`)
 REAL_DATA_SCORES = tuple(s.name for s in SCORES if s.real_data)
@@ -79,9 +101,6 @@ class Apparatus:
 
     @classmethod
     def load(cls, exp, data_dir: Path, classifier_path: Path) -> "Apparatus":
-        from pipeline.data.datasets import load_prepared, prepared_path
-        from pipeline.measure import extractors
-
         paths = [prepared_path(data_dir, exp.data.dataset, split) for split in ("train", "test")]
         train, test = (load_prepared(path) for path in paths)
         extractor, weights = extractors.resolve_extractor(exp.data.dataset, exp.evaluate,
@@ -91,8 +110,6 @@ class Apparatus:
 
     def digests(self) -> list[str]:
         """What the scores depend on besides the run: the splits' and the weights' bytes."""
-        from pipeline.core.io import file_digest
-
         files = [self.train_path, self.test_path] + ([self.weights] if self.weights else [])
         return [self.extractor, *(file_digest(f) for f in files)]
 
@@ -103,24 +120,18 @@ class Apparatus:
     def reference_provenance(self) -> dict[str, Any]:
         """What the train split's reference statistics must have been made from: this study's
         dataset, train split, extractor and its weights (`reference_stats.provenance`)."""
-        from pipeline.measure.reference_stats import provenance
-
         return provenance(self.dataset, "train", len(self.train.images), self.extractor,
                           self.weights, self.train_path)
 
     def reference_side(self, path: str | Path) -> tuple[FeatureMoments, KernelReference]:
         """The reference side of FID (the train split's feature sums) and KID, read from the
         reference statistics file `path` and checked against this apparatus."""
-        from pipeline.measure.reference_stats import load_reference_stats
-
         stats = load_reference_stats(path, self.reference_provenance())
         return stats.moments, stats.kernel()
 
 
 def sample_feature_chunks(images: str, n: int, prefix: str = "features") -> list:
     """Features of a run's n samples, in jackknife groups, with KID's first images."""
-    from pipeline.cluster.sharding import feature_chunks
-
     return feature_chunks(images, n, groups=JACKKNIFE_GROUPS, kid=range(min(n, KID_MAX_IMAGES)),
                           prefix=prefix)
 
@@ -133,9 +144,6 @@ def sampled_feature_chunks(model: str, n: int, batch_size: int, steps: int, seed
     per-image seeds of stream `seed`), batch_size at a time, and return their features in
     `groups` jackknife groups, with KID's first images (`kid`), the images (`keep_images`), and
     another sampler than the run's (`sampler`, as `sharding._sample_kind` takes it)."""
-    from pipeline.cluster.sharding import Chunk
-    from pipeline.measure.sampling import sample_chunks
-
     extra = {"keep_images": True} if keep_images else {}
     if sampler:
         extra["sampler"] = dict(sampler)
@@ -150,8 +158,6 @@ def sampled_feature_chunks(model: str, n: int, batch_size: int, steps: int, seed
 def scores_of(chunks, run, reference: FeatureMoments, kernel: KernelReference, is_splits: int,
               seed: int, total: int) -> dict[str, Estimate]:
     """FID, IS and KID with their standard errors, from a run's feature chunks."""
-    from pipeline.cluster.sharding import merge_feature_parts
-
     groups = merge_feature_parts(run.of(chunks), groups=JACKKNIFE_GROUPS, total=total)
     return fidelity_scores(groups, reference, kernel, is_splits=is_splits, seed=seed)
 
@@ -160,9 +166,6 @@ def nll_job_chunks(exp, model: str, seed: int, sizes: Mapping[str, int], prefix:
                    method: Optional[str] = None) -> dict[str, list]:
     """{split: the chunks of the bound of its first evaluate.nll_num_images images (of the
     split's `sizes[split]`)}."""
-    from pipeline.cluster.sharding import nll_chunks
-    from pipeline.diffusion.gaussian import GaussianDiffusion
-
     cfg = exp.evaluate
     method = method or cfg.nll
     terms = GaussianDiffusion.from_config(exp.diffusion).num_bound_terms(method, cfg.nll_strata)
@@ -174,9 +177,6 @@ def nll_job_chunks(exp, model: str, seed: int, sizes: Mapping[str, int], prefix:
 def nll_of(chunks_by_split: Mapping[str, list],
            run) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
     """(estimates, {split: bound of each image}) from `nll_job_chunks`' results."""
-    from pipeline.cluster.sharding import assemble_nll_chunks
-    from pipeline.measure.stats import mean_estimate
-
     estimates, per_image = {}, {}
     for split, chunks in chunks_by_split.items():
         num_images = max(c.args["first"] + c.args["count"] for c in chunks)
@@ -204,11 +204,6 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
     """The evaluate stage's `ShardedJob` and its chunks by purpose: {"samples", "nll" (by
     split), "checkpoints" ({step: (sampling-and-feature chunks, bound chunks)})}. The train
     split's features are not among them: they are the reference statistics' file."""
-    from pipeline.artifacts.models import load_weights
-    from pipeline.cluster.sharding import ShardedJob, Workers, job_name
-    from pipeline.core.io import file_digest
-    from pipeline.core.config import WORKER_KEYS
-
     cfg = exp.evaluate
     workers = Workers.of(cfg, "evaluate")
     sizes = {"test": len(apparatus.test.images), "train": len(apparatus.train.images)}
@@ -248,8 +243,6 @@ def evaluation_job(exp, apparatus: Apparatus, model_dir: Path, samples: np.ndarr
 
 
 def _array_digest(images: np.ndarray) -> str:
-    from pipeline.core.io import sha256_hex
-
     return sha256_hex(np.ascontiguousarray(images).tobytes())
 
 
@@ -289,10 +282,6 @@ def evaluation_inputs(exp, data_dir: Path, models_dir: Path, samples_dir: Path,
     """Read run `exp`'s model record (models/<key>/) and samples (samples/<key>/) and, if the
     run is to be scored, the prepared splits, the extractor and the reference statistics file
     `reference_stats`, each checked (a `UserError` naming the file and the fix)."""
-    from pipeline.artifacts.models import is_ok, read_model_info
-    from pipeline.artifacts.samples import load_samples
-    from pipeline.measure.classifier import classifier_path
-
     model_dir = Path(models_dir) / exp.key
     info = read_model_info(model_dir, exp)
     samples, sample_status = load_samples(Path(samples_dir) / exp.key, exp)
@@ -311,13 +300,6 @@ def evaluate_run(inputs: EvaluationInputs, storage: str | Path,
     against the train split's reference statistics. An unstable run (or one without samples)
     gets no scores. `on_progress(evaluations done, evaluations/s)` is called as each chunk comes
     back."""
-    import sys
-
-    from pipeline.artifacts.models import kept_ema_snapshots
-    from pipeline.cluster import ray_data
-    from pipeline.cluster.sharding import ChunkStore
-    from pipeline.jobs.over_training import best_by_fid, checkpoint_rows, final_scores
-
     exp, info, samples, model_dir = inputs.exp, inputs.info, inputs.samples, inputs.model_dir
     d = exp.diffusion
     record = {"experiment": exp.name, "seed": exp.seed,
@@ -373,8 +355,6 @@ def save_evaluation(result: RunEvaluation, exp, metrics_dir: Path,
     """Write the run's files: metrics/<key>.json and _run.json, _nll.csv, _over_training.csv
     and the figure of FID and NLL over training; return {"metrics", "run", "nll", "scores",
     "figure"}: their paths."""
-    from pipeline.artifacts.figures import save_scores_over_training
-
     record, scores = result.record, result.scores
     paths = dict(zip(("metrics", "run"), save_run_metrics(metrics_dir, exp.key, record)))
     paths["nll"] = nll_path(metrics_dir, exp.key)
@@ -397,8 +377,6 @@ def log_evaluation(tracker, run_id: str, result: RunEvaluation,
                    paths: Mapping[str, Path]) -> None:
     """The run's scores, its scores over training (by step) and its files on its MLflow run
     (which the stage then marks FINISHED: `Tracker.live_run`)."""
-    from pipeline.core.tracking import TAG_STATUS
-
     record, scores = result.record, result.scores
     for row in scores[scores["source"] == "checkpoint"].to_dict("records"):
         tracker.log_metrics(run_id, {"checkpoint_fid": row["fid"],
@@ -427,9 +405,6 @@ def real_data_draws(features: np.ndarray, logits: np.ndarray, num_images: int, d
     """`draws` draws of `num_images` real images from all prepared images (their `features` and
     `logits`), each scored against the rest of them: {<score>, <score>_sd} for each score of
     REAL_DATA_SCORES, and draws, num_images, reference_images."""
-    from pipeline.measure.stats import (frechet_distance, inception_score_of, precision_recall,
-                                        precision_recall_reference)
-
     num_images = min(num_images, len(features) - 2)
     rng = np.random.default_rng(seed)
     rows = []
@@ -459,10 +434,6 @@ def untrained_model(exp, image_shape: tuple[int, int, int]):
     """The experiment's U-Net with fresh weights seeded by `exp.seed`. The DDPM U-Net starts
     with a zero output layer: it is perturbed, so that the untrained row shows what random
     weights do, not a network that predicts exactly zero."""
-    import torch
-
-    from pipeline.model.unet import build_model
-
     torch.manual_seed(exp.seed)
     model = build_model(exp, image_shape).eval()
     with torch.no_grad():
@@ -476,10 +447,6 @@ def reference_job(exp, apparatus: Apparatus):
     """The reference stage's `ShardedJob` and its chunks by purpose: {"pool" (the features of
     every prepared image, kept per image), "untrained" (its samples, sampled and featurized),
     "nll" (its bound, by split)}."""
-    from pipeline.cluster.sharding import ShardedJob, Workers, feature_chunks, job_name
-    from pipeline.core.config import WORKER_KEYS
-    from pipeline.measure.sampling import SAMPLE_SEED_OFFSET
-
     cfg, n = exp.evaluate, exp.sample.num_samples
     workers = Workers.of(cfg, "evaluate")
     shape = tuple(apparatus.train.images.shape[1:])
@@ -514,9 +481,6 @@ def reference_scores(exp, apparatus: Apparatus, storage: str | Path
     workers (finished chunks kept in `storage`): ({"real_data", "untrained", "ceiling"} as
     `save_reference` writes them, the untrained model's samples, the job's ChunkStore to discard
     once the outputs are written)."""
-    from pipeline.cluster import ray_data
-    from pipeline.cluster.sharding import ChunkStore, per_image
-
     levels = apparatus.train.levels
     cfg = exp.evaluate
     job, parts = reference_job(exp, apparatus)

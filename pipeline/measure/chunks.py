@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,13 @@ import torch
 from pipeline.core.config import ExperimentConfig
 from pipeline.core.io import (delete_from_storage, list_storage, read_from_storage, sha256_hex,
                               storage_location, write_to_storage)
+from pipeline.core.layers import SHAPES_A_CHUNK, source_digest
+from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.measure.extractors import FeatureNetwork
+from pipeline.measure.nll import NllPart, assemble_nll, nll_layout, nll_part, nll_parts
+from pipeline.measure.sampling import sample_batch, sampling_network
 from pipeline.measure.stats import FeatureGroups, FeatureMoments, LogitMoments, group_bounds
+from pipeline.model.unet import build_model
 
 FEATURE_CHUNK = 1000  # images per chunk of feature extraction
 CHUNKS_FOLDER = "chunks"  # <storage>/chunks/<job name>/<chunk id>.npz
@@ -90,17 +98,14 @@ class ShardedJob:
 
 
 def code_digest() -> str:
-    """Short hash of the source of every layer that shapes a chunk's result, and of this module."""
-    from pipeline.core.layers import SHAPES_A_CHUNK, source_digest
-
-    return source_digest(SHAPES_A_CHUNK, __file__)
+    """Short hash of the source of every layer that shapes a chunk's result (this module's
+    among them)."""
+    return source_digest(SHAPES_A_CHUNK)
 
 
 def job_name(exp: ExperimentConfig, stage: str, workers: Workers, *inputs: Any) -> str:
     """`<study>-<run>-<stage>-<digest>`: the digest covers `inputs` (file digests, configs),
     the code, the device kind and torch's version; not the number of workers."""
-    import json
-
     blob = json.dumps([list(inputs), workers.device, torch.__version__, code_digest()],
                       sort_keys=True, default=str)
     return f"{exp.study.name}-{exp.key}-{stage}-{sha256_hex(blob, length=12)}"
@@ -129,8 +134,6 @@ class ChunkContext:
 
     def diffusion(self):
         if "diffusion" not in self._cache:
-            from pipeline.diffusion.gaussian import GaussianDiffusion
-
             self._cache["diffusion"] = GaussianDiffusion.from_config(
                 self.exp.diffusion, data_levels=self.spec["data_levels"])
         return self._cache["diffusion"]
@@ -138,8 +141,6 @@ class ChunkContext:
     def model(self, name: str) -> torch.nn.Module:
         key = f"model:{name}"
         if key not in self._cache:
-            from pipeline.model.unet import build_model
-
             model = build_model(self.exp, self.image_shape)
             model.load_state_dict(self.objects["models"][name])
             self._cache[key] = model.to(self.device).eval()
@@ -149,8 +150,6 @@ class ChunkContext:
         """Model `name` at sample.precision (compiled with sample.compile)."""
         key = f"sampling:{name}"
         if key not in self._cache:
-            from pipeline.measure.sampling import sampling_network
-
             self._cache[key] = sampling_network(self.model(name), self.exp.sample)
         return self._cache[key]
 
@@ -162,10 +161,6 @@ class ChunkContext:
 
     def feature_network(self):
         if "features" not in self._cache:
-            import tempfile
-
-            from pipeline.measure.extractors import FeatureNetwork
-
             weights, path = self.objects.get("extractor_weights"), None
             if weights is not None:  # the driver's file, as bytes: a file of this worker
                 with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
@@ -240,8 +235,6 @@ def _sample_kind(ctx: ChunkContext, *, model: str, first: int, count: int, seed:
     """Images first .. first + count - 1 of a run's samples (`sampling.sample_batch`), with the
     run's sampler or, given `sampler`, with those keys of its `sample` section replaced
     ({"sampler": "ddim", "steps": 10, "eta": 0.0})."""
-    from pipeline.measure.sampling import sample_batch
-
     cfg = dataclasses.replace(ctx.exp.sample, **sampler) if sampler else ctx.exp.sample
     return sample_batch(ctx.sampling_network(model), ctx.diffusion(), cfg,
                         ctx.image_shape, first, count, seed=seed, device=ctx.device,
@@ -275,8 +268,6 @@ def _nll_kind(ctx: ChunkContext, *, model: str, images: str, first: int, count: 
               term_first: int, term_count: int, method: str, num_strata: int,
               terms_per_call: int, seed: int) -> dict[str, np.ndarray]:
     """Part of the bound of image set `images` (`metrics.nll_part`)."""
-    from pipeline.measure.nll import NllPart, nll_part
-
     part = NllPart(first, count, term_first, term_count)
     bpd = nll_part(ctx.model(model), ctx.diffusion(), ctx.images(images)[first:first + count],
                    part, method=method, num_strata=num_strata,
@@ -447,8 +438,6 @@ def feature_chunks(images: str, total: int, groups: int, kid: Sequence[int],
 def nll_chunks(model: str, images: str, num_images: int, num_terms: int, method: str,
                num_strata: int, batch_size: int, seed: int, prefix: str = "nll") -> list[Chunk]:
     """The bound of the first `num_images` of image set `images` in parts (`nll_parts`)."""
-    from pipeline.measure.nll import nll_layout, nll_parts
-
     _, terms_per_call = nll_layout(num_images, batch_size)
     return [Chunk(f"{prefix}-{images}-{p.first:06d}-{p.term_first:05d}", "nll",
                   p.count * p.term_count,
@@ -461,8 +450,6 @@ def nll_chunks(model: str, images: str, num_images: int, num_terms: int, method:
 def assemble_nll_chunks(chunks: Sequence[Chunk], results: Sequence[Mapping[str, np.ndarray]],
                         num_images: int) -> np.ndarray:
     """Each image's bound from `nll_chunks`' results."""
-    from pipeline.measure.nll import NllPart, assemble_nll
-
     parts = [NllPart(c.args["first"], c.args["count"], c.args["term_first"],
                      c.args["term_count"]) for c in chunks]
     return assemble_nll(parts, [r["bpd"] for r in results], num_images)

@@ -24,14 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import inception_v3
 
-from pipeline.core.config import ExperimentConfig, checkpoint_steps
+from pipeline.core.config import DIGITS_EXTRACTOR, ExperimentConfig, checkpoint_steps
+from pipeline.core.dataset_specs import DATASET_SPECS
 from pipeline.core.params import Params
+from pipeline.core.progress import format_duration
+from pipeline.diffusion.gaussian import GaussianDiffusion
+from pipeline.measure.digits_classifier import DigitsClassifier
+from pipeline.measure.extractors import extractor_name
+from pipeline.model.unet import build_model
+from pipeline.training.loop import make_optimizer
 
 # Seconds of a stage outside its network work on the 2-core machine: the stages' wall times in
 # a tiny study (T = 20, 40 training steps, 60 samples: next to no compute) under
@@ -42,8 +55,6 @@ from pipeline.core.params import Params
 STARTUP_S = {"prepare": 4.0, "classifier": 4.0, "reference_stats": 10.0, "train": 16.0,
              "sample": 11.0, "evaluate": 12.0, "sampling_steps": 12.0, "reference": 11.0,
              "sweep": 12.0, "tabulate": 6.0}
-DATA_SIZES = {"cifar10": (50_000, 10_000)}  # (train, test) images
-DIGITS_IMAGES = 1797
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,12 @@ class Work:
 def split_sizes(params: Params) -> tuple[int, int]:
     """(train, test) images of the study's prepared splits, without preparing them."""
     data = params.data
-    if data.dataset in DATA_SIZES:
-        return DATA_SIZES[data.dataset]
-    if data.dataset == "digits":
-        test = math.ceil(DIGITS_IMAGES * data.test_fraction)
-        return DIGITS_IMAGES - test, test
-    from pathlib import Path
+    spec = DATASET_SPECS[data.dataset]
+    if spec.sizes is not None:
+        return spec.sizes
+    if spec.images is not None:
+        test = math.ceil(spec.images * data.test_fraction)
+        return spec.images - test, test
 
     files = [p for p in Path(data.folder).rglob("*") if p.suffix.lower() in
              (".png", ".jpg", ".jpeg", ".bmp", ".webp")]
@@ -82,15 +93,7 @@ def split_sizes(params: Params) -> tuple[int, int]:
     return len(files) - test, test
 
 
-def image_shape(params: Params) -> tuple[int, int, int]:
-    data = params.data
-    channels = {"digits": 1, "cifar10": 3}.get(data.dataset, data.channels)
-    return channels, data.resolution(), data.resolution()
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -99,9 +102,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def unet_gflops(exp: ExperimentConfig, shape: tuple[int, int, int]) -> dict[str, float]:
     """GFLOP per image of the experiment's U-Net: forward, and a training step (forward and
     backward of `training_losses`)."""
-    from pipeline.diffusion.gaussian import GaussianDiffusion
-    from pipeline.model.unet import build_model
-
     torch.manual_seed(0)
     model = build_model(exp, shape)
     diffusion = GaussianDiffusion.from_config(exp.diffusion)
@@ -113,16 +113,20 @@ def unet_gflops(exp: ExperimentConfig, shape: tuple[int, int, int]) -> dict[str,
     return {"forward": forward / 2e9, "train": train / 2e9}
 
 
+def _digits_classifier(params: Params) -> bool:
+    """Whether the study's extractor is the digits classifier, which its classifier stage
+    trains."""
+    return extractor_name(params.data.dataset,
+                          params.evaluate.feature_extractor) == DIGITS_EXTRACTOR
+
+
 def extractor_gflops(params: Params, shape: tuple[int, int, int]) -> float:
     """GFLOP per image of the study's feature extractor: the digits classifier, or Inception-v3
     at 299 x 299 (torchvision's, the architecture of inception-v3-compat)."""
-    if params.data.dataset == "digits" and params.evaluate.feature_extractor is None:
-        from pipeline.measure.classifier import DigitsClassifier
-
+    if _digits_classifier(params):
         net = DigitsClassifier(image_size=shape[-1]).eval()
         with torch.inference_mode():
             return count_flops(lambda: net(torch.zeros(1, 1, shape[1], shape[2]))) / 1e9
-    from torchvision.models import inception_v3
 
     net = inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
     with torch.inference_mode():
@@ -134,9 +138,7 @@ def study_work(params: Params, workers: Optional[int] = None,
     """The network work of every stage of the study, in `dvc repro`'s order; `workers`
     overrides num_workers of train, sample and evaluate; the sweep runs as many trials at once
     as `cluster_cpus` (default: this machine's) hold, or sweep.max_concurrent_trials."""
-    import os
-
-    shape = image_shape(params)
+    shape = params.data.image_shape()
     n_train, n_test = split_sizes(params)
     feature = extractor_gflops(params, shape)
     runs = params.runs()
@@ -161,7 +163,7 @@ def study_work(params: Params, workers: Optional[int] = None,
         return exp.sample.steps or exp.diffusion.num_timesteps
 
     out = [Work("prepare", "none", 0, 0.0, 1, 1, 1)]
-    if params.data.dataset == "digits" and params.evaluate.feature_extractor is None:
+    if _digits_classifier(params):
         out.append(Work("classifier", "classifier", params.evaluate.classifier_steps * 128,
                         3 * feature, 1, 1, 128, "timed: small steps"))
     else:
@@ -268,11 +270,7 @@ def measure_rates(params: Params, works: list[Work], repeats: int = 3) -> dict[t
     U-Net's training step or forward at that batch and torch thread count (fresh weights, the
     best of `repeats` timed calls after one warm-up); for the digits classifier, its training
     step. Keys as `rate_key`."""
-    from pipeline.cluster.training import make_optimizer
-    from pipeline.diffusion.gaussian import GaussianDiffusion
-    from pipeline.model.unet import build_model
-
-    shape = image_shape(params)
+    shape = params.data.image_shape()
     exp = params.experiment(next(iter(params.experiments)))
     per_image = unet_gflops(exp, shape)
     rates = {}
@@ -317,10 +315,6 @@ def measure_rates(params: Params, works: list[Work], repeats: int = 3) -> dict[t
 
 
 def _classifier_step(shape, batch):
-    import torch.nn.functional as F
-
-    from pipeline.measure.classifier import DigitsClassifier
-
     net = DigitsClassifier(image_size=shape[-1])
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     x = torch.rand(batch, 1, shape[1], shape[2])
@@ -349,8 +343,6 @@ def plan_table(works: list[Work], gflops: Optional[float] = None,
     """One row per stage and a total: evaluations, GFLOP, workers, GFLOP/s per worker, compute
     seconds (FLOPs / (rate x workers)), start-up and total seconds. The rate is `gflops` (given,
     per worker) or `rates[rate_key(work)]` (measured)."""
-    import pandas as pd
-
     rows = []
     for work in works:
         rate = None if work.kind == "none" else (gflops if gflops else rates[rate_key(work)])
@@ -375,8 +367,6 @@ PLAN_COLUMNS = (("stage", "<"), ("workers", ">"), ("evaluations", ">"), ("GFLOP"
 def plan_lines(table) -> list[str]:
     """`plan_table`'s rows as the lines `python -m stages.plan` prints: a header, then a line
     per row; every column as wide as its widest cell (or its name), the note last, unpadded."""
-    from pipeline.core.progress import format_duration
-
     cells = []
     for row in table.to_dict("records"):
         workers = "" if row["stage"] == "total" else f"{row['workers']:.0f}"

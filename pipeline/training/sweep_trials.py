@@ -2,9 +2,9 @@
 what the sweep's results become (the trials table, the best trial, MLflow runs; their files are
 `pipeline.artifacts.trials`).
 
-Ray Tune runs the trials (`pipeline.cluster.tune.run_sweep`). Each trial trains
+Ray Tune runs the trials (`pipeline.cluster.ray_tune.run_sweep`). Each trial trains
 `sweep.base_experiment` with one schedule and one objective (`SweepConfig.trial_experiment`)
-through the same per-worker function as the train stage, `pipeline.cluster.training.train_worker`,
+through the same per-worker function as the train stage, `pipeline.training.loop.train_worker`,
 whose `on_log` hook calls a `TrialProbe` on rank 0 at every report:
 
 - every `report_every` steps: the stratified estimate of the variational bound (Ho et al. 2020
@@ -23,8 +23,10 @@ while trials run, so concurrent trials never contend for the (sqlite) store.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,6 +36,17 @@ import torch
 
 from pipeline.core.config import SWEEP_OBJECTIVES, ExperimentConfig, SweepConfig
 from pipeline.core.status import Status
+from pipeline.core.tracking import (TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE, TAG_SCHEDULE,
+                                    TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_ID, TAG_WEIGHTING)
+from pipeline.data.datasets import load_prepared, to_uint8
+from pipeline.diffusion.samplers import sample
+from pipeline.diffusion.seeding import item_generators
+from pipeline.measure import extractors
+from pipeline.measure.extractors import FeatureNetwork
+from pipeline.measure.nll import nll_bpd
+from pipeline.measure.reference_stats_file import load_reference_stats, provenance
+from pipeline.measure.stats import FeatureMoments, frechet_distance
+from pipeline.model.precision import matmul_precision, with_precision
 
 METRIC = "nll_bpd"          # what the rungs minimize
 RANK_BY = "fid"             # what picks the best finished trial (nll_bpd where no FID)
@@ -62,7 +75,7 @@ class TrialProbe:
     fid_steps: int
     extractor: str
     extractor_weights: Optional[bytes]  # the weights file's bytes (None: the extractor's own)
-    reference: Any = None  # the train split's FeatureMoments (pipeline.measure.reference_stats)
+    reference: Any = None  # the train split's FeatureMoments (pipeline.measure.reference_stats_file)
     seed: int = 0
     nll_batch_size: int = 800
     precision: str = "fp32"  # of the quick FID's sampling (the base's sample.precision)
@@ -82,8 +95,6 @@ class TrialProbe:
 
     def _images(self, split: str) -> torch.Tensor:
         if split not in self._cache:
-            from pipeline.data.datasets import load_prepared
-
             data = self.test_data if split == "test" else self.train_data
             if isinstance(data, (str, os.PathLike)):
                 data = load_prepared(data)
@@ -95,8 +106,6 @@ class TrialProbe:
         if self.extractor_weights is None:
             return None
         if "weights" not in self._cache:
-            import tempfile
-
             with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
                                              delete=False) as fh:
                 fh.write(self.extractor_weights)
@@ -105,8 +114,6 @@ class TrialProbe:
 
     def validation_nll(self, model, diffusion) -> dict[str, float]:
         """Stratified bound in bits/dim on the first `val_images` test images (fixed seed)."""
-        from pipeline.measure.nll import nll_bpd
-
         device = next(model.parameters()).device
         images = self._images("test")[:self.val_images]
         with torch.no_grad():
@@ -121,8 +128,6 @@ class TrialProbe:
             raise ValueError("TrialProbe.reference: the train split's reference statistics "
                              "are not set (trial_probe reads them)")
         if "features" not in self._cache:
-            from pipeline.measure.extractors import FeatureNetwork
-
             self._cache["features"] = FeatureNetwork(self.extractor, self._weights_path(),
                                                      str(device))
         return self._cache["features"], self.reference
@@ -130,12 +135,6 @@ class TrialProbe:
     def quick_fid(self, model, diffusion) -> float:
         """FID of `fid_num_samples` DDIM samples (a seed per image) against the train split,
         the evaluate stage's FID (`pipeline.measure.stats.frechet_distance`)."""
-        from pipeline.data.datasets import to_uint8
-        from pipeline.diffusion.samplers import sample
-        from pipeline.diffusion.seeding import item_generators
-        from pipeline.measure.stats import FeatureMoments, frechet_distance
-        from pipeline.model.precision import matmul_precision, with_precision
-
         device = next(model.parameters()).device
         network, reference = self._features(device)
         shape = tuple(self._images("train").shape[1:])
@@ -156,10 +155,6 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
     now (a missing classifier or Inception weights file stops the stage before Ray starts), and
     the train split's reference statistics read from `reference_stats` and checked against
     them (a file made for another extractor, N or data stops it too)."""
-    from pipeline.data.datasets import load_prepared
-    from pipeline.measure import extractors
-    from pipeline.measure.reference_stats import load_reference_stats, provenance
-
     extractor, weights = extractors.resolve_extractor(base.data.dataset, base.evaluate,
                                                    Path(classifier).resolve(),
                                                    base.data.download)
@@ -265,7 +260,6 @@ def _value_at(history: pd.DataFrame, column: str, step: int) -> float:
 
 
 def best_trial(table: pd.DataFrame) -> Optional[dict[str, Any]]:
-
     """The finished trial with the lowest FID (lowest NLL where no trial has a FID), or None."""
     done = table[table["status"] == Status.OK]
     for key in (RANK_BY, METRIC):
@@ -315,16 +309,12 @@ def _number(value: Any) -> Optional[float]:
 
 def _sweep_run(tracker, name: str, base_experiment: str) -> str:
     """The MLflow run of the sweep `name`: found (a resumed or repeated sweep), or created."""
-    from pipeline.core.tracking import TAG_BASE_EXPERIMENT, TAG_ROLE, TAG_SWEEP
-
     return tracker.run_with("sweep", {TAG_ROLE: "sweep", TAG_SWEEP: name,
                                       TAG_BASE_EXPERIMENT: base_experiment})
 
 
 def _trial_run(tracker, parent: str, name: str, trial_id: str, config: dict) -> str:
     """The nested MLflow run of one trial (`trial_id`) of the sweep `name`."""
-    from pipeline.core.tracking import TAG_SCHEDULE, TAG_SWEEP, TAG_TRIAL_ID, TAG_WEIGHTING
-
     schedule, weighting = config.get("schedule"), config.get("weighting")
     return tracker.run_with(f"{schedule}-{weighting}",
                             {TAG_SWEEP: name, TAG_TRIAL_ID: trial_id, TAG_SCHEDULE: schedule,
@@ -340,7 +330,7 @@ REPORTED_METRICS = (("loss", "train_loss"), ("lr", "lr"), ("grad_norm", "grad_no
 @dataclass
 class LiveTrialRuns:
     """Streams each trial's reports into its nested MLflow run as they arrive (called by the
-    driver's Ray Tune callback, `pipeline.cluster.tune`: one writer): the sweep's run and the
+    driver's Ray Tune callback, `pipeline.cluster.ray_tune`: one writer): the sweep's run and the
     trials' runs exist, RUNNING, from their first report. A step already logged (a trial
     resumed from an older checkpoint reports it again) is not logged twice."""
 
@@ -372,10 +362,6 @@ def log_sweep(tracker, name: str, sweep: SweepConfig, base: ExperimentConfig,
     and validation NLL curves by step, final fid / nll_bpd, status), found again where a
     resumed or repeated sweep logged them before (no point is logged twice). Returns (sweep run
     id, {trial id: run id})."""
-    import dataclasses
-
-    from pipeline.core.tracking import TAG_ERROR, TAG_STATUS, TAG_TRIAL
-
     number = trial_numbers(trials)
     parent = _sweep_run(tracker, name, sweep.base_experiment)
     tracker.log_params(parent, {"sweep": dataclasses.asdict(sweep), **base.to_dict()})

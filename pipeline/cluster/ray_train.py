@@ -13,7 +13,7 @@ Ray Train inside each worker (or of Ray Tune, in a single-worker sweep trial).
   (`StreamReports`, a Ray Train `UserCallback` around a `pipeline.core.tracking.MetricStream`).
 
 The cluster connection is `pipeline.cluster.connection`; the sweep's Tuner, whose trials train
-through `RaySession` and `make_trainer`, is `pipeline.cluster.tune`.
+through `RaySession` and `make_trainer`, is `pipeline.cluster.ray_tune`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from pipeline.cluster.training import STATE_FILE, CheckpointError, load_training_state, train_worker
-from pipeline.core.config import ExperimentConfig
 from pipeline.core import logs
+from pipeline.core.config import ExperimentConfig
 from pipeline.core.errors import UserError
-from pipeline.core.io import storage_location
+from pipeline.core.io import fetch_from_storage, storage_location
+from pipeline.core.layers import SHAPES_A_MODEL, source_digest
 from pipeline.core.status import Status
+from pipeline.data.datasets import load_prepared
+from pipeline.training import loop
+from pipeline.training.loop import STATE_FILE, CheckpointError, load_training_state, train_worker
 
 
 class TrainingError(UserError, RuntimeError):
@@ -45,7 +48,7 @@ class TrainingError(UserError, RuntimeError):
 
 
 class RaySession:
-    """`pipeline.cluster.training.Session` backed by Ray Train (runs inside each training worker),
+    """`pipeline.training.loop.Session` backed by Ray Train (runs inside each training worker),
     or with `tune=True` by Ray Tune: a single-worker sweep trial that trains in its own Tune actor
     (rank 0 of 1, reports and checkpoints through `ray.tune`). `defaults` fill the metrics a
     report lacks (Tune checks every report for the scheduler's metric).
@@ -151,10 +154,7 @@ class FitOutcome:
 def code_digest() -> str:
     """Short hash of the source of every layer that shapes a trained model, and of the training
     loop: a resumed run must match it."""
-    from pipeline.cluster import training
-    from pipeline.core.layers import SHAPES_A_MODEL, source_digest
-
-    return source_digest(SHAPES_A_MODEL, training.__file__)
+    return source_digest(SHAPES_A_MODEL, loop.__file__)
 
 
 def run_name(exp: ExperimentConfig) -> str:
@@ -228,9 +228,6 @@ def fit(exp: ExperimentConfig, train_data: Path, storage: str | Path,
     it had: a run that stopped short of `train.steps` without diverging raises
     KeyboardInterrupt here, so that no stage takes it for a trained model."""
     import ray
-
-    from pipeline.core.io import fetch_from_storage
-    from pipeline.data.datasets import load_prepared
 
     name = run_name(exp)
     run_path = f"{storage_location(storage)}/{name}"

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from pipeline.core.errors import UserError
-from pipeline.core.io import file_digest
+from pipeline.core.io import file_digest, save_npz, sha256_hex
 from pipeline.measure.stats import FeatureMoments, KernelReference
 
 FORMAT = 1
@@ -84,8 +84,6 @@ def _arrays(stats: ReferenceStats) -> dict[str, np.ndarray]:
 
 
 def _digest(arrays: Mapping[str, np.ndarray], provenance_json: str) -> str:
-    from pipeline.core.io import sha256_hex
-
     parts: list[bytes | str] = [provenance_json]
     for name in ARRAYS:
         a = np.ascontiguousarray(arrays[name])
@@ -95,8 +93,6 @@ def _digest(arrays: Mapping[str, np.ndarray], provenance_json: str) -> str:
 
 def save_reference_stats(path: str | Path, stats: ReferenceStats) -> None:
     """Write `stats` to `path` (atomically), with its digest inside."""
-    from pipeline.core.io import save_npz
-
     arrays = _arrays(stats)
     text = json.dumps(stats.provenance, sort_keys=True)
     save_npz(path, **arrays, provenance=np.asarray(text), digest=np.asarray(_digest(arrays, text)))
