@@ -140,6 +140,20 @@ def test_no_two_modules_share_a_file_name():
     assert not {n: p for n, p in names.items() if len(p) > 1}
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The modules `path` imports at its top (not inside a function)."""
+    inside = {(line, name) for line, name, _ in imports_inside_functions(path)}
+    return {name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""]) if (node.lineno, name) not in inside}
+
+
+# Our modules that load a lazy library as they are imported: imported where used, like it.
+LAZY_MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in MODULES
+                if any(m.split(".")[0] in LAZY_LIBRARIES for m in top_level_imports(p))}
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_a_module_imports_at_its_top_but_the_libraries_loaded_where_used(path):
     allowed = LAZY_LIBRARIES + (LAZY_IN_CORE if path.parent.name == "core" else ())
@@ -147,8 +161,25 @@ def test_a_module_imports_at_its_top_but_the_libraries_loaded_where_used(path):
         return  # its public API loads on first use (PEP 562): `import pipeline` stays light
     late = [f"line {line}: {name} (in {function})"
             for line, name, function in imports_inside_functions(path)
-            if name.split(".")[0] not in allowed]
+            if name.split(".")[0] not in allowed and name not in LAZY_MODULES]
     assert not late, f"{path.relative_to(PACKAGE.parent)}: imports inside functions: {late}"
+
+
+HEAVY = ("ray", "mlflow", "torch_fidelity", "torchvision", "sklearn", "scipy", "matplotlib")
+
+
+@pytest.mark.parametrize("module", ["pipeline.measure.chunks", "pipeline.cluster.ray_data",
+                                    "pipeline.training.loop", "pipeline.jobs.sample_job",
+                                    "pipeline.jobs.train_job"])
+def test_what_a_worker_unpickles_loads_no_heavy_library(module):
+    """A Ray worker imports the module of its task as it unpickles it: sampling and training
+    workers load torch and our code, not the extractors', plots' or data readers' libraries
+    (each a second or more, paid by every worker process)."""
+    code = (f"import sys, {module}\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]", (module, out)
 
 
 @pytest.mark.parametrize("path", sorted(STAGES.glob("*.py")), ids=lambda p: p.name)

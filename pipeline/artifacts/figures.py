@@ -10,16 +10,20 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
-
-matplotlib.use("Agg")  # figures are files: no display, whatever the machine has
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 from pipeline.core.io import atomic_path
 from pipeline.core.status import Status
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def grid(images: np.ndarray, nrow: int) -> np.ndarray:
@@ -43,6 +47,7 @@ def save_sample_grid(images: np.ndarray, path: Path, nrow: int, title: Optional[
     mode = "L" if tile.shape[2] == 1 else "RGB"
     image = Image.fromarray(tile[:, :, 0] if mode == "L" else tile, mode)
     if title:
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(7, 7.4), dpi=100)
         ax.imshow(np.asarray(image), cmap="gray" if mode == "L" else None,
                   interpolation="nearest", vmin=0, vmax=255)
@@ -57,6 +62,7 @@ def save_sample_grid(images: np.ndarray, path: Path, nrow: int, title: Optional[
 def save_progressive(progressive: np.ndarray, timesteps: Sequence[int], path: Path,
                      title: str) -> None:
     """Predicted x0 of K samples (rows) at S times (columns, t from T down to 1): Fig. 6."""
+    plt = _pyplot()
     k, s = progressive.shape[:2]
     fig, axes = plt.subplots(k, s, figsize=(1.1 * s, 1.1 * k + 0.6), dpi=100, squeeze=False)
     for i in range(k):
@@ -77,6 +83,7 @@ def save_progressive(progressive: np.ndarray, timesteps: Sequence[int], path: Pa
 
 def save_placeholder(path: Path, message: str) -> None:
     """A figure that says why there is nothing to show (e.g. a diverged run)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 2), dpi=100)
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12, wrap=True)
     ax.axis("off")
@@ -86,6 +93,7 @@ def save_placeholder(path: Path, message: str) -> None:
 def save_image_panels(panels: Sequence[tuple[str, Path]], path: Path, columns: int = 3,
                       title: Optional[str] = None) -> None:
     """Several images (e.g. the runs' sample grids) side by side, one titled panel each."""
+    plt = _pyplot()
     rows = max(1, math.ceil(len(panels) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.4), dpi=100,
                              squeeze=False)
@@ -103,6 +111,7 @@ def save_image_panels(panels: Sequence[tuple[str, Path]], path: Path, columns: i
 
 def save_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path,
                      title: str = "training loss") -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for name, (steps, values) in curves.items():
         ax.plot(steps, values, label=name)
@@ -125,6 +134,7 @@ def save_scores_over_training(steps: Sequence[int], fid: Sequence[float],
                               note: Optional[str] = None) -> None:
     """FID (left axis) and the NLL bound in bits/dim (right axis) by training step, the step
     with the best FID marked (the checkpoint the paper reports)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if len(steps):
         ax.plot(steps, fid, "o-", color="tab:blue", label="FID")
@@ -162,6 +172,7 @@ def save_sampling_steps(frame, path: Path,
     score with `_low` / `_high`): FID, and precision and recall, against the number of sampling
     steps (log scale); DDIM as a line per run with its 95 % intervals, ancestral sampling at
     all T steps as a star."""
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     if len(frame) == 0:
         left.text(0.5, 0.5, "no run measured (sampling_steps.experiments is empty, or the runs "
@@ -203,6 +214,7 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
     `pipeline.reporting.sweep_report.sweep_raw`: each cell annotated with its FID and NLL
     (bits/dim); cells
     stopped at a rung (NLL only) and unstable cells ("–") are grey."""
+    plt = _pyplot()
     schedules = list(dict.fromkeys(cells["schedule"]))
     weightings = list(dict.fromkeys(cells["weighting"]))
     fid = np.full((len(schedules), len(weightings)), np.nan)
@@ -243,6 +255,8 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
 
 
 def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
     return MaxNLocator(integer=True)
 
 

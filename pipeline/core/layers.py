@@ -15,12 +15,16 @@ below it (tests/test_layers.py checks every import, those inside functions too).
 - reporting: results read back, the findings, the tables, the cost plan
 
 Imports sit at the top of each module, so that its first lines say what it depends on. The one
-exception is a library that costs a stage's start-up seconds and only some of its paths need:
-Ray, MLflow, torch-fidelity, pyarrow and DVC are imported inside the functions that use them (a
-stage that refuses its params, or a test of a table, never loads them). For the same reason
-core/, which every stage imports before it has checked its params, imports torch only where it
-is used, and a stage (stages/) imports its job's modules at the start of its `body`, once the
-params are valid. tests/test_layers.py holds every module to this (`LAZY_LIBRARIES`).
+exception is a library that costs a second or more to import and that only some paths use: Ray,
+MLflow, torch-fidelity, torchvision, scikit-learn, SciPy, matplotlib, pyarrow and DVC are
+imported inside the functions that use them, and so is a module of ours that imports one of
+them at its top (`measure/extractors.py`, torch-fidelity). Every process pays for what it
+imports: each stage, and each Ray worker that unpickles a task, so a sampling worker never
+loads the feature extractors' libraries, and a stage that refuses its params, or a test of a
+table, loads none of them. For the same reason core/, which every stage imports before it has
+checked its params, imports torch only where it is used, and a stage (stages/) imports its
+job's modules at the start of its `body`, once the params are valid. tests/test_layers.py holds
+every module to this (`LAZY_LIBRARIES`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ SHAPES_A_MODEL = ("diffusion", "model", "data")
 SHAPES_A_CHUNK = ("diffusion", "model", "data", "measure")
 
 # Imported inside functions (see above): everywhere, and in core/ also torch.
-LAZY_LIBRARIES = ("ray", "mlflow", "torch_fidelity", "pyarrow", "dvc")
+LAZY_LIBRARIES = ("ray", "mlflow", "torch_fidelity", "torchvision", "sklearn", "scipy",
+                  "matplotlib", "pyarrow", "dvc")
 LAZY_IN_CORE = ("torch",)
 
 

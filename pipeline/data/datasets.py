@@ -39,9 +39,6 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.datasets import load_digits  # sklearn only where it is needed: prepare
-from sklearn.model_selection import train_test_split
-from torchvision.datasets.utils import download_url
 
 from pipeline.core.config import DataConfig
 from pipeline.core.dataset_specs import DATASET_SPECS
@@ -156,6 +153,8 @@ def default_hflip(data_cfg: DataConfig) -> bool:
 
 
 def _read_digits(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = level_to_uint8(digits.images, DIGITS_LEVELS)[:, None]
     labels = digits.target.astype(np.int64)
@@ -164,6 +163,7 @@ def _read_digits(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray,
 
 def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int, *,
            stratify: bool, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import train_test_split
 
     index = np.arange(len(images))
     try:
@@ -200,6 +200,8 @@ def _read_cifar10(data_cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray
 
 def _download_cifar10(archive: Path) -> None:
     """Fetch the real archive to `archive` (atomically) with torchvision's downloader."""
+    from torchvision.datasets.utils import download_url
+
     try:
         with atomic_path(archive) as tmp:
             download_url(CIFAR10_URL, root=str(tmp.parent), filename=tmp.name, md5=CIFAR10_MD5)

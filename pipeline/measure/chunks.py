@@ -37,7 +37,6 @@ from pipeline.core.io import (delete_from_storage, list_storage, read_from_stora
                               storage_location, write_to_storage)
 from pipeline.core.layers import SHAPES_A_CHUNK, source_digest
 from pipeline.diffusion.gaussian import GaussianDiffusion
-from pipeline.measure.extractors import FeatureNetwork
 from pipeline.measure.nll import NllPart, assemble_nll, nll_layout, nll_part, nll_parts
 from pipeline.measure.sampling import sample_batch, sampling_network
 from pipeline.measure.stats import FeatureGroups, FeatureMoments, LogitMoments, group_bounds
@@ -161,6 +160,9 @@ class ChunkContext:
 
     def feature_network(self):
         if "features" not in self._cache:
+            # loads torch-fidelity (a second of start-up): only workers that extract features
+            from pipeline.measure.extractors import FeatureNetwork
+
             weights, path = self.objects.get("extractor_weights"), None
             if weights is not None:  # the driver's file, as bytes: a file of this worker
                 with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",

@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 
 LEVEL = 0.95            # of every interval the study reports
 JACKKNIFE_GROUPS = 50   # delete-a-group jackknife: leave out one of this many groups at a time
@@ -68,6 +67,8 @@ class Estimate:
 
 def critical_value(level: float, df: float) -> float:
     """The two-sided `level` quantile of Student's t with `df` degrees of freedom."""
+    from scipy import stats
+
     q = (1 + level) / 2
     return float(stats.norm.ppf(q) if math.isinf(df) else stats.t.ppf(q, df))
 

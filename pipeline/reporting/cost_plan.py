@@ -34,7 +34,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import inception_v3
 
 from pipeline.core.config import DIGITS_EXTRACTOR, ExperimentConfig, checkpoint_steps
 from pipeline.core.dataset_specs import DATASET_SPECS
@@ -127,6 +126,8 @@ def extractor_gflops(params: Params, shape: tuple[int, int, int]) -> float:
         net = DigitsClassifier(image_size=shape[-1]).eval()
         with torch.inference_mode():
             return count_flops(lambda: net(torch.zeros(1, 1, shape[1], shape[2]))) / 1e9
+
+    from torchvision.models import inception_v3
 
     net = inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
     with torch.inference_mode():
