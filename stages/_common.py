@@ -2,16 +2,11 @@
 
 Every stage has one shape. Its `main()` parses its arguments and hands its `body` to `run`,
 which loads and validates the whole params.yaml (so a typo stops `dvc repro` in seconds, before
-Ray or a model starts). `body(params)` then imports its job's modules (one block: they load
-torch and Ray), reads and checks its inputs, runs its job (`pipeline.jobs.<stage>_job`) inside
-the run's MLflow record (`tracker.live_run`) with Ray shut down in a `finally`, writes its
-outputs, logs them, and prints one line of what it made. Known
-problems (bad params, missing or corrupt inputs, an unreachable tracking store: every
-`pipeline.core.errors.UserError`) print `error: <message>` and exit 2, without a traceback.
-SIGTERM (how DVC, Ray and a cluster's scheduler stop a process) is raised in the stage as
-`Terminated`, a KeyboardInterrupt, so that its cleanup runs as for Ctrl-C: Ray is shut down,
-the MLflow run is marked KILLED (`pipeline.core.tracking.Tracker.live_run`); the stage then
-exits 143 (128 + SIGTERM).
+Ray or a model starts) and checks the study's MLflow store reachable.
+`body(params, tracker)` then imports its job's modules (one block: they load torch and Ray),
+reads and checks its inputs, runs its job (`pipeline.jobs.<stage>_job`) inside the run's MLflow
+record (`tracker.live_run`) with Ray shut down in a `finally`, writes its outputs, logs them,
+and prints one line of what it made.
 
 Under `dvc repro` (DVC names the stage in $DVC_STAGE) a stage also checks, as it ends, that the
 params DVC records for it and its own code files are what they were when it started
@@ -184,16 +179,19 @@ def watch_inputs() -> InputsWatch | None:
         return None
 
 
-def run(body: Callable[[Params], int | None], params_path: Path) -> int:
+def run(body: Callable[..., int | None], params_path: Path, tracking: bool = False) -> int:
     """Load and validate params, run `body(params)`, turn user errors into exit code 2 and
-    SIGTERM into `Terminated` (exit code 143). Under `dvc repro`, a stage whose recorded params
+    SIGTERM into `Terminated` (exit code 143). With `tracking`, the study's MLflow tracker is
+    checked reachable first and handed on, `body(params, tracker)`: an unreachable store stops
+    the stage before its job's modules load. Under `dvc repro`, a stage whose recorded params
     or code changed while it ran fails as it ends (`InputsWatch`)."""
     logs.quiet_libraries()  # unless -v or DDPM_VERBOSE=1
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         watch = watch_inputs()  # before params.yaml is read: an edit in between is seen too
-        code = body(load_params(params_path)) or 0
+        params = load_params(params_path)
+        code = (body(params, tracker_for(params)) if tracking else body(params)) or 0
         if watch is not None and code == 0:
             watch.check()
         return code

@@ -23,13 +23,11 @@ def main(argv: list[str] | None = None) -> int:
                        out=("models/classifier", "folder for classifier.pt and info.json"))
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.core.io import write_json
         from pipeline.data.datasets import load_prepared, prepared_path
         from pipeline.measure import digits_classifier, extractors
-
-        _common.tracker_for(params)  # an unreachable tracking store stops the study here
 
         dataset = params.data.dataset
         extractor = extractors.extractor_name(dataset, params.evaluate.feature_extractor)
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out / "info.json", info)
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

@@ -34,15 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: %(default)s)")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.cluster import connection
         from pipeline.jobs.evaluate_job import (evaluate_run, evaluation_inputs, log_evaluation,
                                                 save_evaluation)
         from pipeline.measure.reference_stats_file import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
-        tracker = _common.tracker_for(params)
         run_id = tracker.run_of(exp)
         # every input read and checked before the run is marked RUNNING: refused input leaves
         # the run as the stages before left it
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{paths['figure']}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

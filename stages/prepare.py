@@ -16,11 +16,9 @@ def main(argv: list[str] | None = None) -> int:
         out=("data/prepared", "folder for the prepared splits"))
     args = parser.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.data.datasets import prepare_dataset
-
-        _common.tracker_for(params)  # an unreachable tracking store stops the study here
 
         summary = prepare_dataset(params.data, args.out, seed=params.data.seed)
         c, h, w = summary["image_shape"]
@@ -28,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
               f"test images of {c}x{h}x{w} -> {summary['out_dir']}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

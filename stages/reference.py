@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for the untrained model's sample grid (default: %(default)s)")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.artifacts.figures import save_sample_grid
         from pipeline.artifacts.records import save_reference
         from pipeline.cluster import connection
@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.measure.digits_classifier import classifier_path
 
         exp = params.base_experiment("untrained")
-        tracker = _common.tracker_for(params)
         apparatus = Apparatus.load(exp, args.data, classifier_path(args.models))
         try:
             reference, untrained_images, chunks = reference_scores(
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_artifact(run_id, args.out, "metrics")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                        out=("data/reference_stats", "folder for <split>.npz"))
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.cluster import connection
         from pipeline.jobs.evaluate_job import Apparatus
         from pipeline.jobs.reference_stats_job import SPLIT, reference_stats_run
@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.measure.reference_stats_file import reference_stats_path, save_reference_stats
 
         exp = params.base_experiment("reference_stats")
-        _common.tracker_for(params)  # an unreachable tracking store stops the study here
         apparatus = Apparatus.load(exp, args.data, classifier_path(args.models))
         try:
             stats, chunks = reference_stats_run(exp, apparatus, exp.cluster.resolved_storage())
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
               f"features, {len(stats.kid_features)} for KID) -> {path}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

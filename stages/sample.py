@@ -23,13 +23,12 @@ def main(argv: list[str] | None = None) -> int:
                        seed_use="gives the trained run to sample")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.cluster import connection
         from pipeline.jobs.sample_job import sample_run
 
         exp = params.experiment(args.experiment, args.seed)
-        tracker = _common.tracker_for(params)
         run_id = tracker.run_of(exp)
         out = args.out / exp.key
         with tracker.live_run(run_id):  # RUNNING with system metrics; FINISHED, FAILED, KILLED
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               f"computed on {_count(result.workers, 'worker')}{reused}) -> {out}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 def _count(n: int, word: str) -> str:

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                        seed_use="gives the trained run to measure")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.artifacts.records import sampling_steps_path, save_sampling_steps
         from pipeline.cluster import connection
         from pipeline.jobs.sampling_steps_job import (log_sampling_steps, sampling_steps_run,
@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.measure.reference_stats_file import reference_stats_path
 
         exp = params.experiment(args.experiment, args.seed)
-        tracker = _common.tracker_for(params)
         run_id = tracker.run_of(exp)
         inputs = steps_inputs(exp, args.data, args.models, reference_stats_path(args.stats))
         path = sampling_steps_path(args.out, exp.key)
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sampling steps of {exp.key} ({result.wall_s:.0f}s): {shown} -> {path}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: <$DDPM_STORAGE, else cluster.storage>/sweep)")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.cluster.ray_train import TrainingError
         from pipeline.data.datasets import load_prepared, prepared_path
         from pipeline.jobs.sweep_job import sweep_run
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
         trial_exps = [params.sweep_experiment(s, w) for s, w in cfg.cells()]  # all valid
-        tracker = _common.tracker_for(params)
         train_path = prepared_path(args.data, base.data.dataset, "train")
         test_path = prepared_path(args.data, base.data.dataset, "test")
         load_prepared(train_path)  # fail now, with the command to run, if missing or corrupt
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainingError(f"every sweep trial failed; logs are under {result.tune_path}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

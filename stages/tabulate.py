@@ -42,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: %(default)s)")
     args = parser.parse_args(argv)
 
-    def body(params: Params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params: Params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.reporting.tabulate_job import (logged_tables, read_lock, report, run_tabulate,
                                                      run_tags)
 
-        tracker = _common.tracker_for(params)
         lock = read_lock(args.lock)  # a broken one stops the stage before it writes a table
         made = run_tabulate(params, args.metrics, args.results, args.sweep, args.plots,
                             args.calibration, args.samples, args.charts)
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(made['paths'])} files to {args.results} and {args.charts}")
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

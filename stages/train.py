@@ -35,13 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                         "s3://bucket/prefix (default: $DDPM_STORAGE, else cluster.storage)")
     args = p.parse_args(argv)
 
-    def body(params) -> int:
-        # the job's modules load once the params are checked (torch and Ray take seconds)
+    def body(params, tracker) -> int:
+        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
         from pipeline.data.datasets import load_prepared, prepared_path
         from pipeline.jobs.train_job import log_training, open_training, train_run
 
         exp = params.experiment(args.experiment, args.seed)
-        tracker = _common.tracker_for(params)
         train_path = prepared_path(args.data, exp.data.dataset, "train")
         load_prepared(train_path)  # fails now, with the command to run, if missing or corrupt
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 0
 
-    return _common.run(body, args.params)
+    return _common.run(body, args.params, tracking=True)
 
 
 if __name__ == "__main__":

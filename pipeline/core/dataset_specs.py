@@ -41,7 +41,7 @@ class DatasetSpec:
     shape: Optional[tuple[int, int, int]]       # (C, H, W); None: data.channels x image_size²
     levels: int                                 # intensity levels of its raw pixels
     flip: bool                                  # random horizontal flips unless data.hflip
-    extractor: str                              # FID / IS features unless evaluate.feature_extractor
+    extractor: str                              # FID / IS features (evaluate.feature_extractor: null)
     sizes: Optional[tuple[int, int]] = None     # (train, test) images, where the dataset fixes them
     images: Optional[int] = None                # images that data.test_fraction splits
     paper_table1: tuple = ()                    # the paper's rows of Table 1 / Table 2, if any
