@@ -208,7 +208,7 @@ def _table1_frame(df: pd.DataFrame, reference: Mapping | None, dataset: str
     rows = _sorted_rows(df)
     references = [(key, (reference or {})[key]) for key in ("real_data", "untrained", "ceiling")
                   if (reference or {}).get(key) is not None]
-    papers = _paper(dataset)[0]
+    papers, _ = _paper(dataset)
 
     def labels(notation: Notation) -> list[str]:
         return [*table1_labels(rows, notation),
@@ -300,14 +300,15 @@ def _table2_frame(df: pd.DataFrame, dataset: str
 
     columns = [f"{score}{suffix}" for score in TABLE2_SCORES
                for suffix in ("", "_low", "_high", "_sd")]
+    _, paper_rows = _paper(dataset)
     records = []
     for (group, objective), row in zip(labels(TEXT), rows):
         record = {"group": group, "objective": objective,
                   **{k: row[k] for k in ("experiment", "mean_type", "var_type", "loss",
                                          "weighting", "schedule", "status", "seeds")},
                   **{k: row.get(k) for k in columns}}
-        if _paper(dataset)[1]:
-            paper = paper_table2_row(row, _paper(dataset)[1])
+        if paper_rows:
+            paper = paper_table2_row(row, paper_rows)
             status, values = paper if paper else (None, None)
             is_mean, is_std, fid = values if values else (math.nan, math.nan, math.nan)
             record.update({"paper_status": status, "is_mean_paper": is_mean,
