@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -278,7 +277,7 @@ def test_a_tracking_store_turned_read_only_mid_evaluate_is_one_line(shared_study
     turns read-only (a bind mount remounted) once the stage computes: the stage ends with exit
     2 and one line naming the store and the fix (no traceback), its outputs written whole, its
     chunks kept in storage for the rerun, and nothing of the study touched."""
-    from test_reliability import assert_user_error, snapshot
+    from test_reliability import snapshot
 
     store, storage, trigger = tmp_path / "store", tmp_path / "storage", tmp_path / "go"
     store.mkdir()

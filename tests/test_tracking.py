@@ -545,3 +545,36 @@ def test_a_corrupt_sqlite_store_is_one_error_naming_the_file_and_left_as_it_was(
     assert db.read_bytes() == bad
     db.write_bytes(good)
     _tracker(root).check_reachable()  # the sound file passes
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_passes_and_takes_runs(root):
+    """A stage killed while MLflow wrote leaves a hot journal beside mlflow.db; the read-only
+    check cannot roll it back (SQLITE_READONLY_ROLLBACK) but the file is sound: the next stage
+    passes the check, and its first write rolls the journal back."""
+    import signal
+    import subprocess
+    import sys
+
+    tracker = _tracker(root)
+    tracker.check_reachable()
+    first = tracker.run_for("eps_simple", CONFIG)
+    db = root / "mlflow.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+         "db.execute('BEGIN IMMEDIATE')\n"
+         "db.execute('CREATE TABLE scratch(x)')\n"
+         "db.executemany('INSERT INTO scratch VALUES (?)', [(b'x' * 4000,)] * 2000)\n"
+         "print('written', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    journal = db.with_name("mlflow.db-journal")
+    assert journal.is_file() and journal.stat().st_size > 0
+    _tracker(root).check_reachable()  # was "not a readable sqlite database" before
+    again = _tracker(root)
+    assert again.run_for("eps_simple", CONFIG) == first
+    assert not journal.exists() or journal.stat().st_size == 0

@@ -207,6 +207,8 @@ def _sqlite_problem(path: Path) -> str | None:
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             return None  # another stage is writing it: a database, in use
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK":
+            return None  # a writer was killed mid-transaction: the next writer rolls it back
         return str(exc)
     except sqlite3.DatabaseError as exc:
         return str(exc)
