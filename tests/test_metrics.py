@@ -25,8 +25,9 @@ from pipeline.core.config import EvaluateConfig
 from pipeline.measure.digits_classifier import (ClassifierError, classifier_accuracy, classifier_predict,
                                          load_classifier, save_classifier, train_digits_classifier)
 from pipeline.measure.extractors import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR,
-                                         DigitsFeatureExtractor, MetricsError, extractor_name,
-                                         fidelity_of, register_digits_extractor, resolve_extractor)
+                                         DigitsFeatureExtractor, FeatureNetwork, MetricsError,
+                                         extractor_name, fidelity_of, register_digits_extractor,
+                                         resolve_extractor)
 
 CLASSIFIER_STEPS = 600
 METRIC_KEYS = {"fid", "is_mean", "kid_mean"}
@@ -105,6 +106,25 @@ def test_save_load_round_trip_gives_identical_logits(digits, classifier, tmp_pat
     loaded = load_classifier(path)
     assert loaded.hparams == model.hparams
     assert torch.equal(classifier_predict(loaded, x_test), classifier_predict(model, x_test))
+
+
+def test_a_feature_network_built_from_weight_bytes_matches_its_file_and_leaves_no_file(
+        digits, classifier, tmp_path, monkeypatch):
+    """A worker gets the extractor's weights as bytes (another node cannot read the driver's
+    file): the network built from them gives the file's features and logits bit for bit, and
+    the temporary file torch-fidelity loaded is gone once it is built."""
+    import tempfile
+
+    _, _, x_test, _ = digits
+    _, path, _ = classifier
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    from_bytes = FeatureNetwork.from_bytes("digits-classifier", path.read_bytes())
+    assert list(scratch.iterdir()) == []
+    from_file = FeatureNetwork("digits-classifier", str(path))
+    for ours, theirs in zip(from_bytes(x_test[:50]), from_file(x_test[:50])):
+        assert ours.tobytes() == theirs.tobytes()
 
 
 def test_the_weights_file_has_the_same_bytes_each_time_it_is_saved(classifier, tmp_path):

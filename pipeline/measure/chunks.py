@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,13 +162,8 @@ class ChunkContext:
             # loads torch-fidelity (a second of start-up): only workers that extract features
             from pipeline.measure.extractors import FeatureNetwork
 
-            weights, path = self.objects.get("extractor_weights"), None
-            if weights is not None:  # the driver's file, as bytes: a file of this worker
-                with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
-                                                 delete=False) as fh:
-                    fh.write(weights)
-                path = fh.name
-            self._cache["features"] = FeatureNetwork(self.spec["extractor"], path, self.device)
+            self._cache["features"] = FeatureNetwork.from_bytes(
+                self.spec["extractor"], self.objects.get("extractor_weights"), self.device)
         return self._cache["features"]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,6 +157,19 @@ class FeatureNetwork:
         self.network = create_feature_extractor(
             extractor, list(dict.fromkeys(self.layers)), cuda=self.on_gpu,
             feature_extractor_weights_path=weights_path, verbose=False)
+
+    @classmethod
+    def from_bytes(cls, extractor: str, weights: bytes | None,
+                   device: str = "cpu") -> "FeatureNetwork":
+        """The network with its weights handed over as bytes (a worker of another node cannot
+        read the driver's file): written to a temporary file that torch-fidelity loads, and
+        removed once it has."""
+        if weights is None:
+            return cls(extractor, None, device)
+        with tempfile.TemporaryDirectory(prefix="ddpm-extractor-") as folder:
+            path = Path(folder) / "weights.pt"
+            path.write_bytes(weights)
+            return cls(extractor, str(path), device)
 
     def __call__(self, images_uint8: Any) -> tuple[np.ndarray, np.ndarray]:
         """(features, logits) of the images."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -101,17 +100,6 @@ class TrialProbe:
             self._cache[split] = torch.tensor(data[0])  # a copy: Ray hands it over read-only
         return self._cache[split]
 
-    def _weights_path(self) -> Optional[str]:
-        """The extractor's weights as a file of this worker (written once from the bytes)."""
-        if self.extractor_weights is None:
-            return None
-        if "weights" not in self._cache:
-            with tempfile.NamedTemporaryFile(prefix="ddpm-extractor-", suffix=".pt",
-                                             delete=False) as fh:
-                fh.write(self.extractor_weights)
-            self._cache["weights"] = fh.name
-        return self._cache["weights"]
-
     def validation_nll(self, model, diffusion) -> dict[str, float]:
         """Stratified bound in bits/dim on the first `val_images` test images (fixed seed)."""
         device = next(model.parameters()).device
@@ -128,8 +116,8 @@ class TrialProbe:
             raise ValueError("TrialProbe.reference: the train split's reference statistics "
                              "are not set (trial_probe reads them)")
         if "features" not in self._cache:
-            self._cache["features"] = FeatureNetwork(self.extractor, self._weights_path(),
-                                                     str(device))
+            self._cache["features"] = FeatureNetwork.from_bytes(
+                self.extractor, self.extractor_weights, str(device))
         return self._cache["features"], self.reference
 
     def quick_fid(self, model, diffusion) -> float:
