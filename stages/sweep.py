@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = params.sweep
         base = params.experiment(cfg.base_experiment)
-        trial_exps = [params.sweep_experiment(s, w) for s, w in cfg.cells()]  # all valid
+        trial_exps = [params.sweep_experiment(*cell) for cell in cfg.cells()]  # all valid
         train_path = prepared_path(args.data, base.data.dataset, "train")
         test_path = prepared_path(args.data, base.data.dataset, "test")
         load_prepared(train_path)  # fail now, with the command to run, if missing or corrupt
@@ -57,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep done in {result.tune_wall_s:.0f}s (stage {result.wall_s:.0f}s): "
               + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
         if result.best is not None:
-            print(f"best: schedule {record['schedule']}, weighting {record['weighting']} "
-                  f"(fid {record['fid']}, nll_bpd {record['nll_bpd']}) -> {args.out}/best.yaml")
+            cell = ", ".join(f"{axis.name} {record[axis.name]}" for axis in cfg.axes)
+            print(f"best: {cell} (fid {record['fid']}, nll_bpd {record['nll_bpd']}) -> "
+                  f"{args.out}/best.yaml")
         errors = table[table["status"] == "error"]
         for row in errors.to_dict("records"):
-            print(f"warning: trial {row['trial']} ({row['schedule']}, {row['weighting']}) "
-                  f"failed: {row['error']}", file=sys.stderr)
+            cell = ", ".join(str(row[axis.name]) for axis in cfg.axes)
+            print(f"warning: trial {row['trial']} ({cell}) failed: {row['error']}",
+                  file=sys.stderr)
         if len(errors) == len(table):
             raise TrainingError(f"every sweep trial failed; logs are under {result.tune_path}")
         return 0

@@ -11,6 +11,7 @@ from helpers import assert_refused
 from pipeline.core.config import ConfigError, DiffusionConfig, ExperimentConfig
 from pipeline.core.params import load_params, parse_params
 from pipeline.core.sampler_specs import SAMPLER_SPECS
+from pipeline.core.sweep_axes import SWEEP_OBJECTIVES
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -302,9 +303,9 @@ def test_the_library_registries_are_keyed_by_the_params_choices():
         parameters = inspect.signature(samplers.SAMPLERS[name]).parameters
         assert set(spec.options) <= {k for k, p in parameters.items()
                                      if p.kind == p.KEYWORD_ONLY}, name
-    assert config.SWEEP_WEIGHTINGS == tuple(config.SWEEP_OBJECTIVES)
+    assert config.SWEEP_WEIGHTINGS == tuple(SWEEP_OBJECTIVES)
     assert set(config.SWEEP_SCHEDULES) <= set(config.SCHEDULES)
-    for loss, weighting in config.SWEEP_OBJECTIVES.values():
+    for loss, weighting in SWEEP_OBJECTIVES.values():
         assert loss in config.LOSSES and weighting in config.WEIGHTINGS
     # the vocabularies that config holds for the layers above it
     assert config.PRECISIONS == config.choices(config.SampleConfig, "precision")

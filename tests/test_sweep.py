@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import pandas as pd
 import pytest
@@ -20,6 +22,7 @@ from helpers import assert_refused, env_for
 from pipeline.training.sweep_trials import TrialOutcome, best_record, best_trial, trial_status, trials_table
 from pipeline.core.config import ConfigError, SWEEP_WEIGHTINGS, SweepConfig
 from pipeline.core.params import load_params, parse_params
+from pipeline.core.sweep_axes import SWEEP_AXES, SweepAxis
 
 PROJECT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -178,7 +181,7 @@ def outcome(trial_id, schedule, weighting, steps, *, status="ok", fid=None, nll=
     last = {"trial_id": trial_id, "step": steps, "status": status, "nll_bpd": nll}
     if fid is not None:
         last["fid"] = fid
-    return TrialOutcome(trial_id, schedule, weighting, history, last, error)
+    return TrialOutcome(trial_id, (schedule, weighting), history, last, error)
 
 
 def synthetic_sweep():
@@ -188,7 +191,7 @@ def synthetic_sweep():
               outcome("t1", "cosine", "uniform", 40, fid=20.0, nll=3.9),
               outcome("t2", "linear", "p2", 20, nll=4.5),  # stopped by ASHA at step 20
               outcome("t3", "cosine", "p2", 30, status="unstable", nll=math.nan),
-              TrialOutcome("t4", "cosine", "p2", pd.DataFrame(), {"trial_id": "t4"},
+              TrialOutcome("t4", ("cosine", "p2"), pd.DataFrame(), {"trial_id": "t4"},
                            "RuntimeError: boom")]
     return sweep, trials
 
@@ -283,6 +286,88 @@ def test_sweep_table_and_heatmap_show_stopped_and_unstable_cells(tmp_path):
     raw = sweep_raw(loaded).set_index(["schedule", "weighting"])
     assert raw.loc[("linear", "p2"), "status"] == "stopped"
     save_sweep_heatmap(sweep_raw(loaded), tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+
+@dataclass(frozen=True)
+class ThreeAxes(SweepConfig):
+    """The sweep with a third axis, added as docs/layout.md's recipe says: a field that lists
+    its values, and its entry in the axes (`SWEEP_AXES` for the study's own sweep)."""
+
+    lr_schedules: tuple[Literal["constant", "cosine"], ...] = ("constant", "cosine")
+    axes: ClassVar = (*SWEEP_AXES,
+                      SweepAxis("lr_schedule", "lr_schedules", "learning-rate schedule",
+                                lambda value: {"train": {"lr_schedule": value}}))
+
+
+def test_a_third_sweep_axis_reaches_the_grid_trials_table_best_yaml_and_report(tmp_path):
+    """A third axis declared in one place is in every cell, Tune's search space, each trial's
+    experiment, trials.csv, best.yaml's `experiment` entry (which parses as a study row that
+    trains the winner), the sweep table's columns and the heat map."""
+    from pipeline.artifacts.figures import save_sweep_heatmap
+    from pipeline.artifacts.trials import load_sweep_trials
+    from pipeline.cluster.ray_tune import search_space
+    from pipeline.reporting.sweep_report import sweep_corner, sweep_raw, sweep_table
+
+    sweep = ThreeAxes(schedules=("linear", "cosine"), weightings=("uniform", "p2"), steps=40,
+                      report_every=10, grace_period=20)
+    sweep.validate("sweep")
+    cells = sweep.cells()
+    assert len(cells) == 8 and cells[:3] == [("linear", "uniform", "constant"),
+                                             ("linear", "uniform", "cosine"),
+                                             ("linear", "p2", "constant")]
+    assert search_space(sweep, list) == {"schedule": ["linear", "cosine"],
+                                         "weighting": ["uniform", "p2"],
+                                         "lr_schedule": ["constant", "cosine"]}
+    params = load_params(PROJECT / "params.yaml")
+    base = params.experiment("eps_simple")
+    exp = sweep.trial_experiment(base, "cosine", "p2", "cosine")
+    assert exp.name == "eps_simple-cosine-p2-cosine"
+    assert (exp.diffusion.schedule, exp.diffusion.loss, exp.diffusion.weighting) == (
+        "cosine", "simple", "p2")
+    assert (exp.train.lr_schedule, exp.train.steps) == ("cosine", 40)
+    assert base.train.lr_schedule == "constant"
+    with pytest.raises(ConfigError, match=r"sweep\.lr_schedules: 'warm' is not allowed; "
+                                          r"choose from: constant, cosine"):
+        sweep.trial_experiment(base, "cosine", "p2", "warm")
+    with pytest.raises(ConfigError, match=r"one value per axis \(schedule, weighting, "
+                                          r"lr_schedule\)"):
+        sweep.trial_experiment(base, "cosine", "p2")
+
+    trials = [outcome("t0", "linear", "uniform", 40, fid=30.0, nll=4.1),
+              outcome("t1", "linear", "p2", 40, fid=25.0, nll=4.0),
+              outcome("t2", "cosine", "uniform", 40, fid=20.0, nll=3.9),
+              outcome("t3", "cosine", "uniform", 20, nll=4.4)]
+    for trial, lr_schedule in zip(trials, ("cosine", "constant", "cosine", "constant")):
+        trial.cell = (*trial.cell, lr_schedule)
+    table = trials_table(reversed(trials), sweep)
+    assert list(table.columns[:5]) == ["trial", "schedule", "weighting", "lr_schedule",
+                                       "status"]
+    assert list(table["trial"]) == [0, 1, 3, 2]  # the grid's order, schedules outermost
+    record = best_record(best_trial(table), table, sweep, base)
+    assert (record["schedule"], record["weighting"], record["lr_schedule"]) == (
+        "cosine", "uniform", "cosine")
+    assert record["experiment"] == {"mean_type": "eps", "var_type": "fixed_large",
+                                    "schedule": "cosine", "loss": "simple",
+                                    "weighting": "uniform", "train": {"lr_schedule": "cosine"}}
+    raw = copy.deepcopy(DEFAULT)
+    raw["experiments"]["winner"] = record["experiment"]
+    winner = parse_params(raw).experiment("winner")
+    trial = sweep.trial_experiment(base, "cosine", "uniform", "cosine")
+    assert winner.diffusion == trial.diffusion
+    assert winner.train.lr_schedule == "cosine"
+
+    path = tmp_path / "trials.csv"
+    table.to_csv(path, index=False)
+    loaded = load_sweep_trials(path)
+    assert sweep_corner(sweep) == sweep_corner()  # rows: the first axis, as before
+    cells = sweep_table(loaded, sweep).set_index(sweep_corner(sweep))
+    assert list(cells.columns) == ["uniform / constant", "uniform / cosine", "p2 / constant"]
+    assert cells.loc["cosine", "uniform / cosine"] == "20.00 / 3.90 #1"
+    assert cells.loc["cosine", "uniform / constant"] == "stopped / 4.40 #4"
+    assert cells.loc["linear", "p2 / constant"] == "25.00 / 4.00 #2"
+    assert cells.loc["cosine", "p2 / constant"] == ""  # no such trial
+    save_sweep_heatmap(sweep_raw(loaded, sweep), tmp_path / "heat.png", axes=sweep.axes)
     assert (tmp_path / "heat.png").stat().st_size > 1000
 
 

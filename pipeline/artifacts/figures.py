@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.core.io import atomic_path
 from pipeline.core.status import Status
+from pipeline.core.sweep_axes import SWEEP_AXES, SweepAxis
 
 
 def _pyplot():
@@ -208,19 +209,23 @@ def save_sampling_steps(frame, path: Path,
     _save(fig, path, plt)
 
 
-def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x weighting"
-                       ) -> None:
-    """Heat map of the sweep's FID, schedules (rows) x weightings (columns), from
-    `pipeline.reporting.sweep_report.sweep_raw`: each cell annotated with its FID and NLL
-    (bits/dim); cells
-    stopped at a rung (NLL only) and unstable cells ("–") are grey."""
+def save_sweep_heatmap(cells, path: Path, title: Optional[str] = None,
+                       axes: Sequence[SweepAxis] = SWEEP_AXES) -> None:
+    """Heat map of the sweep's FID from `pipeline.reporting.sweep_report.sweep_raw`: the first
+    axis's values (schedules) are the rows, the other axes' (weightings) the columns, joined
+    with " / " where there are several. Each cell is annotated with its FID and NLL (bits/dim);
+    cells stopped at a rung (NLL only) and unstable cells ("–") are grey."""
     plt = _pyplot()
-    schedules = list(dict.fromkeys(cells["schedule"]))
-    weightings = list(dict.fromkeys(cells["weighting"]))
+    names = [axis.name for axis in axes]
+    title = title or f"sweep: FID by {' x '.join(names)}"
+    row_of = [str(v) for v in cells[names[0]]]
+    column_of = [" / ".join(map(str, c)) for c in zip(*(cells[n] for n in names[1:]))]
+    schedules = list(dict.fromkeys(row_of))
+    weightings = list(dict.fromkeys(column_of))
     fid = np.full((len(schedules), len(weightings)), np.nan)
     notes = [[""] * len(weightings) for _ in schedules]
-    for row in cells.to_dict("records"):
-        i, j = schedules.index(row["schedule"]), weightings.index(row["weighting"])
+    for row, first, rest in zip(cells.to_dict("records"), row_of, column_of):
+        i, j = schedules.index(first), weightings.index(rest)
         if row["status"] == Status.OK and np.isfinite(row["fid"]):
             fid[i, j] = row["fid"]
             nll = f"\n{row['nll_bpd']:.2f} bpd" if np.isfinite(row["nll_bpd"]) else ""
@@ -246,8 +251,8 @@ def save_sweep_heatmap(cells, path: Path, title: str = "sweep: FID by schedule x
                     color="white" if dark else "black")
     ax.set_xticks(range(len(weightings)), weightings)
     ax.set_yticks(range(len(schedules)), schedules)
-    ax.set_xlabel("loss weighting")
-    ax.set_ylabel("noise schedule")
+    ax.set_xlabel(" / ".join(axis.label for axis in axes[1:]))
+    ax.set_ylabel(axes[0].label)
     ax.set_title(title)
     if finite.size:
         fig.colorbar(image, ax=ax, label="FID (lower is better)")

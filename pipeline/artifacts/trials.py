@@ -16,10 +16,11 @@ import yaml
 
 from pipeline.artifacts.records import ResultsError
 from pipeline.core.io import atomic_path, write_text
+from pipeline.core.sweep_axes import axis_names
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.yaml"
-REQUIRED = ("schedule", "weighting", "fid", "nll_bpd")  # what the sweep's table is made of
+REQUIRED = (*axis_names(), "fid", "nll_bpd")  # what the sweep's table is made of
 
 
 def save_sweep(out_dir: str | Path, table: pd.DataFrame, record: dict[str, Any]) -> list[Path]:
@@ -34,8 +35,8 @@ def save_sweep(out_dir: str | Path, table: pd.DataFrame, record: dict[str, Any])
 
 
 def load_sweep_trials(path: str | Path) -> pd.DataFrame:
-    """Read a trials.csv of `save_sweep`: the table needs schedule, weighting, fid and nll_bpd
-    (status optional); ResultsError naming the file otherwise."""
+    """Read a trials.csv of `save_sweep`: the table needs a column per sweep axis (schedule,
+    weighting), fid and nll_bpd (status optional); ResultsError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: sweep trials not found; make them with `dvc repro sweep`")

@@ -34,6 +34,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from pipeline.core.io import list_storage, read_from_storage, write_to_storage
+from pipeline.core.sweep_axes import cell_label
 
 
 class SynchronousHalving(FIFOScheduler):
@@ -226,7 +227,7 @@ def decision_line(rung: int, kept: list[dict], stopped: list[dict]) -> str:
     """`sweep: at step 200, 2 of 4 trials go on (cosine x uniform, linear x uniform); stopped:
     ...`: a rung's decision as the sweep prints it, best first."""
     def names(configs: list[dict]) -> str:
-        return ", ".join(f"{c.get('schedule')} x {c.get('weighting')}" for c in configs)
+        return ", ".join(cell_label(c) for c in configs)
 
     total = len(kept) + len(stopped)
     return (f"sweep: at step {rung}, {len(kept)} of {total} trials go on ({names(kept)})"

@@ -26,6 +26,7 @@ from pipeline.cluster.ray_train import RaySession, TrainingError, code_digest, m
 from pipeline.core import logs
 from pipeline.core.config import ExperimentConfig, SweepConfig
 from pipeline.core.errors import UserError
+from pipeline.core.sweep_axes import cell_label, cell_of
 from pipeline.core.io import (delete_from_storage, list_storage, read_from_storage, sha256_hex,
                               storage_location, write_to_storage)
 from pipeline.training.loop import train_worker
@@ -165,7 +166,7 @@ def report_line(config: dict[str, Any], report: dict[str, Any],
     """`sweep cosine x uniform: step 200/400, loss 0.0412, NLL 3.71 ± 0.05 bits/dim, FID 12.3`:
     one trial's report as the sweep prints it."""
     step = f"step {report['step']}" + (f"/{steps}" if steps else "")
-    parts = [f"sweep {config.get('schedule')} x {config.get('weighting')}: {step}"]
+    parts = [f"sweep {cell_label(config)}: {step}"]
     if report.get("status", "ok") != "ok":
         parts.append(str(report["status"]))
     if report.get("loss") is not None:
@@ -216,7 +217,7 @@ def check_sweep_state(state: str, experiment_path: str) -> None:
 
 def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentConfig,
                 storage: str, probe: Callable, log_level: str = "INFO") -> None:
-    """One Tune trial: train `base` with this trial's schedule and weighting with the shared
+    """One Tune trial: train `base` with this trial's cell (schedule, weighting) with the shared
     per-worker function and report to Tune. With one worker it trains right here, in the
     trial's actor (reused from trial to trial): no Train controller and worker processes to
     start, which cost about 25 s of a 2-core machine per trial. With several, a TorchTrainer of
@@ -224,7 +225,7 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
     import ray.tune
 
     logs.quiet_worker(log_level)
-    exp = sweep.trial_experiment(base, config["schedule"], config["weighting"])
+    exp = sweep.trial_experiment(base, *cell_of(config, sweep.axes))
     train_data = probe.train_data  # the prepared split itself (trial_probe), or its path
     if exp.train.num_workers == 1:
         with RaySession(threads=int(exp.train.cpus_per_worker), tune=True,
@@ -236,6 +237,12 @@ def _tune_trial(config: dict[str, Any], *, sweep: SweepConfig, base: ExperimentC
     trainer = make_trainer(exp, train_data, storage, name=trial_id, on_log=probe,
                            callbacks=[_report_callback(NLL_DEFAULTS)])
     trainer.fit()
+
+
+def search_space(sweep: SweepConfig, pick: Callable[[list], Any]) -> dict[str, Any]:
+    """Ray Tune's search space: `pick` (`tune.grid_search`, `tune.choice`) of each axis's values,
+    the first axis outermost."""
+    return {axis.name: pick(list(getattr(sweep, axis.values))) for axis in sweep.axes}
 
 
 def concurrent_trials(sweep: SweepConfig) -> int:
@@ -292,8 +299,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
             print(f"sweep: the sweep's recipe or the training code changed since "
                   f"{', '.join(others)}; starting {name}", flush=True)
         pick = ray.tune.grid_search if sweep.search == "grid" else ray.tune.choice
-        param_space = {"schedule": pick(list(sweep.schedules)),
-                       "weighting": pick(list(sweep.weightings))}
+        param_space = search_space(sweep, pick)
         num_trials = num_trials or (len(sweep.cells()) if sweep.search == "grid"
                                     else sweep.num_samples)
         for leftover in (experiment_path, state):  # of a sweep stopped at its start
@@ -329,7 +335,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig, storage: str | Path,
         reports = load_trial_reports(state, trial_id)
         trials.append(TrialOutcome(
             trial_id=trial_id,
-            schedule=str(config.get("schedule")), weighting=str(config.get("weighting")),
+            cell=cell_of(config, sweep.axes),
             history=pd.DataFrame(reports),
             last=dict(reports[-1]) if reports else {},
             error=_error_text(result.error) if result.error is not None else None,

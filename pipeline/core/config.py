@@ -19,28 +19,19 @@ the study as it was. The paper's CIFAR10 values are docs/cifar10.params.yaml, co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, Union
 
 from pipeline.core.coerce import ConfigError, build_section, choices, plain
 from pipeline.core.dataset_specs import (DATASET_NAMES, DATASET_SPECS, DIGITS_EXTRACTOR,
                                          INCEPTION_EXTRACTOR)
 from pipeline.core.io import sha256_hex
 from pipeline.core.sampler_specs import SAMPLER_NAMES, SAMPLER_SPECS, unused_options
-
-# A sweep "weighting" names an objective: the simple loss with one of its weightings, or the
-# hybrid loss (Nichol & Dhariwal) with the uniform weighting. Name -> (diffusion.loss, weighting).
-# Its keys are the choices of SweepConfig.weightings (tests/test_config.py holds them equal).
-SWEEP_OBJECTIVES: dict[str, tuple[str, str]] = {
-    "uniform": ("simple", "uniform"),  # L_simple (Ho et al. 2020 Eq. 14)
-    "vlb": ("simple", "vlb"),          # the simple loss weighted as the true bound
-    "p2": ("simple", "p2"),            # Choi et al. 2022
-    "min_snr": ("simple", "min_snr"),  # Hang et al. 2023
-    "hybrid": ("hybrid", "uniform"),   # L_simple + lambda L_vlb
-}
+from pipeline.core.sweep_axes import SWEEP_AXES, SweepAxis, cell_patch
 
 # The var_types whose variance the network outputs (its last layer has 2C channels).
 LEARNED_VAR_TYPES = ("learned", "learned_range")
@@ -427,14 +418,15 @@ def run_key(experiment: str, seed: int) -> str:
 class SweepConfig:
     """Ray Tune sweep over noise schedule x loss weighting (the `sweep` stage).
 
-    Every trial trains `base_experiment` (an entry of `experiments`) with one schedule and one
-    weighting (see SWEEP_OBJECTIVES) for `steps` steps with the same per-worker function as the
-    train stage (with `ema_decay` if set: a short trial wants a shorter EMA than the study's
-    runs), reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) of the EMA
-    model on the first `val_images` test images every `report_every` steps. Synchronous
+    Every trial trains `base_experiment` (an entry of `experiments`) with one cell of the grid
+    of `axes` (`pipeline.core.sweep_axes.SWEEP_AXES`: one schedule of `schedules` and one
+    weighting of `weightings`, see SWEEP_OBJECTIVES) for `steps` steps with the same per-worker
+    function as the train stage (with `ema_decay` if set: a short trial wants a shorter EMA than
+    the study's runs), reporting a stratified NLL estimate (bits/dim, `val_strata` timesteps) of
+    the EMA model on the first `val_images` test images every `report_every` steps. Synchronous
     successive halving stops the trials whose NLL is in the worst 1 - 1/reduction_factor at
-    rungs grace_period * rf^k steps (once every trial has reached the rung); a trial that
-    runs to the end measures a quick FID on `fid_num_samples` DDIM samples (`fid_steps` steps).
+    rungs grace_period * rf^k steps (once every trial has reached the rung); a trial that runs
+    to the end measures a quick FID on `fid_num_samples` DDIM samples (`fid_steps` steps).
     Resources per trial: `num_workers` workers of `cpus_per_worker` CPUs (and one GPU each with
     `use_gpu`); at most `max_concurrent_trials` trials at once (0: as many as the cluster's
     CPUs / GPUs hold at once).
@@ -461,9 +453,15 @@ class SweepConfig:
     fid_num_samples: int = 200
     fid_steps: int = 20
 
+    axes: ClassVar[tuple[SweepAxis, ...]] = SWEEP_AXES  # each lists its values in a field above
+
+    def allowed(self, axis: SweepAxis) -> tuple[str, ...]:
+        """The values `axis` may take: the choices of its field's annotation."""
+        return choices(type(self), axis.values)
+
     def validate(self, where: str) -> None:
-        for key, allowed in (("schedules", SWEEP_SCHEDULES), ("weightings", SWEEP_WEIGHTINGS)):
-            values = getattr(self, key)
+        for axis in self.axes:
+            key, values, allowed = axis.values, getattr(self, axis.values), self.allowed(axis)
             require(len(values) >= 1, f"{where}.{key}",
                      f"must be a non-empty list; choose from: {', '.join(allowed)}")
             require(len(set(values)) == len(values), f"{where}.{key}",
@@ -503,41 +501,48 @@ class SweepConfig:
             k += 1
         return out
 
-    def cells(self) -> list[tuple[str, str]]:
-        """Every (schedule, weighting) pair of the search space, schedules outermost."""
-        return [(s, w) for s in self.schedules for w in self.weightings]
+    def cells(self) -> list[tuple[str, ...]]:
+        """Every cell of the grid, one value per axis, the first axis outermost."""
+        return list(itertools.product(*(getattr(self, axis.values) for axis in self.axes)))
 
-    def trial_experiment(self, base: ExperimentConfig, schedule: str,
-                         weighting: str) -> ExperimentConfig:
-        """`base` with one schedule and one objective, trained as a sweep trial: `steps` steps,
-        reports every `report_every` steps with a checkpoint at each (a trial paused at a rung
-        or stopped with the sweep goes on from there), this section's workers.
-        Raises ConfigError (naming sweep.*) if the combination is not a valid experiment."""
-        where = f"sweep (base_experiment '{base.name}', schedule '{schedule}', weighting " \
-                f"'{weighting}')"
-        require(schedule in SWEEP_SCHEDULES, "sweep.schedules",
-                 f"'{schedule}' is not allowed; choose from: {', '.join(SWEEP_SCHEDULES)}")
-        require(weighting in SWEEP_OBJECTIVES, "sweep.weightings",
-                 f"'{weighting}' is not allowed; choose from: {', '.join(SWEEP_WEIGHTINGS)}")
-        loss, loss_weighting = SWEEP_OBJECTIVES[weighting]
-        diffusion = dataclasses.replace(base.diffusion, schedule=schedule, loss=loss,
-                                        weighting=loss_weighting, importance_sampling=False)
+    def trial_experiment(self, base: ExperimentConfig, *cell: str) -> ExperimentConfig:
+        """`base` with one cell's values (one per axis: a schedule and an objective), trained
+        as a sweep trial: `steps` steps, reports every `report_every` steps with a checkpoint
+        at each (a trial paused at a rung or stopped with the sweep goes on from there), this
+        section's workers. Raises ConfigError (naming sweep.*) if the cell is not a valid
+        experiment."""
+        require(len(cell) == len(self.axes), "sweep",
+                f"a cell has one value per axis ({', '.join(a.name for a in self.axes)}), "
+                f"got {list(cell)}")
+        where = f"sweep (base_experiment '{base.name}', " + ", ".join(
+            f"{axis.name} '{value}'" for axis, value in zip(self.axes, cell)) + ")"
+        for axis, value in zip(self.axes, cell):
+            allowed = self.allowed(axis)
+            require(value in allowed, f"sweep.{axis.values}",
+                    f"'{value}' is not allowed; choose from: {', '.join(allowed)}")
+        patch = cell_patch(cell, self.axes)
+        sections = {name: dataclasses.replace(getattr(base, name), **keys)
+                    for name, keys in patch.items()}
+        diffusion = dataclasses.replace(sections.pop("diffusion", base.diffusion),
+                                        importance_sampling=False)
         require(base.train.batch_size % self.num_workers == 0, "sweep.num_workers",
                  f"({self.num_workers}) must divide the base experiment's train.batch_size "
                  f"({base.train.batch_size})")
         ema_decay = base.train.ema_decay if self.ema_decay is None else self.ema_decay
-        train = dataclasses.replace(base.train, steps=self.steps, log_every=self.report_every,
+        train = dataclasses.replace(sections.pop("train", base.train), steps=self.steps,
+                                    log_every=self.report_every,
                                     checkpoint_every=self.report_every,
                                     num_workers=self.num_workers,
                                     cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
                                     ema_decay=ema_decay)
         try:
-            diffusion.validate("diffusion")
-            train.validate("train")
+            for name, section in (("diffusion", diffusion), ("train", train),
+                                  *sections.items()):
+                section.validate(name)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        return dataclasses.replace(base, name=f"{base.name}-{schedule}-{weighting}",
-                                   diffusion=diffusion, train=train)
+        return dataclasses.replace(base, name="-".join((base.name, *cell)), diffusion=diffusion,
+                                   train=train, **sections)
 
 
 @dataclass(frozen=True)

@@ -67,14 +67,13 @@ class Params:
         return ExperimentConfig(name=name, seed=self.study.seeds[0],
                                 **{s: getattr(self, s) for s in SECTIONS})
 
-    def sweep_experiment(self, schedule: str, weighting: str) -> ExperimentConfig:
-        """One sweep trial: `sweep.base_experiment` (the study's first seed) with this schedule
-        and weighting."""
+    def sweep_experiment(self, *cell: str) -> ExperimentConfig:
+        """One sweep trial: `sweep.base_experiment` (the study's first seed) with one value of
+        each of the sweep's axes (a schedule and a weighting)."""
         if self.sweep.base_experiment not in self.experiments:
             raise ConfigError(f"sweep.base_experiment: '{self.sweep.base_experiment}' is not an "
                               f"experiment; choose one of: {', '.join(self.experiments)}")
-        return self.sweep.trial_experiment(self.experiment(self.sweep.base_experiment),
-                                           schedule, weighting)
+        return self.sweep.trial_experiment(self.experiment(self.sweep.base_experiment), *cell)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
@@ -180,8 +179,8 @@ def _check_attention(model: ModelConfig, data: DataConfig) -> None:
 
 def _check_sweep(params: Params) -> None:
     """Every trial of the sweep must be a valid experiment (checked before any work starts)."""
-    for schedule, weighting in params.sweep.cells():
-        exp = params.sweep_experiment(schedule, weighting)
+    for cell in params.sweep.cells():
+        exp = params.sweep_experiment(*cell)
         require(params.sweep.fid_steps <= exp.diffusion.num_timesteps, "sweep.fid_steps",
                  f"must be <= diffusion.num_timesteps ({exp.diffusion.num_timesteps})")
 

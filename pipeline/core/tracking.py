@@ -93,8 +93,7 @@ TAG_BASE_EXPERIMENT = "ddpm.base_experiment"  # a sweep's base experiment
 TAG_TRIAL_ID = "ddpm.trial_id"
 TAG_SWEEP = "ddpm.sweep"  # a sweep's name (its recipe): its run and its trials' runs
 TAG_TRIAL = "ddpm.trial"  # a trial's number in its sweep (trials.csv's `trial`)
-TAG_SCHEDULE = "ddpm.schedule"
-TAG_WEIGHTING = "ddpm.weighting"
+TAG_AXIS = "ddpm."  # prefix: a trial's value of each sweep axis (ddpm.schedule, ddpm.weighting)
 TAG_ERROR = "ddpm.error"  # the end of a failed trial's traceback
 
 

@@ -35,8 +35,8 @@ class SweepResult:
 
 def describe(cfg: SweepConfig, base: ExperimentConfig, num_trials: int) -> str:
     """One line on what the sweep will run."""
-    return (f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over "
-            f"{len(cfg.schedules)} schedules x {len(cfg.weightings)} weightings), "
+    grid = " x ".join(f"{len(getattr(cfg, axis.values))} {axis.values}" for axis in cfg.axes)
+    return (f"sweep: {num_trials} trials of {base.name} ({cfg.search} search over {grid}), "
             f"{cfg.steps} steps each, {ray_tune.concurrent_trials(cfg)} at a time; the best "
             f"1/{cfg.reduction_factor:g} on the validation nll_bpd go on at steps "
             f"{', '.join(map(str, cfg.rung_steps())) or '(no rung)'}")

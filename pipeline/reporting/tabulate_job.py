@@ -79,7 +79,7 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     if sweep_csv is not None and Path(sweep_csv).is_file():
         trials = load_sweep_trials(sweep_csv)
     tables = build_tables(metrics, dataset, reference=reference)
-    sweep = build_sweep(trials)
+    sweep = build_sweep(trials, params.sweep)
     paths = write_tables(results_dir, tables) + write_sweep(results_dir, sweep)
     per_image = {key: load_nll_per_image(nll_path(metrics_dir, key), key)
                  for key in metrics["key"].dropna()}
@@ -99,7 +99,8 @@ def run_tabulate(params: Params, metrics_dir: str | Path, results_dir: str | Pat
     if samples_dir is not None and Path(samples_dir).is_dir():
         paths.append(samples_figure(params, samples_dir, runs, results_dir / "samples.png"))
     if sweep["sweep_raw"] is not None:
-        save_sweep_heatmap(sweep["sweep_raw"], results_dir / "sweep_heatmap.png")
+        save_sweep_heatmap(sweep["sweep_raw"], results_dir / "sweep_heatmap.png",
+                           axes=params.sweep.axes)
         paths.append(results_dir / "sweep_heatmap.png")
     return {**made, "paths": paths}
 

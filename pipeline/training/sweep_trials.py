@@ -1,6 +1,6 @@
-"""The sweep over noise schedule x loss weighting, without Ray: what every trial measures, and
-what the sweep's results become (the trials table, the best trial, MLflow runs; their files are
-`pipeline.artifacts.trials`).
+"""The sweep over its grid (noise schedule x loss weighting), without Ray: what every trial
+measures, and what the sweep's results become (the trials table, the best trial, MLflow runs;
+their files are `pipeline.artifacts.trials`).
 
 Ray Tune runs the trials (`pipeline.cluster.ray_tune.run_sweep`). Each trial trains
 `sweep.base_experiment` with one schedule and one objective (`SweepConfig.trial_experiment`)
@@ -33,10 +33,11 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-from pipeline.core.config import SWEEP_OBJECTIVES, ExperimentConfig, SweepConfig
+from pipeline.core.config import ExperimentConfig, SweepConfig
 from pipeline.core.status import Status
-from pipeline.core.tracking import (TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE, TAG_SCHEDULE,
-                                    TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_ID, TAG_WEIGHTING)
+from pipeline.core.sweep_axes import Cell, axis_names, cell_of, cell_patch
+from pipeline.core.tracking import (TAG_AXIS, TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE,
+                                    TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_ID)
 from pipeline.data.datasets import load_prepared, to_uint8
 from pipeline.diffusion.samplers import sample
 from pipeline.diffusion.seeding import item_generators
@@ -167,11 +168,11 @@ def trial_probe(sweep: SweepConfig, base: ExperimentConfig, train_data: Path, te
 
 @dataclass
 class TrialOutcome:
-    """One trial as Ray Tune left it: its cell, every report, its last report, its error."""
+    """One trial as Ray Tune left it: its cell (a value per sweep axis), every report, its last
+    report, its error."""
 
     trial_id: str
-    schedule: str
-    weighting: str
+    cell: Cell
     history: pd.DataFrame  # one row per report (empty if the trial never reported)
     last: dict[str, Any]
     error: Optional[str] = None
@@ -192,9 +193,10 @@ def trial_status(trial: TrialOutcome, steps: int) -> str:
 
 
 # trials.csv: what every run of the same sweep writes alike (no ids, times, hosts or paths of
-# Ray Tune's own results table, which MLflow's trial runs keep)
-TRIAL_COLUMNS = ("trial", "schedule", "weighting", "status", "step", "fid", "nll_bpd",
-                 "nll_bpd_se", "rung_step", "nll_bpd_rung", "loss", "lr", "error")
+# Ray Tune's own results table, which MLflow's trial runs keep); a column per sweep axis after
+# `trial`
+TRIAL_MEASURES = ("status", "step", "fid", "nll_bpd", "nll_bpd_se", "rung_step", "nll_bpd_rung",
+                  "loss", "lr", "error")
 
 
 def trial_numbers(trials: Sequence[TrialOutcome]) -> dict[str, int]:
@@ -205,20 +207,22 @@ def trial_numbers(trials: Sequence[TrialOutcome]) -> dict[str, int]:
 
 
 def trials_table(trials: Sequence[TrialOutcome], sweep: SweepConfig) -> pd.DataFrame:
-    """One row per trial, in the grid's order (`TRIAL_COLUMNS`): `trial`, its number (Ray Tune
-    numbers a sweep's trials in the order it creates them), schedule, weighting, status, the last
+    """One row per trial, in the grid's order: `trial`, its number (Ray Tune numbers a sweep's
+    trials in the order it creates them), its value of each axis (schedule, weighting), then
+    `TRIAL_MEASURES`: status, the last
     report's step, fid, nll_bpd (NaN where not measured: no FID before the last step, no metric
     at all for unstable and failed trials), loss and lr, nll_bpd_rung (the validation NLL at the
     first rung, `rung_step`, which every trial that trains reaches: the number that compares all
     cells) and error."""
     trials = list(trials)
     number = trial_numbers(trials)
+    names = axis_names(sweep.axes)
     rows = []
     for trial in trials:
         status = trial_status(trial, sweep.steps)
         usable = status in (Status.OK, Status.STOPPED)
-        row = {"trial": number[trial.trial_id], "schedule": trial.schedule,
-               "weighting": trial.weighting, "status": status, "step": trial.last.get("step")}
+        row = {"trial": number[trial.trial_id], **dict(zip(names, trial.cell, strict=True)),
+               "status": status, "step": trial.last.get("step")}
         for key in ("fid", "nll_bpd", "nll_bpd_se"):
             keep = status == Status.OK if key == "fid" else usable
             row[key] = _number(trial.last.get(key)) if keep else None
@@ -228,13 +232,13 @@ def trials_table(trials: Sequence[TrialOutcome], sweep: SweepConfig) -> pd.DataF
         row["loss"], row["lr"] = _number(trial.last.get("loss")), _number(trial.last.get("lr"))
         row["error"] = trial.error
         rows.append(row)
-    table = pd.DataFrame.from_records(rows, columns=list(TRIAL_COLUMNS))
+    table = pd.DataFrame.from_records(rows, columns=["trial", *names, *TRIAL_MEASURES])
     for key in ("fid", "nll_bpd", "nll_bpd_se", "nll_bpd_rung", "loss", "lr"):
         table[key] = pd.to_numeric(table[key], errors="coerce").astype("float64")
     table["step"] = pd.to_numeric(table["step"], errors="coerce").astype("Int64")
     order = {cell: i for i, cell in enumerate(sweep.cells())}
-    table["_order"] = [order.get((s, w), len(order)) for s, w in
-                       zip(table["schedule"], table["weighting"])]
+    table["_order"] = [order.get(tuple(cell), len(order)) for cell in
+                       zip(*(table[name] for name in names))]
     return table.sort_values(["_order", "trial"]).drop(columns="_order") \
         .reset_index(drop=True)
 
@@ -268,10 +272,10 @@ def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
                   for s in (Status.OK, Status.STOPPED, Status.UNSTABLE, Status.ERROR)}}
     if best is None:
         return {"best": None, **summary, "base_experiment": sweep.base_experiment}
-    loss, weighting = SWEEP_OBJECTIVES[best["weighting"]]
+    cell = cell_of(best, sweep.axes)
+    patch = cell_patch(cell, sweep.axes)
     return {
-        "schedule": best["schedule"],
-        "weighting": best["weighting"],
+        **{axis.name: value for axis, value in zip(sweep.axes, cell)},
         "rank_by": best["rank_by"],
         "fid": _number(best.get("fid")),
         "nll_bpd": _number(best.get("nll_bpd")),
@@ -280,9 +284,10 @@ def best_record(best: Optional[dict[str, Any]], table: pd.DataFrame,
         "trial": int(best["trial"]),
         "base_experiment": sweep.base_experiment,
         # paste under `experiments:` in params.yaml to train the winner as a study row
+        # (diffusion keys at its top, those of other sections under their section's name)
         "experiment": {"mean_type": base.diffusion.mean_type,
                        "var_type": base.diffusion.var_type,
-                       "schedule": best["schedule"], "loss": loss, "weighting": weighting},
+                       **patch.pop("diffusion", {}), **patch},
         **summary,
     }
 
@@ -301,12 +306,13 @@ def _sweep_run(tracker, name: str, base_experiment: str) -> str:
                                       TAG_BASE_EXPERIMENT: base_experiment})
 
 
-def _trial_run(tracker, parent: str, name: str, trial_id: str, config: dict) -> str:
-    """The nested MLflow run of one trial (`trial_id`) of the sweep `name`."""
-    schedule, weighting = config.get("schedule"), config.get("weighting")
-    return tracker.run_with(f"{schedule}-{weighting}",
-                            {TAG_SWEEP: name, TAG_TRIAL_ID: trial_id, TAG_SCHEDULE: schedule,
-                             TAG_WEIGHTING: weighting}, parent_run_id=parent)
+def _trial_run(tracker, parent: str, name: str, trial_id: str, cell: dict[str, str]) -> str:
+    """The nested MLflow run of one trial (`trial_id`) of the sweep `name`, whose value of each
+    axis is `cell` ({axis name: value}): named by its values, tagged with each."""
+    return tracker.run_with("-".join(cell.values()),
+                            {TAG_SWEEP: name, TAG_TRIAL_ID: trial_id,
+                             **{TAG_AXIS + axis: value for axis, value in cell.items()}},
+                            parent_run_id=parent)
 
 
 # a trial's report -> its MLflow metric
@@ -331,8 +337,9 @@ class LiveTrialRuns:
         if "parent" not in self._runs:
             self._runs["parent"] = _sweep_run(self.tracker, self.name, self.base_experiment)
         if trial_id not in self._runs:
+            cell = dict(zip(axis_names(), cell_of(config)))
             self._runs[trial_id] = _trial_run(self.tracker, self._runs["parent"], self.name,
-                                              trial_id, config)
+                                              trial_id, cell)
         step = int(report["step"])
         for key, metric in REPORTED_METRICS:
             value = _number(report.get(key))
@@ -357,13 +364,12 @@ def log_sweep(tracker, name: str, sweep: SweepConfig, base: ExperimentConfig,
     for trial in trials:
         row = table[table["trial"] == number[trial.trial_id]].iloc[0]
         status = row["status"]
-        exp = sweep.trial_experiment(base, trial.schedule, trial.weighting)
-        run_id = _trial_run(tracker, parent, name, trial.trial_id,
-                            {"schedule": trial.schedule, "weighting": trial.weighting})
+        exp = sweep.trial_experiment(base, *trial.cell)
+        cell = dict(zip(axis_names(sweep.axes), trial.cell, strict=True))
+        run_id = _trial_run(tracker, parent, name, trial.trial_id, cell)
         tracker.set_tags(run_id, {TAG_TRIAL: int(row["trial"]), TAG_STATUS: status,
                                   **({TAG_ERROR: trial.error[-4000:]} if trial.error else {})})
-        tracker.log_params(run_id, {"schedule": trial.schedule, "weighting": trial.weighting,
-                                    **exp.to_dict()})
+        tracker.log_params(run_id, {**cell, **exp.to_dict()})
         history = trial.history
         for column, metric in REPORTED_METRICS:
             if column in history.columns and "step" in history.columns:
