@@ -431,6 +431,9 @@ def test_killed_sample_stage_redoes_only_the_missing_and_damaged_chunks(study, t
                               timeout=600)
 
     storage = tmp_path / "storage"
+    # the uninterrupted run, side by side with the killed one and its rerun
+    whole = sample("uninterrupted", tmp_path / "storage-2", stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT, text=True)
     with open(tmp_path / "killed.log", "w") as out:
         proc = sample("samples", storage, stdout=out, stderr=subprocess.STDOUT,
                       start_new_session=True)
@@ -464,8 +467,8 @@ def test_killed_sample_stage_redoes_only_the_missing_and_damaged_chunks(study, t
     assert todo and int(todo[1]) == 6 - good and int(todo[2] or 0) == good, again.stdout
     assert not list(storage.glob("chunks/*/*"))  # discarded once samples.npz was written
 
-    whole = sample("uninterrupted", tmp_path / "storage-2")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole_out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, whole_out[-3000:]
     assert ((tmp_path / "samples" / KEY / "samples.npz").read_bytes()
             == (tmp_path / "uninterrupted" / KEY / "samples.npz").read_bytes())
 
@@ -500,20 +503,34 @@ def test_one_worker_samples_and_metrics_are_bitwise_reproducible(study, tmp_path
 
 @pytest.mark.slow
 def test_two_workers_are_bitwise_reproducible(study, tmp_path):
-    """DDP with 2 workers on fractional CPUs (gloo): two fresh runs give identical weights."""
+    """DDP with 2 workers on fractional CPUs (gloo): two fresh runs give identical weights. The
+    two train stages run side by side on one local Ray instance (each its own storage and
+    MLflow store), as two researchers' runs would share a cluster."""
+    import shlex
+
     params = yaml.safe_load((study / "params.yaml").read_text())
     params["train"].update(steps=20, num_workers=2, cpus_per_worker=0.5)
     params["experiments"] = {"eps_simple": params["experiments"]["eps_simple"]}
     write_params(tmp_path / "params.yaml", params)
-    runs = []
-    for run in ("a", "b"):
-        proc = stage("train", "-e", "eps_simple", "--params", tmp_path / "params.yaml",
-                     "--data", study / "data" / "prepared", "--storage", tmp_path / run / "ckpt",
-                     "--out", tmp_path / run / "models", "--plots", tmp_path / run / "plots",
-                     cwd=tmp_path, code=study, env={"DDPM_VERBOSE": "1"})  # Ray Train's lines
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "world_size=2" in proc.stdout + proc.stderr
-        runs.append(tmp_path / run)
+    runs = [tmp_path / "a", tmp_path / "b"]
+
+    def train(run: Path) -> str:
+        run.mkdir()
+        args = [sys.executable, "-m", "stages.train", "-e", "eps_simple", "--params",
+                tmp_path / "params.yaml", "--data", study / "data" / "prepared", "--storage",
+                run / "ckpt", "--out", run / "models", "--plots", run / "plots"]
+        return (f"MLFLOW_TRACKING_URI=sqlite:///{run}/mlflow.db {shlex.join(map(str, args))} "
+                f"> {run}/log 2>&1")
+
+    both = f"{train(runs[0])} & first=$!; {train(runs[1])}; second=$?; wait $first; " \
+           "exit $(( $? | second ))"
+    proc = subprocess.run([sys.executable, "-m", "stages.local_ray", "sh", "-c", both],
+                          cwd=tmp_path, env=env_for(study, extra={"DDPM_VERBOSE": "1"}),
+                          capture_output=True, text=True, timeout=600)  # (Ray Train's lines)
+    logs = [(run / "log").read_text() for run in runs]
+    assert proc.returncode == 0, proc.stderr[-2000:] + "".join(log[-3000:] for log in logs)
+    for log in logs:
+        assert "world_size=2" in log and "connected to Ray cluster at" in log, log[-3000:]
     a, b = runs
     curve = f"plots/{KEY}.csv"
     assert (a / curve).read_text() == (b / curve).read_text()
