@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params) -> int:
-        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.core.io import write_text
         from pipeline.reporting import calibration as cal
         from pipeline.reporting.formats import to_markdown

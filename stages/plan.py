@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be >= 1")
 
     def body(params) -> int:
-        # the job's modules load once params and tracking store are checked (torch, Ray: seconds)
+        # the job's modules load once the params are checked (torch and Ray take seconds)
         from pipeline.core.io import atomic_path
         from pipeline.reporting.cost_plan import (measure_rates, plan_lines, plan_table,
                                                   reference_saving, study_work)

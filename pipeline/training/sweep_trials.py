@@ -331,13 +331,14 @@ class LiveTrialRuns:
     tracker: Any
     name: str
     base_experiment: str
+    axes: tuple[str, ...] = field(default_factory=axis_names)  # the sweep's axes' names
     _runs: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __call__(self, trial_id: str, config: dict, report: dict[str, Any]) -> None:
         if "parent" not in self._runs:
             self._runs["parent"] = _sweep_run(self.tracker, self.name, self.base_experiment)
         if trial_id not in self._runs:
-            cell = dict(zip(axis_names(), cell_of(config)))
+            cell = {name: str(config.get(name)) for name in self.axes}
             self._runs[trial_id] = _trial_run(self.tracker, self._runs["parent"], self.name,
                                               trial_id, cell)
         step = int(report["step"])
