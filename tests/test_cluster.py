@@ -311,15 +311,13 @@ def test_two_workers_on_two_nodes_with_s3_storage_resume_after_the_worker_node_d
     print(f"train stage on 2 nodes with a worker-node kill at step {killed['at']}: {wall:.0f} s")
 
 
-def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
-        cluster, s3, mlflow_server, tmp_path):
-    """`python -m stages.submit` (the README's command) runs `dvc repro` of a tiny study on the
-    two nodes; the checkout then holds the job's dvc.lock, metrics and tables, `dvc status` is
-    clean, `dvc pull` restores the models, and the MLflow server holds the runs. A job that
-    fails leaves the checkout as it was and says so."""
-    import json
-
-    import mlflow
+@pytest.fixture(scope="module")
+def submitted_study(cluster, s3, mlflow_server, tmp_path_factory):
+    """A tiny study (eps_simple, one sweep trial) run as a job on the two nodes, the README's
+    `python -m stages.submit`, after a job that fails: its checkout, client env, study name,
+    output and wall time, and the checkout's listing before and after the failed job. The
+    sample/evaluate test below starts from its trained model (in the DVC remote)."""
+    root = tmp_path_factory.mktemp("submitted")
 
     def edit(params):
         tiny(params, experiments=("eps_simple",))
@@ -328,9 +326,9 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
             params[section].update(cpus_per_worker=1.0)
         params["evaluate"].update(checkpoints="all", checkpoint_num_samples=20)  # EMA via S3
         params["sweep"].update(schedules=["linear"])  # one trial: the sweep runs, on the nodes
-        params["cluster"] = {"storage": f"s3://{BUCKETS[0]}/{tmp_path.name}/ray"}
+        params["cluster"] = {"storage": f"s3://{BUCKETS[0]}/{root.name}/ray"}
 
-    repo, env = cluster_study(tmp_path, s3, mlflow_server, edit)
+    repo, env = cluster_study(root, s3, mlflow_server, edit)
     study = yaml.safe_load((repo / "params.yaml").read_text())["study"]["name"]
 
     def listing():  # the checkout's files, leaving out git's and DVC's own folders
@@ -338,16 +336,33 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
                       if not {".git", ".dvc"} & set(p.relative_to(repo).parts))
 
     before = listing()
-
-    code, out = submit(repo, env, cluster.address, "dvc", "repro", "no-such-stage")
-    assert code == 1, out[-3000:]
-    assert "failed" in out and "this checkout is unchanged" in out, out[-3000:]
-    assert listing() == before
-
+    failed = submit(repo, env, cluster.address, "dvc", "repro", "no-such-stage")
+    after_failure = listing()
     start = time.monotonic()
     code, out = submit(repo, env, cluster.address)
     wall = time.monotonic() - start
-    save_log(out, "cluster_study.log", tmp_path)
+    save_log(out, "cluster_study.log", root)
+    return SimpleNamespace(repo=repo, env=env, study=study, failed=failed, code=code, out=out,
+                           wall=wall, before=before, after_failure=after_failure)
+
+
+def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
+        submitted_study, s3, mlflow_server):
+    """`python -m stages.submit` (the README's command) runs `dvc repro` of a tiny study on the
+    two nodes; the checkout then holds the job's dvc.lock, metrics and tables, `dvc status` is
+    clean, `dvc pull` restores the models, and the MLflow server holds the runs. A job that
+    fails leaves the checkout as it was and says so."""
+    import json
+
+    import mlflow
+
+    repo, study = submitted_study.repo, submitted_study.study
+    code, out = submitted_study.failed
+    assert code == 1, out[-3000:]
+    assert "failed" in out and "this checkout is unchanged" in out, out[-3000:]
+    assert submitted_study.after_failure == submitted_study.before
+
+    code, out, wall = submitted_study.code, submitted_study.out, submitted_study.wall
     assert code == 0, out[-6000:]
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo).stdout
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
@@ -378,30 +393,33 @@ def test_the_tiny_study_submitted_as_a_job_comes_back_into_the_checkout(
 
 
 def test_sample_and_evaluate_on_two_nodes_give_one_local_workers_bytes_and_survive_a_lost_node(
-        cluster, s3, mlflow_server, tmp_path):
-    """sample@ and evaluate@eps_simple-0 run here with one worker each, then as a job on the
-    two nodes with two workers each (one per node, chunks in S3; one CPU per worker in both,
-    as small batches' kernels split their work by thread count), the trained model coming from
-    the DVC remote. The worker node is killed while it samples a chunk and started again: Ray
-    Data redoes that chunk alone, and samples.npz and the metrics that come home are the bytes
-    and numbers of the local run. The worker counts are no DVC param: changing them leaves
-    `dvc status` clean."""
+        submitted_study, cluster, s3, mlflow_server, tmp_path):
+    """sample@ and evaluate@eps_simple-0 of the submitted study's copy (its model trained on
+    the nodes, from the DVC remote) run here with one worker each, then as a job on the two
+    nodes with two workers each (one per node, chunks in S3; one CPU per worker in both, as
+    small batches' kernels split their work by thread count). The worker node is killed while
+    it samples a chunk and started again: Ray Data redoes that chunk alone, and samples.npz and
+    the metrics that come home are the bytes and numbers of the local run. The worker counts
+    are no DVC param: changing them leaves `dvc status` clean."""
     import json
     import threading
 
     import mlflow
 
-    def edit(params):
-        tiny(params, experiments=("eps_simple",))
-        params["study"]["name"] = f"ddpm-sharded-{secrets.token_hex(2)}"
-        params["train"].update(cpus_per_worker=1.0)
-        params["sample"].update(num_samples=800, batch_size=200)  # 4 chunks of about 2 s
-        params["evaluate"].update(nll_batch_size=10)  # the bound in 4 parts
-        for section in ("sample", "evaluate"):  # one worker here; as many threads as there
-            params[section].update(num_workers=1, cpus_per_worker=1.0)  # (small batches'
-            # kernels split their work by thread count: the bytes need the same threads)
-
-    repo, env = cluster_study(tmp_path, s3, mlflow_server, edit)
+    assert submitted_study.code == 0, "the submitted study failed: see the test above"
+    repo = tmp_path / "study"
+    shutil.copytree(submitted_study.repo, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sample"].update(num_samples=800, batch_size=200)  # 4 chunks of about 2 s
+    params["evaluate"].update(nll_batch_size=10)  # the bound in 4 parts
+    for section in ("sample", "evaluate"):  # one worker here; as many threads as there
+        params[section].update(num_workers=1, cpus_per_worker=1.0)  # (small batches'
+        # kernels split their work by thread count: the bytes need the same threads)
+    params["cluster"] = {"storage": "ray_storage"}  # here: a local folder
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "commit", "-qam", "800 samples, the bound in 4 parts"], repo)
+    stale = sh(["dvc", "status"], repo).stdout  # the trained model is the submitted study's
+    assert "train@eps_simple-0" not in stale and "sample@eps_simple-0" in stale, stale
     sh([sys.executable, "-m", "stages.local_ray", "dvc", "repro", "evaluate@eps_simple-0"], repo,
        timeout=900)
     local = {name: (repo / name).read_bytes() for name in
@@ -443,8 +461,8 @@ def test_sample_and_evaluate_on_two_nodes_give_one_local_workers_bytes_and_survi
         if "sample eps_simple-0: 4 of 4 chunks to compute on 2 workers" in line:
             watcher.start()
 
-    code, out = submit(repo, env, cluster.address, "dvc", "repro", "--force", "--single-item",
-                       *targets, on_line=on_line)
+    code, out = submit(repo, submitted_study.env, cluster.address, "dvc", "repro", "--force",
+                       "--single-item", *targets, on_line=on_line)
     save_log(out, "cluster_sharded.log", tmp_path)
     assert code == 0, out[-6000:]
     watcher.join(timeout=60)
