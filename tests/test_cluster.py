@@ -71,6 +71,14 @@ class Service:
         self.proc = subprocess.Popen(args, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
+    def send(self, sig) -> None:
+        """`sig` to the group, if it is still running."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 5.0) -> None:
         """`sig` to the group, SIGKILL to what is left after `timeout` s (a Ray node or an
         MLflow server that has not exited by then is only cleaning up after itself)."""
@@ -193,9 +201,14 @@ class Cluster:
         return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-        self.head.stop()
+        # SIGTERM lets a node start its clean-up, which takes half a minute here; past a
+        # second, SIGKILL ends what is left (the folders are removed below)
+        nodes = [self.head] if self.worker is None else [self.worker, self.head]
+        for node in nodes:
+            node.send(signal.SIGTERM)
+        time.sleep(1.0)
+        for node in nodes:
+            node.stop(signal.SIGKILL)
         shutil.rmtree(self.head_temp, ignore_errors=True)
         shutil.rmtree(self.worker_temp, ignore_errors=True)
 
