@@ -14,7 +14,6 @@ import pandas as pd
 from pipeline.artifacts.trials import save_sweep
 from pipeline.cluster import connection, ray_tune
 from pipeline.core.config import ExperimentConfig, SweepConfig
-from pipeline.core.sweep_axes import axis_names
 from pipeline.core.tracking import Tracker
 from pipeline.training.sweep_trials import (LiveTrialRuns, best_record, best_trial, log_sweep,
                                             trials_table)
@@ -53,7 +52,7 @@ def sweep_run(cfg: SweepConfig, base: ExperimentConfig, num_trials: int, probe, 
     start = time.monotonic()
     try:
         live = LiveTrialRuns(tracker, ray_tune.sweep_name(cfg, base), cfg.base_experiment,
-                             axis_names(cfg.axes))
+                             cfg.axes)
         run = ray_tune.run_sweep(cfg, base, storage, probe, seed=base.seed, num_trials=num_trials,
                              live=live)
     finally:

@@ -35,7 +35,7 @@ import torch
 
 from pipeline.core.config import ExperimentConfig, SweepConfig
 from pipeline.core.status import Status
-from pipeline.core.sweep_axes import Cell, axis_names, cell_of, cell_patch
+from pipeline.core.sweep_axes import SWEEP_AXES, Cell, SweepAxis, axis_names, cell_of, cell_patch
 from pipeline.core.tracking import (TAG_AXIS, TAG_BASE_EXPERIMENT, TAG_ERROR, TAG_ROLE,
                                     TAG_STATUS, TAG_SWEEP, TAG_TRIAL, TAG_TRIAL_ID)
 from pipeline.data.datasets import load_prepared, to_uint8
@@ -331,14 +331,14 @@ class LiveTrialRuns:
     tracker: Any
     name: str
     base_experiment: str
-    axes: tuple[str, ...] = field(default_factory=axis_names)  # the sweep's axes' names
+    axes: Sequence[SweepAxis] = SWEEP_AXES  # the sweep's (SweepConfig.axes)
     _runs: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __call__(self, trial_id: str, config: dict, report: dict[str, Any]) -> None:
         if "parent" not in self._runs:
             self._runs["parent"] = _sweep_run(self.tracker, self.name, self.base_experiment)
         if trial_id not in self._runs:
-            cell = {name: str(config.get(name)) for name in self.axes}
+            cell = dict(zip(axis_names(self.axes), cell_of(config, self.axes)))
             self._runs[trial_id] = _trial_run(self.tracker, self._runs["parent"], self.name,
                                               trial_id, cell)
         step = int(report["step"])
